@@ -1,0 +1,1 @@
+"""armada runtime: everything not tied to one device (protocol, transport, config, inference, CLI)."""

@@ -1,0 +1,345 @@
+"""Embodiment and cell configuration: YAML in, validated models out.
+
+Every error names the file, the key path and the reason, so an operator can fix a typo in a
+cell file without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CELL = CONFIG_DIR / "cells" / "default.yaml"
+
+
+class ConfigError(Exception):
+    def __init__(self, file: str | Path, key: str, reason: str):
+        super().__init__(f"{file}: {key or '<top>'}: {reason}")
+        self.file, self.key, self.reason = str(file), key, reason
+
+
+class _Strict(BaseModel):
+    # No NaN or infinity anywhere: an infinite velocity limit would silently disable the filter.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# --------------------------------------------------------------------------- embodiment
+
+GroupMode = Literal["joint_position", "gripper_position", "lift_height", "base_velocity"]
+
+
+class JointLimits(_Strict):
+    name: str
+    min: float
+    max: float
+    max_velocity: float = Field(gt=0)
+    max_acceleration: float = Field(gt=0)
+    home: float = 0.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "JointLimits":
+        if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min < self.max):
+            raise ValueError(f"joint {self.name}: min ({self.min}) must be finite and below max ({self.max})")
+        if not self.min <= self.home <= self.max:
+            raise ValueError(f"joint {self.name}: home {self.home} is outside [{self.min}, {self.max}]")
+        return self
+
+
+class GroupConfig(_Strict):
+    name: str
+    mode: GroupMode = "joint_position"
+    joints: list[JointLimits] = Field(min_length=1)
+
+
+class EmbodimentConfig(_Strict):
+    name: str
+    control_rate_hz: float = Field(gt=0, le=2000)
+    groups: list[GroupConfig] = Field(min_length=1)
+    # The filter keeps targets this far inside each joint's range.
+    position_margin: float = Field(default=0.01, ge=0)
+    # A trajectory or servo target further than this from where the arm is now is refused:
+    # the operator must use move_to, which ramps. (GELLO refuses above 1 rad.)
+    max_engage_distance: float = Field(default=0.2, gt=0)
+    # move_to uses this fraction of each joint's velocity limit unless told otherwise.
+    move_to_velocity_fraction: float = Field(default=0.25, gt=0, le=1)
+    state_decimation: int = Field(default=1, ge=1)
+
+    @field_validator("groups")
+    @classmethod
+    def _unique_names(cls, groups: list[GroupConfig]) -> list[GroupConfig]:
+        # Joints and groups are separate namespaces: a "gripper" group holding a "gripper" joint is fine.
+        for what, names in (("joint", [j.name for g in groups for j in g.joints]), ("group", [g.name for g in groups])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {what} names: {dupes}")
+        return groups
+
+    # Flat views in action-layout order: the action vector is the groups' joints concatenated.
+    @property
+    def joint_names(self) -> list[str]:
+        return [j.name for g in self.groups for j in g.joints]
+
+    @property
+    def dof(self) -> int:
+        return sum(len(g.joints) for g in self.groups)
+
+    def _column(self, attr: str) -> np.ndarray:
+        return np.array([getattr(j, attr) for g in self.groups for j in g.joints], dtype=np.float64)
+
+    @property
+    def lower(self) -> np.ndarray:
+        return self._column("min")
+
+    @property
+    def upper(self) -> np.ndarray:
+        return self._column("max")
+
+    @property
+    def max_velocity(self) -> np.ndarray:
+        return self._column("max_velocity")
+
+    @property
+    def max_acceleration(self) -> np.ndarray:
+        return self._column("max_acceleration")
+
+    @property
+    def home(self) -> np.ndarray:
+        return self._column("home")
+
+    def group_slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for g in self.groups:
+            out[g.name] = slice(start, start + len(g.joints))
+            start += len(g.joints)
+        return out
+
+    def gripper_mask(self) -> np.ndarray:
+        return np.array([g.mode == "gripper_position" for g in self.groups for _ in g.joints])
+
+    def describe(self) -> dict[str, Any]:
+        """What the driver announces in its hello reply."""
+        return {
+            "embodiment": self.name,
+            "control_rate_hz": self.control_rate_hz,
+            "joint_names": self.joint_names,
+            "groups": [{"name": g.name, "mode": g.mode, "joints": [j.name for j in g.joints]}
+                       for g in self.groups],
+            "action_dim": self.dof,
+            "lower": self.lower, "upper": self.upper,
+            "max_velocity": self.max_velocity, "max_acceleration": self.max_acceleration,
+        }
+
+
+# --------------------------------------------------------------------------- cell
+
+
+class CurveConfig(_Strict):
+    """CURVE keys for TCP between hosts; files as written by zmq.auth.create_certificates."""
+
+    server_public_key: Path
+    server_secret_key: Path | None = None  # only on the binding side
+    client_secret_key: Path | None = None  # only on connecting sides
+
+
+class MockBackendConfig(_Strict):
+    kind: Literal["mock"] = "mock"
+    tracking_time_constant_s: float = Field(default=0.02, ge=0)
+    latency_s: float = Field(default=0.0, ge=0, le=1)
+    noise_std: float = Field(default=0.0, ge=0)
+    seed: int = 0
+
+
+class DriverConfig(_Strict):
+    name: str
+    embodiment: str  # a name under configs/embodiments/ or a path to a YAML file
+    backend: MockBackendConfig = MockBackendConfig()
+    state: str  # PUB endpoint the driver binds
+    cmd: str  # ROUTER endpoint the driver binds
+    lease_ttl_s: float = Field(default=0.3, gt=0, le=10)
+    control_rate_hz: float | None = Field(default=None, gt=0, le=2000)  # overrides the embodiment
+
+
+class CameraConfig(_Strict):
+    name: str
+    kind: Literal["synthetic"] = "synthetic"
+    width: int = Field(default=640, gt=0, le=4096)
+    height: int = Field(default=480, gt=0, le=4096)
+    fps: float = Field(default=30.0, gt=0, le=240)
+    frames: str  # PUB endpoint
+
+
+class ScriptedPolicyConfig(_Strict):
+    kind: Literal["scripted"] = "scripted"
+    amplitude: float = Field(default=0.2, ge=0)
+    frequency_hz: float = Field(default=0.25, gt=0)
+    latency_s: float = Field(default=0.0, ge=0)  # simulated inference time
+
+
+class ChunkingConfig(_Strict):
+    size: int = Field(default=50, gt=0, le=1000)
+    dt: float = Field(default=0.02, gt=0)
+    mode: Literal["sync", "async"] = "async"
+    execute: int | None = Field(default=None, gt=0)  # sync: steps executed before inferring again
+    merge: Literal["replace", "crossfade", "average"] = "replace"
+    # Chunks are stamped this far ahead of "now" so the first points are not already late.
+    lead_s: float = Field(default=0.01, ge=0)
+
+
+class InferenceConfig(_Strict):
+    ctl: str
+    events: str
+    policy: ScriptedPolicyConfig = ScriptedPolicyConfig()
+    chunking: ChunkingConfig = ChunkingConfig()
+    max_frame_age_s: float = Field(default=0.25, gt=0)
+    max_state_age_s: float = Field(default=0.1, gt=0)
+    episode_duration_s: float = Field(default=10.0, gt=0)
+    heartbeat_s: float = Field(default=0.05, gt=0)
+
+
+class CellConfig(_Strict):
+    name: str
+    drivers: list[DriverConfig] = Field(min_length=1)
+    cameras: list[CameraConfig] = []
+    inference: InferenceConfig
+    curve: CurveConfig | None = None
+
+    def driver(self, name: str | None) -> DriverConfig:
+        return _pick(self.drivers, name, "driver")
+
+    def camera(self, name: str | None) -> CameraConfig:
+        return _pick(self.cameras, name, "camera")
+
+
+def _pick(items: list[Any], name: str | None, what: str) -> Any:
+    if name is None:
+        if len(items) != 1:
+            raise ConfigError("<cell>", f"{what}s", f"the cell has {len(items)} {what}s; name one of "
+                              f"{[i.name for i in items]}")
+        return items[0]
+    for item in items:
+        if item.name == name:
+            return item
+    raise ConfigError("<cell>", f"{what}s", f"no {what} named {name!r}; have {[i.name for i in items]}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one, so a
+    repeated ``max_velocity`` would quietly replace a limit)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:  # unhashable: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError(path, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def _validate(model: type[BaseModel], data: Any, path: Path) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise ConfigError(path, key, f"{err['msg']}{more}") from None
+
+
+def load_embodiment(name_or_path: str | Path, relative_to: Path | None = None) -> EmbodimentConfig:
+    path = resolve_embodiment_path(name_or_path, relative_to)
+    return _validate(EmbodimentConfig, _read_yaml(path), path)
+
+
+def resolve_embodiment_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_absolute() and relative_to is not None:
+            candidate = relative_to / candidate
+        return candidate
+    return CONFIG_DIR / "embodiments" / f"{name_or_path}.yaml"
+
+
+def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None) -> CellConfig:
+    """Load a cell. ``{run_dir}`` in endpoints is replaced by ``run_dir`` (ipc socket folder)."""
+    path = Path(path) if path is not None else DEFAULT_CELL
+    data = _read_yaml(path)
+    if run_dir is not None:
+        data = _substitute(data, "{run_dir}", str(run_dir))
+    cell = _validate(CellConfig, data, path)
+    for i, drv in enumerate(cell.drivers):
+        emb_path = resolve_embodiment_path(drv.embodiment, path.parent)
+        if not emb_path.exists():
+            raise ConfigError(path, f"drivers.{i}.embodiment", f"no embodiment file {emb_path}")
+    from runtime.transport import check_endpoint  # late: transport imports zmq
+
+    for key, endpoint in _endpoints(cell):
+        try:
+            check_endpoint(endpoint, curve=cell.curve is not None)
+        except ValueError as exc:
+            raise ConfigError(path, key, str(exc)) from None
+    names = [d.name for d in cell.drivers] + [c.name for c in cell.cameras]
+    if len(set(names)) != len(names):
+        raise ConfigError(path, "drivers/cameras", f"names must be unique, got {names}")
+    return cell
+
+
+def _endpoints(cell: CellConfig) -> list[tuple[str, str]]:
+    out = [(f"drivers.{i}.{k}", getattr(d, k)) for i, d in enumerate(cell.drivers) for k in ("state", "cmd")]
+    out += [(f"cameras.{i}.frames", c.frames) for i, c in enumerate(cell.cameras)]
+    out += [("inference.ctl", cell.inference.ctl), ("inference.events", cell.inference.events)]
+    return out
+
+
+def _substitute(data: Any, placeholder: str, value: str) -> Any:
+    if isinstance(data, str):
+        return data.replace(placeholder, value)
+    if isinstance(data, list):
+        return [_substitute(x, placeholder, value) for x in data]
+    if isinstance(data, dict):
+        return {k: _substitute(v, placeholder, value) for k, v in data.items()}
+    return data
+
+
+def driver_embodiment(cell_path: Path | None, drv: DriverConfig) -> EmbodimentConfig:
+    """The embodiment of one driver, with the cell's rate override applied."""
+    base = Path(cell_path).parent if cell_path else DEFAULT_CELL.parent
+    emb = load_embodiment(drv.embodiment, base)
+    if drv.control_rate_hz is not None:
+        emb = emb.model_copy(update={"control_rate_hz": drv.control_rate_hz})
+    return emb

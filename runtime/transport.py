@@ -1,0 +1,416 @@
+"""ZeroMQ sockets for armada: state/events PUB-SUB, commands ROUTER-DEALER, camera frames.
+
+Rules every socket here follows: linger 0 (a dead peer never blocks shutdown), every receive
+has a timeout, every incoming message is decoded and validated before anyone sees it, and
+bad messages are counted, never raised into a control loop. CURVE encrypts TCP between
+hosts; plain TCP is refused unless the address is loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import zmq
+import zmq.auth
+
+from runtime import protocol
+from runtime.protocol import ErrorCode, MessageFactory, ProtocolError
+
+if TYPE_CHECKING:
+    from runtime.config import CurveConfig
+
+MAX_FRAME_BYTES = 4096 * 4096 * 4
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def check_endpoint(endpoint: str, curve: bool = False) -> None:
+    """Raise ValueError unless the endpoint is ipc://, inproc://, loopback tcp://, or CURVE tcp://."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        if not rest:
+            raise ValueError(f"endpoint {endpoint!r} has no path")
+        return
+    if scheme != "tcp":
+        raise ValueError(f"endpoint {endpoint!r}: scheme must be ipc://, inproc:// or tcp://")
+    parts = urlsplit(endpoint)
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"endpoint {endpoint!r}: tcp endpoints need host:port")
+    if not curve and not is_loopback(parts.hostname):
+        raise ValueError(f"endpoint {endpoint!r}: plain TCP is allowed only on loopback; "
+                         "configure `curve` keys in the cell for TCP between hosts")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
+def _prepare(sock: zmq.Socket, endpoint: str, curve: "CurveConfig | None", server: bool) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None and endpoint.startswith("tcp://"):
+        server_public, _ = zmq.auth.load_certificate(curve.server_public_key)
+        if server:
+            if curve.server_secret_key is None:
+                raise ValueError("curve.server_secret_key is required on the binding side")
+            public, secret = zmq.auth.load_certificate(curve.server_secret_key)
+            sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+        else:
+            if curve.client_secret_key is None:
+                raise ValueError("curve.client_secret_key is required on the connecting side")
+            public, secret = zmq.auth.load_certificate(curve.client_secret_key)
+            sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_public
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> None:
+    path = ipc_path(endpoint)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise OSError(f"cannot bind {endpoint}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- counters
+
+
+@dataclass
+class RxCounters:
+    received: int = 0
+    rejected: int = 0
+    last_error: str = ""
+    by_code: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, err: ProtocolError) -> None:
+        self.rejected += 1
+        self.last_error = err.reason
+        self.by_code[err.code.value] = self.by_code.get(err.code.value, 0) + 1
+
+
+# --------------------------------------------------------------------------- PUB / SUB
+
+
+class Publisher:
+    """Binds a PUB socket. Sending never blocks: past the high-water mark, messages are dropped."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 1000, curve: "CurveConfig | None" = None):
+        self.socket = ctx.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, hwm)
+        _prepare(self.socket, endpoint, curve, server=True)
+        _bind(self.socket, endpoint)
+        self.endpoint = endpoint
+        self.factory = MessageFactory()
+        self.dropped = 0
+
+    def publish(self, kind: str, **fields: Any) -> dict[str, Any]:
+        msg = self.factory.make(kind, **fields)
+        self.send_raw(protocol.encode(msg))
+        return msg
+
+    def send_raw(self, raw: bytes) -> None:
+        try:
+            self.socket.send(raw, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+class Subscriber:
+    """Connects a SUB socket to one publisher and yields validated messages."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: "CurveConfig | None" = None, hwm: int = 1000):
+        self.socket = ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, hwm)
+        _prepare(self.socket, endpoint, curve, server=False)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.connect(endpoint)
+        self.endpoint = endpoint
+        self.counters = RxCounters()
+
+    def recv(self, timeout_s: float) -> dict[str, Any] | None:
+        """The next valid message, or None when none arrives within the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if not self.socket.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
+                return None
+            msg = self._read()
+            if msg is not None:
+                return msg
+            if remaining <= 0:
+                return None
+
+    def recv_latest(self, timeout_s: float = 0.0) -> dict[str, Any] | None:
+        """Drain everything queued and return the newest valid message (waits for one if none)."""
+        newest = None
+        while self.socket.poll(0, zmq.POLLIN):
+            newest = self._read() or newest
+        if newest is None and timeout_s > 0:
+            newest = self.recv(timeout_s)
+            if newest is not None:
+                return self.recv_latest(0.0) or newest
+        return newest
+
+    def drain(self) -> list[dict[str, Any]]:
+        out = []
+        while self.socket.poll(0, zmq.POLLIN):
+            msg = self._read()
+            if msg is not None:
+                out.append(msg)
+        return out
+
+    def _read(self) -> dict[str, Any] | None:
+        raw = self.socket.recv(zmq.NOBLOCK, copy=False)
+        self.counters.received += 1
+        try:
+            return protocol.decode_valid(raw.buffer)
+        except ProtocolError as err:
+            self.counters.reject(err)
+            return None
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+# --------------------------------------------------------------------------- ROUTER / DEALER
+
+
+@dataclass
+class Request:
+    """A command received by a server: who sent it, and either the message or why it was bad."""
+
+    identity: bytes
+    msg: dict[str, Any] | None
+    error: ProtocolError | None
+    raw_seq: int = -1
+
+
+class CommandServer:
+    """Binds a ROUTER socket. Every request gets exactly one reply from the owner."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: "CurveConfig | None" = None):
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped
+        self.socket.setsockopt(zmq.SNDHWM, 1000)
+        _prepare(self.socket, endpoint, curve, server=True)
+        _bind(self.socket, endpoint)
+        self.endpoint = endpoint
+        self.factory = MessageFactory()
+        self.counters = RxCounters()
+
+    def poll(self, timeout_s: float) -> bool:
+        return bool(self.socket.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN))
+
+    def recv(self) -> Request | None:
+        """One request if one is queued (never blocks)."""
+        try:
+            parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        self.counters.received += 1
+        identity = parts[0].bytes
+        if len(parts) != 2:
+            err = ProtocolError(ErrorCode.BAD_ENCODING, f"expected one message part, got {len(parts) - 1}")
+            self.counters.reject(err)
+            return Request(identity, None, err)
+        try:
+            msg = protocol.decode(parts[1].buffer)
+        except ProtocolError as err:
+            self.counters.reject(err)
+            return Request(identity, None, err)
+        seq = msg.get("seq", -1)
+        try:
+            protocol.validate(msg)
+        except ProtocolError as err:
+            self.counters.reject(err)
+            return Request(identity, None, err, raw_seq=seq if isinstance(seq, int) else -1)
+        return Request(identity, msg, None, raw_seq=msg["seq"])
+
+    def reply_ok(self, req: Request, **data: Any) -> None:
+        self._send(req.identity, self.factory.ok(req.msg or {"seq": req.raw_seq}, **data))
+
+    def reply_error(self, req: Request, code: ErrorCode, reason: str) -> None:
+        self._send(req.identity, self.factory.error(req.msg or {"seq": req.raw_seq}, code, reason))
+
+    def _send(self, identity: bytes, msg: dict[str, Any]) -> None:
+        try:
+            self.socket.send_multipart([identity, protocol.encode(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the client is gone or not reading; it will time out on its side
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+class RemoteError(Exception):
+    """The peer answered with an error reply."""
+
+    def __init__(self, code: str, reason: str, kind: str):
+        super().__init__(f"{kind} refused: {code}: {reason}")
+        self.code, self.reason, self.kind = code, reason, kind
+
+
+class CommandClient:
+    """Connects a DEALER socket. ``request`` always returns or raises within its timeout."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: "CurveConfig | None" = None,
+                 default_timeout_s: float = 1.0):
+        self.socket = ctx.socket(zmq.DEALER)
+        _prepare(self.socket, endpoint, curve, server=False)
+        self.socket.connect(endpoint)
+        self.endpoint = endpoint
+        self.factory = MessageFactory()
+        self.default_timeout_s = default_timeout_s
+
+    def request(self, kind: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one command and wait for its reply; returns the reply's data map.
+
+        Raises TimeoutError when no reply comes in time and RemoteError on an error reply.
+        Replies to earlier, timed-out requests are recognised by ``re`` and discarded.
+        """
+        msg = self.factory.make(kind, **fields)
+        return self.request_raw(protocol.encode(msg), msg["seq"], kind, timeout_s)
+
+    def request_raw(self, raw: bytes, seq: int, kind: str = "raw", timeout_s: float | None = None) -> dict[str, Any]:
+        timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.socket.send(raw, zmq.NOBLOCK)
+        except zmq.Again:
+            raise TimeoutError(f"{kind} to {self.endpoint}: cannot send (peer not connected)") from None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                raise TimeoutError(f"{kind} to {self.endpoint}: no reply within {timeout_s:.3f} s")
+            try:
+                reply = protocol.decode_valid(self.socket.recv(zmq.NOBLOCK))
+            except ProtocolError:
+                continue  # a garbled reply is not ours to trust; keep waiting for the real one
+            if reply.get("kind") != "reply" or reply.get("re") != seq:
+                continue
+            if not reply["ok"]:
+                raise RemoteError(reply.get("code", "?"), reply.get("reason", ""), kind)
+            return reply.get("data") or {}
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+# --------------------------------------------------------------------------- camera frames
+
+
+class FramePublisher:
+    """Publishes frames as [msgpack header, raw pixels]; the pixel buffer is sent without copying.
+
+    The caller must not write into ``pixels`` after sending it: ZeroMQ still holds it.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 4, curve: "CurveConfig | None" = None):
+        self.socket = ctx.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, hwm)
+        _prepare(self.socket, endpoint, curve, server=True)
+        _bind(self.socket, endpoint)
+        self.factory = MessageFactory()
+        self.dropped = 0
+
+    def send(self, pixels: np.ndarray, **header: Any) -> None:
+        if not pixels.flags.c_contiguous:
+            raise ValueError("frame pixels must be C-contiguous")
+        msg = self.factory.make("frame", **header)
+        try:
+            self.socket.send_multipart([protocol.encode(msg), memoryview(pixels).cast("B")],
+                                       zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped += 1
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+@dataclass
+class Frame:
+    header: dict[str, Any]
+    pixels: np.ndarray  # a read-only view on the received buffer, or decoded JPEG
+
+
+class FrameSubscriber:
+    """Receives frames; ``recv_latest`` for newest-only consumers, ``recv`` for all-frames ones."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 8, curve: "CurveConfig | None" = None):
+        self.socket = ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, hwm)
+        _prepare(self.socket, endpoint, curve, server=False)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.connect(endpoint)
+        self.counters = RxCounters()
+
+    def recv(self, timeout_s: float) -> Frame | None:
+        if not self.socket.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+            return None
+        return self._read()
+
+    def recv_latest(self, timeout_s: float = 0.0) -> Frame | None:
+        newest = None
+        while self.socket.poll(0, zmq.POLLIN):
+            newest = self._read() or newest
+        if newest is None and timeout_s > 0:
+            newest = self.recv(timeout_s)
+            if newest is not None:
+                return self.recv_latest(0.0) or newest
+        return newest
+
+    def _read(self) -> Frame | None:
+        parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        self.counters.received += 1
+        try:
+            return decode_frame(parts)
+        except ProtocolError as err:
+            self.counters.reject(err)
+            return None
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+def decode_frame(parts: list[zmq.Frame]) -> Frame:
+    if len(parts) != 2:
+        raise ProtocolError(ErrorCode.BAD_ENCODING, f"a frame has 2 parts, got {len(parts)}")
+    header = protocol.decode_valid(parts[0].buffer)
+    if header["kind"] != "frame":
+        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"expected a frame header, got {header['kind']!r}")
+    buf = parts[1].buffer
+    if header["encoding"] == "jpeg":
+        import cv2  # only consumers of JPEG streams pay for OpenCV
+
+        pixels = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+        if pixels is None:
+            raise ProtocolError(ErrorCode.BAD_ENCODING, "JPEG payload does not decode")
+        return Frame(header, pixels[..., ::-1])
+    if header["dtype"] not in ("uint8", "uint16", "float32"):
+        raise ProtocolError(ErrorCode.BAD_TYPE, f"frame dtype {header['dtype']!r} is not allowed")
+    dtype = np.dtype(header["dtype"])
+    shape = (header["height"], header["width"], header["channels"])
+    if min(shape) <= 0 or shape[2] > 4:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"frame shape {shape} is not allowed")
+    expected = shape[0] * shape[1] * shape[2] * dtype.itemsize
+    if expected > MAX_FRAME_BYTES or len(buf) != expected:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"frame payload is {len(buf)} bytes, header says {expected}")
+    return Frame(header, np.frombuffer(buf, dtype=dtype).reshape(shape))
