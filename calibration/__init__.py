@@ -1,0 +1,1 @@
+"""Camera intrinsics, hand-eye, joint offsets and latency calibration (to come)."""

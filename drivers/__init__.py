@@ -1,0 +1,1 @@
+"""armada drivers: one backend per device, the generic driver process, fakes and cameras."""

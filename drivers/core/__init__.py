@@ -1,0 +1,1 @@
+"""The generic driver process: control loop, trajectory buffer, safety filter, command server."""

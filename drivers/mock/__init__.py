@@ -1,0 +1,1 @@
+"""A kinematic arm with no hardware at all."""

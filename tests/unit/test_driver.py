@@ -1,0 +1,210 @@
+"""The driver state machine and tick logic, without sockets: explicit clock, mock device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from drivers.core.backend import BackendError, Reading
+from drivers.core.driver import Driver, Mode
+from drivers.mock.arm import MockArm
+from runtime.config import load_embodiment
+from runtime.protocol import ErrorCode, MessageFactory, ProtocolError
+
+EMB = load_embodiment("mock_arm")
+DT_NS = int(1e9 / EMB.control_rate_hz)
+F = MessageFactory()
+
+
+class FlakyArm(MockArm):
+    """A mock arm whose reads can be made to fail or to return garbage."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.fail_reads = False
+        self.nan_reads = False
+
+    def read(self) -> Reading:
+        if self.fail_reads:
+            raise BackendError("bus timeout")
+        r = super().read()
+        if self.nan_reads:
+            return Reading(np.full_like(r.position, np.nan), r.mono_ns)
+        return r
+
+
+@pytest.fixture
+def drv():
+    d = Driver(EMB, FlakyArm(EMB.home, time_constant_s=0.0), lease_ttl_s=0.3)
+    d.connect(1.0)
+    return d
+
+
+def cmd(d: Driver, kind: str, now: int, **fields):
+    return d.handle(F.make(kind, **fields), now)
+
+
+def armed(d: Driver, now: int = 0) -> str:
+    lease = cmd(d, "acquire", now, client="t")["lease"]
+    cmd(d, "arm", now, lease=lease)
+    return lease
+
+
+def run_ticks(d: Driver, start: int, n: int, lease: str | None = None) -> int:
+    now = start
+    for _ in range(n):
+        now += DT_NS
+        if lease is not None:
+            cmd(d, "heartbeat", now, lease=lease)
+        d.tick(now)
+    return now
+
+
+def test_starts_disarmed_and_never_writes_while_idle(drv):
+    assert drv.mode == Mode.IDLE
+    run_ticks(drv, 0, 50)
+    assert drv.backend.writes == 0
+
+
+def test_arming_needs_the_lease_and_holds_the_current_pose(drv):
+    with pytest.raises(ProtocolError) as err:
+        cmd(drv, "arm", 0, lease="nope")
+    assert err.value.code == ErrorCode.NO_LEASE
+    lease = armed(drv)
+    assert drv.mode == Mode.ARMED
+    run_ticks(drv, 0, 20, lease)
+    assert np.allclose(drv.filter.position, EMB.home)
+    assert np.allclose(drv.filter.velocity, 0.0)
+
+
+def test_motion_commands_are_refused_when_idle(drv):
+    lease = cmd(drv, "acquire", 0, client="t")["lease"]
+    with pytest.raises(ProtocolError) as err:
+        cmd(drv, "trajectory", 0, lease=lease, t0_ns=0, dt=0.01, points=np.tile(EMB.home, (3, 1)))
+    assert err.value.code == ErrorCode.BAD_STATE and "arm it first" in err.value.reason
+
+
+def test_running_dry_without_final_counts_starvation_and_holds(drv):
+    lease = armed(drv)
+    pts = np.tile(EMB.home, (5, 1))
+    cmd(drv, "trajectory", 0, lease=lease, t0_ns=0, dt=0.002, points=pts, final=False)
+    now = run_ticks(drv, 0, 20, lease)
+    assert drv.mode == Mode.RUNNING
+    assert drv.counters.starved_ticks >= 10
+    cmd(drv, "trajectory", now, lease=lease, t0_ns=now, dt=0.002, points=pts, final=True)
+    run_ticks(drv, now, 20, lease)
+    assert drv.mode == Mode.ARMED
+
+
+def test_lease_lapse_while_running_decelerates_to_a_hold(drv):
+    lease = armed(drv)
+    t = np.arange(1, 2001) * 0.002
+    pts = EMB.home + np.outer(np.sin(2 * np.pi * 0.5 * t) * 0.5, np.r_[np.ones(6), 0])
+    cmd(drv, "trajectory", 0, lease=lease, t0_ns=0, dt=0.002, points=pts)
+    now = run_ticks(drv, 0, 200, lease)  # moving now
+    assert np.any(np.abs(drv.filter.velocity) > 0.1)
+    speeds = []
+    for _ in range(400):  # no more heartbeats
+        now += DT_NS
+        drv.tick(now)
+        speeds.append(np.max(np.abs(drv.filter.velocity)))
+    assert drv.mode == Mode.ARMED
+    assert drv.counters.lease_lost == 1
+    assert speeds[-1] == 0.0
+    lapsed_at = int(0.3e9 / DT_NS)
+    decel = np.diff(speeds[lapsed_at:])
+    assert np.all(decel <= 1e-12)  # monotone slow-down after the lapse, no further following
+
+
+def test_device_estop_latches_and_stops_writes(drv):
+    lease = armed(drv)
+    now = run_ticks(drv, 0, 5, lease)
+    drv.backend.button_pressed = True
+    now = run_ticks(drv, now, 1, lease)
+    assert drv.mode == Mode.ESTOP
+    writes = drv.backend.writes
+    drv.backend.button_pressed = False
+    now = run_ticks(drv, now, 50, lease)
+    assert drv.mode == Mode.ESTOP and drv.backend.writes == writes
+    cmd(drv, "reset_estop", now, lease=lease)
+    assert drv.mode == Mode.IDLE
+
+
+def test_one_bad_read_does_not_fault_a_dead_bus_does(drv):
+    lease = armed(drv)
+    now = run_ticks(drv, 0, 5, lease)
+    drv.backend.fail_reads = True
+    now = run_ticks(drv, now, 3, lease)
+    assert drv.mode == Mode.ARMED and drv.counters.read_errors == 3
+    drv.backend.fail_reads = False
+    now = run_ticks(drv, now, 3, lease)
+    drv.backend.fail_reads = True
+    now = run_ticks(drv, now, 100, lease)  # 0.2 s of silence
+    assert drv.mode == Mode.FAULT and "bus timeout" in drv.reason
+    with pytest.raises(ProtocolError):
+        cmd(drv, "clear_fault", now, lease=lease)  # still failing
+    drv.backend.fail_reads = False
+    cmd(drv, "clear_fault", now, lease=lease)
+    assert drv.mode == Mode.IDLE
+
+
+def test_refuses_to_arm_outside_the_range(drv):
+    outside = EMB.home.copy()
+    outside[2] = EMB.upper[2] - EMB.position_margin / 2
+    d = Driver(EMB, MockArm(outside, time_constant_s=0.0), lease_ttl_s=0.3)
+    d.connect(1.0)
+    lease = cmd(d, "acquire", 0, client="t")["lease"]
+    with pytest.raises(ProtocolError) as err:
+        cmd(d, "arm", 0, lease=lease)
+    assert "elbow" in err.value.reason and d.mode == Mode.IDLE
+
+
+def test_disarm_while_running_stops_first_then_goes_idle(drv):
+    lease = armed(drv)
+    t = np.arange(1, 1001) * 0.002
+    pts = EMB.home + np.outer(t * 0.5, np.r_[1, np.zeros(6)])
+    cmd(drv, "trajectory", 0, lease=lease, t0_ns=0, dt=0.002, points=pts)
+    now = run_ticks(drv, 0, 100, lease)
+    cmd(drv, "disarm", now, lease=lease)
+    assert drv.mode == Mode.ARMED  # decelerating
+    run_ticks(drv, now, 200, lease)
+    assert drv.mode == Mode.IDLE and np.all(drv.filter.velocity == 0)
+
+
+def test_chunk_entirely_in_the_past_is_refused(drv):
+    now = 10 * 10**9
+    lease = armed(drv, now)
+    with pytest.raises(ProtocolError) as err:
+        cmd(drv, "trajectory", now, lease=lease, t0_ns=now - 10**9, dt=0.01, points=np.tile(EMB.home, (5, 1)))
+    assert err.value.code == ErrorCode.BAD_VALUE and "past" in err.value.reason
+
+
+def test_device_estop_cannot_be_reset_while_the_button_is_pressed(drv):
+    lease = armed(drv)
+    drv.backend.button_pressed = True
+    now = run_ticks(drv, 0, 2, lease)
+    with pytest.raises(ProtocolError) as err:
+        cmd(drv, "reset_estop", now, lease=lease)
+    assert err.value.code == ErrorCode.ESTOPPED and drv.mode == Mode.ESTOP
+
+
+def test_non_finite_readings_are_read_errors_not_a_crash(drv):
+    lease = armed(drv)
+    now = run_ticks(drv, 0, 5, lease)
+    drv.backend.nan_reads = True
+    now = run_ticks(drv, now, 3, lease)  # must not raise
+    assert drv.counters.read_errors == 3 and drv.mode == Mode.ARMED
+    assert np.all(np.isfinite(drv.filter.position))
+    now = run_ticks(drv, now, 100, lease)
+    assert drv.mode == Mode.FAULT
+
+
+def test_new_chunk_starts_from_the_held_pose_without_a_step(drv):
+    lease = armed(drv)
+    now = run_ticks(drv, 0, 5, lease)
+    # A chunk stamped in the past whose point at "now" is 5 mrad away: the driver must ramp from
+    # the held pose, never step onto the chunk.
+    pts = EMB.home + np.outer(np.linspace(0.005, 0.05, 10), np.r_[np.ones(6), 0])
+    cmd(drv, "trajectory", now, lease=lease, t0_ns=now - 5 * DT_NS, dt=0.01, points=pts)
+    first = drv.tick(now + DT_NS).commanded
+    assert np.max(np.abs(first - EMB.home)) < 0.005 / 2
