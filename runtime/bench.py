@@ -1,0 +1,206 @@
+"""`armada bench`: numbers, not assertions. Every run prints medians and tails and the machine.
+
+- loop:   the driver's period at 500 Hz with the mock backend while an episode runs
+- rtt:    command round trip (ping) over ipc and over tcp loopback
+- state:  a 500 Hz state stream: loss for an all-messages consumer, age for a newest-value one
+- frames: latency and loss for two 640x480 RGB cameras at 30 fps
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from runtime.config import DEFAULT_CELL
+from runtime.protocol import PROTOCOL_VERSION
+from runtime.supervisor import CellProcesses, default_run_dir
+from runtime.transport import CommandClient, FrameSubscriber, Subscriber
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def _pct(values: list[float] | np.ndarray) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0}
+    return {"n": int(a.size), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bench_cell(run_dir: Path, tcp: bool = False, cameras: int = 2) -> Path:
+    """The default cell, written out with fresh endpoints (tcp loopback when asked)."""
+    data = yaml.safe_load(DEFAULT_CELL.read_text())
+    data["name"] = "bench"
+    data["drivers"][0]["embodiment"] = str(DEFAULT_CELL.parent.parent / "embodiments" / "mock_arm.yaml")
+    if tcp:
+        data["drivers"][0]["state"] = f"tcp://127.0.0.1:{_free_port()}"
+        data["drivers"][0]["cmd"] = f"tcp://127.0.0.1:{_free_port()}"
+    data["cameras"] = data["cameras"][:cameras]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ("cell-tcp.yaml" if tcp else "cell.yaml")
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def bench_loop(seconds: float) -> dict[str, Any]:
+    run_dir = default_run_dir("bench-loop")
+    with CellProcesses(_bench_cell(run_dir), run_dir) as procs:
+        procs.start_all()
+        from runtime.inference.client import EpisodeClient
+
+        cmd = CommandClient(procs.ctx, procs.cell.drivers[0].cmd)
+        client = EpisodeClient(procs.ctx, procs.cell)
+        episode = client.start("bench", duration_s=seconds + 2, arm=True)
+        time.sleep(1.0)  # past start-up, into steady chunk streaming
+        cmd.request("stats", reset=True)
+        before = cmd.request("stats")["counters"]
+        time.sleep(seconds)
+        after = cmd.request("stats")
+        report = client.wait_report(episode, timeout_s=seconds + 20)
+        client.close()
+        cmd.close()
+    loop = after["loop"]
+    return {"rate_hz": 1e3 / loop["period_ms"], "seconds": seconds, "ticks": loop["ticks"],
+            "period_ms": {"p50": loop["period_p50_ms"], "p99": loop["period_p99_ms"], "max": loop["period_max_ms"]},
+            "period_error_ms": {"p50": loop["error_p50_ms"], "p99": loop["error_p99_ms"], "max": loop["error_max_ms"]},
+            "overruns": after["counters"]["overruns"] - before["overruns"],
+            "episode": {k: report[k] for k in ("outcome", "chunks", "starved_ticks", "clamps",
+                                               "chunk_latency_p50_ms", "chunk_latency_p99_ms")}}
+
+
+# --------------------------------------------------------------------------- rtt
+
+
+def _ping_rtts(ctx, endpoint: str, n: int) -> list[float]:
+    client = CommandClient(ctx, endpoint)
+    client.request("hello", version=PROTOCOL_VERSION, role="bench")
+    for _ in range(50):  # warm the connection
+        client.request("ping")
+    out = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        client.request("ping")
+        out.append((time.perf_counter_ns() - t) * 1e-3)
+    client.close()
+    return out
+
+
+def bench_rtt(n: int = 3000) -> dict[str, Any]:
+    results = {}
+    for transport in ("ipc", "tcp"):
+        run_dir = default_run_dir(f"bench-rtt-{transport}")
+        with CellProcesses(_bench_cell(run_dir, tcp=transport == "tcp", cameras=0), run_dir) as procs:
+            procs.spawn("driver", procs.cell.drivers[0].name)
+            procs.wait_ready()
+            results[transport] = {"unit": "us", **_pct(_ping_rtts(procs.ctx, procs.cell.drivers[0].cmd, n))}
+    return results
+
+
+# --------------------------------------------------------------------------- state
+
+
+def bench_state(seconds: float) -> dict[str, Any]:
+    run_dir = default_run_dir("bench-state")
+    with CellProcesses(_bench_cell(run_dir, cameras=0), run_dir) as procs:
+        drv = procs.cell.drivers[0]
+        procs.spawn("driver", drv.name)
+        procs.wait_ready()
+        every = Subscriber(procs.ctx, drv.state, hwm=10_000)
+        newest = Subscriber(procs.ctx, drv.state, hwm=10_000)
+        time.sleep(0.3)
+        every.drain()
+        newest.drain()
+        seqs: list[int] = []
+        ages_ms: list[float] = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            seqs += [m["seq"] for m in every.drain()]
+            msg = newest.recv_latest()
+            if msg is not None:
+                ages_ms.append((time.time_ns() - msg["t_ns"]) * 1e-6)
+            time.sleep(0.01)  # a 100 Hz consumer, like an inference loop polling state
+        seqs += [m["seq"] for m in every.drain()]
+        every.close()
+        newest.close()
+    s = np.array(seqs)
+    expected = int(s[-1] - s[0] + 1) if s.size else 0
+    return {"rate_hz": 500, "seconds": seconds, "received": int(s.size), "expected": expected,
+            "lost": expected - int(s.size), "newest_age_ms": _pct(ages_ms)}
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def bench_frames(seconds: float) -> dict[str, Any]:
+    run_dir = default_run_dir("bench-frames")
+    with CellProcesses(_bench_cell(run_dir, cameras=2), run_dir) as procs:
+        for cam in procs.cell.cameras:
+            procs.spawn("camera", cam.name)
+        procs.wait_ready()
+        subs = {c.name: FrameSubscriber(procs.ctx, c.frames, hwm=1000) for c in procs.cell.cameras}
+        time.sleep(0.3)
+        latency: dict[str, list[float]] = {n: [] for n in subs}
+        seqs: dict[str, list[int]] = {n: [] for n in subs}
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for name, sub in subs.items():
+                frame = sub.recv(0.002)
+                while frame is not None:
+                    latency[name].append((time.time_ns() - frame.header["capture_ns"]) * 1e-6)
+                    seqs[name].append(frame.header["frame_seq"])
+                    frame = sub.recv(0)
+        for sub in subs.values():
+            sub.close()
+    out = {}
+    for name in subs:
+        s = seqs[name]
+        expected = s[-1] - s[0] + 1 if s else 0
+        out[name] = {"size": "640x480x3", "fps": 30, "received": len(s), "lost": expected - len(s),
+                     "latency_ms": _pct(latency[name])}
+    return out
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def run_bench(what: str, seconds: float, json_path: Path | None) -> int:
+    results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(f"machine: {results['machine']}")
+    steps = {"loop": lambda: bench_loop(max(seconds, 10.0)), "rtt": bench_rtt,
+             "state": lambda: bench_state(seconds), "frames": lambda: bench_frames(seconds)}
+    for name, fn in steps.items():
+        if what not in (name, "all"):
+            continue
+        print(f"bench {name} ...", flush=True)
+        results[name] = fn()
+        print(json.dumps(results[name], indent=2))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+    return 0

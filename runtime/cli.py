@@ -1,0 +1,195 @@
+"""`armada ...`: run a cell end to end, start one process, or benchmark.
+
+    armada run [CELL]               the embedded default cell when no CELL is given
+    armada driver CELL --name N     one driver process (what systemd runs)
+    armada camera CELL --name N     one camera process
+    armada infer CELL               the inference process
+    armada bench [loop|rtt|state|frames|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.config import DEFAULT_CELL, ConfigError
+
+
+def _add_process_args(p: argparse.ArgumentParser, named: bool) -> None:
+    p.add_argument("cell", nargs="?" if not named else None, type=Path, help="cell YAML")
+    p.add_argument("--run-dir", type=Path, default=None, help="folder for ipc sockets ({run_dir} in the cell)")
+    if named:
+        p.add_argument("--name", default=None, help="which one of the cell's drivers/cameras")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="armada", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run episodes on a cell, all processes included")
+    run.add_argument("cell", nargs="?", type=Path, default=None, help=f"cell YAML (default: {DEFAULT_CELL.name})")
+    run.add_argument("--run-dir", type=Path, default=None)
+    run.add_argument("--episodes", type=int, default=1)
+    run.add_argument("--duration", type=float, default=None, help="seconds per episode")
+    run.add_argument("--instruction", default="auto")
+    run.add_argument("--arm", action="store_true",
+                     help="let the episode arm disarmed drivers (always on for cells of mock arms only)")
+    run.add_argument("--json", action="store_true", help="print the reports as JSON")
+
+    for role in ("driver", "camera"):
+        _add_process_args(sub.add_parser(role, help=f"run one {role} process of a cell"), named=True)
+    _add_process_args(sub.add_parser("infer", help="run the inference process of a cell"), named=False)
+
+    bench = sub.add_parser("bench", help="measure loop timing, round trips, stream loss, frame latency")
+    bench.add_argument("what", nargs="?", default="all", choices=["loop", "rtt", "state", "frames", "all"])
+    bench.add_argument("--seconds", type=float, default=10.0, help="duration of timed runs")
+    bench.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"armada: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "driver":
+        from drivers.core.process import run_driver
+
+        run_driver(args.cell, args.name, args.run_dir)
+    elif args.command == "camera":
+        from drivers.cameras.process import run_camera
+
+        run_camera(args.cell, args.name, args.run_dir)
+    elif args.command == "infer":
+        from runtime.inference.process import run_inference
+
+        run_inference(args.cell, args.run_dir)
+    elif args.command == "run":
+        return run_cell(args)
+    elif args.command == "bench":
+        from runtime.bench import run_bench
+
+        return run_bench(args.what, args.seconds, args.json)
+    return 0
+
+
+# --------------------------------------------------------------------------- armada run
+
+
+def run_cell(args: argparse.Namespace) -> int:
+    from runtime.inference.client import EpisodeClient
+    from runtime.supervisor import CellProcesses, default_run_dir
+
+    from runtime.config import load_cell
+
+    cell_path = args.cell or DEFAULT_CELL
+    run_dir = args.run_dir or default_run_dir(load_cell(cell_path).name)
+    procs = CellProcesses(cell_path, run_dir)
+    cell = procs.cell
+    all_mock = all(d.backend.kind == "mock" for d in cell.drivers)
+    print(f"armada: cell {cell.name!r}: {len(cell.drivers)} driver(s), {len(cell.cameras)} camera(s), "
+          f"{cell.inference.policy.kind} policy, {cell.inference.chunking.mode} chunks")
+    reports: list[dict[str, Any]] = []
+    with procs:
+        t = time.monotonic()
+        print("armada: starting processes ...", flush=True)
+        try:
+            procs.start_all()
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"armada: {exc}", file=sys.stderr)
+            return 1
+        print(f"armada: all processes answer ({time.monotonic() - t:.1f} s); logs in {procs.run_dir / 'logs'}")
+        client = EpisodeClient(procs.ctx, cell)
+        try:
+            for _ in range(args.episodes):
+                reports.append(_one_episode(client, args, all_mock, cell.inference.episode_duration_s))
+        finally:
+            client.close()
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    ok = all(r["outcome"] == "completed" for r in reports)
+    return 0 if ok else 1
+
+
+def _one_episode(client, args: argparse.Namespace, all_mock: bool, default_duration: float) -> dict[str, Any]:
+    duration = args.duration or default_duration
+    episode = client.start(args.instruction, duration_s=duration, arm=args.arm or all_mock)
+    progress = _Progress(episode, duration)
+    report = client.wait_report(episode, timeout_s=duration + 20.0, on_event=progress.on_event)
+    progress.finish()
+    print(format_report(report))
+    return report
+
+
+class _Progress:
+    """One status line, updated in place on a terminal and every few seconds otherwise."""
+
+    def __init__(self, episode: int, duration: float):
+        self.episode, self.duration = episode, duration
+        self.tty = sys.stdout.isatty()
+        self.last_print = 0.0
+        self.chunks, self.latency_ms, self.elapsed = 0, 0.0, 0.0
+
+    def on_event(self, event: str, data: dict[str, Any]) -> None:
+        if event == "route":
+            print(f"episode {self.episode}: routed to task {data['task']!r} (margin {data['margin']:.2f})")
+        elif event == "chunk":
+            self.chunks, self.latency_ms, self.elapsed = data["chunk"] + 1, data["latency_ms"], data["elapsed_s"]
+            self._show()
+        elif event in ("paused", "resumed"):
+            self._newline()
+            print(f"episode {self.episode}: {event}: {data.get('reason', '')}".rstrip(": "))
+
+    def _show(self) -> None:
+        now = time.monotonic()
+        if not self.tty and now - self.last_print < 2.0:
+            return
+        self.last_print = now
+        bar = int(20 * min(1.0, self.elapsed / self.duration))
+        line = (f"episode {self.episode} [{'#' * bar}{'.' * (20 - bar)}] {self.elapsed:5.1f}/{self.duration:.0f} s  "
+                f"chunks {self.chunks:4d}  latency {self.latency_ms:6.1f} ms")
+        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def _newline(self) -> None:
+        if self.tty:
+            print()
+
+    def finish(self) -> None:
+        self._newline()
+
+
+def format_report(r: dict[str, Any]) -> str:
+    rates = ", ".join(f"{n} {hz:.1f} Hz" for n, hz in r["control_rate_hz"].items()) or "n/a"
+    clamps = ", ".join(f"{k} {v}" for k, v in r["clamps_by_kind"].items() if v) or "none"
+    return "\n".join([
+        f"episode {r['episode']}: {r['outcome']}  (task {r['task'] or '-'}, {r['duration_s']:.1f} s)",
+        f"  control rate       {rates}",
+        f"  overruns           {r['overruns']}",
+        f"  starved ticks      {r['starved_ticks']}",
+        f"  clamps             {r['clamps']} ({clamps})",
+        f"  chunks             {r['chunks']} ({r['dropped_points']} late points dropped by the driver)",
+        f"  chunk latency      p50 {r['chunk_latency_p50_ms']:.1f} ms, p99 {r['chunk_latency_p99_ms']:.1f} ms, "
+        f"max {r['chunk_latency_max_ms']:.1f} ms",
+        f"  tracking error     mean {r['tracking_error_mean']:.4f}, max {r['tracking_error_max']:.4f}",
+        f"  paused             {r['paused_s']:.2f} s, lease lost {r['lease_lost']}",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

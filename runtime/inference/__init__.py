@@ -1,0 +1,1 @@
+"""The inference process: observations, policies, episodes and chunk scheduling."""

@@ -1,0 +1,163 @@
+"""The inference process: subscribes to cameras and drivers, runs episodes on request.
+
+The main thread serves the ``ctl`` socket (episode_start, episode_stop, status, shutdown);
+an episode runs in a thread of its own. Telemetry goes out on ``events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from runtime.config import CellConfig, load_cell
+from runtime.inference.episode import EpisodeReport, EpisodeRequest, EpisodeRunner
+from runtime.inference.link import DriverLink
+from runtime.inference.observation import ObservationBuilder
+from runtime.inference.policy import Policy, ScriptedPolicy
+from runtime.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, check_hello_version
+from runtime.transport import CommandServer, FrameSubscriber, Publisher, Request
+
+log = logging.getLogger("armada.inference")
+
+
+def make_policy(cell: CellConfig) -> Policy:
+    p, c = cell.inference.policy, cell.inference.chunking
+    if p.kind == "scripted":
+        return ScriptedPolicy(p.amplitude, p.frequency_hz, c.size, c.dt, p.latency_s)
+    raise ValueError(f"unknown policy kind {p.kind!r}")
+
+
+class InferenceProcess:
+    def __init__(self, cell: CellConfig, policy: Policy):
+        self.cell, self.policy = cell, policy
+        self.ctx = zmq.Context()
+        inf = cell.inference
+        self.ctl = CommandServer(self.ctx, inf.ctl, cell.curve)
+        self.events = Publisher(self.ctx, inf.events, hwm=1000, curve=cell.curve)
+        self.events_lock = threading.Lock()  # the episode thread and the ctl thread both emit
+        self.links = {d.name: DriverLink(self.ctx, d, cell.curve) for d in cell.drivers}
+        cameras = {c.name: FrameSubscriber(self.ctx, c.frames, curve=cell.curve) for c in cell.cameras}
+        self.builder = ObservationBuilder(cameras, {n: link.state for n, link in self.links.items()},
+                                          inf.max_frame_age_s, inf.max_state_age_s)
+        self.stop_event = threading.Event()
+        self.episode_thread: threading.Thread | None = None
+        self.runner: EpisodeRunner | None = None
+        self.episode_counter = 0
+        self.last_report: EpisodeReport | None = None
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        with self.events_lock:
+            self.events.publish("event", event=event, data=data)
+
+    # ------------------------------------------------------------------ ctl
+
+    def run(self) -> None:
+        log.info("inference up: ctl %s, events %s, %d driver(s), %d camera(s)", self.cell.inference.ctl,
+                 self.cell.inference.events, len(self.links), len(self.builder.cameras))
+        try:
+            while not self.stop_event.is_set():
+                if not self.ctl.poll(0.05):
+                    continue
+                while (req := self.ctl.recv()) is not None:
+                    self._serve(req)
+        finally:
+            self._shutdown()
+
+    def _serve(self, req: Request) -> None:
+        if req.error is not None:
+            self.ctl.reply_error(req, req.error.code, req.error.reason)
+            return
+        handler = getattr(self, f"_ctl_{req.msg['kind']}", None)
+        try:
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"the inference process does not accept "
+                                                             f"{req.msg['kind']!r} on ctl")
+            data = handler(req.msg) or {}
+        except ProtocolError as err:
+            self.ctl.reply_error(req, err.code, err.reason)
+            return
+        except Exception as exc:
+            log.exception("ctl %s failed", req.msg["kind"])
+            self.ctl.reply_error(req, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        self.ctl.reply_ok(req, **data)
+
+    def _ctl_hello(self, msg: dict[str, Any]) -> dict[str, Any]:
+        check_hello_version(msg["version"])
+        return {"version": PROTOCOL_VERSION, "drivers": list(self.links), "cameras": list(self.builder.cameras)}
+
+    def _ctl_ping(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"mono_ns": time.monotonic_ns()}
+
+    def _ctl_status(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"running": self._episode_running(), "episode": self.episode_counter,
+                "last_report": self.last_report.as_dict() if self.last_report else None}
+
+    def _ctl_episode_start(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self._episode_running():
+            raise ProtocolError(ErrorCode.BAD_STATE, f"episode {self.episode_counter} is still running; stop it first")
+        self.episode_counter += 1
+        req = EpisodeRequest(self.episode_counter, msg["instruction"],
+                             msg.get("duration_s", self.cell.inference.episode_duration_s), msg.get("arm", False),
+                             msg.get("task"), msg.get("min_margin", 0.0))
+        for link in self.links.values():
+            if not link.description:
+                link.handshake()
+        inf = self.cell.inference
+        self.runner = EpisodeRunner(self.links, self.builder, self.policy, inf.chunking, inf.heartbeat_s, self.emit)
+        self.episode_thread = threading.Thread(target=self._run_episode, args=(self.runner, req), daemon=True,
+                                               name=f"episode-{req.episode}")
+        self.episode_thread.start()
+        return {"episode": req.episode}
+
+    def _ctl_episode_stop(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.runner is not None:
+            self.runner.stop_event.set()
+        return {"running": self._episode_running()}
+
+    def _ctl_shutdown(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.request_stop()
+        return {}
+
+    def _run_episode(self, runner: EpisodeRunner, req: EpisodeRequest) -> None:
+        self.emit("episode_started", {"episode": req.episode, "instruction": req.instruction,
+                                      "duration_s": req.duration_s})
+        report = runner.run(req)
+        self.last_report = report
+        self.emit("episode_ended", report.as_dict())
+        log.info("episode %d %s", req.episode, report.outcome)
+
+    def _episode_running(self) -> bool:
+        return self.episode_thread is not None and self.episode_thread.is_alive()
+
+    # ------------------------------------------------------------------ shutdown
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_event.set()
+        if self.runner is not None:
+            self.runner.stop_event.set()
+
+    def _shutdown(self) -> None:
+        if self.episode_thread is not None:
+            self.episode_thread.join(timeout=3.0)  # the runner releases its leases on the way out
+        for link in self.links.values():
+            link.close()
+        for sub in self.builder.cameras.values():
+            sub.close()
+        self.ctl.close()
+        self.events.close()
+        self.ctx.term()
+
+
+def run_inference(cell_path: str | Path | None, run_dir: str | Path | None) -> None:
+    cell = load_cell(cell_path, run_dir)
+    process = InferenceProcess(cell, make_policy(cell))
+    signal.signal(signal.SIGTERM, process.request_stop)
+    signal.signal(signal.SIGINT, process.request_stop)
+    process.run()

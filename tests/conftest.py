@@ -1,0 +1,21 @@
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import zmq
+
+
+@pytest.fixture
+def short_tmp():
+    """A short folder for ipc sockets (ipc paths are limited to about 100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="armada-t-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)

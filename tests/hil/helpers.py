@@ -1,0 +1,56 @@
+"""Shared bits for HIL tests: a state recorder running beside the test."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from runtime.transport import Subscriber
+
+
+class StateRecorder:
+    """Records every state message a driver publishes, in a thread, until stopped."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        self.sub = Subscriber(ctx, endpoint, hwm=100_000)
+        self.messages: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.1)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msg = self.sub.recv(0.05)
+            if msg is not None:
+                self.messages.append(msg)
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sub.close()
+        return self.messages
+
+    def latest(self) -> dict | None:
+        return self.messages[-1] if self.messages else None
+
+    def wait_mode(self, mode: str, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            m = self.latest()
+            if m is not None and m["mode"] == mode:
+                return m
+            time.sleep(0.01)
+        last = self.latest()
+        raise AssertionError(f"driver did not reach {mode} within {timeout_s} s (last: {last and last['mode']})")
+
+
+def commanded_kinematics(messages: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Times (s, driver clock), commanded positions and velocities from consecutive state messages."""
+    t = np.array([m["mono_ns"] for m in messages]) * 1e-9
+    q = np.stack([m["commanded"] for m in messages])
+    v = np.stack([m["velocity"] for m in messages])
+    return t, q, v
