@@ -181,6 +181,7 @@ class EpisodeRunner:
                 report.paused_s += time.monotonic() - paused_since
                 self.emit("resumed", {"paused_s": time.monotonic() - paused_since})
                 paused_since = None
+                self.policy.resume(obs)
             chunk = self.policy.infer(obs)
             sent_local = time.monotonic_ns()
             latency_s = (sent_local - obs.mono_ns) * 1e-9

@@ -53,6 +53,12 @@ class Policy(ABC):
     def infer(self, obs: Observation) -> Chunk:
         """One action chunk for this observation."""
 
+    def resume(self, obs: Observation) -> None:
+        """The episode goes on after a pause during which the arm held still.
+
+        Anything that assumed continuity (a time base, an ensembling history) is stale now.
+        """
+
 
 class ScriptedPolicy(Policy):
     """A smooth periodic motion away from the pose the episode started at, as a function of time.
@@ -92,6 +98,9 @@ class ScriptedPolicy(Policy):
         wanted = np.where(space.gripper, 0.2 * span, self.amplitude)
         self._swing = direction * np.clip(np.minimum(wanted, room / 2), 0.0, None)
         self._start_ns = obs.mono_ns
+
+    def resume(self, obs: Observation) -> None:
+        self._start(obs)  # carry on from where the arm stopped, at rest
 
     def infer(self, obs: Observation) -> Chunk:
         if self._center is None:

@@ -54,3 +54,23 @@ def commanded_kinematics(messages: list[dict]) -> tuple[np.ndarray, np.ndarray, 
     q = np.stack([m["commanded"] for m in messages])
     v = np.stack([m["velocity"] for m in messages])
     return t, q, v
+
+
+def variant_cell(folder, **overrides) -> "Path":
+    """The default cell with some sections replaced, written to ``folder``/cell.yaml."""
+    from pathlib import Path
+
+    import yaml
+
+    from runtime.config import DEFAULT_CELL
+
+    data = yaml.safe_load(DEFAULT_CELL.read_text())
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path = Path(folder) / "cell.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

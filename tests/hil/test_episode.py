@@ -8,7 +8,7 @@ import pytest
 from runtime.config import DEFAULT_CELL, load_embodiment
 from runtime.inference.client import EpisodeClient
 from runtime.supervisor import CellProcesses
-from tests.hil.helpers import StateRecorder
+from tests.hil.helpers import StateRecorder, variant_cell
 
 pytestmark = pytest.mark.hil
 
@@ -66,3 +66,70 @@ def test_episode_refuses_to_start_on_a_disarmed_driver_without_arm(short_tmp):
         client.close()
     assert report["outcome"].startswith("failed")
     assert "arm it first" in report["outcome"]
+
+
+def _run(cell_path, run_dir, duration_s: float, during=None) -> tuple[dict, list[tuple[float, str, dict]]]:
+    """One episode; ``during(procs)`` runs while it does. Returns the report and timed events."""
+    import threading
+    import time
+
+    events: list[tuple[float, str, dict]] = []
+    with CellProcesses(cell_path, run_dir) as procs:
+        procs.start_all()
+        client = EpisodeClient(procs.ctx, procs.cell)
+        episode = client.start("wave", duration_s=duration_s, arm=True)
+        side = threading.Thread(target=during, args=(procs,)) if during else None
+        if side:
+            side.start()
+        report = client.wait_report(episode, timeout_s=duration_s + 30,
+                                    on_event=lambda e, d: events.append((time.monotonic(), e, d)))
+        if side:
+            side.join()
+        client.close()
+    return report, events
+
+
+def test_a_stalled_camera_pauses_the_episode_instead_of_feeding_stale_frames(short_tmp):
+    import os
+    import signal
+    import time
+
+    def stall_front_camera(procs):
+        time.sleep(1.5)
+        pid = procs.child("front").proc.pid
+        os.kill(pid, signal.SIGSTOP)  # frozen: no crash, no goodbye, just no more frames
+        time.sleep(1.5)
+        os.kill(pid, signal.SIGCONT)
+
+    report, events = _run(DEFAULT_CELL, short_tmp, 5.0, during=stall_front_camera)
+    names = [e for _, e, _ in events]
+    assert "paused" in names and "resumed" in names, names
+    paused_at = next(t for t, e, _ in events if e == "paused")
+    resumed_at = next(t for t, e, _ in events if e == "resumed")
+    reason = next(d for _, e, d in events if e == "paused")["reason"]
+    assert "front" in reason and "old" in reason
+    # Not one chunk was produced from the stale observation.
+    assert not [e for t, e, _ in events if e == "chunk" and paused_at < t < resumed_at]
+    assert 1.0 < report["paused_s"] < 2.5
+    assert report["outcome"] == "completed"
+
+
+def test_async_chunking_never_starves_where_sync_stalls_the_arm(short_tmp):
+    # openpi's broker is synchronous: the arm stops while the next chunk is computed. With 60 ms
+    # of inference per chunk, sync mode must starve the driver; async with latency compensation
+    # must not.
+    policy = {"kind": "scripted", "amplitude": 0.3, "frequency_hz": 0.25, "latency_s": 0.06}
+    sync_dir, async_dir = short_tmp / "s", short_tmp / "a"
+    sync_dir.mkdir()
+    async_dir.mkdir()
+    sync_cell = variant_cell(sync_dir, inference__policy=policy,
+                             inference__chunking={"size": 25, "dt": 0.02, "mode": "sync"})
+    async_cell = variant_cell(async_dir, inference__policy=policy,
+                              inference__chunking={"size": 50, "dt": 0.02, "mode": "async", "execute": 25})
+    sync_report, _ = _run(sync_cell, sync_dir, 3.0)
+    async_report, _ = _run(async_cell, async_dir, 3.0)
+    assert sync_report["outcome"] == async_report["outcome"] == "completed"
+    # Sync: ~60 ms idle per 0.5 s chunk, at 500 Hz: about 30 starved ticks per chunk.
+    assert sync_report["starved_ticks"] >= 5 * 15, sync_report
+    assert async_report["starved_ticks"] == 0, async_report
+    assert async_report["dropped_points"] >= async_report["chunks"]  # latency compensation at work
