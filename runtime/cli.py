@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -93,6 +94,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def run_cell(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _run_cell(args, [])
+    # --json: stdout carries only the JSON; progress and the readable report go to stderr.
+    reports: list[dict[str, Any]] = []
+    with contextlib.redirect_stdout(sys.stderr):
+        code = _run_cell(args, reports)
+    print(json.dumps(reports, indent=2))
+    return code
+
+
+def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
     from runtime.inference.client import EpisodeClient
     from runtime.supervisor import CellProcesses, default_run_dir
 
@@ -105,7 +117,6 @@ def run_cell(args: argparse.Namespace) -> int:
     all_mock = all(d.backend.kind == "mock" for d in cell.drivers)
     print(f"armada: cell {cell.name!r}: {len(cell.drivers)} driver(s), {len(cell.cameras)} camera(s), "
           f"{cell.inference.policy.kind} policy, {cell.inference.chunking.mode} chunks")
-    reports: list[dict[str, Any]] = []
     with procs:
         t = time.monotonic()
         print("armada: starting processes ...", flush=True)
@@ -121,8 +132,6 @@ def run_cell(args: argparse.Namespace) -> int:
                 reports.append(_one_episode(client, args, all_mock, cell.inference.episode_duration_s))
         finally:
             client.close()
-    if args.json:
-        print(json.dumps(reports, indent=2))
     ok = all(r["outcome"] == "completed" for r in reports)
     return 0 if ok else 1
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import yaml
@@ -146,6 +146,9 @@ class CurveConfig(_Strict):
     server_public_key: Path
     server_secret_key: Path | None = None  # only on the binding side
     client_secret_key: Path | None = None  # only on connecting sides
+    # A folder of the public keys allowed to connect (``*.key`` files). Encryption alone would let
+    # any host that knows the server's public key (it is public) take a driver's lease.
+    authorized_clients: Path
 
 
 class MockBackendConfig(_Strict):
@@ -215,6 +218,14 @@ class CellConfig(_Strict):
 
     def camera(self, name: str | None) -> CameraConfig:
         return _pick(self.cameras, name, "camera")
+
+
+def named(pick: "Callable[[str | None], Any]", name: str | None, cell_path: str | Path | None) -> Any:
+    """``cell.driver(name)`` or ``cell.camera(name)``, with the cell's file in the error."""
+    try:
+        return pick(name)
+    except ConfigError as exc:
+        raise ConfigError(cell_path or DEFAULT_CELL, exc.key, exc.reason) from None
 
 
 def _pick(items: list[Any], name: str | None, what: str) -> Any:

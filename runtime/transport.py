@@ -23,6 +23,8 @@ from runtime import protocol
 from runtime.protocol import ErrorCode, MessageFactory, ProtocolError
 
 if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
+
     from runtime.config import CurveConfig
 
 MAX_FRAME_BYTES = 4096 * 4096 * 4
@@ -75,6 +77,24 @@ def _prepare(sock: zmq.Socket, endpoint: str, curve: "CurveConfig | None", serve
                 raise ValueError("curve.client_secret_key is required on the connecting side")
             public, secret = zmq.auth.load_certificate(curve.client_secret_key)
             sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_public
+
+
+def start_authenticator(ctx: zmq.Context, curve: "CurveConfig | None") -> "ThreadAuthenticator | None":
+    """Allow only the cell's authorized client keys on this context's CURVE sockets.
+
+    Call before binding; stop the returned authenticator at shutdown. Without CURVE, nothing.
+    """
+    if curve is None:
+        return None
+    from zmq.auth.thread import ThreadAuthenticator
+
+    folder = Path(curve.authorized_clients)
+    if not folder.is_dir() or not any(folder.glob("*.key")):
+        raise ValueError(f"curve.authorized_clients {folder} must be a folder holding client public keys (*.key)")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(folder))
+    return auth
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> None:
@@ -348,7 +368,7 @@ class FramePublisher:
 @dataclass
 class Frame:
     header: dict[str, Any]
-    pixels: np.ndarray  # a read-only view on the received buffer, or decoded JPEG
+    pixels: np.ndarray  # read-only: a view on the received buffer, or the decoded JPEG
 
 
 class FrameSubscriber:
@@ -400,10 +420,17 @@ def decode_frame(parts: list[zmq.Frame]) -> Frame:
     if header["encoding"] == "jpeg":
         import cv2  # only consumers of JPEG streams pay for OpenCV
 
+        if len(buf) > MAX_FRAME_BYTES:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"JPEG payload of {len(buf)} bytes is too large")
         pixels = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
         if pixels is None:
             raise ProtocolError(ErrorCode.BAD_ENCODING, "JPEG payload does not decode")
-        return Frame(header, pixels[..., ::-1])
+        expected = (header["height"], header["width"], header["channels"])
+        if pixels.shape != expected:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"JPEG decodes to {pixels.shape}, header says {expected}")
+        pixels = np.ascontiguousarray(pixels[..., ::-1])  # OpenCV decodes BGR; frames are RGB
+        pixels.flags.writeable = False
+        return Frame(header, pixels)
     if header["dtype"] not in ("uint8", "uint16", "float32"):
         raise ProtocolError(ErrorCode.BAD_TYPE, f"frame dtype {header['dtype']!r} is not allowed")
     dtype = np.dtype(header["dtype"])
@@ -413,4 +440,7 @@ def decode_frame(parts: list[zmq.Frame]) -> Frame:
     expected = shape[0] * shape[1] * shape[2] * dtype.itemsize
     if expected > MAX_FRAME_BYTES or len(buf) != expected:
         raise ProtocolError(ErrorCode.BAD_SHAPE, f"frame payload is {len(buf)} bytes, header says {expected}")
-    return Frame(header, np.frombuffer(buf, dtype=dtype).reshape(shape))
+    # Read-only: the buffer belongs to ZeroMQ (and, over inproc, to the sender's array).
+    pixels = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    pixels.flags.writeable = False
+    return Frame(header, pixels)

@@ -16,8 +16,8 @@ from pathlib import Path
 import zmq
 
 from drivers.cameras.synthetic import SyntheticCamera
-from runtime.config import CameraConfig, load_cell
-from runtime.transport import FramePublisher
+from runtime.config import CameraConfig, load_cell, named
+from runtime.transport import FramePublisher, start_authenticator
 
 log = logging.getLogger("armada.camera")
 
@@ -27,6 +27,7 @@ class CameraProcess:
         self.cfg = cfg
         self.camera = SyntheticCamera(cfg.width, cfg.height)
         self.ctx = zmq.Context()
+        self.auth = start_authenticator(self.ctx, curve)
         self.pub = FramePublisher(self.ctx, cfg.frames, curve=curve)
         self.stop_event = threading.Event()
         self.frames_sent = 0
@@ -58,6 +59,8 @@ class CameraProcess:
                     deadline += missed * period
         finally:
             self.pub.close()
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.term()
 
     def request_stop(self, *_: object) -> None:
@@ -66,7 +69,7 @@ class CameraProcess:
 
 def run_camera(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None) -> None:
     cell = load_cell(cell_path, run_dir)
-    process = CameraProcess(cell.camera(name), cell.curve)
+    process = CameraProcess(named(cell.camera, name, cell_path), cell.curve)
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
     process.run()

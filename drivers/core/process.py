@@ -19,9 +19,9 @@ import zmq
 
 from drivers.core.backend import Backend, BackendError
 from drivers.core.driver import Driver, Mode, TickResult
-from runtime.config import CellConfig, DriverConfig, EmbodimentConfig, driver_embodiment, load_cell
+from runtime.config import CellConfig, DriverConfig, EmbodimentConfig, driver_embodiment, load_cell, named
 from runtime.protocol import ErrorCode, ProtocolError
-from runtime.transport import CommandServer, Publisher
+from runtime.transport import CommandServer, Publisher, start_authenticator
 
 log = logging.getLogger("armada.driver")
 
@@ -82,6 +82,7 @@ class DriverProcess:
         self.driver = Driver(emb, backend, cfg.lease_ttl_s)
         self.ctx = zmq.Context()
         curve = cell.curve if cell else None
+        self.auth = start_authenticator(self.ctx, curve)
         self.state_pub = Publisher(self.ctx, cfg.state, hwm=100, curve=curve)
         self.server = CommandServer(self.ctx, cfg.cmd, curve=curve)
         self.timing = LoopTiming.create(emb.control_rate_hz)
@@ -196,6 +197,8 @@ class DriverProcess:
                 log.error("closing the device failed: %s", exc)
         self.state_pub.close()
         self.server.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 
@@ -207,7 +210,7 @@ def _sleep_until(deadline_ns: int) -> None:
 
 def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None) -> None:
     cell = load_cell(cell_path, run_dir)
-    cfg = cell.driver(name)
+    cfg = named(cell.driver, name, cell_path)
     emb = driver_embodiment(Path(cell_path) if cell_path else None, cfg)
     process = DriverProcess(cfg, emb, make_backend(cfg, emb), cell)
     signal.signal(signal.SIGTERM, process.request_stop)

@@ -21,7 +21,7 @@ from runtime.inference.link import DriverLink
 from runtime.inference.observation import ObservationBuilder
 from runtime.inference.policy import Policy, ScriptedPolicy
 from runtime.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, check_hello_version
-from runtime.transport import CommandServer, FrameSubscriber, Publisher, Request
+from runtime.transport import CommandServer, FrameSubscriber, Publisher, Request, start_authenticator
 
 log = logging.getLogger("armada.inference")
 
@@ -37,6 +37,7 @@ class InferenceProcess:
     def __init__(self, cell: CellConfig, policy: Policy):
         self.cell, self.policy = cell, policy
         self.ctx = zmq.Context()
+        self.auth = start_authenticator(self.ctx, cell.curve)
         inf = cell.inference
         self.ctl = CommandServer(self.ctx, inf.ctl, cell.curve)
         self.events = Publisher(self.ctx, inf.events, hwm=1000, curve=cell.curve)
@@ -152,6 +153,8 @@ class InferenceProcess:
             sub.close()
         self.ctl.close()
         self.events.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 
