@@ -51,10 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _bench_cell(run_dir: Path, tcp: bool = False, cameras: int = 2) -> Path:
+def _bench_cell(run_dir: Path, tcp: bool = False, cameras: int = 2, realtime: bool = False) -> Path:
     """The default cell, written out with fresh endpoints (tcp loopback when asked)."""
     data = yaml.safe_load(DEFAULT_CELL.read_text())
     data["name"] = "bench"
+    if realtime:
+        data["drivers"][0]["realtime_priority"] = 80
     data["drivers"][0]["embodiment"] = str(DEFAULT_CELL.parent.parent / "embodiments" / "mock_arm.yaml")
     if tcp:
         data["drivers"][0]["state"] = f"tcp://127.0.0.1:{_free_port()}"
@@ -69,9 +71,9 @@ def _bench_cell(run_dir: Path, tcp: bool = False, cameras: int = 2) -> Path:
 # --------------------------------------------------------------------------- loop
 
 
-def bench_loop(seconds: float) -> dict[str, Any]:
-    run_dir = default_run_dir("bench-loop")
-    with CellProcesses(_bench_cell(run_dir), run_dir) as procs:
+def bench_loop(seconds: float, realtime: bool = False) -> dict[str, Any]:
+    run_dir = default_run_dir("bench-loop-rt" if realtime else "bench-loop")
+    with CellProcesses(_bench_cell(run_dir, realtime=realtime), run_dir) as procs:
         procs.start_all()
         from runtime.inference.client import EpisodeClient
 
@@ -87,7 +89,7 @@ def bench_loop(seconds: float) -> dict[str, Any]:
         client.close()
         cmd.close()
     loop = after["loop"]
-    return {"rate_hz": 1e3 / loop["period_ms"], "seconds": seconds, "ticks": loop["ticks"],
+    return {"rate_hz": 1e3 / loop["period_ms"], "realtime": realtime, "seconds": seconds, "ticks": loop["ticks"],
             "period_ms": {"p50": loop["period_p50_ms"], "p99": loop["period_p99_ms"], "max": loop["period_max_ms"]},
             "period_error_ms": {"p50": loop["error_p50_ms"], "p99": loop["error_p99_ms"], "max": loop["error_max_ms"]},
             "overruns": after["counters"]["overruns"] - before["overruns"],
@@ -166,6 +168,9 @@ def bench_frames(seconds: float) -> dict[str, Any]:
         procs.wait_ready()
         subs = {c.name: FrameSubscriber(procs.ctx, c.frames, hwm=1000) for c in procs.cell.cameras}
         time.sleep(0.3)
+        for sub in subs.values():  # frames queued before measuring would count as late
+            while sub.recv(0) is not None:
+                pass
         latency: dict[str, list[float]] = {n: [] for n in subs}
         seqs: dict[str, list[int]] = {n: [] for n in subs}
         end = time.monotonic() + seconds
@@ -193,10 +198,11 @@ def bench_frames(seconds: float) -> dict[str, Any]:
 def run_bench(what: str, seconds: float, json_path: Path | None) -> int:
     results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"machine: {results['machine']}")
-    steps = {"loop": lambda: bench_loop(max(seconds, 10.0)), "rtt": bench_rtt,
+    steps = {"loop": lambda: bench_loop(max(seconds, 10.0)),
+             "loop_realtime": lambda: bench_loop(max(seconds, 10.0), realtime=True), "rtt": bench_rtt,
              "state": lambda: bench_state(seconds), "frames": lambda: bench_frames(seconds)}
     for name, fn in steps.items():
-        if what not in (name, "all"):
+        if what not in (name.split("_")[0], "all"):
             continue
         print(f"bench {name} ...", flush=True)
         results[name] = fn()

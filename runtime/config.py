@@ -167,6 +167,8 @@ class DriverConfig(_Strict):
     cmd: str  # ROUTER endpoint the driver binds
     lease_ttl_s: float = Field(default=0.3, gt=0, le=10)
     control_rate_hz: float | None = Field(default=None, gt=0, le=2000)  # overrides the embodiment
+    # SCHED_FIFO priority for the control loop thread (1-99); None keeps the normal scheduler.
+    realtime_priority: int | None = Field(default=None, ge=1, le=99)
 
 
 class CameraConfig(_Strict):

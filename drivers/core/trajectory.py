@@ -104,7 +104,8 @@ class TrajectoryBuffer:
         self._start, self._end = 0, len(pts)
 
     def _live_points(self) -> _Points:
-        return self._pts.take(slice(self._start, self._end))
+        # One point before _start: the point being played from still needs its tangent.
+        return self._pts.take(slice(max(self._start - 1, 0), self._end))
 
     def clear(self) -> None:
         self._set(_Points.empty(self.dof))
@@ -140,6 +141,11 @@ class TrajectoryBuffer:
         old = _live(self._live_points(), now_ns)
         if anchor is not None and (len(old) == 0 or old.t[0] > now_ns):
             new = _anchored(new, np.asarray(anchor, dtype=np.float64), now_ns, int(dt_s * 1e9))
+        elif len(old) and old.t[0] <= now_ns:
+            # The past belongs to what was played: a chunk that reaches further back than the
+            # buffer's own past points would lose their tangents (a jump, e.g. a 50 Hz chunk
+            # arriving during a 500 Hz move).
+            new = new.take(new.t > old.t[old.t <= now_ns][-1])
         if merge == "replace" or len(old) == 0:
             merged = _replace(old, new)
         elif merge == "crossfade":
@@ -180,7 +186,7 @@ class TrajectoryBuffer:
     # ------------------------------------------------------------------ per tick
 
     def sample(self, now_ns: int) -> Sample:
-        """The target at ``now_ns``, linearly interpolated; drops points that are fully spent."""
+        """The target at ``now_ns`` (cubic Hermite between knots); drops points that are fully spent."""
         s, e, times = self._start, self._end, self._times
         if s >= e:
             return _DRY
@@ -208,8 +214,8 @@ class TrajectoryBuffer:
         t, x = self._times, self._x
         h = (t[i] - t[j]) * 1e-9
         u = (now_ns - t[j]) / (t[i] - t[j])
-        m_j = (x[i] - x[j - 1]) / ((t[i] - t[j - 1]) * 1e-9) if j >= 1 else 0.0
-        m_i = (x[i + 1] - x[j]) / ((t[i + 1] - t[j]) * 1e-9) if i + 1 < self._end else 0.0
+        m_j = _tangent(t, x, j - 1, j, i) if j >= 1 else 0.0
+        m_i = _tangent(t, x, j, i, i + 1) if i + 1 < self._end else 0.0
         u2, u3 = u * u, u * u * u
         return ((2 * u3 - 3 * u2 + 1) * x[j] + (u3 - 2 * u2 + u) * h * m_j
                 + (-2 * u3 + 3 * u2) * x[i] + (u3 - u2) * h * m_i)
@@ -224,6 +230,14 @@ class TrajectoryBuffer:
 
 
 # --------------------------------------------------------------------------- merging
+
+
+def _tangent(t: list[int], x: np.ndarray, a: int, k: int, b: int) -> np.ndarray:
+    """Velocity at knot k from its neighbours a < k < b, each secant weighted by the other side's
+    spacing: exact for a parabola, so uneven knots at a seam do not bend the curve."""
+    h_left, h_right = (t[k] - t[a]) * 1e-9, (t[b] - t[k]) * 1e-9
+    slope_left, slope_right = (x[k] - x[a]) / h_left, (x[b] - x[k]) / h_right
+    return (h_right * slope_left + h_left * slope_right) / (h_left + h_right)
 
 
 def _live(pts: _Points, now_ns: int) -> _Points:
@@ -248,7 +262,8 @@ def _anchored(new: _Points, anchor: np.ndarray, now_ns: int, gap_ns: int) -> _Po
         raise ValueError(f"anchor must be a finite pose of shape {new.x.shape[1:]}, got {anchor.shape}")
     future = new.take(new.t >= now_ns + gap_ns)
     if len(future) == 0:
-        future = new.take(slice(len(new) - 1, None))  # a short chunk: at least head for its end
+        # A short chunk: head for its last point after now; with none, just hold the anchor.
+        future = new.take(new.t > now_ns).take(slice(-1, None))
     first = new.take(slice(0, 1))
     start = _Points(np.array([now_ns], np.int64), anchor[None, :].copy(), first.weight, first.count,
                     first.episode, first.chunk)

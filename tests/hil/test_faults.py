@@ -150,7 +150,10 @@ def test_a_far_first_target_is_refused_move_to_ramps_instead(driver_only):
     # hair above it, and after an overrun (a skipped tick) the filter catches up a little faster.
     # The hard limit is the filter's and holds on every tick.
     cap = emb.max_velocity[0] * emb.move_to_velocity_fraction
-    assert np.mean(np.abs(v[:, 0]) <= cap * 1.01) > 0.99
+    over_cap = int(np.sum(np.abs(v[:, 0]) > cap * 1.01))
+    overruns = states[-1]["counters"]["overruns"] - states[0]["counters"]["overruns"]
+    # Catching up one skipped tick takes the braking-curve law about 20 ticks.
+    assert over_cap <= 0.01 * len(v) + 30 * overruns, (over_cap, overruns, len(v))
     assert np.all(np.abs(v) <= emb.max_velocity * (1 + 1e-9))
     client.close()
 
