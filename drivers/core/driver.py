@@ -310,7 +310,9 @@ class Driver:
         if "max_velocity" in msg:
             vmax = np.minimum(vmax, msg["max_velocity"])
         points = plan_move(self.filter.position, goal, vmax, self.limits.max_acceleration * fraction, self.dt)
-        self.buffer.add_chunk(now_ns, self.dt, points, "replace", now_ns)
+        # plan_move's first point is one tick after the start pose.
+        self.buffer.add_chunk(now_ns + int(self.dt * 1e9), self.dt, points, "replace", now_ns,
+                              anchor=self.filter.position)
         self._start_running(final_point=points[-1].copy())
         return {"duration_s": len(points) * self.dt}
 

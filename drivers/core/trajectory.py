@@ -146,6 +146,8 @@ class TrajectoryBuffer:
             # buffer's own past points would lose their tangents (a jump, e.g. a 50 Hz chunk
             # arriving during a 500 Hz move).
             new = new.take(new.t > old.t[old.t <= now_ns][-1])
+            if len(new) == 0:
+                return kept  # all the chunk had left is the point already being played
         if merge == "replace" or len(old) == 0:
             merged = _replace(old, new)
         elif merge == "crossfade":
