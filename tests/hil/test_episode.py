@@ -32,11 +32,11 @@ def test_default_cell_runs_an_episode_and_the_arm_tracks_the_chunks(short_tmp):
     assert report["chunks"] >= 4
     # 500 Hz nominal: a 2-core CI box may lose a little, not a lot.
     assert 450 <= report["control_rate_hz"]["arm"] <= 520, report
-    # The scripted motion is feasible, so the filter only clamps when a tick runs late (the
-    # trajectory is sampled at the real time, the filter allows one nominal step): on a loaded
-    # 2-core box that is a few ticks in a hundred, not a steady stream.
+    # The scripted motion is feasible, so the filter only clamps while catching up after an
+    # overrun (a skipped tick makes the sampled reference jump one step): a handful per overrun,
+    # never a steady stream. The budget follows the overruns this run really had.
     ticks = report["control_rate_hz"]["arm"] * report["duration_s"]
-    assert report["clamps"] <= 0.05 * ticks, report
+    assert report["clamps"] <= 10 * report["overruns"] + 0.01 * ticks, report
     assert report["clamps_by_kind"]["position"] == 0 and report["clamps_by_kind"]["nonfinite"] == 0
     assert 30.0 <= report["chunk_latency_p50_ms"] < 500.0  # the policy sleeps 30 ms per chunk
     running = [m for m in states if m["mode"] == "running"]

@@ -538,6 +538,7 @@ def test_tcp_between_hosts_is_allowed_with_curve(tmp_path):
 
     def edit(d):
         d["drivers"][0].update(state="tcp://10.1.2.3:5555")
-        d["curve"] = {"server_public_key": str(tmp_path / "server.key")}
+        d["curve"] = {"server_public_key": str(tmp_path / "server.key"),
+                      "authorized_clients": str(tmp_path / "clients")}
     cell = load_cell(_cell(tmp_path, edit), run_dir=tmp_path)
     assert cell.curve is not None and cell.drivers[0].state == "tcp://10.1.2.3:5555"
