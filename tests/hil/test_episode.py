@@ -48,7 +48,9 @@ def test_default_cell_runs_an_episode_and_the_arm_tracks_the_chunks(short_tmp):
     # The commanded pose follows the requested chunk points exactly (feasible motion) and the
     # first-order mock tracks it within a few hundredths of a radian.
     following = np.max(np.abs(commanded - requested), axis=1) < 1e-6
-    assert following.mean() > 0.9
+    overruns = running[-1]["counters"]["overruns"] - running[0]["counters"]["overruns"]
+    # Exact following, except while catching up after an overrun (about 20 ticks each).
+    assert np.sum(~following) <= 0.05 * len(following) + 30 * overruns, (np.sum(~following), overruns)
     assert np.max(np.abs(commanded - requested)) < 0.01
     assert np.max(np.abs(measured - commanded)) < 0.05
     # Never above the velocity limit, never outside the joint range.
