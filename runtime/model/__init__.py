@@ -1,0 +1,1 @@
+"""The merged VLA: bundles, merging, router, reference model, ONNX export and engines."""
