@@ -187,6 +187,16 @@ class ScriptedPolicyConfig(_Strict):
     latency_s: float = Field(default=0.0, ge=0)  # simulated inference time
 
 
+class MergedVLAPolicyConfig(_Strict):
+    kind: Literal["mergevla"] = "mergevla"
+    # A bundle directory (relative to the cell file), or "tiny": a tiny merged bundle built
+    # locally on first use under `tiny_dir` (nothing is downloaded).
+    bundle: str
+    tiny_tasks: int = Field(default=2, ge=1, le=8)
+    tiny_dir: str = "~/.cache/armada/tiny-bundle"
+    verify: bool = True  # check the bundle's checksums at start-up
+
+
 class ChunkingConfig(_Strict):
     size: int = Field(default=50, gt=0, le=1000)
     dt: float = Field(default=0.02, gt=0)
@@ -200,7 +210,7 @@ class ChunkingConfig(_Strict):
 class InferenceConfig(_Strict):
     ctl: str
     events: str
-    policy: ScriptedPolicyConfig = ScriptedPolicyConfig()
+    policy: ScriptedPolicyConfig | MergedVLAPolicyConfig = Field(default=ScriptedPolicyConfig(), discriminator="kind")
     chunking: ChunkingConfig = ChunkingConfig()
     max_frame_age_s: float = Field(default=0.25, gt=0)
     max_state_age_s: float = Field(default=0.1, gt=0)

@@ -22,6 +22,8 @@ from runtime.protocol import PROTOCOL_VERSION
 from runtime.transport import CommandClient, FrameSubscriber, RemoteError
 
 READY_TIMEOUT_S = 15.0
+# The inference process may import torch and build the tiny bundle on first use.
+INFER_READY_TIMEOUT_S = 90.0
 
 
 def default_run_dir(cell_name: str) -> Path:
@@ -88,7 +90,8 @@ class CellProcesses:
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         for child in list(self.children):
-            self._wait_child(child, deadline)
+            extra = INFER_READY_TIMEOUT_S - timeout_s if child.role == "infer" else 0.0
+            self._wait_child(child, deadline + max(0.0, extra))
 
     def _wait_child(self, child: Child, deadline: float) -> None:
         while True:

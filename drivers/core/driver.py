@@ -234,7 +234,7 @@ class Driver:
         return {"version": PROTOCOL_VERSION, "mode": self.mode.value, "description": self.emb.describe()}
 
     def _cmd_ping(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        return {"mono_ns": now_ns, "mode": self.mode.value}
+        return {"mono_ns": now_ns, "mode": self.mode.value, "disarming": self.activity.disarm_pending}
 
     def _cmd_acquire(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
         lease = self.lease.acquire(msg["client"], now_ns, msg.get("ttl_s"))
@@ -251,6 +251,7 @@ class Driver:
     def _cmd_arm(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
         self.lease.check(msg["lease"], now_ns)
         if self.mode in MOVING_MODES:
+            self.activity.disarm_pending = False  # arming again cancels a disarm still decelerating
             return {"mode": self.mode.value}
         self._require_mode(Mode.IDLE, "arm")
         pose = self.last_reading.position if self.last_reading else None

@@ -21,7 +21,7 @@ import numpy as np
 from runtime.config import ChunkingConfig
 from runtime.inference.link import DriverLink
 from runtime.inference.observation import ObservationBuilder, StaleObservation
-from runtime.inference.policy import ActionSpace, Policy
+from runtime.inference.policy import ActionSpace, Policy, PolicyError
 from runtime.transport import RemoteError
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -89,7 +89,6 @@ class EpisodeRunner:
         started = time.monotonic()
         try:
             self._take_control(req, armed_by_us)
-            stats_before = {n: link.stats() for n, link in self.links.items()}
             space = self._action_space()
             self.policy.reset(space)
             obs = self._first_observation()
@@ -100,13 +99,14 @@ class EpisodeRunner:
                 raise EpisodeError(f"router margin {route.margin:.3f} is below the required {req.min_margin:.3f}; "
                                    "pin a task or lower min_margin")
             report.task = route.task
+            stats_before = {n: link.stats() for n, link in self.links.items()}
             started = time.monotonic()
             self._chunk_loop(req, report, started)
             if self.stop_event.is_set():
                 report.outcome = "stopped"
         except EpisodeError as exc:
             report.outcome = f"failed: {exc}"
-        except (TimeoutError, RemoteError) as exc:
+        except (TimeoutError, RemoteError, PolicyError) as exc:
             report.outcome = f"failed: {exc}"
         finally:
             report.duration_s = time.monotonic() - started
@@ -119,12 +119,15 @@ class EpisodeRunner:
             link.sync_clock()
             link.acquire(self.client_name)
             link.start_heartbeat(self.heartbeat_s)
-            mode = link.mode()
-            if mode == "idle" and req.arm:
+            status = link.cmd.request("ping")
+            if req.arm:
+                # Always ask: arm is idempotent, and it cancels a disarm that is still decelerating.
                 link.command("arm")
-                armed_by_us.append(link)
-            elif mode not in ("armed", "running"):
-                raise EpisodeError(f"driver {name} is {mode}; arm it first (or start the episode with arm=true)")
+                if status["mode"] == "idle" or status.get("disarming"):
+                    armed_by_us.append(link)
+            elif status["mode"] not in ("armed", "running") or status.get("disarming"):
+                state = "disarming" if status.get("disarming") else status["mode"]
+                raise EpisodeError(f"driver {name} is {state}; arm it first (or start the episode with arm=true)")
 
     def _hand_back(self, armed_by_us: list[DriverLink]) -> None:
         for link in self.links.values():

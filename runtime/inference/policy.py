@@ -16,6 +16,11 @@ import numpy as np
 from runtime.inference.observation import Observation
 
 
+class PolicyError(Exception):
+    """The policy cannot act on this episode (router refused, a camera missing, wrong action
+    size); the message tells the operator what to change. The episode ends, the process stays."""
+
+
 @dataclass(frozen=True)
 class RouteResult:
     task: str

@@ -26,11 +26,30 @@ from runtime.transport import CommandServer, FrameSubscriber, Publisher, Request
 log = logging.getLogger("armada.inference")
 
 
-def make_policy(cell: CellConfig) -> Policy:
+def make_policy(cell: CellConfig, cell_path: Path | None = None) -> Policy:
     p, c = cell.inference.policy, cell.inference.chunking
     if p.kind == "scripted":
         return ScriptedPolicy(p.amplitude, p.frequency_hz, c.size, c.dt, p.latency_s)
+    if p.kind == "mergevla":
+        from runtime.model.policy import MergedVLAPolicy  # torch is imported only for a real model
+
+        return MergedVLAPolicy(resolve_bundle(p, cell_path), verify=p.verify)
     raise ValueError(f"unknown policy kind {p.kind!r}")
+
+
+def resolve_bundle(p, cell_path: Path | None) -> Path:
+    """The bundle directory of a mergevla policy; "tiny" builds the tiny bundle once, locally."""
+    if p.bundle != "tiny":
+        path = Path(p.bundle).expanduser()
+        return path if path.is_absolute() or cell_path is None else Path(cell_path).parent / path
+    path = Path(p.tiny_dir).expanduser() / f"tasks-{p.tiny_tasks}"
+    if not (path / "manifest.json").exists():
+        from runtime.model.tiny import make_tiny_bundle
+
+        log.info("building the tiny merged bundle in %s (first use)", path)
+        make_tiny_bundle(path, num_tasks=p.tiny_tasks, overwrite=True,
+                         progress=lambda step: log.info("tiny bundle: %s", step))
+    return path
 
 
 class InferenceProcess:
@@ -160,7 +179,7 @@ class InferenceProcess:
 
 def run_inference(cell_path: str | Path | None, run_dir: str | Path | None) -> None:
     cell = load_cell(cell_path, run_dir)
-    process = InferenceProcess(cell, make_policy(cell))
+    process = InferenceProcess(cell, make_policy(cell, Path(cell_path) if cell_path else None))
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
     process.run()

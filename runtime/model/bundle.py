@@ -249,6 +249,25 @@ PreprocessStep = Annotated[Resize | CenterCrop | Rotate180 | JpegRoundtrip | ToF
                            Field(discriminator="op")]
 
 
+class PromptSpec(_Strict):
+    """How an instruction becomes token ids: a template and a tokenizer.
+
+    ``tokenizer`` is ``"bytes"`` (UTF-8 bytes shifted past the special ids, for tiny test
+    bundles) or the path of a Hugging Face ``tokenizer.json`` inside the bundle (real models;
+    loaded offline with the ``tokenizers`` library).
+    """
+
+    template: str = Field(min_length=1)  # must contain "{instruction}"
+    tokenizer: str = "bytes"
+    bos_id: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _has_slot(self) -> "PromptSpec":
+        if "{instruction}" not in self.template:
+            raise ValueError("template must contain {instruction}")
+        return self
+
+
 class RouterSpec(_Strict):
     k: int = Field(gt=0)  # singular vectors per subspace
     layer: int = Field(ge=0)  # head block whose value projections define the subspaces
@@ -302,6 +321,7 @@ class Manifest(_Strict):
     observation: ObservationSpec
     preprocessing: dict[str, list[PreprocessStep]]  # per camera stream, applied in order
     router: RouterSpec | None = None
+    prompt: PromptSpec | None = None
     files: list[FileEntry] = []
     tensors: dict[str, dict[str, TensorEntry]] = {}  # file path -> tensor key -> entry
 

@@ -8,7 +8,11 @@ import json
 import math
 
 import pytest
-import torch
+
+for _needed in ("torch", "timm", "transformers"):  # the 'model' extra
+    pytest.importorskip(_needed, reason="needs the model extra: pip install -e '.[model]'")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 

@@ -1,0 +1,80 @@
+"""The PyTorch engine: a merged bundle in memory, one task's weights materialized at a time.
+
+Memory: the base weights, the merged task vector and the bit-packed masks stay as loaded; the
+model's own parameters are the one materialized weight set, rewritten in place
+(``merge.materialize(..., out=...)``) when the router tries a candidate or the episode fixes its
+task. Nothing is rebuilt from disk per candidate.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from runtime.model import merge
+from runtime.model.bundle import Bundle
+from runtime.model.mergevla import MergeVLAConfig, MergeVLAModel
+from runtime.model.tiny import BASE_FILE, HEAD_FILE, MASK_FILE, PROPRIO_FILE, TAU_FILE
+
+
+class TorchEngine:
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.config = MergeVLAConfig.from_dict(bundle.manifest.architecture)
+        self.model = MergeVLAModel(self.config).eval().to(self.device)
+        self.base = _torch(bundle.tensors(BASE_FILE), self.device)
+        self.tau = _torch(bundle.tensors(TAU_FILE), self.device)
+        self.model.load_vla_state_dict(self.base)
+        self.model.load_action_head_state_dict(_torch(bundle.tensors(HEAD_FILE), self.device))
+        self.model.load_proprio_state_dict(_torch(bundle.tensors(PROPRIO_FILE), self.device))
+        # The model's parameters, by checkpoint key: materialize() writes into these.
+        self.weights = {k: v for k, v in self.model.vla.state_dict(keep_vars=True).items() if k in self.tau}
+        self.task_index: int | None = None
+        self.timing: dict[str, float] = {}
+
+    def use_task(self, index: int) -> float:
+        """Materialize task ``index``'s weights in place; returns the seconds it took."""
+        if index == self.task_index:
+            return 0.0
+        started = time.perf_counter()
+        masks = {k: torch.from_numpy(self.bundle.mask(index, k)).to(self.device)
+                 for k in self.bundle.mask_keys(index) if k in self.tau}
+        with torch.no_grad():
+            merge.materialize(self.base, self.tau, masks, out={k: w.data for k, w in self.weights.items()})
+        self.task_index = index
+        return time.perf_counter() - started
+
+    @torch.no_grad()
+    def router_hidden(self, pixels: dict[str, np.ndarray], prompt_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-layer action and task hidden states for the current task's weights."""
+        dino, siglip, ids = self._inputs(pixels, prompt_ids)
+        task, action = self.model.router_hidden(dino, siglip, ids)
+        return action[0], task[0]
+
+    @torch.no_grad()
+    def predict_normalized(self, pixels: dict[str, np.ndarray], prompt_ids: np.ndarray,
+                           proprio_normalized: np.ndarray, expert: int) -> np.ndarray:
+        """(C, A) normalized actions of expert ``expert`` with the current weights."""
+        started = time.perf_counter()
+        dino, siglip, ids = self._inputs(pixels, prompt_ids)
+        proprio = torch.from_numpy(np.asarray(proprio_normalized, np.float32)[None]).to(self.device)
+        out = self.model.predict_normalized_actions(dino, siglip, ids, proprio, expert)
+        self.timing = {"total_ms": (time.perf_counter() - started) * 1e3}
+        return out[0].float().cpu().numpy()
+
+    def _inputs(self, pixels: dict[str, np.ndarray], prompt_ids: np.ndarray):
+        dino = torch.from_numpy(pixels["dino"][None]).to(self.device)
+        siglip = torch.from_numpy(pixels["siglip"][None]).to(self.device)
+        ids = torch.from_numpy(np.asarray(prompt_ids, np.int64)[None]).to(self.device)
+        return dino, siglip, ids
+
+
+def _torch(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    # np.require, not ascontiguousarray: the latter turns 0-d arrays (router_layer_idx) into (1,).
+    return {k: torch.from_numpy(np.require(v, requirements="C")).to(device) for k, v in arrays.items()}
+

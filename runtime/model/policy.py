@@ -1,0 +1,125 @@
+"""MergedVLAPolicy: a merged bundle behind the inference process's Policy interface.
+
+At t=0 the router scores every candidate task on the first observation (each candidate's
+weights swapped in place), picks one, and that choice fixes the weights, the expert head and
+the normalization statistics for the whole episode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.inference.observation import Observation
+from runtime.inference.policy import ActionSpace, Chunk, Policy, PolicyError, RouteResult
+from runtime.model.bundle import Bundle, PromptSpec, TaskSpec, load_bundle
+from runtime.model.preprocess import PreprocessError, preprocess_cameras
+from runtime.model.router import Router, RouterRefused, RouterSubspaces
+
+log = logging.getLogger("armada.policy")
+BACKBONES = ["dino", "siglip"]
+
+
+class MergedVLAPolicy(Policy):
+    def __init__(self, bundle_dir: str | Path, verify: bool = True):
+        from runtime.model.engine import TorchEngine  # torch only where a model is really used
+
+        started = time.perf_counter()
+        self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
+        self.manifest = self.bundle.manifest
+        self.engine = TorchEngine(self.bundle)
+        self.tokenizer = PromptTokenizer(self.manifest.prompt, self.bundle.directory,
+                                         self.engine.config.llm.vocab)
+        self.task: TaskSpec | None = None
+        self.prompt_ids: np.ndarray | None = None
+        log.info("bundle %s loaded in %.1f s: %d task(s)", bundle_dir, time.perf_counter() - started,
+                 len(self.manifest.tasks))
+
+    # ------------------------------------------------------------------ Policy
+
+    def reset(self, space: ActionSpace) -> None:
+        if len(space.names) != self.manifest.action.dim:
+            raise PolicyError(f"the bundle produces {self.manifest.action.dim} action values, the cell's drivers "
+                              f"take {len(space.names)} ({', '.join(space.names)})")
+        self.task, self.prompt_ids = None, None
+
+    def route(self, obs: Observation, instruction: str, pinned_task: str | None = None) -> RouteResult:
+        tasks = self.manifest.tasks
+        pixels = self._pixels(obs)
+        if len(tasks) == 1 or (self.manifest.router and not self.manifest.router.enabled and pinned_task):
+            chosen = self.bundle.task(pinned_task) if pinned_task else tasks[0]
+            return self._fix(chosen, instruction, RouteResult(chosen.name, {chosen.name: 1.0}, {chosen.name: 1.0}))
+        if self.manifest.router is None or not self.manifest.router.enabled:
+            raise PolicyError("this bundle has several tasks and no router: pin a task")
+
+        def hidden_for(index: int):
+            self.engine.use_task(index)
+            return self.engine.router_hidden(pixels, self.tokenizer.ids(self._instruction(tasks[index], instruction)))
+
+        spec = self.manifest.router
+        subspaces = RouterSubspaces.from_head(self.engine.model.action_head_state_dict())
+        router = Router([t.name for t in sorted(tasks, key=lambda t: t.expert_index)], subspaces, hidden_for,
+                        temperature=spec.temperature, min_margin=spec.min_margin)
+        try:
+            decision = router.route(pinned=pinned_task)
+        except RouterRefused as exc:
+            raise PolicyError(str(exc)) from None
+        except ValueError as exc:  # e.g. a pinned task that is not in the bundle
+            raise PolicyError(str(exc)) from None
+        return self._fix(self.bundle.task(decision.task), instruction, decision.as_route_result())
+
+    def infer(self, obs: Observation) -> Chunk:
+        if self.task is None or self.prompt_ids is None:
+            raise PolicyError("infer before route: the episode must route at t=0 first")
+        stats = self.task.proprio_stats
+        proprio = stats.normalize(obs.state).astype(np.float32) if stats else np.zeros(0, np.float32)
+        normalized = self.engine.predict_normalized(self._pixels(obs), self.prompt_ids, proprio,
+                                                    self.task.expert_index)
+        actions = self.task.action_stats.unnormalize(normalized)
+        return Chunk(actions, self.manifest.action.dt)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fix(self, task: TaskSpec, instruction: str, result: RouteResult) -> RouteResult:
+        self.engine.use_task(task.expert_index)
+        self.task = task
+        self.prompt_ids = self.tokenizer.ids(self._instruction(task, instruction))
+        log.info("episode task %s (expert %d)", task.name, task.expert_index)
+        return result
+
+    @staticmethod
+    def _instruction(task: TaskSpec, instruction: str) -> str:
+        # "auto": the operator did not say; each candidate is scored with its own instruction.
+        return task.instruction if instruction in ("", "auto") else instruction
+
+    def _pixels(self, obs: Observation) -> dict[str, np.ndarray]:
+        try:
+            return preprocess_cameras(obs.frames, self.manifest.observation.cameras, self.manifest.preprocessing,
+                                      BACKBONES)
+        except PreprocessError as exc:
+            raise PolicyError(str(exc)) from None
+
+
+class PromptTokenizer:
+    """Instruction -> prompt token ids, offline: the bundle carries its tokenizer."""
+
+    def __init__(self, spec: PromptSpec | None, directory: Path, vocab: int):
+        if spec is None:
+            raise PolicyError("the bundle has no prompt section: it cannot turn an instruction into tokens")
+        self.spec, self.vocab = spec, vocab
+        self._hf = None
+        if spec.tokenizer != "bytes":
+            from tokenizers import Tokenizer  # ships with transformers; reads a local file only
+
+            self._hf = Tokenizer.from_file(str(directory / spec.tokenizer))
+
+    def ids(self, instruction: str) -> np.ndarray:
+        text = self.spec.template.format(instruction=instruction.strip().lower())
+        if self._hf is not None:
+            body = self._hf.encode(text, add_special_tokens=False).ids
+        else:
+            body = [3 + b % (self.vocab - 3) for b in text.encode("utf-8")]  # past bos/eos/stop ids
+        return np.array([self.spec.bos_id, *body], dtype=np.int64)
