@@ -4,6 +4,8 @@
     armada driver CELL --name N     one driver process (what systemd runs)
     armada camera CELL --name N     one camera process
     armada infer CELL               the inference process
+    armada model make-tiny OUT      a tiny merged bundle with the real layout
+    armada model inspect BUNDLE     what a bundle holds
     armada bench [loop|rtt|state|frames|all]
 """
 
@@ -48,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         _add_process_args(sub.add_parser(role, help=f"run one {role} process of a cell"), named=True)
     _add_process_args(sub.add_parser("infer", help="run the inference process of a cell"), named=False)
 
+    model = sub.add_parser("model", help="build, inspect and export merged model bundles")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    tiny = msub.add_parser("make-tiny", help="a tiny random merged bundle with the real layout (built locally)")
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--tasks", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true")
+    inspect = msub.add_parser("inspect", help="summarize a bundle")
+    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument("--verify", action="store_true", help="also check every file's sha256")
+
     bench = sub.add_parser("bench", help="measure loop timing, round trips, stream loss, frame latency")
     bench.add_argument("what", nargs="?", default="all", choices=["loop", "rtt", "state", "frames", "all"])
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of timed runs")
@@ -83,10 +96,33 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_inference(args.cell, args.run_dir)
     elif args.command == "run":
         return run_cell(args)
+    elif args.command == "model":
+        return run_model_command(args)
     elif args.command == "bench":
         from runtime.bench import run_bench
 
         return run_bench(args.what, args.seconds, args.json)
+    return 0
+
+
+# --------------------------------------------------------------------------- armada model
+
+
+def run_model_command(args: argparse.Namespace) -> int:
+    from runtime.model.bundle import BundleError, inspect_bundle
+
+    try:
+        if args.model_command == "make-tiny":
+            from runtime.model.tiny import make_tiny_bundle
+
+            make_tiny_bundle(args.out, num_tasks=args.tasks, seed=args.seed, overwrite=args.overwrite,
+                             progress=lambda step: print(f"make-tiny: {step} ...", flush=True))
+            print(inspect_bundle(args.out))
+        elif args.model_command == "inspect":
+            print(inspect_bundle(args.bundle, verify=args.verify))
+    except (BundleError, ValueError, FileExistsError) as exc:
+        print(f"armada model: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
