@@ -110,10 +110,15 @@ def task_vectors(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Te
     return taus
 
 
+def _check_aligned(dicts: Sequence[Mapping[str, Tensor]], what: str, name: str) -> None:
+    """Non-empty, and every state dict has exactly the keys of the first."""
+    _check_nonempty(dicts, what)
+    for m in range(1, len(dicts)):
+        _check_same_keys(dicts[0], dicts[m], f"{name}[0]", f"{name}[{m}]")
+
+
 def _check_taus(taus: Sequence[Mapping[str, Tensor]]) -> None:
-    _check_nonempty(taus, "task vector")
-    for m in range(1, len(taus)):
-        _check_same_keys(taus[0], taus[m], "taus[0]", f"taus[{m}]")
+    _check_aligned(taus, "task vector", "taus")
 
 
 def task_arithmetic(taus: Sequence[Mapping[str, Tensor]], scaling: float = 1.0,
@@ -308,9 +313,7 @@ def materialize(base: Mapping[str, Tensor], tau_merge: Mapping[str, Tensor], mas
 
 
 def _check_heads(heads: Sequence[Mapping[str, Tensor]]) -> None:
-    _check_nonempty(heads, "action head")
-    for m in range(1, len(heads)):
-        _check_same_keys(heads[0], heads[m], "heads[0]", f"heads[{m}]")
+    _check_aligned(heads, "action head", "heads")
 
 
 def _normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
