@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from runtime.config import DEFAULT_CELL
+from runtime.config import SCRIPTED_CELL
 from runtime.protocol import PROTOCOL_VERSION
 from runtime.supervisor import CellProcesses, default_run_dir
 from runtime.transport import CommandClient, FrameSubscriber, Subscriber
@@ -53,11 +53,11 @@ def _free_port() -> int:
 
 def _bench_cell(run_dir: Path, tcp: bool = False, cameras: int = 2, realtime: bool = False) -> Path:
     """The default cell, written out with fresh endpoints (tcp loopback when asked)."""
-    data = yaml.safe_load(DEFAULT_CELL.read_text())
+    data = yaml.safe_load(SCRIPTED_CELL.read_text())
     data["name"] = "bench"
     if realtime:
         data["drivers"][0]["realtime_priority"] = 80
-    data["drivers"][0]["embodiment"] = str(DEFAULT_CELL.parent.parent / "embodiments" / "mock_arm.yaml")
+    data["drivers"][0]["embodiment"] = str(SCRIPTED_CELL.parent.parent / "embodiments" / "mock_arm.yaml")
     if tcp:
         data["drivers"][0]["state"] = f"tcp://127.0.0.1:{_free_port()}"
         data["drivers"][0]["cmd"] = f"tcp://127.0.0.1:{_free_port()}"

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-DEFAULT_CELL = CONFIG_DIR / "cells" / "default.yaml"
+DEFAULT_CELL = CONFIG_DIR / "cells" / "default.yaml"  # the tiny merged VLA on a mock arm
+SCRIPTED_CELL = CONFIG_DIR / "cells" / "scripted.yaml"  # deterministic motion, for timing and HIL
 
 
 class ConfigError(Exception):

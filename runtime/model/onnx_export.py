@@ -99,7 +99,7 @@ def _torch_export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input
         # the exporter warns once per extra input that shares the one "batch" Dim; expected here
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape.*")
         torch.onnx.export(
-            module, args, str(path), dynamo=True, opset_version=opset, input_names=input_names,
+            module.eval(), args, str(path), dynamo=True, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=True, verbose=False,
         )
 
@@ -114,10 +114,17 @@ def _write_embed_graph(table: np.ndarray, path: Path, opset: int) -> None:
         [helper.make_tensor_value_info("embeddings", tensor_type, [BATCH_DIM_NAME, "tokens", table.shape[1]])],
         [numpy_helper.from_array(table, "embed_tokens")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    opsets = [helper.make_opsetid("", opset)]
+    # onnx's default IR version can be newer than the installed onnxruntime reads; the lowest one
+    # that carries this opset loads everywhere the other graphs load
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
     onnx.checker.check_model(model)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=0)
+    # onnx creates the data file owner-only (0600); give it the graph file's mode like the other
+    # graphs' data files, so a service user can read an export made by another account
+    data = path.with_name(path.name + ".data")
+    data.chmod(path.stat().st_mode & 0o777)
 
 
 def _value_infos(values: Any) -> list[dict[str, Any]]:

@@ -62,9 +62,9 @@ def variant_cell(folder, **overrides) -> "Path":
 
     import yaml
 
-    from runtime.config import DEFAULT_CELL
+    from runtime.config import SCRIPTED_CELL
 
-    data = yaml.safe_load(DEFAULT_CELL.read_text())
+    data = yaml.safe_load(SCRIPTED_CELL.read_text())
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split("__")

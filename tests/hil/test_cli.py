@@ -55,7 +55,7 @@ def test_run_bimanual_cell_json_report(short_tmp):
 @pytest.mark.parametrize("old, new, key", [
     ("    lease_ttl_s: 0.3", "    lease_tll_s: 0.3", "drivers.0.lease_tll_s"),
     ("cameras:", "camras:", "camras"),
-    ("  episode_duration_s: 8", "  episode_duration: 8", "inference.episode_duration"),
+    ("  episode_duration_s: 6", "  episode_duration: 6", "inference.episode_duration"),
 ], ids=["driver-key", "top-level-key", "inference-key"])
 def test_run_refuses_a_cell_with_a_typo_naming_file_and_key(tmp_path, short_tmp, old, new, key):
     text = DEFAULT_CELL.read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.config import DEFAULT_CELL, load_embodiment
+from runtime.config import SCRIPTED_CELL, load_embodiment
 from runtime.inference.client import EpisodeClient
 from runtime.supervisor import CellProcesses
 from tests.hil.helpers import StateRecorder, variant_cell
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.hil
 
 def test_default_cell_runs_an_episode_and_the_arm_tracks_the_chunks(short_tmp):
     emb = load_embodiment("mock_arm")
-    with CellProcesses(DEFAULT_CELL, short_tmp) as procs:
+    with CellProcesses(SCRIPTED_CELL, short_tmp) as procs:
         procs.start_all()
         rec = StateRecorder(procs.ctx, procs.cell.drivers[0].state)
         client = EpisodeClient(procs.ctx, procs.cell)
@@ -60,7 +60,7 @@ def test_default_cell_runs_an_episode_and_the_arm_tracks_the_chunks(short_tmp):
 
 
 def test_episode_refuses_to_start_on_a_disarmed_driver_without_arm(short_tmp):
-    with CellProcesses(DEFAULT_CELL, short_tmp) as procs:
+    with CellProcesses(SCRIPTED_CELL, short_tmp) as procs:
         procs.start_all()
         client = EpisodeClient(procs.ctx, procs.cell)
         episode = client.start("wave", duration_s=1.0, arm=False)
@@ -103,7 +103,7 @@ def test_a_stalled_camera_pauses_the_episode_instead_of_feeding_stale_frames(sho
         time.sleep(1.5)
         os.kill(pid, signal.SIGCONT)
 
-    report, events = _run(DEFAULT_CELL, short_tmp, 5.0, during=stall_front_camera)
+    report, events = _run(SCRIPTED_CELL, short_tmp, 5.0, during=stall_front_camera)
     names = [e for _, e, _ in events]
     assert "paused" in names and "resumed" in names, names
     paused_at = next(t for t, e, _ in events if e == "paused")

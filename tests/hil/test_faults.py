@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from runtime import protocol
-from runtime.config import DEFAULT_CELL, load_embodiment
+from runtime.config import SCRIPTED_CELL, load_embodiment
 from runtime.inference.client import EpisodeClient
 from runtime.protocol import PROTOCOL_VERSION
 from runtime.supervisor import CellProcesses
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.hil
 
 @pytest.fixture
 def driver_only(short_tmp):
-    with CellProcesses(DEFAULT_CELL, short_tmp) as procs:
+    with CellProcesses(SCRIPTED_CELL, short_tmp) as procs:
         procs.spawn("driver", "arm")
         procs.wait_ready()
         yield procs
@@ -49,7 +49,7 @@ def _raw_request(procs, raw: bytes, timeout_s: float = 1.0) -> dict:
 
 def test_kill_inference_mid_episode_driver_decelerates_to_a_hold(short_tmp):
     emb = load_embodiment("mock_arm")
-    with CellProcesses(DEFAULT_CELL, short_tmp) as procs:
+    with CellProcesses(SCRIPTED_CELL, short_tmp) as procs:
         procs.start_all()
         rec = StateRecorder(procs.ctx, procs.cell.drivers[0].state)
         client = EpisodeClient(procs.ctx, procs.cell)
@@ -194,7 +194,7 @@ def test_estop_latches_until_reset_and_reset_leaves_it_disarmed(driver_only):
 
 
 def test_restarted_driver_comes_up_disarmed(short_tmp):
-    with CellProcesses(DEFAULT_CELL, short_tmp) as procs:
+    with CellProcesses(SCRIPTED_CELL, short_tmp) as procs:
         procs.spawn("driver", "arm")
         procs.wait_ready()
         client = _client(procs)

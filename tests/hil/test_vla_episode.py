@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.hil, pytest.mark.slow]
 def test_tiny_merged_vla_routes_at_t0_and_drives_the_arm(short_tmp):
     import yaml
 
-    data = yaml.safe_load((CONFIG_DIR / "cells" / "tiny-vla.yaml").read_text())
+    data = yaml.safe_load((CONFIG_DIR / "cells" / "default.yaml").read_text())
     cell = short_tmp / "cell.yaml"
     data["inference"]["policy"]["tiny_dir"] = str(short_tmp / "bundles")
     data["inference"]["policy"]["tiny_tasks"] = 3
