@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="also check every file's sha256")
 
     bench = sub.add_parser("bench", help="measure loop timing, round trips, stream loss, frame latency")
-    bench.add_argument("what", nargs="?", default="all", choices=["loop", "rtt", "state", "frames", "all"])
+    bench.add_argument("what", nargs="?", default="all", choices=["loop", "rtt", "state", "frames", "all", "model"],
+                       help="'all' is the spine; 'model' is the merged VLA (needs the model extra)")
+    bench.add_argument("--quick", action="store_true", help="model: tiny size only, fewer repeats")
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of timed runs")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser
@@ -99,9 +101,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "model":
         return run_model_command(args)
     elif args.command == "bench":
+        if args.what == "model":
+            return _bench_model(args)
         from runtime.bench import run_bench
 
         return run_bench(args.what, args.seconds, args.json)
+    return 0
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from runtime.bench import machine
+    from runtime.model.bench_model import run_model_bench
+
+    print(f"machine: {machine()}")
+    results = {"machine": machine(), "model": run_model_bench(quick=args.quick)}
+    print(json.dumps(results["model"], indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -34,7 +34,8 @@ TINY_TASKS = ["pick_cube", "open_drawer", "stack_blocks", "wipe_table", "pour_cu
 def make_tiny_bundle(out_dir: str | Path, num_tasks: int = 2, seed: int = 0,
                      home: np.ndarray | None = None, span: np.ndarray | None = None,
                      cameras: tuple[str, str] = ("front", "wrist"), chunk: int = 8, dt: float = 0.02,
-                     overwrite: bool = False, progress: Callable[[str], None] | None = None) -> Manifest:
+                     overwrite: bool = False, progress: Callable[[str], None] | None = None,
+                     config_overrides: dict | None = None) -> Manifest:
     """Write a tiny M-task MergeVLA bundle. ``home``/``span`` set each task's action range (the
     default suits configs/embodiments/mock_arm.yaml: 6 joints and a gripper)."""
     say = progress or (lambda _: None)
@@ -44,7 +45,8 @@ def make_tiny_bundle(out_dir: str | Path, num_tasks: int = 2, seed: int = 0,
     # A random model's chunks jump from one to the next; a narrow range keeps the demo's motion
     # small and inside the driver's engage distance (the filter smooths the rest, counted).
     span = np.array([0.05] * 6 + [0.005]) if span is None else np.asarray(span, float)
-    config = MergeVLAConfig.tiny(num_tasks=num_tasks, action_dim=len(home), proprio_dim=len(home), chunk=chunk)
+    config = MergeVLAConfig.tiny(num_tasks=num_tasks, action_dim=len(home), proprio_dim=len(home), chunk=chunk,
+                                 **(config_overrides or {}))
     torch.manual_seed(seed)
 
     say("base model")

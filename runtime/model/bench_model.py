@@ -1,0 +1,147 @@
+"""`armada bench model`: chunk latency, router cost and routing memory, printed as numbers.
+
+Sizes: "tiny" (the test model, ~2 MB) and "mid" (a scaled-down MergeVLA, ~100 MB of weights,
+still the real structure). Real size needs a GPU and a real checkpoint; see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.bench import _pct
+from runtime.inference.observation import Observation
+from runtime.inference.policy import ActionSpace
+
+
+def mid_config_overrides() -> dict[str, Any]:
+    from runtime.model.mergevla import DinoConfig, LLMConfig, SiglipConfig
+
+    return dict(image_size=112, dino=DinoConfig(width=256, depth=6, heads=4),
+                siglip=SiglipConfig(width=256, depth=6, heads=4, mlp=1024),
+                llm=LLMConfig(hidden=448, layers=8, heads=7, kv_heads=1, intermediate=1792, vocab=4096),
+                num_action_queries=64)
+
+
+def _policy(size: str, tasks: int, folder: Path):
+    from runtime.model.policy import MergedVLAPolicy
+    from runtime.model.tiny import make_tiny_bundle
+
+    path = folder / f"{size}-{tasks}"
+    if not (path / "manifest.json").exists():
+        overrides = mid_config_overrides() if size == "mid" else {}
+        make_tiny_bundle(path, num_tasks=tasks, config_overrides=overrides)
+    return MergedVLAPolicy(path, verify=False)
+
+
+def _observation(seed: int = 0) -> Observation:
+    from runtime.config import load_embodiment
+
+    state = load_embodiment("mock_arm").home
+    rng = np.random.default_rng(seed)
+    frames = {c: (rng.random((480, 640, 3)) * 255).astype(np.uint8) for c in ("front", "wrist")}
+    return Observation(time.monotonic_ns(), time.time_ns(), state.copy(), frames)
+
+
+def _space() -> ActionSpace:
+    from runtime.config import load_embodiment
+
+    emb = load_embodiment("mock_arm")
+    return ActionSpace(emb.joint_names, emb.lower, emb.upper, emb.gripper_mask())
+
+
+def _rss_hwm_mb() -> tuple[float, float]:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def bench_chunk_latency(size: str, repeats: int, folder: Path) -> dict[str, Any]:
+    policy = _policy(size, 2, folder)
+    policy.reset(_space())
+    obs = _observation()
+    policy.route(obs, "auto")
+    for _ in range(3):  # warm-up: first calls allocate and pick kernels
+        policy.infer(obs)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        policy.infer(obs)
+        times.append((time.perf_counter() - started) * 1e3)
+    params = sum(p.numel() for p in policy.engine.model.parameters())
+    return {"size": size, "parameters": int(params), "engine": "torch-eager-cpu", "chunk_ms": _pct(times)}
+
+
+def bench_router(size: str, task_counts: list[int], folder: Path) -> dict[str, Any]:
+    out = {}
+    for m in task_counts:
+        policy = _policy(size, m, folder)
+        policy.reset(_space())
+        obs = _observation()
+        policy.route(obs, "auto")  # warm-up
+        forward = []
+        for _ in range(5):
+            started = time.perf_counter()
+            policy.infer(obs)
+            forward.append(time.perf_counter() - started)
+        routes = []
+        for _ in range(3):
+            policy.engine.task_index = None  # force a real swap for every candidate
+            started = time.perf_counter()
+            policy.route(obs, "auto")
+            routes.append(time.perf_counter() - started)
+        one = float(np.median(forward))
+        route = float(np.median(routes))
+        out[f"M={m}"] = {"route_ms": route * 1e3, "one_forward_ms": one * 1e3,
+                         "route_over_M_forwards": route / (m * one)}
+    return out
+
+
+def bench_routing_memory(size: str, tasks: int, folder: Path) -> dict[str, Any]:
+    import torch
+
+    policy = _policy(size, tasks, folder)
+    policy.reset(_space())
+    obs = _observation()
+    engine = policy.engine
+    weights = sum(t.numel() * t.element_size() for t in engine.weights.values())
+    base = sum(t.numel() * t.element_size() for t in engine.base.values())
+    tau = sum(t.numel() * t.element_size() for t in engine.tau.values())
+    masks_packed = sum(np.prod(e.packed_shape or [0]) for f in engine.bundle.manifest.tensors.values()
+                       for k, e in f.items() if k.startswith("mask/"))
+    policy.route(obs, "auto")  # warm-up: every code path has allocated once
+    policy.infer(obs)
+    engine.task_index = None
+    rss_before, _ = _rss_hwm_mb()
+    clear = Path("/proc/self/clear_refs")
+    if clear.exists():
+        clear.write_text("5")  # reset the peak (VmHWM) to the current RSS
+    with torch.no_grad():
+        policy.route(obs, "auto")
+    rss_after, hwm = _rss_hwm_mb()
+    return {"size": size, "tasks": tasks, "base_mb": base / 2**20, "tau_mb": tau / 2**20,
+            "masks_packed_mb": float(masks_packed) / 2**20, "one_weight_set_mb": weights / 2**20,
+            "rss_before_route_mb": rss_before, "rss_after_route_mb": rss_after, "rss_peak_mb": hwm,
+            "peak_growth_during_route_mb": hwm - rss_before,
+            "growth_in_weight_sets": (hwm - rss_before) / (weights / 2**20)}
+
+
+def run_model_bench(quick: bool = False) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory(prefix="armada-bench-model-") as tmp:
+        folder = Path(tmp)
+        results: dict[str, Any] = {}
+        for size in ("tiny",) if quick else ("tiny", "mid"):
+            print(f"bench model: chunk latency ({size}) ...", flush=True)
+            results[f"latency_{size}"] = bench_chunk_latency(size, 10 if quick else 30, folder)
+        size = "tiny" if quick else "mid"
+        print(f"bench model: router cost ({size}) ...", flush=True)
+        results["router"] = bench_router(size, [2, 4] if quick else [2, 4, 8], folder)
+        print(f"bench model: memory during routing ({size}) ...", flush=True)
+        results["routing_memory"] = bench_routing_memory(size, 4, folder)
+    return results
