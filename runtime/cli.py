@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--tasks", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
+    export = msub.add_parser("export-onnx", help="ONNX graphs per task of a bundle (vision, llm, head)")
+    export.add_argument("bundle", type=Path)
+    export.add_argument("out", type=Path)
+    export.add_argument("--task", action="append", default=None, help="only these tasks (repeatable)")
+    export.add_argument("--instruction", default=None, help="fix the prompt to this instruction")
     inspect = msub.add_parser("inspect", help="summarize a bundle")
     inspect.add_argument("bundle", type=Path)
     inspect.add_argument("--verify", action="store_true", help="also check every file's sha256")
@@ -134,6 +139,13 @@ def run_model_command(args: argparse.Namespace) -> int:
             make_tiny_bundle(args.out, num_tasks=args.tasks, seed=args.seed, overwrite=args.overwrite,
                              progress=lambda step: print(f"make-tiny: {step} ...", flush=True))
             print(inspect_bundle(args.out))
+        elif args.model_command == "export-onnx":
+            from runtime.model.onnx_export import export_bundle
+
+            started = time.monotonic()
+            written = export_bundle(args.bundle, args.out, args.task, args.instruction,
+                                    progress=lambda line: print(f"export-onnx: {line}", flush=True))
+            print(f"export-onnx: {len(written)} task(s) in {time.monotonic() - started:.0f} s")
         elif args.model_command == "inspect":
             print(inspect_bundle(args.bundle, verify=args.verify))
     except (BundleError, ValueError, FileExistsError) as exc:

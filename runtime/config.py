@@ -196,6 +196,9 @@ class MergedVLAPolicyConfig(_Strict):
     tiny_tasks: int = Field(default=2, ge=1, le=8)
     tiny_dir: str = "~/.cache/armada/tiny-bundle"
     verify: bool = True  # check the bundle's checksums at start-up
+    # Graphs from `armada model export-onnx` (relative to the cell file): chunks then run on
+    # ONNX Runtime, on the GPU when the created session really has one. None: PyTorch.
+    onnx_dir: str | None = None
 
 
 class ChunkingConfig(_Strict):

@@ -33,7 +33,12 @@ def make_policy(cell: CellConfig, cell_path: Path | None = None) -> Policy:
     if p.kind == "mergevla":
         from runtime.model.policy import MergedVLAPolicy  # torch is imported only for a real model
 
-        return MergedVLAPolicy(resolve_bundle(p, cell_path), verify=p.verify)
+        onnx_dir = None
+        if p.onnx_dir:
+            onnx_dir = Path(p.onnx_dir).expanduser()
+            if not onnx_dir.is_absolute() and cell_path is not None:
+                onnx_dir = Path(cell_path).parent / onnx_dir
+        return MergedVLAPolicy(resolve_bundle(p, cell_path), verify=p.verify, onnx_dir=onnx_dir)
     raise ValueError(f"unknown policy kind {p.kind!r}")
 
 

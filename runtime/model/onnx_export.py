@@ -259,3 +259,31 @@ def export_onnx(model: MergeVLAModel, out_dir: str | Path, prompt_len: int, opse
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def export_bundle(bundle_dir: str | Path, out_dir: str | Path, tasks: list[str] | None = None,
+                  instruction: str | None = None, progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Export one graph set per task of a merged bundle: ``out_dir/<task name>/``.
+
+    The VLM weights differ per task (the task's mask), so each task gets its own vision and LLM
+    graphs, built from that task's materialized weights. The prompt length is fixed per export:
+    each task's own instruction (or ``instruction``) sets it.
+    """
+    from runtime.model.bundle import load_bundle
+    from runtime.model.engine import TorchEngine
+    from runtime.model.policy import PromptTokenizer
+
+    say = progress or (lambda _: None)
+    bundle = load_bundle(bundle_dir)
+    engine = TorchEngine(bundle)
+    tokenizer = PromptTokenizer(bundle.manifest.prompt, bundle.directory, engine.config.llm.vocab)
+    chosen = [bundle.task(name) for name in tasks] if tasks else list(bundle.manifest.tasks)
+    written = []
+    for task in chosen:
+        engine.use_task(task.expert_index)
+        prompt_len = len(tokenizer.ids(instruction or task.instruction))
+        target = Path(out_dir) / task.name
+        say(f"exporting task {task.name} (prompt length {prompt_len}) to {target}")
+        export_onnx(engine.model, target, prompt_len)
+        written.append(target)
+    return written

@@ -24,13 +24,17 @@ BACKBONES = ["dino", "siglip"]
 
 
 class MergedVLAPolicy(Policy):
-    def __init__(self, bundle_dir: str | Path, verify: bool = True):
+    def __init__(self, bundle_dir: str | Path, verify: bool = True, onnx_dir: str | Path | None = None):
+        """``onnx_dir``: graphs from ``armada model export-onnx``; chunks then run on ONNX Runtime
+        (GPU when the created session really has one), routing stays in PyTorch."""
         from runtime.model.engine import TorchEngine  # torch only where a model is really used
 
         started = time.perf_counter()
         self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
         self.manifest = self.bundle.manifest
         self.engine = TorchEngine(self.bundle)
+        self.onnx_dir = Path(onnx_dir) if onnx_dir else None
+        self.ort = None  # the routed task's OrtEngine
         self.tokenizer = PromptTokenizer(self.manifest.prompt, self.bundle.directory,
                                          self.engine.config.llm.vocab)
         self.task: TaskSpec | None = None
@@ -76,8 +80,12 @@ class MergedVLAPolicy(Policy):
             raise PolicyError("infer before route: the episode must route at t=0 first")
         stats = self.task.proprio_stats
         proprio = stats.normalize(obs.state).astype(np.float32) if stats else np.zeros(0, np.float32)
-        normalized = self.engine.predict_normalized(self._pixels(obs), self.prompt_ids, proprio,
-                                                    self.task.expert_index)
+        pixels = self._pixels(obs)
+        if self.ort is not None:
+            normalized = self.ort.predict_normalized(pixels["dino"][None], pixels["siglip"][None],
+                                                     self.prompt_ids[None], proprio[None], self.task.expert_index)[0]
+        else:
+            normalized = self.engine.predict_normalized(pixels, self.prompt_ids, proprio, self.task.expert_index)
         actions = self.task.action_stats.unnormalize(normalized)
         return Chunk(actions, self.manifest.action.dt)
 
@@ -87,8 +95,24 @@ class MergedVLAPolicy(Policy):
         self.engine.use_task(task.expert_index)
         self.task = task
         self.prompt_ids = self.tokenizer.ids(self._instruction(task, instruction))
+        if self.onnx_dir is not None:
+            self.ort = self._ort_engine(task)
         log.info("episode task %s (expert %d)", task.name, task.expert_index)
         return result
+
+    def _ort_engine(self, task: TaskSpec):
+        from runtime.model.engine_ort import OrtEngine, OrtEngineError
+
+        folder = self.onnx_dir / task.name
+        if not (folder / "onnx_manifest.json").exists():
+            raise PolicyError(f"no ONNX export for task {task.name} in {self.onnx_dir}; run "
+                              f"`armada model export-onnx {self.bundle.directory} {self.onnx_dir}`")
+        engine = OrtEngine(folder)
+        if engine.prompt_len != len(self.prompt_ids):
+            raise PolicyError(f"the ONNX export of {task.name} has prompt length {engine.prompt_len}, this "
+                              f"instruction needs {len(self.prompt_ids)}: re-export with --instruction")
+        log.info("chunks run on ONNX Runtime (%s) for task %s", engine.device, task.name)
+        return engine
 
     @staticmethod
     def _instruction(task: TaskSpec, instruction: str) -> str:

@@ -1,7 +1,7 @@
 """ONNX export (runtime.model.onnx_export) and the ONNX Runtime engine (runtime.model.engine_ort),
 checked against the PyTorch reference on a tiny random MergeVLA with two tasks.
 
-The model is exported once per module (about 35 s on 2 CPU cores, the whole file about 45 s), so
+The model is exported once per module (about 35 s on 2 CPU cores, the whole file 50-60 s), so
 these tests stay in the default run. Observed float32 parity on CPU: max |ORT - torch| about 1e-6
 on actions of magnitude about 2; the tolerance is 1e-4.
 """

@@ -97,3 +97,22 @@ def test_routing_keeps_at_most_one_materialized_weight_set(bundle_dir):
     weights_before = {k: v.data_ptr() for k, v in policy.engine.weights.items()}
     policy.route(_obs(), "auto")
     assert {k: v.data_ptr() for k, v in policy.engine.weights.items()} == weights_before  # written in place
+
+
+def test_onnx_runtime_chunks_match_pytorch_for_the_routed_task(bundle_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from runtime.model.onnx_export import export_bundle
+
+    export_bundle(bundle_dir, tmp_path / "onnx", tasks=["open_drawer"])
+    torch_policy = MergedVLAPolicy(bundle_dir)
+    ort_policy = MergedVLAPolicy(bundle_dir, onnx_dir=tmp_path / "onnx")
+    for p in (torch_policy, ort_policy):
+        p.reset(SPACE)
+        p.route(_obs(), "auto", pinned_task="open_drawer")
+    assert ort_policy.ort is not None and ort_policy.ort.device == "cpu"
+    a = torch_policy.infer(_obs(3)).actions
+    b = ort_policy.infer(_obs(3)).actions
+    assert np.max(np.abs(a - b)) < 1e-4  # both float32; observed about 1e-6
+    with pytest.raises(PolicyError, match="no ONNX export"):
+        ort_policy.route(_obs(), "auto", pinned_task="pick_cube")
