@@ -62,6 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", type=Path)
     export.add_argument("--task", action="append", default=None, help="only these tasks (repeatable)")
     export.add_argument("--instruction", default=None, help="fix the prompt to this instruction")
+    merge_p = msub.add_parser("merge", help="merge single-task checkpoints into a MergeVLA bundle")
+    merge_p.add_argument("out", type=Path)
+    merge_p.add_argument("--base", type=Path, required=True, help="the pretrained VLA directory")
+    merge_p.add_argument("--task", type=Path, action="append", required=True, help="a task checkpoint (repeat)")
+    merge_p.add_argument("--method", choices=["ta", "ties"], default="ta")
+    merge_p.add_argument("--lam", type=float, default=0.6, help="TALL mask lambda")
+    merge_p.add_argument("--top-k", type=float, default=0.2, help="TIES trim fraction")
+    capv = msub.add_parser("capvector", help="pretrained + alpha (aux - std) into a single-model bundle")
+    capv.add_argument("out", type=Path)
+    capv.add_argument("--pretrained", type=Path, required=True)
+    capv.add_argument("--aux", type=Path, required=True)
+    capv.add_argument("--std", type=Path, required=True)
+    capv.add_argument("--alpha", type=float, required=True)
+    capv.add_argument("--head", type=Path, default=None, help="task checkpoint for head and stats (default: --aux)")
+    imp = msub.add_parser("import-mergevla", help="a MergeVLA merged directory + its pretrained VLM into a bundle")
+    imp.add_argument("merged", type=Path)
+    imp.add_argument("out", type=Path)
+    imp.add_argument("--pretrained", type=Path, required=True)
+    for p in (merge_p, capv, imp):
+        p.add_argument("--architecture", default="real-libero",
+                       help="real-libero, tiny, or a JSON file of MergeVLAConfig.to_dict()")
+        p.add_argument("--overwrite", action="store_true")
     inspect = msub.add_parser("inspect", help="summarize a bundle")
     inspect.add_argument("bundle", type=Path)
     inspect.add_argument("--verify", action="store_true", help="also check every file's sha256")
@@ -146,12 +168,44 @@ def run_model_command(args: argparse.Namespace) -> int:
             written = export_bundle(args.bundle, args.out, args.task, args.instruction,
                                     progress=lambda line: print(f"export-onnx: {line}", flush=True))
             print(f"export-onnx: {len(written)} task(s) in {time.monotonic() - started:.0f} s")
+        elif args.model_command in ("merge", "capvector", "import-mergevla"):
+            _build_bundle(args)
         elif args.model_command == "inspect":
             print(inspect_bundle(args.bundle, verify=args.verify))
-    except (BundleError, ValueError, FileExistsError) as exc:
+    except (BundleError, ValueError, FileExistsError, OSError) as exc:
         print(f"armada model: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _architecture(spec: str):
+    from runtime.model.mergevla import MergeVLAConfig
+
+    if spec == "real-libero":
+        return MergeVLAConfig.real_libero()
+    if spec == "tiny":
+        return MergeVLAConfig.tiny()
+    return MergeVLAConfig.from_dict(json.loads(Path(spec).read_text()))
+
+
+def _build_bundle(args: argparse.Namespace) -> None:
+    from runtime.model import build
+    from runtime.model.bundle import inspect_bundle
+
+    def progress(stage: str, done: int, total: int) -> None:
+        print(f"\r{args.model_command}: {stage} {done}/{total}", end="", flush=True)
+
+    common = {"architecture": _architecture(args.architecture), "overwrite": args.overwrite, "progress": progress}
+    if args.model_command == "merge":
+        build.merge_bundle(args.base, args.task, args.out, method=args.method, lam=args.lam, top_k=args.top_k,
+                           **common)
+    elif args.model_command == "capvector":
+        build.capvector_bundle(args.pretrained, args.aux, args.std, args.alpha, args.out, head_dir=args.head,
+                               **common)
+    else:
+        build.import_mergevla(args.merged, args.pretrained, args.out, **common)
+    print()
+    print(inspect_bundle(args.out))
 
 
 # --------------------------------------------------------------------------- armada run

@@ -60,19 +60,33 @@ def _rss_hwm_mb() -> tuple[float, float]:
 
 
 def bench_chunk_latency(size: str, repeats: int, folder: Path) -> dict[str, Any]:
-    policy = _policy(size, 2, folder)
-    policy.reset(_space())
+    """Per-chunk latency (preprocessing included) of PyTorch eager and of ONNX Runtime, same bundle."""
+    from runtime.model.onnx_export import export_bundle
+    from runtime.model.policy import MergedVLAPolicy
+
+    torch_policy = _policy(size, 2, folder)
+    task = torch_policy.manifest.tasks[0].name
+    started = time.perf_counter()
+    export_bundle(torch_policy.bundle.directory, folder / f"onnx-{size}", tasks=[task])
+    export_s = time.perf_counter() - started
+    ort_policy = MergedVLAPolicy(torch_policy.bundle.directory, verify=False, onnx_dir=folder / f"onnx-{size}")
     obs = _observation()
-    policy.route(obs, "auto")
-    for _ in range(3):  # warm-up: first calls allocate and pick kernels
-        policy.infer(obs)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        policy.infer(obs)
-        times.append((time.perf_counter() - started) * 1e3)
-    params = sum(p.numel() for p in policy.engine.model.parameters())
-    return {"size": size, "parameters": int(params), "engine": "torch-eager-cpu", "chunk_ms": _pct(times)}
+    out: dict[str, Any] = {"size": size, "export_s": export_s,
+                           "parameters": int(sum(p.numel() for p in torch_policy.engine.model.parameters()))}
+    for name, policy in (("torch_eager", torch_policy), ("onnxruntime", ort_policy)):
+        policy.reset(_space())
+        policy.route(obs, "auto", pinned_task=task)
+        for _ in range(3):  # warm-up: first calls allocate and pick kernels
+            policy.infer(obs)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            policy.infer(obs)
+            times.append((time.perf_counter() - started) * 1e3)
+        out[name] = _pct(times)
+    out["onnxruntime_device"] = ort_policy.ort.device
+    out["speedup_p50"] = out["torch_eager"]["p50"] / out["onnxruntime"]["p50"]
+    return out
 
 
 def bench_router(size: str, task_counts: list[int], folder: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 
 from runtime.model import merge
 from runtime.model.bundle import Bundle
-from runtime.model.mergevla import MergeVLAConfig, MergeVLAModel
+from runtime.model.mergevla import ActionHead, MergeVLAConfig, MergeVLAModel, check_state_dict
 from runtime.model.tiny import BASE_FILE, HEAD_FILE, MASK_FILE, PROPRIO_FILE, TAU_FILE
 
 
@@ -27,10 +27,19 @@ class TorchEngine:
         self.device = torch.device(device)
         self.config = MergeVLAConfig.from_dict(bundle.manifest.architecture)
         self.model = MergeVLAModel(self.config).eval().to(self.device)
+        # A CapVector or single-model bundle holds final weights and one plain head: no task
+        # vector, no masks, nothing to swap.
+        self.single = bundle.manifest.kind in ("capvector", "single")
         self.base = _torch(bundle.tensors(BASE_FILE), self.device)
-        self.tau = _torch(bundle.tensors(TAU_FILE), self.device)
+        self.tau = {} if self.single else _torch(bundle.tensors(TAU_FILE), self.device)
         self.model.load_vla_state_dict(self.base)
-        self.model.load_action_head_state_dict(_torch(bundle.tensors(HEAD_FILE), self.device))
+        head = _torch(bundle.tensors(HEAD_FILE), self.device)
+        if self.single:
+            self.model.action_head = ActionHead(self.config).eval().to(self.device)
+            check_state_dict(dict(self.model.action_head.state_dict()), head, "action head")
+            self.model.action_head.load_state_dict(head, strict=True)
+        else:
+            self.model.load_action_head_state_dict(head)
         self.model.load_proprio_state_dict(_torch(bundle.tensors(PROPRIO_FILE), self.device))
         # The model's parameters, by checkpoint key: materialize() writes into these.
         self.weights = {k: v for k, v in self.model.vla.state_dict(keep_vars=True).items() if k in self.tau}
@@ -39,7 +48,8 @@ class TorchEngine:
 
     def use_task(self, index: int) -> float:
         """Materialize task ``index``'s weights in place; returns the seconds it took."""
-        if index == self.task_index:
+        if index == self.task_index or self.single:
+            self.task_index = index
             return 0.0
         started = time.perf_counter()
         masks = {k: torch.from_numpy(self.bundle.mask(index, k)).to(self.device)
@@ -63,7 +73,11 @@ class TorchEngine:
         started = time.perf_counter()
         dino, siglip, ids = self._inputs(pixels, prompt_ids)
         proprio = torch.from_numpy(np.asarray(proprio_normalized, np.float32)[None]).to(self.device)
-        out = self.model.predict_normalized_actions(dino, siglip, ids, proprio, expert)
+        if self.single:
+            task, action = self.model.head_inputs(dino, siglip, ids)
+            out = self.model.action_head(task, action, self.model.proprio_projector(proprio.to(action.dtype)))
+        else:
+            out = self.model.predict_normalized_actions(dino, siglip, ids, proprio, expert)
         self.timing = {"total_ms": (time.perf_counter() - started) * 1e3}
         return out[0].float().cpu().numpy()
 
