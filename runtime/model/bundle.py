@@ -575,6 +575,20 @@ class Bundle:
                 return self.tensor(file, stored)
         raise BundleError(self.manifest_path, "tensors", f"no mask {stored!r} in any file")
 
+    def packed_masks(self, expert_index: int) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
+        """Task ``expert_index``'s masks still bit-packed, ``{param key: (uint8 bits, shape)}``, read
+        in one pass per file: an engine keeps these (1/8 byte per weight) and unpacks per key."""
+        prefix = mask_key(expert_index, "")
+        out: dict[str, tuple[np.ndarray, tuple[int, ...]]] = {}
+        for file, entries in self.manifest.tensors.items():
+            keys = [k for k in entries if k.startswith(prefix)]
+            if not keys:
+                continue
+            with safe_open(self.file_path(file), framework="numpy") as reader:
+                for k in keys:
+                    out[k[len(prefix):]] = (reader.get_tensor(k), tuple(entries[k].shape))
+        return out
+
     def mask_keys(self, expert_index: int) -> list[str]:
         """The parameter keys that task ``expert_index`` has a mask for."""
         prefix = mask_key(expert_index, "")

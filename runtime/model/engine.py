@@ -43,6 +43,10 @@ class TorchEngine:
         self.model.load_proprio_state_dict(_torch(bundle.tensors(PROPRIO_FILE), self.device))
         # The model's parameters, by checkpoint key: materialize() writes into these.
         self.weights = {k: v for k, v in self.model.vla.state_dict(keep_vars=True).items() if k in self.tau}
+        # Every task's masks, read once and kept bit-packed (1/8 byte per weight): a router
+        # candidate costs an unpack and an add per key, never a file read.
+        self.masks = [] if self.single else [bundle.packed_masks(t.expert_index)
+                                             for t in sorted(bundle.manifest.tasks, key=lambda t: t.expert_index)]
         self.task_index: int | None = None
         self.timing: dict[str, float] = {}
 
@@ -52,10 +56,15 @@ class TorchEngine:
             self.task_index = index
             return 0.0
         started = time.perf_counter()
-        masks = {k: torch.from_numpy(self.bundle.mask(index, k)).to(self.device)
-                 for k in self.bundle.mask_keys(index) if k in self.tau}
+        packed = self.masks[index]
         with torch.no_grad():
-            merge.materialize(self.base, self.tau, masks, out={k: w.data for k, w in self.weights.items()})
+            for key, weight in self.weights.items():  # one key at a time: one unpacked mask in memory
+                mask = None
+                if key in packed:
+                    bits, shape = packed[key]
+                    flat = np.unpackbits(bits, count=int(np.prod(shape)), bitorder="little").view(bool)
+                    mask = {key: torch.from_numpy(flat.reshape(shape)).to(self.device)}
+                merge.materialize({key: self.base[key]}, {key: self.tau[key]}, mask, out={key: weight.data})
         self.task_index = index
         return time.perf_counter() - started
 
