@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,8 +56,20 @@ def resolve_providers(providers: str | Sequence[ProviderSpec]) -> list[ProviderS
         if providers != "auto":
             raise OrtEngineError(f"providers must be 'auto' or a list of provider names, got {providers!r}")
         available = set(ort.get_available_providers())
+        if not nvidia_driver_present():
+            # onnxruntime-gpu lists CUDA and TensorRT even without a GPU, then logs a page of load
+            # errors per session; without a driver there is nothing to try.
+            available &= {"CPUExecutionProvider"}
         return [p for p in AUTO_PROVIDERS if p in available]
     return list(providers)
+
+
+def nvidia_driver_present() -> bool:
+    """Whether an NVIDIA driver is loaded (the device node, or libcuda on the loader path).
+    Only decides what to ask for: the device in use is still read from the created session."""
+    import ctypes.util
+
+    return Path("/dev/nvidiactl").exists() or ctypes.util.find_library("cuda") is not None
 
 
 def device_of_session_providers(used: Sequence[str]) -> str:
@@ -100,6 +113,7 @@ class OrtEngine:
             self.action_queries: np.ndarray = host["action_queries"]
 
         self.requested_providers = resolve_providers(providers)
+        session_options = session_options or default_session_options()
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.session_providers: dict[str, list[str]] = {}
         for name in GRAPH_NAMES:
@@ -203,3 +217,17 @@ class OrtEngine:
         timing["total"] = (finished - started) * 1e3
         self.timing = timing
         return actions.astype(np.float32, copy=False)
+
+
+def default_session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options for sessions that share a robot PC with cameras, drivers and torch.
+
+    Four sessions run one after another per chunk; by default each keeps its own intra-op pool
+    spinning between calls, and on a small machine those spinners (and torch's pool in the same
+    process) steal the cores the next session needs.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or max(1, (os.cpu_count() or 1))
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options

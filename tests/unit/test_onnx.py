@@ -203,10 +203,23 @@ def test_device_comes_from_get_providers_not_the_request(exported: dict[str, Any
     assert all(used == reported for used in eng.session_providers.values())
 
 
+@pytest.mark.parametrize("driver", [True, False])
+def test_auto_asks_for_gpu_providers_only_with_an_nvidia_driver(monkeypatch: pytest.MonkeyPatch, driver: bool) -> None:
+    monkeypatch.setattr(engine_ort.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(engine_ort, "nvidia_driver_present", lambda: driver)
+    expected = (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"] if driver
+                else ["CPUExecutionProvider"])
+    assert engine_ort.resolve_providers("auto") == expected
+
+
 def test_auto_providers_on_this_machine(exported: dict[str, Any]) -> None:
     eng = OrtEngine(exported["dir"], providers="auto")
-    assert "CUDAExecutionProvider" in [p for p in eng.requested_providers if isinstance(p, str)] \
-        or "CUDAExecutionProvider" not in ort.get_available_providers()
+    asked = [p for p in eng.requested_providers if isinstance(p, str)]
+    if engine_ort.nvidia_driver_present():
+        assert "CUDAExecutionProvider" in asked or "CUDAExecutionProvider" not in ort.get_available_providers()
+    else:
+        assert asked == ["CPUExecutionProvider"]  # no driver: no page of CUDA/TensorRT load errors
     assert eng.device == min((device_of_session_providers(s.get_providers()) for s in eng.sessions.values()),
                              key=["cpu", "cuda", "tensorrt"].index)
     if not torch.cuda.is_available():
