@@ -124,6 +124,19 @@ def _check_taus(taus: Sequence[Mapping[str, Tensor]]) -> None:
 def task_arithmetic(taus: Sequence[Mapping[str, Tensor]], scaling: float = 1.0,
                     progress: Progress | None = None) -> StateDict:
     """tau_merge = scaling * sum_m tau_m (MergeVLA's default uses scaling 1)."""
+
+    def summed(tensors: list[Tensor]) -> Tensor:
+        acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+        for tensor in tensors:
+            acc += tensor.float()
+        return (acc * scaling).to(tensors[0].dtype)
+
+    return _merge_key_by_key(taus, summed, progress)
+
+
+def _merge_key_by_key(taus: Sequence[Mapping[str, Tensor]], combine: Callable[[list[Tensor]], Tensor],
+                      progress: Progress | None) -> StateDict:
+    """Apply ``combine`` to the M task vectors' tensors of each key in turn (one key in memory)."""
     _check_taus(taus)
     names = [f"taus[{m}]" for m in range(len(taus))]
     merged: StateDict = {}
@@ -131,10 +144,7 @@ def task_arithmetic(taus: Sequence[Mapping[str, Tensor]], scaling: float = 1.0,
     for done, key in enumerate(taus[0], start=1):
         tensors = [tau[key] for tau in taus]
         _check_tensors(key, tensors, names)
-        acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
-        for tensor in tensors:
-            acc += tensor.float()
-        merged[key] = (acc * scaling).to(tensors[0].dtype)
+        merged[key] = combine(tensors)
         _report(progress, done, total, key)
     return merged
 
@@ -202,16 +212,8 @@ def ties_tensor(tensors: Sequence[Tensor], top_k_fraction: float = 0.2, scaling:
 def ties_merge(taus: Sequence[Mapping[str, Tensor]], top_k_fraction: float = 0.2, scaling: float = 1.0,
                aggregate: Literal["mean", "sum"] = "mean", progress: Progress | None = None) -> StateDict:
     """tau_merge by TIES (trim, elect sign, disjoint mean), key by key; see ``ties_tensor``."""
-    _check_taus(taus)
-    names = [f"taus[{m}]" for m in range(len(taus))]
-    merged: StateDict = {}
-    total = len(taus[0])
-    for done, key in enumerate(taus[0], start=1):
-        tensors = [tau[key] for tau in taus]
-        _check_tensors(key, tensors, names)
-        merged[key] = ties_tensor(tensors, top_k_fraction, scaling, aggregate)
-        _report(progress, done, total, key)
-    return merged
+    return _merge_key_by_key(taus, lambda tensors: ties_tensor(tensors, top_k_fraction, scaling, aggregate),
+                             progress)
 
 
 # --------------------------------------------------------------------------- TALL masks
