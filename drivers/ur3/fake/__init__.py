@@ -1,0 +1,1 @@
+"""A loopback UR controller (dashboard, script sink, RTDE v2) for tests; run ``python -m drivers.ur3.fake.controller``."""
