@@ -91,6 +91,20 @@ SAFETY_NORMAL, SAFETY_PROTECTIVE, SAFETY_ROBOT_ESTOP = 1, 3, 7
 VMAX = [math.pi, math.pi, math.pi, 2 * math.pi, 2 * math.pi, 2 * math.pi]
 
 
+
+# Dashboard commands whose answer does not depend on the fake's state.
+FIXED_DASHBOARD_REPLIES = {
+    "get serial number": "20235300001",
+    "get robot model": "UR3",
+    "robotmode": "Robotmode: RUNNING",
+    "close popup": "closing popup",
+    "close safety popup": "closing safety popup",
+    "is in remote control": "true",
+    "power on": "Powering on",
+    "power off": "Powering off",
+    "brake release": "Brake releasing",
+}
+
 class Robot:
     """Shared controller state, advanced by one physics thread."""
 
@@ -320,12 +334,8 @@ class Server:
                 ans = f"URSoftware {v[0]}.{v[1]}.{v[2]}.{v[3]} (Jan 01 2024)"
             elif low == "version":
                 ans = f"{v[0]}.{v[1]}.{v[2]}.{v[3]}"
-            elif low == "get serial number":
-                ans = "20235300001"
-            elif low == "get robot model":
-                ans = "UR3"
-            elif low == "robotmode":
-                ans = "Robotmode: RUNNING"
+            elif low in FIXED_DASHBOARD_REPLIES:
+                ans = FIXED_DASHBOARD_REPLIES[low]
             elif low == "safetymode" or low == "safetystatus":
                 name = {SAFETY_NORMAL: "NORMAL", SAFETY_PROTECTIVE: "PROTECTIVE_STOP",
                         SAFETY_ROBOT_ESTOP: "ROBOT_EMERGENCY_STOP"}[r.safety_mode]
@@ -338,12 +348,6 @@ class Server:
                     if r.safety_mode == SAFETY_PROTECTIVE:
                         r.fault(SAFETY_NORMAL)
                     ans = "Protective stop releasing"
-            elif low == "close popup":
-                ans = "closing popup"
-            elif low == "close safety popup":
-                ans = "closing safety popup"
-            elif low == "is in remote control":
-                ans = "true"
             elif low == "running":
                 ans = f"Program running: {'true' if r.program_running else 'false'}"
             elif low == "programstate":
@@ -352,12 +356,6 @@ class Server:
                 with r.lock:
                     r.program_running = False
                 ans = "Stopped"
-            elif low == "power on":
-                ans = "Powering on"
-            elif low == "power off":
-                ans = "Powering off"
-            elif low == "brake release":
-                ans = "Brake releasing"
             elif low == "restart safety":
                 r.fault(SAFETY_NORMAL)
                 ans = "Restarting safety"
