@@ -6,7 +6,9 @@
     armada infer CELL               the inference process
     armada model make-tiny OUT      a tiny merged bundle with the real layout
     armada model inspect BUNDLE     what a bundle holds
-    armada bench [loop|rtt|state|frames|all]
+    armada bench [loop|rtt|state|frames|all|model|ur3|piper|cameras]
+    armada fake ur3|piper ARGS      a protocol-level device fake, for HIL tests and dry runs
+    armada calibrate ...            intrinsics, hand-eye, joints, camera latency
 """
 
 from __future__ import annotations
@@ -89,11 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="also check every file's sha256")
 
     bench = sub.add_parser("bench", help="measure loop timing, round trips, stream loss, frame latency")
-    bench.add_argument("what", nargs="?", default="all", choices=["loop", "rtt", "state", "frames", "all", "model"],
-                       help="'all' is the spine; 'model' is the merged VLA (needs the model extra)")
+    bench.add_argument("what", nargs="?", default="all",
+                       choices=["loop", "rtt", "state", "frames", "all", "model", "ur3", "piper", "cameras"],
+                       help="'all' is the spine; 'model' is the merged VLA (needs the model extra); 'ur3' and "
+                            "'piper' run the real SDKs against the fakes; 'cameras' the camera processes")
     bench.add_argument("--quick", action="store_true", help="model: tiny size only, fewer repeats")
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of timed runs")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+    fake = sub.add_parser("fake", help="run a device fake that the real vendor SDK talks to (see --help of each)")
+    fake.add_argument("device", choices=["ur3", "piper"])
+    fake.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the fake (try: armada fake ur3 --help)")
+
+    from calibration.cli import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -127,12 +139,51 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_cell(args)
     elif args.command == "model":
         return run_model_command(args)
+    elif args.command == "fake":
+        return run_fake(args.device, args.args)
+    elif args.command == "calibrate":
+        from calibration.cli import run_calibrate
+
+        return run_calibrate(args)
     elif args.command == "bench":
         if args.what == "model":
             return _bench_model(args)
+        if args.what in ("ur3", "piper", "cameras"):
+            return _bench_device(args)
         from runtime.bench import run_bench
 
         return run_bench(args.what, args.seconds, args.json)
+    return 0
+
+
+def run_fake(device: str, argv: list[str]) -> int:
+    if device == "ur3":
+        from drivers.ur3.fake.controller import main as fake_main
+    else:
+        from drivers.piper.fake.serve import main as fake_main
+    return fake_main(argv)
+
+
+def _bench_device(args: argparse.Namespace) -> int:
+    from runtime.bench import machine
+
+    print(f"machine: {machine()}", flush=True)
+    if args.what == "ur3":
+        from drivers.ur3.bench import bench_ur3
+
+        result = bench_ur3(max(args.seconds, 5.0))
+    elif args.what == "piper":
+        from drivers.piper.bench import bench_piper
+
+        result = bench_piper(args.seconds)
+    else:
+        from drivers.cameras.bench import run_camera_bench
+
+        result = run_camera_bench(args.seconds, quick=args.quick)
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), args.what: result}
+    print(json.dumps(result, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 

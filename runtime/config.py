@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import yaml
@@ -160,10 +160,55 @@ class MockBackendConfig(_Strict):
     seed: int = 0
 
 
+class PiperBackendConfig(_Strict):
+    """One AgileX PiPer on a CAN bus, through piper_sdk."""
+
+    kind: Literal["piper"] = "piper"
+    # A SocketCAN interface (can0), or, with bustype udp_multicast, the multicast group that
+    # `armada fake piper` serves (a fake in its own process); virtual only works in one process.
+    can: str
+    bustype: Literal["socketcan", "udp_multicast", "virtual"] = "socketcan"
+    speed_pct: int = Field(default=50, ge=1, le=100)  # the firmware's MOVE J speed percentage
+    gripper_effort: int = Field(default=1000, ge=0, le=5000)  # 0.001 N·m
+    stale_s: float = Field(default=0.05, gt=0, le=1)  # feedback older than this is a read error
+    # piper_sdk's resume frame is its reset frame, which cuts motor power: refused unless set.
+    allow_reset_on_resume: bool = False
+
+
+class UR3BackendConfig(_Strict):
+    """A Universal Robots UR3 (CB3 or e-Series) through ur-rtde."""
+
+    kind: Literal["ur3"] = "ur3"
+    host: str  # the controller's address; ur-rtde always uses ports 30004 (RTDE) and 30003 (script)
+    dashboard_port: int = Field(default=29999, gt=0, lt=65536)
+    # servoJ's lookahead (s, smoother but later) and gain (stiffer tracking); ur-rtde's ranges.
+    servo_lookahead_s: float = Field(default=0.1, ge=0.03, le=0.2)
+    servo_gain: float = Field(default=300.0, ge=100, le=2000)
+    # The RTDE watchdog: the robot's control script stops the arm if not kicked this often.
+    watchdog_min_hz: float = Field(default=10.0, gt=0, le=500)
+
+
+class CobotMagicBackendConfig(_Strict):
+    """AgileX Cobot Magic: two puppet PiPers (left, right), each sharing a bus with its master arm."""
+
+    kind: Literal["cobot_magic"] = "cobot_magic"
+    left_can: str
+    right_can: str
+    bustype: Literal["socketcan", "udp_multicast", "virtual"] = "socketcan"
+    speed_pct: int = Field(default=50, ge=1, le=100)
+    gripper_effort: int = Field(default=1000, ge=0, le=5000)
+    stale_s: float = Field(default=0.05, gt=0, le=1)
+    allow_reset_on_resume: bool = False
+
+
+BackendConfig = Annotated[MockBackendConfig | PiperBackendConfig | UR3BackendConfig | CobotMagicBackendConfig,
+                          Field(discriminator="kind")]
+
+
 class DriverConfig(_Strict):
     name: str
     embodiment: str  # a name under configs/embodiments/ or a path to a YAML file
-    backend: MockBackendConfig = MockBackendConfig()
+    backend: BackendConfig = MockBackendConfig()
     state: str  # PUB endpoint the driver binds
     cmd: str  # ROUTER endpoint the driver binds
     lease_ttl_s: float = Field(default=0.3, gt=0, le=10)

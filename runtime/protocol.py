@@ -352,7 +352,8 @@ KINDS: dict[str, dict[str, Field]] = {
     # published streams
     "state": {"mono_ns": Field(INT), "mode": Field(STR), "measured": Field(ARR), "requested": Field(ARR),
               "commanded": Field(ARR), "velocity": Field(ARR), "counters": Field(MAP),
-              "episode": Field(INT, required=False), "chunk": Field(INT, required=False)},
+              "episode": Field(INT, required=False), "chunk": Field(INT, required=False),
+              "device": Field(MAP, required=False)},  # backend-specific extras (a UR's TCP pose, ...)
     "frame": {"camera": Field(STR), "frame_seq": Field(INT), "capture_ns": Field(INT),
               "width": Field(INT), "height": Field(INT), "channels": Field(INT),
               "dtype": Field(STR), "encoding": Field(STR, check=_one_of("raw", "jpeg")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,9 @@ class Reading:
     velocity: np.ndarray | None = None
     estopped: bool = False  # the device's own e-stop is engaged
     fault: str | None = None  # the device reports a fault it cannot recover from by itself
+    # Device-specific state published as-is with each state message (a UR's TCP pose, safety mode,
+    # controller time, ...). Plain numbers, strings, bools and lists only: it goes on the wire.
+    extras: dict[str, Any] | None = None
 
 
 class Backend(ABC):
@@ -51,6 +55,12 @@ class Backend(ABC):
 
     def release_estop(self) -> None:
         """Undo ``estop`` at the device level, when the operator resets it."""
+
+    def recover(self, timeout_s: float) -> None:
+        """Operator-requested recovery from a fault (reconnect, unlock, restart), never automatic.
+
+        Raise BackendError (transient=False) saying what the operator must do when it cannot.
+        """
 
     @abstractmethod
     def close(self) -> None:

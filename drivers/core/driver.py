@@ -29,6 +29,8 @@ from runtime.protocol import ErrorCode, ProtocolError, check_hello_version, PROT
 READ_FAILURE_FAULT_S = 0.1
 # Servo targets are reached over this time, like servoJ's ``time`` argument.
 SERVO_INTERPOLATION_S = 0.02
+# The longest an operator-requested recovery (reconnect, unlock, script restart) may take.
+RECOVER_TIMEOUT_S = 5.0
 
 
 class Mode(enum.StrEnum):
@@ -209,8 +211,8 @@ class Driver:
         self.reason = reason
 
     def _enter_fault(self, reason: str) -> None:
-        if self.mode == Mode.ESTOP:
-            return  # the e-stop latch outranks a fault
+        if self.mode in (Mode.ESTOP, Mode.FAULT):
+            return  # the e-stop latch outranks a fault; the first cause of a fault is the one to keep
         self.buffer.clear()
         self.activity = _Activity()
         self.mode = Mode.FAULT
@@ -286,7 +288,10 @@ class Driver:
         self._require_mode(Mode.ESTOP, "reset_estop")
         if self.last_reading is not None and self.last_reading.estopped:
             raise ProtocolError(ErrorCode.ESTOPPED, "the device's own e-stop is still engaged; release it first")
-        self.backend.release_estop()
+        try:
+            self.backend.release_estop()
+        except BackendError as exc:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"the device did not reset: {exc}") from None
         self.mode, self.reason = Mode.IDLE, ""  # disarmed: the operator arms again explicitly
         return {"mode": self.mode.value}
 
@@ -294,9 +299,14 @@ class Driver:
         self.lease.check(msg["lease"], now_ns)
         self._require_mode(Mode.FAULT, "clear_fault")
         try:
-            self.last_reading = self.backend.read()
+            self.backend.recover(RECOVER_TIMEOUT_S)
+            reading = self.backend.read()
         except BackendError as exc:
             raise ProtocolError(ErrorCode.BAD_STATE, f"the device still fails: {exc}") from None
+        if reading.fault:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"the device still reports: {reading.fault}")
+        self.last_reading = reading
+        self.filter.reset(reading.position)
         self._failing_since_ns = None
         self.mode, self.reason = Mode.IDLE, ""
         return {"mode": self.mode.value}

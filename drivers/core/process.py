@@ -39,6 +39,20 @@ def make_backend(cfg: DriverConfig, emb: EmbodimentConfig) -> Backend:
 
         b = cfg.backend
         return MockArm(emb.home, b.tracking_time_constant_s, b.latency_s, b.noise_std, b.seed)
+    if cfg.backend.kind == "piper":
+        from drivers.piper.backend import PiperBackend
+
+        b = cfg.backend
+        return PiperBackend(b.can, emb, bustype=b.bustype, speed_pct=b.speed_pct, gripper_effort=b.gripper_effort,
+                            stale_s=b.stale_s, allow_reset_on_resume=b.allow_reset_on_resume)
+    if cfg.backend.kind == "ur3":
+        from drivers.ur3.backend import UR3Backend
+
+        return UR3Backend(cfg.backend, emb, realtime_priority=cfg.realtime_priority)
+    if cfg.backend.kind == "cobot_magic":
+        from drivers.cobot_magic.backend import CobotMagicBackend
+
+        return CobotMagicBackend(cfg.backend, emb)
     raise ValueError(f"unknown backend kind {cfg.backend.kind!r}")
 
 
@@ -165,6 +179,8 @@ class DriverProcess:
             fields["reason"] = d.reason
         if d.lease.holder:
             fields["lease_holder"] = d.lease.holder
+        if d.last_reading is not None and d.last_reading.extras:
+            fields["device"] = d.last_reading.extras
         self.state_pub.publish("state", **fields)
 
     # ------------------------------------------------------------------ commands

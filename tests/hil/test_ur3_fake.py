@@ -8,15 +8,10 @@ ur-rtde constructors hold the GIL and block forever on a silent peer: a thread c
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import select
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,78 +19,17 @@ rtde_receive = pytest.importorskip("rtde_receive")
 rtde_control = pytest.importorskip("rtde_control")
 dashboard_client = pytest.importorskip("dashboard_client")
 
+from drivers.ur3.fake.launch import UR_PORTS, FakeStartError, FakeUR, free_loopback_host
+
 pytestmark = pytest.mark.hil
-
-ROOT = Path(__file__).resolve().parents[2]
-UR_PORTS = (29999, 30003, 30004)
-
-
-def _free_loopback_host() -> str | None:
-    """A 127.x.y.z address where the three fixed UR ports can be bound now."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(20):
-        host = f"127.{rng.randint(1, 254)}.{rng.randint(0, 255)}.{rng.randint(2, 254)}"
-        socks = []
-        try:
-            for port in UR_PORTS:
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, port))
-            return host
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    return None
-
-
-class FakeUR:
-    def __init__(self, host: str):
-        self.host = host
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "drivers.ur3.fake.controller", "--host", host],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        ready, _, _ = select.select([self.proc.stdout], [], [], 10.0)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line.startswith("READY "):
-            self.close()
-            raise RuntimeError(f"fake UR did not start: {line.strip()!r}")
-        self.ports = json.loads(line[len("READY "):])
-        self._ctl = socket.create_connection((host, self.ports["control"]), timeout=5)
-        self._ctl_file = self._ctl.makefile("rwb")
-
-    def cmd(self, line: str) -> str:
-        self._ctl_file.write(line.encode() + b"\n")
-        self._ctl_file.flush()
-        return self._ctl_file.readline().decode().strip()
-
-    def state(self) -> dict:
-        return json.loads(self.cmd("state"))
-
-    def close(self) -> None:
-        try:
-            self._ctl.close()
-        except (OSError, AttributeError):
-            pass
-        self.proc.kill()
-        self.proc.wait(timeout=5)
 
 
 @pytest.fixture
 def fake():
-    for _ in range(3):
-        host = _free_loopback_host()
-        if host is None:
-            pytest.skip("no loopback address with 29999/30003/30004 free (ur-rtde hard-codes 30003/30004)")
-        try:
-            f = FakeUR(host)
-            break
-        except RuntimeError:
-            continue
-    else:
-        pytest.skip("the fake UR could not bind its ports on loopback")
+    try:
+        f = FakeUR.start_anywhere()
+    except FakeStartError as exc:
+        pytest.skip(str(exc))
     yield f
     f.close()
 
@@ -254,7 +188,7 @@ def test_deadline_wrapper_connects_to_fake(fake):
 
 
 def test_silent_peer_is_abandoned_at_deadline():
-    host = _free_loopback_host()
+    host = free_loopback_host()
     if host is None:
         pytest.skip("no loopback address with the UR ports free")
     silent = []

@@ -17,7 +17,8 @@ It serves:
     ``pstop``, ``estop``, ``clear``, ``drop`` (close every client connection), ``slow SECONDS``
     (delay every answer), ``silent 0|1`` (stop answering), ``unlock_delay SECONDS`` (refuse
     ``unlock protective stop`` that long after the stop, as a real UR does for 5 s),
-    ``set_q q0 .. q5``, ``state`` (JSON), ``log`` (JSON), ``quit``.
+    ``set_q q0 .. q5``, ``state`` (JSON), ``log`` (JSON), ``targets`` (JSON list of every servoJ
+    target received since the last ``targets``), ``quit``.
 
 On start it prints one line ``READY {json}`` with the bound ports to stdout.
 """
@@ -86,6 +87,8 @@ for _i in range(64, 128):
 
 REALTIME_CMDS = {24, 11, 9, 10, 6, 25, 26, 27, 38, 58, 66, 67, 68, 69, 70, 71}  # the script answers "ready"
 CMD_SERVOJ, CMD_SPEEDJ, CMD_MOVEJ, CMD_STOP_SCRIPT = 11, 9, 1, 255
+CMD_SET_WATCHDOG = 35  # argument: the minimum kick frequency in input_double_register_0
+MAX_SERVO_LOG = 200_000  # servoJ targets kept for `targets` (400 s at 500 Hz)
 RT_STOPPED, RT_PLAYING = 1, 2
 SAFETY_NORMAL, SAFETY_PROTECTIVE, SAFETY_ROBOT_ESTOP = 1, 3, 7
 VMAX = [math.pi, math.pi, math.pi, 2 * math.pi, 2 * math.pi, 2 * math.pi]
@@ -126,6 +129,12 @@ class Robot:
         self.script_bytes = 0
         self.stale_cmd: int | None = None
         self.fault_at = 0.0
+        self.servo_targets: list[list[float]] = []  # every servoJ target received, in order
+        # The script's RTDE watchdog. A real script counts kickWatchdog calls; here any input
+        # package from a client counts as a kick, which is what a live client sends every tick.
+        self.watchdog_period_s: float | None = None
+        self.last_input_at = time.monotonic()
+        self.watchdog_trips = 0
 
     # the emulated control script, called each tick with the lock held
     def _script_step(self) -> None:
@@ -160,6 +169,7 @@ class Robot:
     def step(self, dt: float) -> None:
         with self.lock:
             self._script_step()
+            self._watchdog_step()
             moving = self.program_running and self.safety_mode == SAFETY_NORMAL
             for j in range(6):
                 if moving:
@@ -169,6 +179,15 @@ class Robot:
                     v = 0.0
                 self.q[j] += v * dt
                 self.qd[j] = v
+
+    def _watchdog_step(self) -> None:
+        if self.watchdog_period_s is None or not self.program_running:
+            return
+        if time.monotonic() - self.last_input_at > self.watchdog_period_s:
+            self.program_running = False  # the script stops the arm and exits
+            self.target = list(self.q)
+            self.watchdog_period_s = None
+            self.watchdog_trips += 1
 
     def fault(self, safety_mode: int) -> None:
         with self.lock:
@@ -379,6 +398,7 @@ class Server:
             with r.lock:  # the program starts as soon as a script arrives, unless the robot is stopped
                 if r.safety_mode == SAFETY_NORMAL and not r.program_running:
                     r.program_running = True
+                    r.watchdog_period_s = None  # a new script has no watchdog until it is set again
                     r.stale_cmd = r.in_int[0] or None
 
     # ---- RTDE -------------------------------------------------------------------------------
@@ -490,6 +510,11 @@ class Server:
                             v = [next(it) for _ in range(n)] if n > 1 else next(it)
                             r.apply_input(name, v)
                         cmd = r.in_int[0]
+                        r.last_input_at = time.monotonic()
+                        if cmd == CMD_SET_WATCHDOG and r.in_double[0] > 0:
+                            r.watchdog_period_s = 1.0 / r.in_double[0]
+                        if cmd == CMD_SERVOJ and len(r.servo_targets) < MAX_SERVO_LOG:
+                            r.servo_targets.append(list(r.in_double[0:6]))
                         if cmd and (not r.commands or r.commands[-1] != cmd):
                             r.commands.append(cmd)
                             self.log(f"script cmd {cmd}")
@@ -533,7 +558,11 @@ class Server:
                     ans = json.dumps({"q": r.q, "target": r.target, "safety_mode": r.safety_mode,
                                       "program_running": r.program_running, "commands": r.commands[-20:],
                                       "script_bytes": r.script_bytes, "out_int0": r.out_int[0],
-                                      "in_int0": r.in_int[0]})
+                                      "in_int0": r.in_int[0], "watchdog_trips": r.watchdog_trips})
+            elif cmd == "targets":  # every servoJ target received since the last `targets`
+                with r.lock:
+                    ans = json.dumps(r.servo_targets)
+                    r.servo_targets = []
             elif cmd == "log":
                 ans = json.dumps(self.log_lines[-200:])
             elif cmd == "quit":
@@ -585,7 +614,7 @@ class Server:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="armada fake ur3", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--dashboard-port", type=int, default=29999)
     p.add_argument("--script-port", type=int, default=30003)
