@@ -12,7 +12,8 @@ from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -215,15 +216,100 @@ class DriverConfig(_Strict):
     control_rate_hz: float | None = Field(default=None, gt=0, le=2000)  # overrides the embodiment
     # SCHED_FIFO priority for the control loop thread (1-99); None keeps the normal scheduler.
     realtime_priority: int | None = Field(default=None, ge=1, le=99)
+    # A joint calibration from `armada calibrate joints` (relative to the cell file), checked when
+    # the cell loads; a PiPer zero calibration is applied by the PiPer backends.
+    joint_calibration: str | None = None
 
 
-class CameraConfig(_Strict):
+class _CameraBase(_Strict):
     name: str
-    kind: Literal["synthetic"] = "synthetic"
     width: int = Field(default=640, gt=0, le=4096)
     height: int = Field(default=480, gt=0, le=4096)
     fps: float = Field(default=30.0, gt=0, le=240)
     frames: str  # PUB endpoint
+    # JPEG on the wire (remote inference over TCP), quality 1-100; None sends raw pixels zero-copy.
+    jpeg_quality: int | None = Field(default=None, ge=1, le=100)
+    # No frame for this long is a stall: publish nothing, log, reopen. None: 3 frame intervals, at
+    # least 0.5 s (reopening costs far more than a scheduling hiccup; inference pauses on its own
+    # as soon as a frame is older than max_frame_age_s).
+    frame_timeout_s: float | None = Field(default=None, gt=0, le=60)
+    # After (re)opening, the first frame may take longer (USB enumeration, auto-exposure settling).
+    first_frame_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    # Waits before reopening a stalled camera: the first, doubled on each failure up to the max.
+    reopen_backoff_s: float = Field(default=0.5, gt=0, le=60)
+    reopen_backoff_max_s: float = Field(default=5.0, gt=0, le=300)
+    # Results of `armada calibrate` (files relative to the cell file), checked when the cell loads:
+    # intrinsics must match width x height; hand_eye places the camera on the arm or in the cell.
+    intrinsics: str | None = None
+    hand_eye: str | None = None
+    latency: str | None = None
+
+    def frame_timeout(self) -> float:
+        return self.frame_timeout_s if self.frame_timeout_s is not None else max(3.0 / self.fps, 0.5)
+
+
+class SyntheticCameraConfig(_CameraBase):
+    """A moving pattern with the frame number drawn in; no device."""
+
+    kind: Literal["synthetic"] = "synthetic"
+
+
+class RealSenseCameraConfig(_CameraBase):
+    """An Intel RealSense through pyrealsense2 (or a recording of one played through the real pipeline)."""
+
+    kind: Literal["realsense"]
+    serial: str | None = None  # None: the only connected camera
+    depth: bool = False  # a depth image aligned to colour travels with each frame
+    depth_width: int | None = Field(default=None, gt=0, le=4096)  # None: the colour size
+    depth_height: int | None = Field(default=None, gt=0, le=4096)
+    # A recording (.db3, relative to the cell file) played instead of a device, e.g. the test fake.
+    playback: str | None = None
+    repeat_playback: bool = True  # false: the recording's end is a stall (then it is reopened)
+    auto_exposure: bool = True
+    exposure_us: float | None = Field(default=None, gt=0, le=200_000)  # manual exposure
+    gain: float | None = Field(default=None, ge=0)
+    # librealsense maps the device clock to host time itself (global time domain).
+    global_time: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RealSenseCameraConfig":
+        if self.exposure_us is not None and self.auto_exposure:
+            raise ValueError("exposure_us is a manual exposure: set auto_exposure: false with it")
+        if (self.depth_width is None) != (self.depth_height is None):
+            raise ValueError("give both depth_width and depth_height, or neither")
+        return self
+
+
+class OpenCVCameraConfig(_CameraBase):
+    """A UVC camera through OpenCV's V4L2 backend (or a video file played through the same code)."""
+
+    kind: Literal["opencv"]
+    # /dev/v4l/by-id/... (stable across reboots and replugging), /dev/videoN, an index, or a
+    # video file (relative to the cell file), which plays paced at its own frame rate.
+    device: str | int
+    fourcc: str = Field(default="MJPG", min_length=4, max_length=4)
+    buffer_size: int = Field(default=1, ge=1, le=10)  # driver-side queue: 1 keeps frames fresh
+    auto_exposure: bool | None = None  # None: leave the camera's setting alone
+    exposure: float | None = Field(default=None, gt=0)  # V4L2 exposure_time_absolute (100 us units)
+    repeat_playback: bool = True  # a video file: loop at its end (false: the end is a stall)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "OpenCVCameraConfig":
+        if self.exposure is not None and self.auto_exposure:
+            raise ValueError("exposure is a manual exposure: set auto_exposure: false with it")
+        return self
+
+
+def _camera_kind(value: Any) -> str:
+    """Cameras without ``kind`` are synthetic, as before kinds existed."""
+    kind = value.get("kind", "synthetic") if isinstance(value, dict) else getattr(value, "kind", "synthetic")
+    return kind if isinstance(kind, str) else repr(kind)
+
+
+CameraConfig = Annotated[Annotated[SyntheticCameraConfig, Tag("synthetic")]
+                         | Annotated[RealSenseCameraConfig, Tag("realsense")]
+                         | Annotated[OpenCVCameraConfig, Tag("opencv")],
+                         Discriminator(_camera_kind)]
 
 
 class ScriptedPolicyConfig(_Strict):
@@ -388,7 +474,40 @@ def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None)
     names = [d.name for d in cell.drivers] + [c.name for c in cell.cameras]
     if len(set(names)) != len(names):
         raise ConfigError(path, "drivers/cameras", f"names must be unique, got {names}")
+    _check_calibrations(cell, path)
     return cell
+
+
+def resolve_cell_file(cell_path: Path | None, name: str) -> Path:
+    """A file named in a cell, relative to the cell file's folder unless absolute."""
+    p = Path(name).expanduser()
+    base = Path(cell_path).parent if cell_path is not None else DEFAULT_CELL.parent
+    return p if p.is_absolute() else base / p
+
+
+def _check_calibrations(cell: CellConfig, path: Path) -> None:
+    """Load every calibration file a cell names, so a missing or wrong one fails here, not mid-run."""
+    from calibration import results  # late: only cells that name calibration files need it
+
+    for i, cam in enumerate(cell.cameras):
+        for key, load in (("intrinsics", lambda f: results.load_intrinsics(f, expect_size=(cam.width, cam.height))),
+                          ("hand_eye", results.load_hand_eye), ("latency", results.load_latency)):
+            name = getattr(cam, key)
+            if name is not None:
+                _load_calibration(load, resolve_cell_file(path, name), path, f"cameras.{i}.{key}")
+    for i, drv in enumerate(cell.drivers):
+        if drv.joint_calibration is not None:
+            _load_calibration(results.load_joint_calibration, resolve_cell_file(path, drv.joint_calibration), path,
+                              f"drivers.{i}.joint_calibration")
+
+
+def _load_calibration(load: Callable[[Path], Any], file: Path, cell_path: Path, key: str) -> None:
+    if not file.exists():
+        raise ConfigError(cell_path, key, f"no calibration file {file}")
+    try:
+        load(file)
+    except ConfigError as exc:
+        raise ConfigError(cell_path, key, f"{file}: {exc}") from None
 
 
 def _endpoints(cell: CellConfig) -> list[tuple[str, str]]:

@@ -335,12 +335,22 @@ class CommandClient:
 
 
 # --------------------------------------------------------------------------- camera frames
+#
+# A frame is a multipart message: [msgpack header, pixels] or, with depth aligned to the colour
+# image, [header, pixels, depth]. Raw pixels travel without a copy. With ``jpeg_quality`` the
+# publisher JPEG-encodes the colour image (header ``encoding: jpeg``, ``encode_us``) and every
+# receiver decodes it back to RGB transparently; depth always stays raw (JPEG would corrupt it).
+
+FRAME_DTYPES = ("uint8", "uint16", "float32")
+DEPTH_DTYPES = ("uint16", "float32")
 
 
 class FramePublisher:
-    """Publishes frames as [msgpack header, raw pixels]; the pixel buffer is sent without copying.
+    """Publishes frames; raw pixel (and depth) buffers are sent without copying.
 
-    The caller must not write into ``pixels`` after sending it: ZeroMQ still holds it.
+    The caller must not write into ``pixels`` or ``depth`` after sending them: ZeroMQ still
+    holds them. Header fields the caller leaves out (width, height, channels, dtype, encoding)
+    are taken from ``pixels``.
     """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 4, curve: "CurveConfig | None" = None):
@@ -351,28 +361,71 @@ class FramePublisher:
         self.factory = MessageFactory()
         self.dropped = 0
 
-    def send(self, pixels: np.ndarray, **header: Any) -> None:
+    def send(self, pixels: np.ndarray, *, jpeg_quality: int | None = None, depth: np.ndarray | None = None,
+             depth_scale_m: float | None = None, **header: Any) -> int:
+        """Publish one frame; returns the bytes put on the wire (payload parts, header excluded)."""
         if not pixels.flags.c_contiguous:
             raise ValueError("frame pixels must be C-contiguous")
+        h, w = pixels.shape[:2]
+        for key, value in (("width", w), ("height", h), ("channels", 1 if pixels.ndim == 2 else pixels.shape[2]),
+                           ("dtype", pixels.dtype.name), ("encoding", "raw")):
+            header.setdefault(key, value)
+        payload: Any = memoryview(pixels).cast("B")
+        if jpeg_quality is not None:
+            payload = _encode_jpeg(pixels, jpeg_quality, header)
+        parts = [payload]
+        if depth is not None:
+            parts.append(self._depth_part(depth, depth_scale_m, (h, w), header))
         msg = self.factory.make("frame", **header)
         try:
-            self.socket.send_multipart([protocol.encode(msg), memoryview(pixels).cast("B")],
-                                       zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart([protocol.encode(msg), *parts], zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.dropped += 1
+        return sum(p.nbytes for p in parts)
+
+    @staticmethod
+    def _depth_part(depth: np.ndarray, scale_m: float | None, size: tuple[int, int],
+                    header: dict[str, Any]) -> memoryview:
+        if depth.shape != size or depth.dtype.name not in DEPTH_DTYPES or not depth.flags.c_contiguous:
+            raise ValueError(f"depth must be a C-contiguous {size[0]}x{size[1]} array of {DEPTH_DTYPES} aligned "
+                             f"to the colour image, got {depth.shape} {depth.dtype}")
+        header["depth_dtype"] = depth.dtype.name
+        header["depth_scale_m"] = float(scale_m if scale_m is not None else 1.0)
+        return memoryview(depth).cast("B")
 
     def close(self) -> None:
         self.socket.close(0)
 
 
+def _encode_jpeg(rgb: np.ndarray, quality: int, header: dict[str, Any]) -> np.ndarray:
+    import cv2  # only JPEG streams pay for OpenCV
+
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"JPEG needs an 8-bit RGB image, got {rgb.shape} {rgb.dtype}")
+    t = time.perf_counter_ns()
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"OpenCV could not JPEG-encode a {rgb.shape} image")
+    header.update(encoding="jpeg", jpeg_quality=int(quality), encode_us=(time.perf_counter_ns() - t) // 1000)
+    return jpeg
+
+
 @dataclass
 class Frame:
     header: dict[str, Any]
-    pixels: np.ndarray  # read-only: a view on the received buffer, or the decoded JPEG
+    pixels: np.ndarray  # read-only: a view on the received buffer, or the decoded JPEG (RGB)
+    depth: np.ndarray | None = None  # read-only HxW, aligned to pixels; metres = depth * header["depth_scale_m"]
+    wire_bytes: int = 0  # payload bytes as received (JPEG size for JPEG frames)
+    decode_us: int = 0  # time spent decoding the payload here (JPEG decode; ~0 for raw)
 
 
 class FrameSubscriber:
-    """Receives frames; ``recv_latest`` for newest-only consumers, ``recv`` for all-frames ones."""
+    """Receives frames; ``recv_latest`` for newest-only consumers, ``recv`` for all-frames ones.
+
+    ``recv_latest`` validates every queued header (so bad messages are counted) but decodes the
+    pixels of the newest valid frame only: a newest-only consumer of a JPEG stream pays for one
+    decode, not for every frame it skips.
+    """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 8, curve: "CurveConfig | None" = None):
         self.socket = ctx.socket(zmq.SUB)
@@ -388,59 +441,112 @@ class FrameSubscriber:
         return self._read()
 
     def recv_latest(self, timeout_s: float = 0.0) -> Frame | None:
-        newest = None
+        candidates: list[tuple[dict[str, Any], list[zmq.Frame]]] = []
         while self.socket.poll(0, zmq.POLLIN):
-            newest = self._read() or newest
-        if newest is None and timeout_s > 0:
+            parts = self._recv_parts()
+            header = self._checked(decode_frame_header, parts)
+            if header is not None:
+                candidates = [*candidates[-3:], (header, parts)]  # a few, in case the newest fails to decode
+        for header, parts in reversed(candidates):
+            frame = self._checked(lambda p, h=header: decode_frame_payload(h, p), parts)
+            if frame is not None:
+                return frame
+        if timeout_s > 0:
             newest = self.recv(timeout_s)
             if newest is not None:
                 return self.recv_latest(0.0) or newest
-        return newest
+        return None
 
-    def _read(self) -> Frame | None:
+    def _recv_parts(self) -> list[zmq.Frame]:
         parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
         self.counters.received += 1
+        return parts
+
+    def _checked(self, fn: Any, parts: list[zmq.Frame]) -> Any:
         try:
-            return decode_frame(parts)
+            return fn(parts)
         except ProtocolError as err:
             self.counters.reject(err)
             return None
+
+    def _read(self) -> Frame | None:
+        return self._checked(decode_frame, self._recv_parts())
 
     def close(self) -> None:
         self.socket.close(0)
 
 
 def decode_frame(parts: list[zmq.Frame]) -> Frame:
-    if len(parts) != 2:
-        raise ProtocolError(ErrorCode.BAD_ENCODING, f"a frame has 2 parts, got {len(parts)}")
+    return decode_frame_payload(decode_frame_header(parts), parts)
+
+
+def decode_frame_header(parts: list[zmq.Frame]) -> dict[str, Any]:
+    """The validated header of a frame message (cheap: the payload is not touched)."""
+    if len(parts) not in (2, 3):
+        raise ProtocolError(ErrorCode.BAD_ENCODING, f"a frame has 2 parts (3 with depth), got {len(parts)}")
     header = protocol.decode_valid(parts[0].buffer)
     if header["kind"] != "frame":
         raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"expected a frame header, got {header['kind']!r}")
-    buf = parts[1].buffer
-    if header["encoding"] == "jpeg":
-        import cv2  # only consumers of JPEG streams pay for OpenCV
+    has_depth = "depth_dtype" in header
+    if has_depth != (len(parts) == 3):
+        raise ProtocolError(ErrorCode.BAD_ENCODING, f"a frame of {len(parts)} parts "
+                                                    f"{'with' if has_depth else 'without'} depth_dtype in its header")
+    return header
 
-        if len(buf) > MAX_FRAME_BYTES:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"JPEG payload of {len(buf)} bytes is too large")
-        pixels = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
-        if pixels is None:
-            raise ProtocolError(ErrorCode.BAD_ENCODING, "JPEG payload does not decode")
-        expected = (header["height"], header["width"], header["channels"])
-        if pixels.shape != expected:
-            raise ProtocolError(ErrorCode.BAD_SHAPE, f"JPEG decodes to {pixels.shape}, header says {expected}")
-        pixels = np.ascontiguousarray(pixels[..., ::-1])  # OpenCV decodes BGR; frames are RGB
-        pixels.flags.writeable = False
-        return Frame(header, pixels)
-    if header["dtype"] not in ("uint8", "uint16", "float32"):
+
+def decode_frame_payload(header: dict[str, Any], parts: list[zmq.Frame]) -> Frame:
+    t = time.perf_counter_ns()
+    buf = parts[1].buffer
+    pixels = _decode_jpeg(header, buf) if header["encoding"] == "jpeg" else _raw_view(header, buf)
+    depth = _depth_view(header, parts[2].buffer) if len(parts) == 3 else None
+    wire = len(buf) + (len(parts[2].buffer) if len(parts) == 3 else 0)
+    return Frame(header, pixels, depth, wire, (time.perf_counter_ns() - t) // 1000)
+
+
+def _decode_jpeg(header: dict[str, Any], buf: memoryview) -> np.ndarray:
+    import cv2  # only consumers of JPEG streams pay for OpenCV
+
+    if len(buf) > MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"JPEG payload of {len(buf)} bytes is too large")
+    bgr = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ProtocolError(ErrorCode.BAD_ENCODING, "JPEG payload does not decode")
+    expected = (header["height"], header["width"], header["channels"])
+    if bgr.shape != expected:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"JPEG decodes to {bgr.shape}, header says {expected}")
+    pixels = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # OpenCV decodes BGR; frames are RGB
+    pixels.flags.writeable = False
+    return pixels
+
+
+def _raw_view(header: dict[str, Any], buf: memoryview) -> np.ndarray:
+    if header["dtype"] not in FRAME_DTYPES:
         raise ProtocolError(ErrorCode.BAD_TYPE, f"frame dtype {header['dtype']!r} is not allowed")
-    dtype = np.dtype(header["dtype"])
     shape = (header["height"], header["width"], header["channels"])
     if min(shape) <= 0 or shape[2] > 4:
         raise ProtocolError(ErrorCode.BAD_SHAPE, f"frame shape {shape} is not allowed")
-    expected = shape[0] * shape[1] * shape[2] * dtype.itemsize
+    return _view(buf, np.dtype(header["dtype"]), shape, "frame")
+
+
+def _depth_view(header: dict[str, Any], buf: memoryview) -> np.ndarray:
+    dtype = header["depth_dtype"]
+    scale = header.get("depth_scale_m")
+    if dtype not in DEPTH_DTYPES:
+        raise ProtocolError(ErrorCode.BAD_TYPE, f"depth dtype {dtype!r} is not one of {DEPTH_DTYPES}")
+    if not isinstance(scale, float) or not 0 < scale < 1e3:
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"depth_scale_m must be a positive float, got {scale!r}")
+    return _view(buf, np.dtype(dtype), (header["height"], header["width"]), "depth")
+
+
+def _view(buf: memoryview, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+    if min(shape) <= 0:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"{what} shape {shape} is not allowed")
+    expected = dtype.itemsize
+    for d in shape:  # Python ints: a hostile header cannot overflow this
+        expected *= d
     if expected > MAX_FRAME_BYTES or len(buf) != expected:
-        raise ProtocolError(ErrorCode.BAD_SHAPE, f"frame payload is {len(buf)} bytes, header says {expected}")
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"{what} payload is {len(buf)} bytes, header says {expected}")
     # Read-only: the buffer belongs to ZeroMQ (and, over inproc, to the sender's array).
-    pixels = np.frombuffer(buf, dtype=dtype).reshape(shape)
-    pixels.flags.writeable = False
-    return Frame(header, pixels)
+    view = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    view.flags.writeable = False
+    return view

@@ -1,1 +1,6 @@
-"""Camera processes: synthetic now; RealSense and OpenCV/V4L2 plug in beside it."""
+"""Cameras: RealSense (pyrealsense2), OpenCV/V4L2 and synthetic sources behind one camera process.
+
+``source`` (the interface and factory), ``realsense``, ``opencv_camera``, ``synthetic``,
+``timing`` (clock mapping, drop counting), ``process`` (publish, recover), ``fake`` (a RealSense
+recording and an MJPG video made at test time), ``bench`` (`armada bench cameras`).
+"""

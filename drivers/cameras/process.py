@@ -1,8 +1,16 @@
-"""The camera process: capture on a fixed schedule, stamp, publish without copying.
+"""The camera process: read a source, stamp, count, publish; reopen a camera that stalls.
 
 Every frame carries a capture time on the host wall clock (``capture_ns``, the one clock all
-processes of a cell share), a sequence number and a running count of frames the camera
-dropped, so a consumer can tell a fresh frame from a stale one.
+processes of a cell share; how each source maps its device clock is in its module), a sequence
+number (``frame_seq``: consecutive over the process's life, so a gap seen downstream is a frame
+lost in transport), a running count of frames the camera lost before we got them (``drops``),
+the number of times the camera was reopened (``recoveries``) and how the stamp was obtained
+(``clock``); with the device's own frame counter and timestamp when it has them. A consumer
+tells a fresh frame from a stale one by ``capture_ns``.
+
+Recovery: when no frame comes within the frame timeout (3 frame intervals, at least 0.5 s, by
+default; longer right after opening), nothing is published (never a repeat of the last frame), the stall is
+logged, the device is closed and reopened with exponential backoff. Every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -12,56 +20,108 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import zmq
 
-from drivers.cameras.synthetic import SyntheticCamera
-from runtime.config import CameraConfig, load_cell, named
+from drivers.cameras.source import Captured, CameraSource, SourceError, make_source
+from drivers.cameras.timing import DropCounter
+from runtime.config import DEFAULT_CELL, CameraConfig, CurveConfig, load_cell, named
 from runtime.transport import FramePublisher, start_authenticator
 
 log = logging.getLogger("armada.camera")
 
+READ_SLICE_S = 0.2  # reads are cut in slices this long so a stop request is seen promptly
+
 
 class CameraProcess:
-    def __init__(self, cfg: CameraConfig, curve=None):
+    def __init__(self, cfg: CameraConfig, curve: CurveConfig | None = None, base_dir: Path | None = None,
+                 source: CameraSource | None = None):
         self.cfg = cfg
-        self.camera = SyntheticCamera(cfg.width, cfg.height)
+        self.source = source if source is not None else make_source(cfg, base_dir)
         self.ctx = zmq.Context()
         self.auth = start_authenticator(self.ctx, curve)
         self.pub = FramePublisher(self.ctx, cfg.frames, curve=curve)
         self.stop_event = threading.Event()
         self.frames_sent = 0
-        self.drops = 0  # capture deadlines missed
+        self.drop_counter = DropCounter(int(1e9 / cfg.fps))
+        self.recoveries = 0  # successful reopens after a stall
+        self.stalls = 0
+        self._fresh = True  # just (re)opened: the first frame may take longer
+
+    @property
+    def drops(self) -> int:
+        return self.drop_counter.drops
 
     def run(self, max_frames: int | None = None) -> None:
-        period = int(1e9 / self.cfg.fps)
-        deadline = time.monotonic_ns()
-        seq = 0
-        log.info("camera %s up: %dx%d at %.1f fps on %s", self.cfg.name, self.cfg.width, self.cfg.height,
-                 self.cfg.fps, self.cfg.frames)
         try:
-            while not self.stop_event.is_set() and (max_frames is None or seq < max_frames):
-                remaining = deadline - time.monotonic_ns()
-                if remaining > 0:
-                    time.sleep(remaining * 1e-9)
-                capture_ns = time.time_ns()
-                pixels = self.camera.grab(seq)
-                self.pub.send(pixels, camera=self.cfg.name, frame_seq=seq, capture_ns=capture_ns,
-                              width=self.cfg.width, height=self.cfg.height, channels=3, dtype="uint8",
-                              encoding="raw", drops=self.drops)
-                seq += 1
-                self.frames_sent = seq
-                deadline += period
-                late = time.monotonic_ns() - deadline
-                if late > 0:
-                    missed = late // period + 1
-                    self.drops += int(missed)
-                    deadline += missed * period
+            info = self.source.open()
+            log.info("camera %s up: %s; publishing on %s", self.cfg.name, info, self.cfg.frames)
+            while not self.stop_event.is_set() and (max_frames is None or self.frames_sent < max_frames):
+                captured = self._read()
+                if captured is not None:
+                    self._publish(captured)
+                elif not self.stop_event.is_set():
+                    self._recover()
         finally:
+            self.source.close()
             self.pub.close()
             if self.auth is not None:
                 self.auth.stop()
             self.ctx.term()
+
+    def _read(self) -> Captured | None:
+        """The next frame within the frame timeout, or None (a stall, or a stop request)."""
+        timeout = self.cfg.first_frame_timeout_s if self._fresh else self.cfg.frame_timeout()
+        deadline = time.monotonic() + timeout
+        while not self.stop_event.is_set():
+            remaining = deadline - time.monotonic()
+            # At least one try, even past the deadline: a process that was itself descheduled
+            # (or SIGSTOPped) finds the camera's frames waiting; that is not a camera stall.
+            captured = self.source.read(max(0.0, min(READ_SLICE_S, remaining)))
+            if captured is not None:
+                self._fresh = False
+                return captured
+            if remaining <= 0:
+                return None
+        return None
+
+    def _publish(self, captured: Captured) -> None:
+        self.drop_counter.update(captured.device_frame, captured.capture_ns)
+        header: dict[str, Any] = {"camera": self.cfg.name, "frame_seq": self.frames_sent,
+                                  "capture_ns": captured.capture_ns, "drops": self.drops,
+                                  "recoveries": self.recoveries, "clock": captured.clock}
+        if captured.device_frame is not None:
+            header["device_frame"] = captured.device_frame
+        if captured.device_ts_ns is not None:
+            header["device_ts_ns"] = captured.device_ts_ns
+            header["device_domain"] = captured.device_domain
+        self.pub.send(captured.rgb, jpeg_quality=self.cfg.jpeg_quality, depth=captured.depth,
+                      depth_scale_m=captured.depth_scale_m, **header)
+        self.frames_sent += 1
+
+    def _recover(self) -> None:
+        """Publish nothing, close the camera, reopen it with backoff until it works or we stop."""
+        self.stalls += 1
+        stalled_at = time.monotonic()
+        log.warning("camera %s: no frame for %.2f s; publishing nothing and reopening (stall %d)", self.cfg.name,
+                    self.cfg.first_frame_timeout_s if self._fresh else self.cfg.frame_timeout(), self.stalls)
+        self.source.close()
+        backoff = self.cfg.reopen_backoff_s
+        while not self.stop_event.wait(backoff):
+            try:
+                info = self.source.open()
+            except SourceError as exc:
+                log.warning("camera %s: reopening failed, next try in %.1f s: %s", self.cfg.name,
+                            min(backoff * 2, self.cfg.reopen_backoff_max_s), exc)
+                backoff = min(backoff * 2, self.cfg.reopen_backoff_max_s)
+                continue
+            self.recoveries += 1
+            self.drop_counter.restart()
+            self._fresh = True
+            log.info("camera %s: reopened after %.2f s (recovery %d): %s", self.cfg.name,
+                     time.monotonic() - stalled_at, self.recoveries, info)
+            return
 
     def request_stop(self, *_: object) -> None:
         self.stop_event.set()
@@ -69,7 +129,12 @@ class CameraProcess:
 
 def run_camera(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None) -> None:
     cell = load_cell(cell_path, run_dir)
-    process = CameraProcess(named(cell.camera, name, cell_path), cell.curve)
+    cfg = named(cell.camera, name, cell_path)
+    base_dir = Path(cell_path).resolve().parent if cell_path is not None else DEFAULT_CELL.parent
+    process = CameraProcess(cfg, cell.curve, base_dir)
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
-    process.run()
+    try:
+        process.run()
+    except SourceError as exc:  # a config or wiring problem at start-up: say it once, exit non-zero
+        raise SystemExit(f"armada camera: {exc}") from None
