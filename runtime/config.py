@@ -195,6 +195,9 @@ class CobotMagicBackendConfig(_Strict):
     kind: Literal["cobot_magic"] = "cobot_magic"
     left_can: str
     right_can: str
+    # Teleop and recording: the master arms move the puppets and the driver only reads (every write
+    # is refused). False: the masters must be silent, or the driver faults rather than fight them.
+    follow_masters: bool = False
     bustype: Literal["socketcan", "udp_multicast", "virtual"] = "socketcan"
     speed_pct: int = Field(default=50, ge=1, le=100)
     gripper_effort: int = Field(default=1000, ge=0, le=5000)

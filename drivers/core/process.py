@@ -32,7 +32,7 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 PERIOD_HISTORY = 60_000  # ticks of period history kept for `stats` (two minutes at 500 Hz)
 
 
-def make_backend(cfg: DriverConfig, emb: EmbodimentConfig) -> Backend:
+def make_backend(cfg: DriverConfig, emb: EmbodimentConfig, cell_path: Path | None = None) -> Backend:
     """Import only the backend this driver needs (no torch, no lerobot for a mock arm)."""
     if cfg.backend.kind == "mock":
         from drivers.mock.arm import MockArm
@@ -44,7 +44,8 @@ def make_backend(cfg: DriverConfig, emb: EmbodimentConfig) -> Backend:
 
         b = cfg.backend
         return PiperBackend(b.can, emb, bustype=b.bustype, speed_pct=b.speed_pct, gripper_effort=b.gripper_effort,
-                            stale_s=b.stale_s, allow_reset_on_resume=b.allow_reset_on_resume)
+                            stale_s=b.stale_s, allow_reset_on_resume=b.allow_reset_on_resume,
+                            zero_offsets_rad=_piper_zero_offsets(cfg, cell_path))
     if cfg.backend.kind == "ur3":
         from drivers.ur3.backend import UR3Backend
 
@@ -52,8 +53,22 @@ def make_backend(cfg: DriverConfig, emb: EmbodimentConfig) -> Backend:
     if cfg.backend.kind == "cobot_magic":
         from drivers.cobot_magic.backend import CobotMagicBackend
 
-        return CobotMagicBackend(cfg.backend, emb)
+        return CobotMagicBackend(cfg.backend, emb, follow_masters=cfg.backend.follow_masters)
     raise ValueError(f"unknown backend kind {cfg.backend.kind!r}")
+
+
+def _piper_zero_offsets(cfg: DriverConfig, cell_path: Path | None):
+    if cfg.joint_calibration is None:
+        return None
+    from calibration.joints import PiperZero
+    from calibration.results import load_joint_calibration
+    from runtime.config import ConfigError, resolve_cell_file
+
+    cal = load_joint_calibration(resolve_cell_file(cell_path, cfg.joint_calibration))
+    if not isinstance(cal, PiperZero):
+        raise ConfigError(cell_path or "<cell>", f"driver {cfg.name}: joint_calibration",
+                          "a PiPer driver takes a piper-zero calibration (armada calibrate joints piper-zero)")
+    return cal.offsets_rad
 
 
 @dataclass
@@ -247,7 +262,7 @@ def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
     cell = load_cell(cell_path, run_dir)
     cfg = named(cell.driver, name, cell_path)
     emb = driver_embodiment(Path(cell_path) if cell_path else None, cfg)
-    process = DriverProcess(cfg, emb, make_backend(cfg, emb), cell)
+    process = DriverProcess(cfg, emb, make_backend(cfg, emb, Path(cell_path) if cell_path else None), cell)
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
     process.run()

@@ -26,6 +26,9 @@ from drivers.core.backend import Backend, BackendError, Reading
 
 N_JOINTS = 6
 STALE_S = 0.05  # feedback older than this is a read error
+# A powered PiPer streams feedback at 200 Hz from the moment the bus is up: no frame at all in this
+# long means no arm on this bus (or the bus is down), and waiting out the full deadline helps nobody.
+FIRST_FEEDBACK_S = 1.5
 MDEG_PER_RAD = math.degrees(1.0) * 1000.0  # 0.001 deg per rad
 UM_PER_M = 1e6  # 0.001 mm per m
 ARM_STATUS_ESTOP = 0x01
@@ -50,7 +53,8 @@ def _decode_err_code(code: int) -> list[str]:
 
 class PiperBackend(Backend):
     def __init__(self, can_name: str, embodiment, bustype: str = "socketcan", speed_pct: int = 50,
-                 gripper_effort: int = 1000, stale_s: float = STALE_S, allow_reset_on_resume: bool = False):
+                 gripper_effort: int = 1000, stale_s: float = STALE_S, allow_reset_on_resume: bool = False,
+                 zero_offsets_rad: np.ndarray | None = None):
         # piper_sdk 0.6.2's "resume" frame is its reset frame, documented as cutting motor power:
         # a raised arm would drop. Resuming is refused unless the cell says the arm is supported.
         self.allow_reset_on_resume = allow_reset_on_resume
@@ -63,6 +67,11 @@ class PiperBackend(Backend):
         if dof is not None and dof != N_JOINTS + 1:
             raise ValueError(f"PiPer backend needs 7 dofs (6 joints + gripper), embodiment has {dof}")
         self._piper = None
+        # From `armada calibrate joints piper-zero`: what each joint reads at the mechanical zero.
+        # Readings are corrected by it and targets shifted back, until the firmware zero is set.
+        self.zero_offsets = np.zeros(N_JOINTS) if zero_offsets_rad is None else np.asarray(zero_offsets_rad, float)
+        if self.zero_offsets.shape != (N_JOINTS,) or not np.all(np.isfinite(self.zero_offsets)):
+            raise ValueError(f"PiPer zero offsets must be 6 finite values (rad), got {zero_offsets_rad!r}")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -74,27 +83,18 @@ class PiperBackend(Backend):
             from piper_sdk import C_PiperInterface_V2
         except ImportError as exc:
             raise BackendError(f"piper_sdk is not installed ({exc}); pip install piper_sdk", transient=False) from None
-        real = self.bustype == "socketcan"
-        try:
-            piper = C_PiperInterface_V2(self.can_name, judge_flag=False, can_auto_init=False)
-            # judge_flag checks that a socketcan interface exists, is up and runs at 1 Mbit/s.
-            piper.CreateCanBus(self.can_name, bustype=self.bustype, judge_flag=real)
-        except Exception as exc:
-            self._forget()
-            raise BackendError(f"PiPer on {self.can_name}: cannot open the CAN bus: {exc}", transient=False) from None
-        can_port = getattr(piper, "_C_PiperInterface_V2__arm_can", None)
-        if can_port is not None and getattr(can_port, "recv_bus", True) is None:
-            self._forget()
-            raise BackendError(f"PiPer on {self.can_name}: CAN bus ({self.bustype}) did not open", transient=False)
+        piper = self._open_bus(C_PiperInterface_V2)
         self._piper = piper
         piper.ConnectPort()
 
         # 1. feedback must flow.
+        first_deadline = min(deadline, time.monotonic() + FIRST_FEEDBACK_S)
         while not self._fresh(piper.GetArmJointMsgs().time_stamp):
-            if time.monotonic() > deadline:
+            if time.monotonic() > first_deadline:
                 self.close()
-                raise BackendError(f"PiPer on {self.can_name}: no joint feedback within {timeout_s:.1f} s "
-                                   "(arm powered? CAN wired and up?)", transient=False)
+                raise BackendError(f"PiPer on {self.can_name}: no joint feedback within "
+                                   f"{min(timeout_s, FIRST_FEEDBACK_S):.1f} s (arm powered? CAN wired and up? "
+                                   "the right interface?)", transient=False)
             time.sleep(0.005)
         # 2. enable all motors and wait until every one reports enabled in fresh motor frames.
         enabled_after = time.time()
@@ -127,6 +127,43 @@ class PiperBackend(Backend):
         # Enable the gripper where it is, so the first write does not jump it.
         g = piper.GetArmGripperMsgs().gripper_state.grippers_angle
         piper.GripperCtrl(int(g), self.gripper_effort, 0x01, 0x00)
+
+    def _open_bus(self, sdk_class):
+        real = self.bustype == "socketcan"
+        if self.bustype == "udp_multicast":
+            from drivers.piper.fake.bus import check_multicast_group
+
+            try:
+                check_multicast_group(self.can_name)
+            except ValueError as exc:
+                raise BackendError(f"PiPer on {self.can_name}: {exc}", transient=False) from None
+        try:
+            piper = sdk_class(self.can_name, judge_flag=False, can_auto_init=False)
+            # judge_flag checks that a socketcan interface exists, is up and runs at 1 Mbit/s.
+            piper.CreateCanBus(self.can_name, bustype=self.bustype, judge_flag=real)
+        except Exception as exc:
+            self._forget()
+            cause = f" ({exc.__context__})" if exc.__context__ is not None else ""
+            raise BackendError(f"PiPer on {self.can_name}: cannot open the CAN bus: {exc}{cause}",
+                               transient=False) from None
+        can_port = getattr(piper, "_C_PiperInterface_V2__arm_can", None)
+        if can_port is not None and getattr(can_port, "recv_bus", True) is None:
+            self._forget()
+            raise BackendError(f"PiPer on {self.can_name}: CAN bus ({self.bustype}) did not open", transient=False)
+        if self.bustype == "udp_multicast":
+            # Other multicast groups on the same UDP port would leak in (see drivers/piper/fake/bus.py).
+            from drivers.piper.fake.bus import isolate
+
+            for name in ("recv_bus", "send_bus"):
+                bus = getattr(can_port, name, None)
+                if bus is not None:
+                    isolate(bus)
+        return piper
+
+    @property
+    def sdk(self):
+        """The piper_sdk interface, for reads this backend does not wrap (a master arm's commands)."""
+        return self._sdk()
 
     def close(self) -> None:
         """Disconnect. Never disables the motors: a raised arm must not fall."""
@@ -167,7 +204,7 @@ class PiperBackend(Backend):
             raise BackendError(f"PiPer on {self.can_name}: joint feedback is stale ({age * 1e3:.0f} ms old)")
         js = joints.joint_state
         q = np.array([js.joint_1, js.joint_2, js.joint_3, js.joint_4, js.joint_5, js.joint_6], dtype=np.float64)
-        position = np.append(q / MDEG_PER_RAD, gripper.gripper_state.grippers_angle / UM_PER_M)
+        position = np.append(q / MDEG_PER_RAD - self.zero_offsets, gripper.gripper_state.grippers_angle / UM_PER_M)
         high = piper.GetArmHighSpdInfoMsgs()
         velocity = None
         if self._fresh(high.time_stamp):
@@ -189,7 +226,7 @@ class PiperBackend(Backend):
         p = np.asarray(position, dtype=np.float64)
         if p.shape != (N_JOINTS + 1,) or not np.all(np.isfinite(p)):
             raise BackendError(f"PiPer write needs 7 finite values, got {p!r}", transient=False)
-        mdeg = [int(round(v * MDEG_PER_RAD)) for v in p[:N_JOINTS]]
+        mdeg = [int(round(v * MDEG_PER_RAD)) for v in p[:N_JOINTS] + self.zero_offsets]
         piper.JointCtrl(*mdeg)
         piper.GripperCtrl(int(round(p[N_JOINTS] * UM_PER_M)), self.gripper_effort, 0x01, 0x00)
 

@@ -204,3 +204,28 @@ def _run_trajectory(fw, backend):
 
 def _gripper_targets(fw) -> list[int]:
     return [int.from_bytes(d[:4], "big", signed=True) for _, arb, d in fw.received if arb == 0x159]
+
+
+def test_a_zero_calibration_from_the_cell_corrects_readings_and_shifts_targets(channel, fw, tmp_path):
+    from calibration.joints import PiperZero
+    from calibration.results import CalibrationRecord, Residual, piper_zero_values, write_result
+    from drivers.core.process import make_backend
+    from runtime.config import DriverConfig
+
+    offsets = np.radians([1.0, -0.5, 0.0, 0.25, 0.0, -2.0])
+    zero = PiperZero([f"joint_{i + 1}" for i in range(6)], offsets, 0.0)
+    write_result(tmp_path / "zero.yaml", CalibrationRecord("joint_calibration", "test", {"hold_spread": Residual(
+        0.0, "rad", 0.01)}, piper_zero_values(zero), {"samples": 10}))
+    cfg = DriverConfig(name="arm", embodiment="piper", backend={"kind": "piper", "can": channel, "bustype": "virtual"},
+                       state="ipc://x", cmd="ipc://y", joint_calibration="zero.yaml")
+    b = make_backend(cfg, EMB, tmp_path / "cell.yaml")
+    b.connect(2.0)
+    try:
+        raw = fw.q_mdeg.copy() / MDEG_PER_RAD
+        assert np.allclose(b.read().position[:6], raw - offsets, atol=1e-4)
+        target = np.array([0.2, 0.3, -0.4, 0.1, 0.0, 0.5, 0.02])
+        b.write(target)
+        sent = round((0.2 + offsets[0]) * MDEG_PER_RAD)
+        assert wait_for(lambda: len(fw.joint_targets) > 0 and fw.joint_targets[-1][1][0] == sent, 1.0)
+    finally:
+        b.close()

@@ -1,4 +1,5 @@
-"""A fake PiPer main controller on a python-can ``virtual`` bus.
+"""A fake PiPer main controller on a python-can bus (``virtual`` in one process, ``udp_multicast``
+across processes: see ``drivers.piper.fake.bus`` and ``drivers.piper.fake.serve``).
 
 It answers the frames piper_sdk 0.6.x sends for the calls our backend makes and streams the
 feedback frames the SDK parses, at ``rate_hz``. Only that much of the protocol exists here:
@@ -19,6 +20,14 @@ Feedback streamed:
   0x251-0x256  motor high speed: int16 speed 0.001 rad/s, int16 current 0.001 A, int32 position
   0x261-0x266  motor low speed: u16 voltage 0.1 V, i16 driver temp, i8 motor temp,
                u8 foc status (bit5 driver error, bit6 enabled), u16 bus current
+
+Joint and gripper targets come from anyone on the bus: this driver, or a master arm in teaching
+mode (``drivers.piper.fake.master``). Like the real puppet, the fake follows both.
+
+Timing: each cycle steps the joints toward the target, then sends the feedback; between cycles
+it handles frames as they arrive (so ``received`` times are arrival times). With
+``time_constant_s=0`` a target received before a cycle shows in that cycle's feedback exactly,
+which is how ``drivers.piper.bench`` measures command-to-feedback latency.
 """
 
 from __future__ import annotations
@@ -31,8 +40,12 @@ import time
 import can
 import numpy as np
 
+from drivers.piper.fake.bus import open_bus
+
 ENABLE_BIT = 1 << 6
 DRIVER_ERROR_BIT = 1 << 5
+# What this fake sends; on udp_multicast it hears these back and must ignore them.
+FEEDBACK_IDS = frozenset([0x2A1, 0x2A5, 0x2A6, 0x2A7, 0x2A8, *range(0x251, 0x257), *range(0x261, 0x267)])
 
 
 class PiperFirmware:
@@ -40,8 +53,17 @@ class PiperFirmware:
 
     def __init__(self, channel: str, rate_hz: float = 200.0, initial_deg: np.ndarray | None = None,
                  initial_gripper_mm: float = 0.0, time_constant_s: float = 0.03,
-                 motors_enabled: bool = False):
+                 motors_enabled: bool = False, bustype: str = "virtual", port: int | None = None,
+                 max_history: int | None = None, motor_info_every: tuple[int, int] = (2, 4)):
+        """``max_history`` bounds ``received`` and ``joint_targets`` (a long-running fake process);
+        None keeps everything (tests). ``motor_info_every`` sends the motor high-/low-speed frames
+        (0x251-0x256, 0x261-0x266) every n-th cycle: twelve frames a cycle are most of the bus load,
+        and over udp_multicast every frame costs both processes CPU."""
+        self.motor_info_every = motor_info_every
+        self._cycle = 0
         self.channel = channel
+        self.bustype = bustype
+        self.max_history = max_history
         self.period = 1.0 / rate_hz
         self.tau = time_constant_s
         self._lock = threading.Lock()
@@ -68,7 +90,7 @@ class PiperFirmware:
         self.joint_targets: list[tuple[float, np.ndarray]] = []
         self.frames_sent = 0
         self._stop = threading.Event()
-        self._bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
+        self._bus = open_bus(channel, bustype, port)
         self._thread = threading.Thread(target=self._run, name=f"piper-fake-{channel}", daemon=True)
         self._thread.start()
 
@@ -101,6 +123,28 @@ class PiperFirmware:
         with self._lock:
             self._do_estop()
 
+    def state(self) -> dict:
+        """A JSON-ready snapshot, in SI units (rad, m) beside the raw values."""
+        with self._lock:
+            return {
+                "q": (np.radians(self.q_mdeg / 1000.0)).tolist(), "gripper_m": self.gripper_um * 1e-6,
+                "target": (np.radians(self.target_mdeg / 1000.0)).tolist(),
+                "gripper_target_m": self.gripper_target_um * 1e-6, "enabled": self.enabled.tolist(),
+                "gripper_enabled": self.gripper_enabled, "ctrl_mode": int(self.ctrl_mode),
+                "speed_pct": int(self.speed_pct), "estopped": self.estopped, "err_code": int(self.err_code),
+                "arm_status": int(self.arm_status_code), "silenced": self.silenced,
+                "frames_sent": self.frames_sent, "targets_received": len(self.joint_targets),
+            }
+
+    def joint_targets_since(self, t_mono: float) -> list[tuple[float, list[float]]]:
+        """Complete joint targets received after ``t_mono`` (monotonic s), in rad."""
+        with self._lock:
+            return [(t, np.radians(q / 1000.0).tolist()) for t, q in self.joint_targets if t > t_mono]
+
+    @property
+    def bus(self) -> can.BusABC:
+        return self._bus
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
@@ -112,40 +156,50 @@ class PiperFirmware:
         next_t = time.monotonic()
         last = next_t
         while not self._stop.is_set():
-            while True:
-                msg = self._bus.recv(timeout=0)
-                if msg is None:
-                    break
-                self._handle(msg)
             now = time.monotonic()
             with self._lock:
                 self._step(now - last)
                 frames = [] if self.silenced else self._feedback()
+                self._trim()
             last = now
             for arb_id, data in frames:
                 try:
-                    self._bus.send(can.Message(arbitration_id=arb_id, data=data, is_extended_id=False))
+                    self._bus.send(can.Message(arbitration_id=arb_id, data=data, is_extended_id=False), timeout=0.01)
                     self.frames_sent += 1
                 except can.CanError:
                     pass
             next_t += self.period
-            delay = next_t - time.monotonic()
-            if delay > 0:
-                # Wait for either the next period or an incoming frame, whichever is first.
-                msg = self._bus.recv(timeout=delay)
-                if msg is not None:
-                    self._handle(msg)
-                    rest = next_t - time.monotonic()
-                    if rest > 0:
-                        self._stop.wait(rest)
-            else:
-                next_t = time.monotonic()
+            if next_t < time.monotonic():
+                next_t = time.monotonic()  # late: skip ahead rather than burst
+            self._receive_until(next_t)
+
+    def _receive_until(self, deadline: float) -> None:
+        """Handle frames as they arrive until the next cycle is due, and what is queued even when late
+        (a fake behind schedule must still obey commands)."""
+        while not self._stop.is_set():
+            try:
+                msg = self._bus.recv(timeout=max(0.0, deadline - time.monotonic()))
+            except can.CanError:
+                self._stop.wait(max(0.0, deadline - time.monotonic()))
+                return
+            if msg is None:
+                return
+            self._handle(msg)
+
+    def _trim(self) -> None:
+        n = self.max_history
+        if n is not None:
+            for history in (self.received, self.joint_targets):
+                if len(history) > 2 * n:
+                    del history[:-n]
 
     def _handle(self, msg: can.Message) -> None:
         d = bytes(msg.data)
         if len(d) < 8:
             d = d + bytes(8 - len(d))
         arb = msg.arbitration_id
+        if arb in FEEDBACK_IDS:
+            return  # our own feedback, heard back on udp_multicast
         now = time.monotonic()
         with self._lock:
             self.received.append((now, arb, d))
@@ -210,11 +264,13 @@ class PiperFirmware:
             frames.append((0x2A5 + k, struct.pack(">ii", int(q[2 * k]), int(q[2 * k + 1]))))
         g_status = ENABLE_BIT if self.gripper_enabled else 0
         frames.append((0x2A8, struct.pack(">ihBB", int(round(self.gripper_um)), 0, g_status, 0)))
-        for i in range(6):
+        self._cycle += 1
+        high_every, low_every = self.motor_info_every
+        for i in range(6 if self._cycle % high_every == 0 else 0):
             speed = int(np.clip(round(math.radians(self.qd_mdeg_s[i] / 1000.0) * 1000.0), -32768, 32767))
             pos = int(round(math.radians(self.q_mdeg[i] / 1000.0) * 1000.0))
             frames.append((0x251 + i, struct.pack(">hhi", speed, 0, pos)))
-        for i in range(6):
+        for i in range(6 if self._cycle % low_every == 0 else 0):
             foc = (ENABLE_BIT if self.enabled[i] else 0) | (DRIVER_ERROR_BIT if self.driver_error[i] else 0)
             frames.append((0x261 + i, struct.pack(">HhbBH", 240, 30, 30, foc, 0)))
         return frames

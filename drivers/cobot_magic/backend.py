@@ -1,0 +1,231 @@
+"""AgileX Cobot Magic behind the Backend interface: two puppet PiPers composed as one robot.
+
+The action layout is 14 values: left joints 1-6 (rad), left gripper (m), right joints 1-6, right
+gripper, matching ``configs/embodiments/cobot_magic.yaml``. Each arm is a ``PiperBackend`` (unit
+conversion, connect sequence, fault decoding all live there); this class splits, combines and
+names the arm in every error.
+
+Masters and puppets. Each master PiPer shares its puppet's CAN bus; configured as a teaching arm it
+broadcasts joint/gripper command frames (0x155-0x157, 0x159) and the puppet follows them in
+hardware. piper_sdk decodes those frames on the puppet's interface (GetArmJointCtrl /
+GetArmGripperCtrl), which is what ``read_masters`` returns for teleop and recording.
+
+The rule while commanding: a puppet follows every command frame on its bus. If a master is
+broadcasting while this backend also commands the puppet, the puppet obeys both, alternately, at
+up to 200 Hz each: it jerks between two poses and no safety filter sees it. So unless the backend
+was made with ``follow_masters=True`` (teleop/recording, where it never commands):
+- ``read()`` reports a fault naming the arm while that arm's master frames are fresh, so the
+  driver faults, refuses to arm, and ``clear_fault`` is refused until the master is switched off
+  (or out of teaching mode);
+- ``write()`` raises a non-transient BackendError in the same case, whoever calls it.
+With ``follow_masters=True``, ``write()`` is always refused: the masters move the puppets.
+
+Our own commands: on SocketCAN piper_sdk sends without local loopback, so fresh command frames on
+the puppet's bus can only come from a master (or another program on the bus). On the fakes' buses
+(``virtual``, ``udp_multicast``) the SDK hears its own commands (see ``drivers.piper.fake.bus``);
+frames that match what this backend sent recently are therefore not counted as a master. A torn
+read (the SDK thread updates two joints non-atomically) could look foreign once, so a master
+counts as present only after several foreign observations within a short window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from drivers.core.backend import Backend, BackendError, Reading
+from drivers.piper.backend import MDEG_PER_RAD, N_JOINTS, UM_PER_M, PiperBackend
+
+ARM_DOF = N_JOINTS + 1
+SIDES = ("left", "right")
+MASTER_STALE_S = 0.1  # master frames older than this: the master is off (it sends at ~200 Hz)
+MASTER_CONFIRM_COUNT = 3  # foreign command observations within MASTER_CONFIRM_S mean a master is on
+MASTER_CONFIRM_S = 0.1
+OWN_HISTORY = 64  # writes remembered per arm (0.3 s at 200 Hz) to recognise our own echoed frames
+
+
+@dataclass
+class _Arm:
+    side: str
+    can: str
+    backend: PiperBackend
+    sent: deque = field(default_factory=lambda: deque(maxlen=OWN_HISTORY * 3))  # (pair, a, b), 0.001 deg
+    foreign_seen: deque = field(default_factory=lambda: deque(maxlen=MASTER_CONFIRM_COUNT))  # monotonic s
+
+    @property
+    def name(self) -> str:
+        return f"{self.side} arm ({self.can})"
+
+    def remember(self, part: np.ndarray) -> None:
+        # The same rounding PiperBackend.write uses, so an echo matches exactly.
+        mdeg = [int(round(v * MDEG_PER_RAD)) for v in part[:N_JOINTS]]
+        self.sent.extend((k, mdeg[2 * k], mdeg[2 * k + 1]) for k in range(3))
+
+    def joint_ctrl(self):
+        """The last joint command frames heard on this arm's bus (SDK object), or None if stale."""
+        ctrl = self.backend.sdk.GetArmJointCtrl()
+        return ctrl if _fresh(ctrl.time_stamp, MASTER_STALE_S) else None
+
+    def is_own(self, ctrl) -> bool:
+        jc = ctrl.joint_ctrl
+        pairs = ((0, jc.joint_1, jc.joint_2), (1, jc.joint_3, jc.joint_4), (2, jc.joint_5, jc.joint_6))
+        return all(p in self.sent for p in pairs)
+
+    def master_present(self) -> bool:
+        """Fresh command frames that this backend did not send, seen repeatedly just now."""
+        ctrl = self.joint_ctrl()
+        now = time.monotonic()
+        if ctrl is not None and not self.is_own(ctrl):
+            self.foreign_seen.append(now)
+        seen = self.foreign_seen
+        return (ctrl is not None and len(seen) == MASTER_CONFIRM_COUNT and now - seen[0] <= MASTER_CONFIRM_S)
+
+
+def _fresh(stamp: float, max_age_s: float) -> bool:
+    return stamp > 0 and time.time() - stamp <= max_age_s
+
+
+def check_layout(emb) -> None:
+    """The embodiment must be 2 x (6 joints + gripper) in this order."""
+    dof = getattr(emb, "dof", None)
+    if dof != 2 * ARM_DOF:
+        raise ValueError(f"Cobot Magic backend needs 14 dofs (left 6 joints + gripper, right 6 joints + gripper), "
+                         f"embodiment {getattr(emb, 'name', '?')!r} has {dof}")
+    expected = np.array(([False] * N_JOINTS + [True]) * 2)
+    if not np.array_equal(emb.gripper_mask(), expected):
+        raise ValueError(f"Cobot Magic embodiment {emb.name!r}: groups must be left arm (6 joints), left gripper, "
+                         f"right arm (6 joints), right gripper; gripper mask is {emb.gripper_mask().tolist()}")
+
+
+class CobotMagicBackend(Backend):
+    def __init__(self, cfg, emb, follow_masters: bool = False):
+        """``cfg`` is a ``runtime.config.CobotMagicBackendConfig``. ``follow_masters``: teleop and
+        recording, where the masters move the puppets and this backend only reads (see module notes)."""
+        check_layout(emb)
+        if cfg.left_can == cfg.right_can:
+            raise ValueError(f"Cobot Magic: left_can and right_can are both {cfg.left_can!r}; each puppet has its "
+                             "own CAN bus")
+        self.cfg = cfg
+        self.follow_masters = follow_masters
+        self.arms = [_Arm(side, can, self._piper(can, cfg)) for side, can in zip(SIDES, (cfg.left_can, cfg.right_can))]
+
+    @staticmethod
+    def _piper(can: str, cfg) -> PiperBackend:
+        return PiperBackend(can, None, bustype=cfg.bustype, speed_pct=cfg.speed_pct, gripper_effort=cfg.gripper_effort,
+                            stale_s=cfg.stale_s, allow_reset_on_resume=cfg.allow_reset_on_resume)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connect(self, timeout_s: float) -> None:
+        """Connect both puppets within one deadline; if the second fails, the first is closed again."""
+        deadline = time.monotonic() + timeout_s
+        connected: list[_Arm] = []
+        try:
+            for arm in self.arms:
+                self._connect_arm(arm, deadline - time.monotonic())
+                connected.append(arm)
+        except BackendError:
+            for arm in connected:
+                arm.backend.close()
+            raise
+
+    def _connect_arm(self, arm: _Arm, remaining_s: float) -> None:
+        if remaining_s <= 0:
+            raise BackendError(f"Cobot Magic {arm.name}: no time left of the connect deadline", transient=False)
+        arm.backend.close()  # a reconnect: PiperBackend.connect would drop the SDK instance prepared below
+        arm.sent.clear()
+        arm.foreign_seen.clear()
+        try:
+            arm.backend.connect(remaining_s)
+        except BackendError as exc:
+            raise BackendError(f"Cobot Magic {arm.name}: {exc}", transient=False) from None
+
+    def close(self) -> None:
+        """Disconnect both. Never disables the motors: a raised arm must not fall."""
+        for arm in self.arms:
+            arm.backend.close()
+
+    # ------------------------------------------------------------------ i/o
+
+    def read(self) -> Reading:
+        readings, errors = [], []
+        for arm in self.arms:
+            try:
+                readings.append(arm.backend.read())
+            except BackendError as exc:
+                errors.append((arm, exc))
+        if errors:
+            raise BackendError("; ".join(f"Cobot Magic {arm.name}: {exc}" for arm, exc in errors),
+                               transient=all(exc.transient for _, exc in errors))
+        faults = [f"{arm.name}: {r.fault}" for arm, r in zip(self.arms, readings) if r.fault]
+        masters = [] if self.follow_masters else [arm for arm in self.arms if arm.master_present()]
+        faults += [_master_reason(arm) for arm in masters]
+        velocities = [r.velocity for r in readings]
+        return Reading(
+            position=np.concatenate([r.position for r in readings]),
+            mono_ns=min(r.mono_ns for r in readings),  # the older of the two measurements
+            velocity=None if any(v is None for v in velocities) else np.concatenate(velocities),
+            estopped=any(r.estopped for r in readings),
+            fault="; ".join(faults) or None,
+            extras={"estopped_arms": [a.side for a, r in zip(self.arms, readings) if r.estopped],
+                    "master_arms": [a.side for a in masters]},
+        )
+
+    def write(self, position: np.ndarray) -> None:
+        p = np.asarray(position, dtype=np.float64)
+        if p.shape != (2 * ARM_DOF,) or not np.all(np.isfinite(p)):
+            raise BackendError(f"Cobot Magic write needs 14 finite values, got {p!r}", transient=False)
+        if self.follow_masters:
+            raise BackendError("Cobot Magic backend follows the master arms (teleop/recording): the puppets obey "
+                               "their masters, and this backend does not command them", transient=False)
+        for arm in self.arms:
+            if arm.master_present():
+                raise BackendError(_master_reason(arm), transient=False)
+        for arm, part in zip(self.arms, (p[:ARM_DOF], p[ARM_DOF:])):
+            arm.remember(part)  # before sending, so its echo (fake buses) is recognised as ours
+            try:
+                arm.backend.write(part)
+            except BackendError as exc:
+                raise BackendError(f"Cobot Magic {arm.name}: {exc}", exc.transient) from None
+
+    def read_masters(self) -> np.ndarray | None:
+        """The two masters' commanded poses (14 values, action layout, rad and m), or None when either
+        master's frames are stale (master off, not in teaching mode, or bus silent)."""
+        values = []
+        for arm in self.arms:
+            ctrl = arm.joint_ctrl()
+            grip = arm.backend.sdk.GetArmGripperCtrl()
+            if ctrl is None or arm.is_own(ctrl) or not _fresh(grip.time_stamp, MASTER_STALE_S):
+                return None
+            jc = ctrl.joint_ctrl
+            q = np.array([jc.joint_1, jc.joint_2, jc.joint_3, jc.joint_4, jc.joint_5, jc.joint_6], dtype=np.float64)
+            values.append(np.append(q / MDEG_PER_RAD, grip.gripper_ctrl.grippers_angle / UM_PER_M))
+        return np.concatenate(values)
+
+    # ------------------------------------------------------------------ stops
+
+    def estop(self) -> None:
+        """Stop both puppets; the second is stopped even if the first call fails."""
+        self._on_both("e-stop", lambda b: b.estop())
+
+    def release_estop(self) -> None:
+        self._on_both("resume", lambda b: b.release_estop())
+
+    def _on_both(self, what: str, call) -> None:
+        errors = []
+        for arm in self.arms:
+            try:
+                call(arm.backend)
+            except Exception as exc:  # noqa: BLE001 (whatever the first arm raised, the second must still stop)
+                errors.append(f"{arm.name}: {exc}")
+        if errors:
+            raise BackendError(f"Cobot Magic {what} failed on {'; '.join(errors)}", transient=False)
+
+
+def _master_reason(arm: _Arm) -> str:
+    return (f"{arm.name}: its master arm is broadcasting joint commands (teaching mode), so the puppet would "
+            "follow both the master and this driver; switch the master off or out of teaching mode "
+            "(or use teleop to record with it)")
