@@ -19,3 +19,16 @@ def ctx():
     context = zmq.Context()
     yield context
     context.destroy(linger=0)
+
+
+@pytest.fixture
+def ur_fake():
+    """The loopback UR controller in its own process, on a free 127.x.y.z address."""
+    from drivers.ur3.fake.launch import FakeStartError, FakeUR
+
+    try:
+        fake = FakeUR.start_anywhere()
+    except FakeStartError as exc:
+        pytest.skip(str(exc))
+    yield fake
+    fake.close()

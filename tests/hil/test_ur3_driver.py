@@ -20,7 +20,7 @@ import yaml
 
 pytest.importorskip("rtde_control")
 
-from drivers.ur3.fake.launch import FakeStartError, FakeUR, free_loopback_host  # noqa: E402
+from drivers.ur3.fake.launch import free_loopback_host  # noqa: E402
 from runtime.config import CONFIG_DIR, load_embodiment  # noqa: E402
 from runtime.inference.client import EpisodeClient  # noqa: E402
 from runtime.supervisor import CellProcesses  # noqa: E402
@@ -37,13 +37,8 @@ LINK_LOSS_FAULT_BOUND_S = 0.4
 
 
 @pytest.fixture
-def fake():
-    try:
-        f = FakeUR.start_anywhere()
-    except FakeStartError as exc:
-        pytest.skip(str(exc))
-    yield f
-    f.close()
+def fake(ur_fake):
+    return ur_fake
 
 
 def ur3_cell(folder: Path, host: str, duration_s: float = 3.0) -> Path:

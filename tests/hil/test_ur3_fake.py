@@ -19,19 +19,14 @@ rtde_receive = pytest.importorskip("rtde_receive")
 rtde_control = pytest.importorskip("rtde_control")
 dashboard_client = pytest.importorskip("dashboard_client")
 
-from drivers.ur3.fake.launch import UR_PORTS, FakeStartError, FakeUR, free_loopback_host
+from drivers.ur3.fake.launch import UR_PORTS, free_loopback_host
 
 pytestmark = pytest.mark.hil
 
 
 @pytest.fixture
-def fake():
-    try:
-        f = FakeUR.start_anywhere()
-    except FakeStartError as exc:
-        pytest.skip(str(exc))
-    yield f
-    f.close()
+def fake(ur_fake):
+    return ur_fake
 
 
 def construct_with_deadline(kind: str, host: str, deadline_s: float) -> str:
