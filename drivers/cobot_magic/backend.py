@@ -229,3 +229,11 @@ def _master_reason(arm: _Arm) -> str:
     return (f"{arm.name}: its master arm is broadcasting joint commands (teaching mode), so the puppet would "
             "follow both the master and this driver; switch the master off or out of teaching mode "
             "(or use teleop to record with it)")
+
+
+def build_in_worker(cfg: dict, emb: dict, follow_masters: bool) -> CobotMagicBackend:
+    """What an isolated driver's worker process runs (drivers/core/isolated.py): plain arguments."""
+    from runtime.config import CobotMagicBackendConfig, EmbodimentConfig
+
+    return CobotMagicBackend(CobotMagicBackendConfig.model_validate(cfg), EmbodimentConfig.model_validate(emb),
+                             follow_masters=follow_masters)

@@ -21,6 +21,7 @@ import zmq
 
 from drivers.core.backend import Backend, BackendError
 from drivers.core.driver import Driver, Mode, TickResult
+from drivers.core.isolated import IsolatedBackend
 from runtime.config import CellConfig, DriverConfig, EmbodimentConfig, driver_embodiment, load_cell, named
 from runtime.protocol import ErrorCode, ProtocolError
 from runtime.transport import CommandServer, Publisher, start_authenticator
@@ -39,21 +40,27 @@ def make_backend(cfg: DriverConfig, emb: EmbodimentConfig, cell_path: Path | Non
 
         b = cfg.backend
         return MockArm(emb.home, b.tracking_time_constant_s, b.latency_s, b.noise_std, b.seed)
+    # Vendor SDKs run in a worker process (drivers/core/isolated.py says why).
     if cfg.backend.kind == "piper":
-        from drivers.piper.backend import PiperBackend
+        from drivers.piper.backend import N_JOINTS
 
         b = cfg.backend
-        return PiperBackend(b.can, emb, bustype=b.bustype, speed_pct=b.speed_pct, gripper_effort=b.gripper_effort,
-                            stale_s=b.stale_s, allow_reset_on_resume=b.allow_reset_on_resume,
-                            zero_offsets_rad=_piper_zero_offsets(cfg, cell_path))
+        if emb.dof != N_JOINTS + 1:
+            raise ValueError(f"PiPer backend needs 7 dofs (6 joints + gripper), embodiment {emb.name} has {emb.dof}")
+        offsets = _piper_zero_offsets(cfg, cell_path)
+        kwargs = {"can_name": b.can, "bustype": b.bustype, "speed_pct": b.speed_pct, "gripper_effort": b.gripper_effort,
+                  "stale_s": b.stale_s, "allow_reset_on_resume": b.allow_reset_on_resume,
+                  "zero_offsets_rad": None if offsets is None else [float(v) for v in offsets]}
+        return IsolatedBackend("drivers.piper.backend:build_in_worker", kwargs, f"PiPer on {b.can}",
+                               realtime_priority=cfg.realtime_priority)
     if cfg.backend.kind == "ur3":
-        from drivers.ur3.backend import UR3Backend
+        from drivers.ur3.backend import make_ur3_backend
 
-        return UR3Backend(cfg.backend, emb, realtime_priority=cfg.realtime_priority)
+        return make_ur3_backend(cfg.backend, emb, realtime_priority=cfg.realtime_priority)
     if cfg.backend.kind == "cobot_magic":
-        from drivers.cobot_magic.backend import CobotMagicBackend
-
-        return CobotMagicBackend(cfg.backend, emb, follow_masters=cfg.backend.follow_masters)
+        kwargs = {"cfg": cfg.backend.model_dump(), "emb": emb.model_dump(), "follow_masters": cfg.backend.follow_masters}
+        return IsolatedBackend("drivers.cobot_magic.backend:build_in_worker", kwargs, "Cobot Magic",
+                               realtime_priority=cfg.realtime_priority)
     raise ValueError(f"unknown backend kind {cfg.backend.kind!r}")
 
 

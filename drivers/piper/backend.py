@@ -244,3 +244,9 @@ class PiperBackend(Backend):
         time.sleep(0.02)
         piper.EnableArm(7, 0x02)
         piper.MotionCtrl_2(0x01, 0x01, self.speed_pct, 0x00)
+
+
+def build_in_worker(**kwargs) -> PiperBackend:
+    """What an isolated driver's worker process runs (drivers/core/isolated.py): plain arguments."""
+    can_name = kwargs.pop("can_name")
+    return PiperBackend(can_name, None, **kwargs)

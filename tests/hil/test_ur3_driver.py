@@ -256,7 +256,7 @@ def test_frozen_driver_is_stopped_by_the_controllers_watchdog(driver):
 
 
 def _worker_pid(driver_pid: int) -> int:
-    out = subprocess.run(["pgrep", "-P", str(driver_pid), "-f", "rtde_worker"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-P", str(driver_pid), "-f", "drivers.core.isolated"], capture_output=True, text=True)
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 1, out
     return pids[0]
@@ -281,7 +281,7 @@ def test_driver_with_no_controller_fails_clearly_within_5_s(short_tmp):
         pytest.skip("no free loopback address")
     took, err = _start_driver_expecting_failure(short_tmp, host)
     assert took < 5.0
-    assert f"UR3 at {host}: dashboard port 29999: cannot connect" in err, err
+    assert f"UR3 at {host}: connect: dashboard port 29999: cannot connect" in err, err
 
 
 def test_driver_with_a_silent_peer_fails_clearly_within_5_s(short_tmp):
