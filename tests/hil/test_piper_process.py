@@ -106,6 +106,28 @@ def test_driver_process_runs_a_trajectory_within_limits_and_faults_when_the_fake
     assert "stale" in faulted["reason"], faulted["reason"]
 
 
+def test_an_episode_of_chunks_from_the_inference_process_stays_within_limits(bus, short_tmp):
+    """The whole cell: camera, inference (scripted chunks of 50 at 50 Hz) and the driver, over the fake."""
+    from runtime.inference.client import EpisodeClient
+
+    group, port = bus
+    with FakePiperProcess([group], port, "--home") as fake, CellProcesses(fake_cell(short_tmp, group), short_tmp) as procs:
+        procs.start_all()
+        since = time.monotonic()
+        client = EpisodeClient(procs.ctx, procs.cell)
+        try:
+            report = client.wait_report(client.start("wave", duration_s=3.0, arm=True), timeout_s=30.0)
+        finally:
+            client.close()
+        targets = fake.targets(group, since)
+    assert report["outcome"] == "completed", report
+    assert report["chunks"] >= 3
+    sent = np.array([q for _, q in targets])
+    step = np.abs(np.diff(sent, axis=0)).max(axis=0)
+    assert np.all(step <= EMB.max_velocity[:6] * DT + 1.0 / MDEG_PER_RAD), step / DT
+    assert np.ptp(sent, axis=0).max() > 0.05  # the arm followed the chunks
+
+
 def _run_chunk(client: CommandClient, rec: StateRecorder, lease: str, start: np.ndarray) -> None:
     """A chunk asking 1.5 rad/s on joint 1 (limit 1.0) for 0.4 s: the driver must cap what it sends."""
     goal = start + np.array([0.6, 0.4, -0.4, 0.2, -0.2, 0.4, 0.01])
