@@ -92,8 +92,11 @@ class TrajectoryBuffer:
 
     # ------------------------------------------------------------------ storage
 
-    def _set(self, pts: _Points) -> None:
+    def _set(self, pts: _Points, now_ns: int | None = None) -> None:
         self._pts = pts
+        # Whether the first point is where the motion starts (at rest), rather than a played point
+        # kept only for the next one's tangent: then its segment is already in the past.
+        self._rest_start = len(pts) < 2 or now_ns is None or int(pts.t[1]) > now_ns
         # sample() runs every tick: it only moves _start past spent points; add_chunk compacts.
         # It reads times and ids from Python lists: bisect and int compares on them are several
         # times cheaper than numpy scalar access.
@@ -158,7 +161,7 @@ class TrajectoryBuffer:
         if len(merged) > self.max_points:
             raise ValueError(f"the chunk would make the trajectory buffer hold {len(merged)} points, "
                              f"more than its limit of {self.max_points}")
-        self._set(merged)
+        self._set(merged, now_ns)
         return kept
 
     def _chunk_points(self, t0_ns: int, dt_s: float, points: np.ndarray, episode: int | None,
@@ -216,11 +219,21 @@ class TrajectoryBuffer:
         t, x = self._times, self._x
         h = (t[i] - t[j]) * 1e-9
         u = (now_ns - t[j]) / (t[i] - t[j])
-        m_j = _tangent(t, x, j - 1, j, i) if j >= 1 else 0.0
-        m_i = _tangent(t, x, j, i, i + 1) if i + 1 < self._end else 0.0
+        m_j = self._knot_tangent(j) if j >= 1 else 0.0
+        m_i = self._knot_tangent(i) if i + 1 < self._end else 0.0
         u2, u3 = u * u, u * u * u
         return ((2 * u3 - 3 * u2 + 1) * x[j] + (u3 - 2 * u2 + u) * h * m_j
                 + (-2 * u3 + 3 * u2) * x[i] + (u3 - u2) * h * m_i)
+
+    def _knot_tangent(self, k: int) -> np.ndarray:
+        """The tangent at an inner knot k. Right after a start at rest it is limited so that the
+        first segment stays monotone (Fritsch-Carlson): a chunk anchored at the held pose, with a
+        first point equal to it, bent that segment about 1 mrad backwards before moving on."""
+        t, x = self._times, self._x
+        m = _tangent(t, x, k - 1, k, k + 1)
+        if k == 1 and self._rest_start:
+            m = _monotone(m, (x[1] - x[0]) / ((t[1] - t[0]) * 1e-9))
+        return m
 
     def _tracking(self, target: np.ndarray, source: int) -> Sample:
         return Sample("tracking", target, self._episodes[source], self._chunks[source])
@@ -240,6 +253,13 @@ def _tangent(t: list[int], x: np.ndarray, a: int, k: int, b: int) -> np.ndarray:
     h_left, h_right = (t[k] - t[a]) * 1e-9, (t[b] - t[k]) * 1e-9
     slope_left, slope_right = (x[k] - x[a]) / h_left, (x[b] - x[k]) / h_right
     return (h_right * slope_left + h_left * slope_right) / (h_left + h_right)
+
+
+def _monotone(m: np.ndarray, secant: np.ndarray) -> np.ndarray:
+    """A tangent that keeps a cubic segment starting at rest between its endpoints: the secant's
+    sign, at most three times its size."""
+    cap = 3.0 * np.abs(secant)
+    return np.where(m * secant > 0, np.clip(m, -cap, cap), 0.0)
 
 
 def _live(pts: _Points, now_ns: int) -> _Points:

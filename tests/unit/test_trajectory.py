@@ -923,3 +923,16 @@ def test_a_planned_move_through_the_buffer_reaches_the_goal() -> None:
     buf.add_chunk(T0, 0.002, path, "replace", T0)
     end = buf.end_ns()
     np.testing.assert_array_equal(buf.sample(end).target, goal)
+
+
+def test_a_chunk_anchored_at_the_held_pose_never_moves_backwards_first() -> None:
+    """A chunk whose first point is the held pose, moving on at 1.5 rad/s: from rest, the target
+    must only ever move forwards (an unlimited tangent at the first point bent it back ~1 mrad)."""
+    buf = TrajectoryBuffer(1)
+    held = 0.3
+    pts = held + np.maximum(0.0, np.arange(41) * 0.005 * 1.5)[:, None]  # starts at the held pose
+    now = T0
+    buf.add_chunk(now + 50 * MS, 0.005, pts, "replace", now, anchor=np.array([held]))
+    _, targets = play(buf, range(now, now + 300 * MS, MS))
+    assert np.all(np.diff(targets[:, 0]) >= -1e-12), np.diff(targets[:, 0]).min()
+    assert targets[-1, 0] > held + 0.1
