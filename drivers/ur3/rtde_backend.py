@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import numpy as np
 
@@ -103,7 +102,7 @@ class UR3RtdeBackend(Backend):
         if r is None:
             raise BackendError("not connected", transient=False)
         if not r.isConnected():
-            raise BackendError(f"the RTDE connection was lost")
+            raise BackendError("the RTDE connection was lost")
         now = time.monotonic()
         stamp = r.getTimestamp()
         if stamp != self.last_stamp:
@@ -122,7 +121,7 @@ class UR3RtdeBackend(Backend):
 
     def write(self, position: np.ndarray) -> None:
         if self.control is None:
-            raise BackendError(f"no control script is running (clear_fault restarts it)",
+            raise BackendError("no control script is running (clear_fault restarts it)",
                                transient=False)
         q = [float(v) for v in position]
         if len(q) != 6 or not all(np.isfinite(q)):

@@ -16,7 +16,7 @@ import torch
 from runtime.model import merge
 from runtime.model.bundle import Bundle
 from runtime.model.mergevla import ActionHead, MergeVLAConfig, MergeVLAModel, check_state_dict
-from runtime.model.tiny import BASE_FILE, HEAD_FILE, MASK_FILE, PROPRIO_FILE, TAU_FILE
+from runtime.model.tiny import BASE_FILE, HEAD_FILE, PROPRIO_FILE, TAU_FILE
 
 
 class TorchEngine:

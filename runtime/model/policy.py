@@ -101,7 +101,7 @@ class MergedVLAPolicy(Policy):
         return result
 
     def _ort_engine(self, task: TaskSpec):
-        from runtime.model.engine_ort import OrtEngine, OrtEngineError
+        from runtime.model.engine_ort import OrtEngine
 
         folder = self.onnx_dir / task.name
         if not (folder / "onnx_manifest.json").exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -56,10 +57,8 @@ def commanded_kinematics(messages: list[dict]) -> tuple[np.ndarray, np.ndarray, 
     return t, q, v
 
 
-def variant_cell(folder, **overrides) -> "Path":
+def variant_cell(folder, **overrides) -> Path:
     """The default cell with some sections replaced, written to ``folder``/cell.yaml."""
-    from pathlib import Path
-
     import yaml
 
     from runtime.config import SCRIPTED_CELL

@@ -32,7 +32,7 @@ from runtime.model.engine import TorchEngine  # noqa: E402
 from runtime.model.mergevla import (  # noqa: E402
     EMBED_KEY, LM_HEAD_KEY, ActionHead, MergeVLAConfig, MergeVLAModel, ProprioProjector, randomize_,
 )
-from runtime.model.tiny import BASE_FILE, HEAD_FILE, MASK_FILE, PROPRIO_FILE, TAU_FILE  # noqa: E402
+from runtime.model.tiny import BASE_FILE, HEAD_FILE, PROPRIO_FILE, TAU_FILE  # noqa: E402
 
 CONFIG = MergeVLAConfig.tiny(num_tasks=2)
 LAST = CONFIG.llm.layers - 1  # the single-task head's last block = the expert block
