@@ -22,6 +22,8 @@ class Observation:
     frames: dict[str, np.ndarray] = field(default_factory=dict)
     frame_age_s: dict[str, float] = field(default_factory=dict)
     state_age_s: dict[str, float] = field(default_factory=dict)
+    # Depth aligned to each camera's colour frame, in metres, for the cameras that send it.
+    depth_m: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class StaleObservation(Exception):
@@ -72,4 +74,6 @@ class ObservationBuilder:
             raise StaleObservation("; ".join(problems))
         state = np.concatenate([self.latest_states[n]["measured"] for n in self.states])
         frames = {n: self.latest_frames[n].pixels for n in self.cameras}
-        return Observation(mono_ns, t_ns, state, frames, frame_age, state_age)
+        depth = {n: f.depth * np.float32(f.header["depth_scale_m"]) for n in self.cameras
+                 if (f := self.latest_frames[n]).depth is not None}
+        return Observation(mono_ns, t_ns, state, frames, frame_age, state_age, depth)
