@@ -12,6 +12,7 @@ until ``reset_estop``; fault until ``clear_fault``. The driver never arms itself
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,11 +105,22 @@ class Driver:
     # ------------------------------------------------------------------ lifecycle
 
     def connect(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         self.backend.connect(timeout_s)
-        self.last_reading = self.backend.read()
+        self.last_reading = self._first_reading(deadline)
         self.requested = self.last_reading.position.copy()
         self.filter.reset(self.last_reading.position)
         self.mode = Mode.IDLE  # always disarmed after (re)start: arming is the operator's call
+
+    def _first_reading(self, deadline: float) -> Reading:
+        """A transient error (a late answer on a busy host) is retried until the connect deadline."""
+        while True:
+            try:
+                return self.backend.read()
+            except BackendError as exc:
+                if not exc.transient or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
 
     # ------------------------------------------------------------------ one control cycle
 

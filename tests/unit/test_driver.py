@@ -208,3 +208,30 @@ def test_new_chunk_starts_from_the_held_pose_without_a_step(drv):
     cmd(drv, "trajectory", now, lease=lease, t0_ns=now - 5 * DT_NS, dt=0.01, points=pts)
     first = drv.tick(now + DT_NS).commanded
     assert np.max(np.abs(first - EMB.home)) < 0.005 / 2
+
+
+class SlowStartArm(MockArm):
+    """The first reads after connect fail: transiently (a busy worker), or for good."""
+
+    def __init__(self, *a, failures: int, transient: bool, **kw):
+        super().__init__(*a, **kw)
+        self.failures, self.transient = failures, transient
+
+    def read(self) -> Reading:
+        if self.failures > 0:
+            self.failures -= 1
+            raise BackendError("late answer", transient=self.transient)
+        return super().read()
+
+
+def test_connect_retries_a_transient_first_read_within_its_deadline():
+    d = Driver(EMB, SlowStartArm(EMB.home, failures=3, transient=True), lease_ttl_s=0.3)
+    d.connect(1.0)
+    assert d.mode == Mode.IDLE and np.allclose(d.last_reading.position, EMB.home)
+
+
+def test_connect_gives_up_on_a_lasting_or_permanent_read_failure():
+    with pytest.raises(BackendError, match="late answer"):
+        Driver(EMB, SlowStartArm(EMB.home, failures=10**6, transient=True), lease_ttl_s=0.3).connect(0.1)
+    with pytest.raises(BackendError, match="late answer"):
+        Driver(EMB, SlowStartArm(EMB.home, failures=1, transient=False), lease_ttl_s=0.3).connect(1.0)
