@@ -41,6 +41,10 @@ def make_backend(cfg: DriverConfig, emb: EmbodimentConfig, cell_path: Path | Non
         b = cfg.backend
         return MockArm(emb.home, b.tracking_time_constant_s, b.latency_s, b.noise_std, b.seed)
     # Vendor SDKs run in a worker process (drivers/core/isolated.py says why).
+    if getattr(cfg.backend, "bustype", None) == "virtual":
+        raise ValueError("bustype virtual only connects buses inside one process, and the "
+                         "device runs in a worker process: use udp_multicast with `armada fake piper`, or "
+                         "socketcan for a real arm")
     if cfg.backend.kind == "piper":
         from drivers.piper.backend import N_JOINTS
 
@@ -269,7 +273,11 @@ def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
     cell = load_cell(cell_path, run_dir)
     cfg = named(cell.driver, name, cell_path)
     emb = driver_embodiment(Path(cell_path) if cell_path else None, cfg)
-    process = DriverProcess(cfg, emb, make_backend(cfg, emb, Path(cell_path) if cell_path else None), cell)
+    try:
+        backend = make_backend(cfg, emb, Path(cell_path) if cell_path else None)
+    except ValueError as exc:  # a backend that cannot work with this embodiment or bus: say so, no traceback
+        raise SystemExit(f"driver {cfg.name}: {exc}") from None
+    process = DriverProcess(cfg, emb, backend, cell)
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
     process.run()

@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -189,3 +190,13 @@ def test_latency_bench_sees_every_step_within_a_few_cycles():
         # below that would mean the bench saw a frame sent before the command.
         assert 0.2 * period_ms < r["median_ms"] <= r["p99_ms"] <= r["max_ms"] < 20 * period_ms, r
         assert r["median_ms"] <= r["visible_median_ms"], r
+
+
+def test_a_driver_on_a_virtual_bus_is_refused_with_the_reason(short_tmp):
+    data = yaml.safe_load(CELL.read_text())
+    data["drivers"][0]["backend"]["bustype"] = "virtual"
+    path = short_tmp / "cell.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "driver", str(path), "--name", "arm", "--run-dir",
+                          str(short_tmp)], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "bustype virtual only connects buses inside one process" in out.stderr
