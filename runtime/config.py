@@ -58,6 +58,16 @@ class GroupConfig(_Strict):
     name: str
     mode: GroupMode = "joint_position"
     joints: list[JointLimits] = Field(min_length=1)
+    # Following-error bound for this group's joints (their units), overriding the embodiment's.
+    # None: the embodiment's bound for arm joints; unchecked for grippers, which stall on an object.
+    max_following_error: float | None = Field(default=None, gt=0)
+
+
+class FollowingErrorConfig(_Strict):
+    """A device that stops obeying is a fault: |measured - commanded| above the bound for too long."""
+
+    max_error: float = Field(default=0.15, gt=0)  # joint units (rad for revolute joints)
+    max_time_s: float = Field(default=0.25, gt=0, le=5)
 
 
 class EmbodimentConfig(_Strict):
@@ -72,6 +82,7 @@ class EmbodimentConfig(_Strict):
     # move_to uses this fraction of each joint's velocity limit unless told otherwise.
     move_to_velocity_fraction: float = Field(default=0.25, gt=0, le=1)
     state_decimation: int = Field(default=1, ge=1)
+    following_error: FollowingErrorConfig = FollowingErrorConfig()
 
     @field_validator("groups")
     @classmethod

@@ -62,6 +62,13 @@ class Backend(ABC):
         Raise BackendError (transient=False) saying what the operator must do when it cannot.
         """
 
+    def on_fault(self, reason: str) -> None:
+        """The driver has faulted: make sure nothing reaches the device until ``recover``.
+
+        Called from the control loop, so it must return within a few milliseconds. A backend whose
+        SDK could recover or resend on its own (a reconnect thread, queued commands) stops it here.
+        """
+
     @abstractmethod
     def close(self) -> None:
         """Disconnect. Must not cut torque on a raised arm."""
