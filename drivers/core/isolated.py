@@ -9,6 +9,10 @@ In a worker, a hang or a crash ends only the worker, and its parsing runs on ano
 call has a timeout; a worker that does not answer, or dies, becomes a device error (the driver
 faults), and the operator's ``clear_fault`` (``recover``) starts a new one.
 
+When the driver faults for any reason, ``on_fault`` ends the worker at once (SIGKILL): an SDK can
+recover by itself (ur-rtde reconnects and restarts its control script from its own thread) or hold
+queued commands, and nothing may reach the device between a fault and the operator's recovery.
+
 Each tick costs one round trip: ``write`` is sent without waiting and its answer is checked with
 the next call's. The worker's readings carry ``time.monotonic_ns`` stamps, one clock host-wide.
 
@@ -66,6 +70,8 @@ class IsolatedBackend(Backend):
         self._ids = itertools.count(1)
         self._unanswered_writes: set[int] = set()
         self._write_error: BackendError | None = None
+        self._ended_by_fault: str | None = None  # why on_fault ended the worker, until recover
+        self._unreaped: list[subprocess.Popen] = []  # killed workers not yet waited for
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -89,6 +95,7 @@ class IsolatedBackend(Backend):
         self._kill_worker()
 
     def _start_worker(self) -> None:
+        self._reap()
         ours, theirs = socket.socketpair()
         path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         try:
@@ -115,20 +122,39 @@ class IsolatedBackend(Backend):
     def _worker_alive(self) -> bool:
         return self._sock is not None and self._worker is not None and self._worker.poll() is None
 
-    def _kill_worker(self) -> None:
+    def _kill_worker(self, wait: bool = True) -> None:
+        """SIGKILL the worker: whatever it has queued dies with it. ``wait=False`` leaves the reaping
+        to a later call (the control loop must not wait for the kernel to tear down a process)."""
         worker, sock = self._worker, self._sock
         self._worker = self._sock = None
         self._unanswered_writes.clear()
         self._write_error = None
+        if worker is not None:
+            worker.kill()  # before closing our end, so the worker cannot act on a broken link
         if sock is not None:
             sock.close()
         if worker is not None:
-            worker.kill()
-            worker.wait(timeout=5)
+            self._unreaped.append(worker)
+        if wait:
+            self._reap(wait_s=5.0)
+
+    def _reap(self, wait_s: float = 0.0) -> None:
+        """Wait for killed workers (no zombies); without ``wait_s``, only those already gone."""
+        still = []
+        for worker in self._unreaped:
+            try:
+                worker.wait(timeout=wait_s) if wait_s > 0 else worker.poll()
+            except subprocess.TimeoutExpired:
+                pass
+            if worker.returncode is None:
+                still.append(worker)
+        self._unreaped = still
 
     # ------------------------------------------------------------------ i/o
 
     def read(self) -> Reading:
+        if self._unreaped:
+            self._reap()
         r = self._call("read", self.timeouts.io_s)
         velocity = None if r["velocity"] is None else np.asarray(r["velocity"], dtype=np.float64)
         return Reading(position=np.asarray(r["position"], dtype=np.float64), mono_ns=int(r["mono_ns"]),
@@ -143,7 +169,22 @@ class IsolatedBackend(Backend):
 
     # ------------------------------------------------------------------ stops and recovery
 
+    def on_fault(self, reason: str) -> None:
+        """End the worker now, without waiting: the SDK must not recover or resend by itself.
+
+        Called from the control loop; SIGKILL and closing a socket take microseconds. The worker is
+        reaped by a later call. ``recover`` (the operator's clear_fault) starts a new one.
+        """
+        if self._worker is None and self._sock is None:
+            return
+        log.warning("%s: the driver faulted (%s): ending its worker until the operator recovers", self.name, reason)
+        self._ended_by_fault = reason
+        self._kill_worker(wait=False)
+
     def estop(self) -> None:
+        if self._ended_by_fault is not None and self._worker is None:
+            raise BackendError(f"{self.name}: nothing can be sent: its worker was ended when the driver faulted "
+                               f"({self._ended_by_fault}){self.lost_link_note}", transient=False)
         try:
             self._call("estop", self.timeouts.stop_s)
         except BackendError as exc:
@@ -159,6 +200,7 @@ class IsolatedBackend(Backend):
         self._write_error = None  # a refused write is why we are here, not a reason to restart
         if not self._worker_alive() or not self._reads_ok():
             self.connect(timeout_s)
+        self._ended_by_fault = None
         self._call("recover", max(timeout_s, self.timeouts.recover_s), timeout_s=timeout_s)
 
     def _reads_ok(self) -> bool:
@@ -172,6 +214,9 @@ class IsolatedBackend(Backend):
 
     def _send(self, op: str, **args: Any) -> int:
         if self._sock is None or self._worker is None:
+            if self._ended_by_fault is not None:
+                raise BackendError(f"{self.name}: its worker was ended when the driver faulted; clear_fault "
+                                   "starts a new one", transient=False)
             raise BackendError(f"{self.name} is not connected", transient=False)
         call_id = next(self._ids)
         try:

@@ -73,3 +73,27 @@ def test_a_backend_that_fails_to_connect_says_why_and_leaves_no_worker():
     with pytest.raises(BackendError, match="ghost: connect: AttributeError") as err:
         b.connect(2.0)
     assert not err.value.transient and b._worker is None
+
+
+def test_on_fault_ends_the_worker_at_once_and_only_recover_starts_a_new_one(isolated):
+    old = isolated._worker
+    isolated.write(np.array([0.5, -0.2, 0.3]))  # in flight: must not outlive the fault
+    t0 = time.monotonic()
+    isolated.on_fault("following error")
+    took = time.monotonic() - t0
+    assert took < 0.05, took  # called from the control loop: no waiting for the process to go
+    deadline = time.monotonic() + 2.0
+    while old.poll() is None:
+        assert time.monotonic() < deadline, "the worker outlived on_fault"
+        time.sleep(0.01)
+    assert old.returncode == -signal.SIGKILL
+    with pytest.raises(BackendError, match="ended when the driver faulted") as err:
+        isolated.read()
+    assert not err.value.transient
+    with pytest.raises(BackendError, match="following error"):
+        isolated.estop()
+    isolated.on_fault("again")  # nothing left to end: harmless
+    isolated.recover(5.0)
+    assert isolated._worker is not old and isolated._unreaped == []
+    r = isolated.read()
+    assert r.extras == {"recovered": 1} and np.allclose(r.position, HOME, atol=1e-3)
