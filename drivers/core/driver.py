@@ -1,27 +1,40 @@
 """The driver's state machine and per-tick logic, independent of sockets and clocks.
 
-``Driver.tick(now_ns)`` runs one control cycle: read the device, check the lease, sample the
-trajectory buffer, pass the target through the safety filter, write the device.
-``Driver.handle(msg, now_ns)`` applies one validated command. Both are called by
-``drivers.core.process`` under one lock, so neither ever sees the other half-done.
+``Driver.tick(now_ns)`` runs one control cycle: read the device, check the lease and the
+following error, sample the trajectory buffer, pass the target through the safety filter, write
+the device. ``Driver.start(msg, now_ns, identity)`` applies one validated command. Both are called
+by ``drivers.core.process`` under one lock, so neither ever sees the other half-done; that lock is
+only ever held briefly, because the loop waits on it.
+
+Two commands are slow: planning a long ``move_to`` and a device recovery (``clear_fault``). For
+those ``start`` returns a ``SlowJob``: its ``run`` executes outside the lock (the loop keeps
+ticking, an e-stop keeps working) and its ``finish`` swaps the result in under the lock, after
+checking again that it still applies. During a recovery the loop does not touch the device (the
+recovery owns it); an e-stop then latches at once and the device e-stop is sent when the recovery
+returns. ``handle`` runs both halves inline, for tests and tools without threads.
 
 States: idle (disarmed) -> armed (holding) <-> running (following the buffer); estop latches
-until ``reset_estop``; fault until ``clear_fault``. The driver never arms itself.
+until ``reset_estop`` (and, with a latch file, across restarts); fault until ``clear_fault``.
+The driver never arms itself.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from drivers.core.backend import Backend, BackendError, Reading
 from drivers.core.lease import LeaseManager
 from drivers.core.safety import SafetyFilter, SafetyLimits
-from drivers.core.trajectory import TrajectoryBuffer, plan_move
+from drivers.core.trajectory import TrajectoryBuffer, move_duration, plan_move
 from runtime.config import EmbodimentConfig
 from runtime.protocol import ErrorCode, ProtocolError, check_hello_version, PROTOCOL_VERSION
 
@@ -32,6 +45,15 @@ READ_FAILURE_FAULT_S = 0.1
 SERVO_INTERPOLATION_S = 0.02
 # The longest an operator-requested recovery (reconnect, unlock, script restart) may take.
 RECOVER_TIMEOUT_S = 5.0
+# A move_to longer than this is refused before it is planned (a tiny max_velocity once planned
+# for seconds, took 951 MB and then failed). Long slow moves are better done in steps.
+MAX_MOVE_S = 120.0
+# The slowest move_to velocity accepted, in joint units per second.
+MIN_MOVE_VELOCITY = 1e-3
+# The e-stop latch file is small; anything bigger is not ours.
+LATCH_MAX_BYTES = 65536
+
+log = logging.getLogger("armada.driver")
 
 
 class Mode(enum.StrEnum):
@@ -85,8 +107,72 @@ class _Activity:
     final_point: np.ndarray | None = None  # the last point of the trajectory marked final
 
 
+@dataclass
+class SlowJob:
+    """The slow half of a command: ``run`` outside the loop's lock, then ``finish`` under it.
+
+    ``run`` returns its result or the exception it raised (as a value), so ``finish`` always runs
+    and always restores the driver's bookkeeping (a recovery in progress, say).
+    """
+
+    what: str
+    work: Callable[[], Any]
+    finish: Callable[[Any, int, bytes], dict[str, Any]]
+
+    def run(self) -> Any:
+        try:
+            return self.work()
+        except Exception as exc:  # handed to finish, which turns it into a clear error reply
+            return exc
+
+
+def following_error_bounds(emb: EmbodimentConfig) -> np.ndarray:
+    """Per joint bound on |measured - commanded|; inf where unchecked (grippers stall on objects,
+    a base's position is not what it is commanded) unless the group sets one."""
+    bounds = []
+    for group in emb.groups:
+        bound = group.max_following_error
+        if bound is None:
+            checked = group.mode in ("joint_position", "lift_height")
+            bound = emb.following_error.max_error if checked else np.inf
+        bounds += [bound] * len(group.joints)
+    return np.array(bounds, dtype=np.float64)
+
+
+def write_latch(path: Path, reason: str) -> None:
+    """Save the e-stop latch atomically (write, then rename), readable by the owner only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps({"reason": reason[:2000], "time": time.time()}).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_latch(path: Path) -> str | None:
+    """The reason saved with an e-stop latch, or None when there is no latch. A latch file that
+    cannot be read is still a latch: the reason says so."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"latch file {path} unreadable ({exc.strerror})"
+    try:
+        raw = os.read(fd, LATCH_MAX_BYTES)
+    finally:
+        os.close(fd)
+    try:
+        reason = json.loads(raw)["reason"]
+        return str(reason)[:2000]
+    except (ValueError, KeyError, TypeError):
+        return f"latch file {path} unreadable (not a latch record)"
+
+
 class Driver:
-    def __init__(self, emb: EmbodimentConfig, backend: Backend, lease_ttl_s: float):
+    def __init__(self, emb: EmbodimentConfig, backend: Backend, lease_ttl_s: float, latch_path: Path | None = None):
         self.emb = emb
         self.backend = backend
         self.dt = 1.0 / emb.control_rate_hz
@@ -101,6 +187,17 @@ class Driver:
         self.last_reading: Reading | None = None
         self.requested = np.zeros(emb.dof)
         self._failing_since_ns: int | None = None
+        self._identity = b""  # the connection of the command being handled (the lease is bound to it)
+        # Where the e-stop latch is saved so a restart keeps it; None: not saved (tests, tools).
+        self.latch_path = latch_path
+        # A clear_fault is running outside the lock: the device belongs to it, not to the loop.
+        self.recovering = False
+        self._device_estop_pending = False  # an e-stop came during the recovery: send it after
+        # Following error: the target sent last tick, how long each joint has been beyond its bound.
+        self.fe_bounds = following_error_bounds(emb)
+        self.fe_time_ns = int(emb.following_error.max_time_s * 1e9)
+        self._fe_reference: np.ndarray | None = None
+        self._fe_since_ns = np.full(emb.dof, -1, dtype=np.int64)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -111,6 +208,11 @@ class Driver:
         self.requested = self.last_reading.position.copy()
         self.filter.reset(self.last_reading.position)
         self.mode = Mode.IDLE  # always disarmed after (re)start: arming is the operator's call
+        latched = read_latch(self.latch_path) if self.latch_path is not None else None
+        if latched is not None:
+            # A crash or restart must not clear an e-stop: start latched, device stopped too.
+            self._enter_estop(f"latched before restart: {latched}")
+            log.warning("e-stop latch found in %s: starting latched (%s)", self.latch_path, latched)
 
     def _first_reading(self, deadline: float) -> Reading:
         """A transient error (a late answer on a busy host) is retried until the connect deadline."""
@@ -126,35 +228,66 @@ class Driver:
 
     def tick(self, now_ns: int) -> TickResult:
         self.counters.ticks += 1
-        reading = self._read(now_ns)
+        if self.recovering:
+            # The recovery owns the device (it may be reconnecting): publish the last reading, send nothing.
+            assert self.last_reading is not None
+            self._watch_lease(now_ns)
+            return TickResult(self.last_reading.position, self.requested.copy(), self.filter.position,
+                              self.filter.velocity, self.activity.episode, self.activity.chunk)
+        reading, fresh = self._read(now_ns)
         self._watch_device(reading)
+        if fresh:
+            self._watch_following(reading.position, now_ns)
         self._watch_lease(now_ns)
         target = self._next_target(now_ns) if self.mode == Mode.RUNNING else self.activity.hold_target
         if self.mode in MOVING_MODES:
             commanded = self.filter.step(target) if target is not None else self.filter.decelerate()
             self._write(commanded, now_ns)
+            self._fe_reference = commanded
             if self.activity.disarm_pending and not np.any(self.filter.velocity):
                 self.activity.disarm_pending = False
                 self.mode = Mode.IDLE
         else:
             # Not commanding: keep the filter on the measured pose so arming never jumps.
             self.filter.reset(reading.position)
+            self._fe_reference = None
         return TickResult(reading.position, self.requested.copy(), self.filter.position, self.filter.velocity,
                           self.activity.episode, self.activity.chunk)
 
-    def _read(self, now_ns: int) -> Reading:
+    def _read(self, now_ns: int) -> tuple[Reading, bool]:
+        """This tick's reading and whether it is fresh (else the last good one, after a failed read)."""
         try:
             reading = self.backend.read()
             if reading.position.shape != (self.emb.dof,) or not np.all(np.isfinite(reading.position)):
-                raise BackendError(f"device returned an unusable reading {reading.position!r}")
+                raise BackendError("device returned an unusable reading "
+                                   f"(shape {reading.position.shape}, finite: {bool(np.all(np.isfinite(reading.position)))})")
         except BackendError as exc:
             self.counters.read_errors += 1
             self._device_failed(exc, now_ns)
             assert self.last_reading is not None
-            return self.last_reading
+            return self.last_reading, False
         self._failing_since_ns = None
         self.last_reading = reading
-        return reading
+        return reading, True
+
+    def _watch_following(self, measured: np.ndarray, now_ns: int) -> None:
+        """Fault when a checked joint stays further than its bound from the target sent last tick
+        for longer than the configured time: the device is not obeying, whatever its SDK says."""
+        reference = self._fe_reference
+        if self.mode not in MOVING_MODES or reference is None:
+            self._fe_since_ns[:] = -1  # just armed or reset: nothing was commanded to compare with
+            return
+        error = np.abs(measured - reference)
+        over = error > self.fe_bounds
+        self._fe_since_ns[~over] = -1
+        self._fe_since_ns[over & (self._fe_since_ns < 0)] = now_ns
+        late = over & (now_ns - self._fe_since_ns > self.fe_time_ns)
+        if not late.any():
+            return
+        j = int(np.argmax(np.where(late, error, -1.0)))
+        held_ms = (now_ns - self._fe_since_ns[j]) * 1e-6
+        self._enter_fault(f"following error: joint {self.emb.joint_names[j]} is {error[j]:.3g} from its commanded "
+                          f"position (bound {self.fe_bounds[j]:.3g}) for {held_ms:.0f} ms: the device is not obeying")
 
     def _write(self, commanded: np.ndarray, now_ns: int) -> None:
         try:
@@ -212,15 +345,40 @@ class Driver:
         if self.mode == Mode.RUNNING:
             self.mode = Mode.ARMED
 
+    def estop(self, reason: str) -> None:
+        """Latch the e-stop now (the stop path: no lease, no decoding needed, nothing slow)."""
+        if self.mode != Mode.ESTOP:
+            self._enter_estop(reason)
+
     def _enter_estop(self, reason: str) -> None:
+        # The latch first: from here on nothing moves the arm, whatever the device call does.
+        self.mode = Mode.ESTOP
+        self.reason = reason
+        self.buffer.clear()
+        self.activity = _Activity()
+        self._fe_reference = None
+        if self.recovering:
+            self._device_estop_pending = True  # the recovery owns the device; sent when it returns
+        else:
+            self._device_estop()
+        self._save_latch()
+
+    def _device_estop(self) -> None:
         try:
             self.backend.estop()
         except BackendError as exc:  # keep the latch even if the device did not answer
-            self.reason = f"{reason}; device estop call failed: {exc}"
-        self.buffer.clear()
-        self.activity = _Activity()
-        self.mode = Mode.ESTOP
-        self.reason = reason
+            self.reason = f"{self.reason}; device estop call failed: {exc}"
+
+    def _save_latch(self) -> None:
+        # A small write and a rename, no fsync: the run dir is normally a tmpfs, and the latch must
+        # survive a restart of the process, not a reboot (which needs re-arming anyway).
+        if self.latch_path is None:
+            return
+        try:
+            write_latch(self.latch_path, self.reason)
+        except OSError as exc:
+            log.error("cannot save the e-stop latch to %s: %s", self.latch_path, exc)
+            self.reason = f"{self.reason}; latch not saved ({exc.strerror})"
 
     def _enter_fault(self, reason: str) -> None:
         if self.mode in (Mode.ESTOP, Mode.FAULT):
@@ -229,19 +387,44 @@ class Driver:
         self.activity = _Activity()
         self.mode = Mode.FAULT
         self.reason = reason
+        self._fe_reference = None
+        try:
+            self.backend.on_fault(reason)  # nothing may recover or resend on its own now
+        except BackendError as exc:
+            self.reason = f"{reason}; stopping the device's SDK failed: {exc}"
 
     # ------------------------------------------------------------------ commands
 
-    def handle(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        """Apply one validated command; returns reply data or raises ProtocolError."""
+    def handle(self, msg: dict[str, Any], now_ns: int, identity: bytes = b"") -> dict[str, Any]:
+        """Apply one validated command, slow half included; returns reply data or raises ProtocolError."""
+        result = self.start(msg, now_ns, identity)
+        if isinstance(result, SlowJob):
+            return self.finish(result, result.run(), now_ns, identity)
+        return result
+
+    def start(self, msg: dict[str, Any], now_ns: int, identity: bytes = b"") -> dict[str, Any] | SlowJob:
+        """Apply one validated command from connection ``identity``: reply data, or a SlowJob
+        whose ``run`` must happen outside the lock and whose result goes to ``finish``."""
         handler = getattr(self, f"_cmd_{msg['kind']}", None)
         if handler is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"a driver does not accept {msg['kind']!r} commands")
+            raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"a driver does not accept {str(msg['kind'])[:64]!r} commands")
+        self._identity = identity
         try:
             return handler(msg, now_ns) or {}
         except ProtocolError:
             self.counters.refused_commands += 1
             raise
+
+    def finish(self, job: SlowJob, result: Any, now_ns: int, identity: bytes = b"") -> dict[str, Any]:
+        """Swap a slow job's result in (under the lock)."""
+        try:
+            return job.finish(result, now_ns, identity)
+        except ProtocolError:
+            self.counters.refused_commands += 1
+            raise
+
+    def _check_lease(self, msg: dict[str, Any], now_ns: int) -> None:
+        self.lease.check(msg["lease"], now_ns, self._identity)
 
     def _cmd_hello(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
         check_hello_version(msg["version"])
@@ -251,19 +434,19 @@ class Driver:
         return {"mono_ns": now_ns, "mode": self.mode.value, "disarming": self.activity.disarm_pending}
 
     def _cmd_acquire(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        lease = self.lease.acquire(msg["client"], now_ns, msg.get("ttl_s"))
+        lease = self.lease.acquire(msg["client"], now_ns, msg.get("ttl_s"), self._identity)
         return {"lease": lease.token, "ttl_s": lease.ttl_ns * 1e-9}
 
     def _cmd_heartbeat(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        self.lease.check(msg["lease"], now_ns)
+        self._check_lease(msg, now_ns)
         return {"mode": self.mode.value}
 
     def _cmd_release(self, msg: dict[str, Any], now_ns: int) -> None:
-        self.lease.release(msg["lease"], now_ns)
+        self.lease.release(msg["lease"], now_ns, self._identity)
         self._stop_motion()
 
     def _cmd_arm(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        self.lease.check(msg["lease"], now_ns)
+        self._check_lease(msg, now_ns)
         if self.mode in MOVING_MODES:
             self.activity.disarm_pending = False  # arming again cancels a disarm still decelerating
             return {"mode": self.mode.value}
@@ -271,19 +454,20 @@ class Driver:
         pose = self.last_reading.position if self.last_reading else None
         lo, hi = self.limits.lower + self.limits.margin, self.limits.upper - self.limits.margin
         outside = [] if pose is None else [
-            f"{name}={pose[i]:.3f} not in [{lo[i]:.3f}, {hi[i]:.3f}]"
+            f"{name}={pose[i]:.4g} not in [{lo[i]:.4g}, {hi[i]:.4g}]"
             for i, name in enumerate(self.emb.joint_names) if not lo[i] <= pose[i] <= hi[i]]
         if outside:
             raise ProtocolError(ErrorCode.BAD_STATE, "refusing to arm outside the configured range (arming would "
                                 f"move the arm): {', '.join(outside)}; move it inside by hand first")
         self.filter.reset(pose)  # hold exactly where the arm is: arming never moves it
+        self._fe_reference = None
         self.requested = pose.copy()
         self.activity = _Activity()
         self.mode = Mode.ARMED
         return {"mode": self.mode.value}
 
     def _cmd_disarm(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        self.lease.check(msg["lease"], now_ns)
+        self._check_lease(msg, now_ns)
         if self.mode in MOVING_MODES:
             self._stop_motion()
             self.activity.disarm_pending = True  # idle once decelerated to a stop
@@ -291,12 +475,11 @@ class Driver:
 
     def _cmd_estop(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
         # Anyone may press the e-stop; no lease needed.
-        if self.mode != Mode.ESTOP:
-            self._enter_estop(f"estop command: {msg.get('reason', 'no reason given')}")
+        self.estop(f"estop command: {str(msg.get('reason', 'no reason given'))[:200]}")
         return {"mode": self.mode.value}
 
     def _cmd_reset_estop(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        self.lease.check(msg["lease"], now_ns)
+        self._check_lease(msg, now_ns)
         self._require_mode(Mode.ESTOP, "reset_estop")
         if self.last_reading is not None and self.last_reading.estopped:
             raise ProtocolError(ErrorCode.ESTOPPED, "the device's own e-stop is still engaged; release it first")
@@ -304,43 +487,103 @@ class Driver:
             self.backend.release_estop()
         except BackendError as exc:
             raise ProtocolError(ErrorCode.BAD_STATE, f"the device did not reset: {exc}") from None
+        if self.latch_path is not None:
+            try:
+                self.latch_path.unlink(missing_ok=True)
+            except OSError as exc:  # the latch would come back on restart: say so, stay latched
+                raise ProtocolError(ErrorCode.BAD_STATE, f"cannot remove the e-stop latch file {self.latch_path}: "
+                                                         f"{exc.strerror}") from None
         self.mode, self.reason = Mode.IDLE, ""  # disarmed: the operator arms again explicitly
         return {"mode": self.mode.value}
 
-    def _cmd_clear_fault(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        self.lease.check(msg["lease"], now_ns)
+    def _cmd_clear_fault(self, msg: dict[str, Any], now_ns: int) -> SlowJob:
+        self._check_lease(msg, now_ns)
         self._require_mode(Mode.FAULT, "clear_fault")
-        try:
+        if self.recovering:
+            raise ProtocolError(ErrorCode.BAD_STATE, "a clear_fault is already in progress")
+        self.recovering = True  # from now until finish, the loop leaves the device alone
+
+        def recover() -> Reading:
             self.backend.recover(RECOVER_TIMEOUT_S)
-            reading = self.backend.read()
-        except BackendError as exc:
-            raise ProtocolError(ErrorCode.BAD_STATE, f"the device still fails: {exc}") from None
+            return self.backend.read()
+
+        return SlowJob("clear_fault", recover, self._finish_recovery)
+
+    def _finish_recovery(self, result: Any, now_ns: int, identity: bytes) -> dict[str, Any]:
+        self.recovering = False
+        if self._device_estop_pending:
+            self._device_estop_pending = False
+            self._device_estop()
+        if self.mode == Mode.ESTOP:
+            raise ProtocolError(ErrorCode.ESTOPPED, f"e-stop during the recovery: {self.reason}")
+        if isinstance(result, BackendError):
+            raise ProtocolError(ErrorCode.BAD_STATE, f"the device still fails: {str(result)[:500]}")
+        if isinstance(result, Exception):
+            raise ProtocolError(ErrorCode.BAD_STATE,
+                                f"the recovery failed: {type(result).__name__}: {str(result)[:500]}")
+        reading: Reading = result
         if reading.fault:
-            raise ProtocolError(ErrorCode.BAD_STATE, f"the device still reports: {reading.fault}")
+            raise ProtocolError(ErrorCode.BAD_STATE, f"the device still reports: {str(reading.fault)[:500]}")
+        if reading.position.shape != (self.emb.dof,) or not np.all(np.isfinite(reading.position)):
+            raise ProtocolError(ErrorCode.BAD_STATE, "the device recovered but returned an unusable reading")
         self.last_reading = reading
         self.filter.reset(reading.position)
         self._failing_since_ns = None
         self.mode, self.reason = Mode.IDLE, ""
         return {"mode": self.mode.value}
 
-    def _cmd_move_to(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        self.lease.check(msg["lease"], now_ns)
+    def _cmd_move_to(self, msg: dict[str, Any], now_ns: int) -> SlowJob:
+        self._check_lease(msg, now_ns)
         self._require_moving("move_to")
         goal = self._check_vector(msg["target"], "target")
         self._check_inside(goal)
         fraction = self.emb.move_to_velocity_fraction
         vmax = self.limits.max_velocity * fraction
         if "max_velocity" in msg:
+            if not msg["max_velocity"] >= MIN_MOVE_VELOCITY:
+                raise ProtocolError(ErrorCode.BAD_VALUE, f"move_to: max_velocity {msg['max_velocity']:.3g} is below "
+                                                         f"the slowest accepted, {MIN_MOVE_VELOCITY:g}")
             vmax = np.minimum(vmax, msg["max_velocity"])
-        points = plan_move(self.filter.position, goal, vmax, self.limits.max_acceleration * fraction, self.dt)
-        # plan_move's first point is one tick after the start pose.
-        self.buffer.add_chunk(now_ns + int(self.dt * 1e9), self.dt, points, "replace", now_ns,
-                              anchor=self.filter.position)
+        amax = self.limits.max_acceleration * fraction
+        start = self.filter.position
+        limit_s = min(MAX_MOVE_S, (self.buffer.max_points - 2) * self.dt)
+        duration = move_duration(start, goal, vmax, amax)
+        if duration > limit_s:
+            raise ProtocolError(ErrorCode.BAD_VALUE, f"move_to would take {duration:.4g} s, longer than the "
+                                                     f"{limit_s:.4g} s a move may last: raise max_velocity or move in steps")
+        max_points = int(limit_s / self.dt) + 2
+
+        def plan() -> np.ndarray:
+            return plan_move(start, goal, vmax, amax, self.dt, max_points=max_points)
+
+        return SlowJob("move_to", plan, lambda points, now, ident: self._finish_move(points, start, now, ident))
+
+    def _finish_move(self, points: Any, start: np.ndarray, now_ns: int, identity: bytes) -> dict[str, Any]:
+        if isinstance(points, ValueError):
+            raise ProtocolError(ErrorCode.BAD_VALUE, f"move_to: {str(points)[:500]}")
+        if isinstance(points, Exception):
+            raise points
+        # Planned without the lock: check again that it still applies.
+        self._require_moving("move_to")
+        if self.lease.current is None or self.lease.current.identity != identity:
+            raise ProtocolError(ErrorCode.NO_LEASE, "the lease was lost while the move was planned")
+        drift = np.abs(self.filter.position - start)
+        worst = int(np.argmax(drift))
+        if drift[worst] > self.emb.max_engage_distance:
+            raise ProtocolError(ErrorCode.TOO_FAR, f"the arm moved {drift[worst]:.3g} at joint "
+                                                   f"{self.emb.joint_names[worst]} while the move was planned; send it again")
+        try:
+            # plan_move's first point is one tick after the start pose; the anchor re-starts the
+            # move from wherever the filter is now (at most a few ticks away).
+            self.buffer.add_chunk(now_ns + int(self.dt * 1e9), self.dt, points, "replace", now_ns,
+                                  anchor=self.filter.position)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_VALUE, f"move_to: {exc}") from None
         self._start_running(final_point=points[-1].copy())
         return {"duration_s": len(points) * self.dt}
 
     def _cmd_trajectory(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        self.lease.check(msg["lease"], now_ns)
+        self._check_lease(msg, now_ns)
         self._require_moving("trajectory")
         points = msg["points"].astype(np.float64, copy=False)
         if points.ndim != 2 or points.shape[1] != self.emb.dof or points.shape[0] == 0:
@@ -349,7 +592,7 @@ class Driver:
         first = _first_index_at_or_after(t0, dt, len(points), now_ns)
         if first is None:
             raise ProtocolError(ErrorCode.BAD_VALUE, "every point of the chunk is already in the past "
-                                f"(chunk ended {(now_ns - t0) * 1e-6 - (len(points) - 1) * dt * 1e3:.1f} ms ago)")
+                                f"(chunk ended {(now_ns - t0) * 1e-6 - (len(points) - 1) * dt * 1e3:.4g} ms ago)")
         self._check_engage(points[first])
         try:
             kept = self.buffer.add_chunk(t0, dt, points, msg.get("merge", "replace"), now_ns,
@@ -362,7 +605,7 @@ class Driver:
         return {"kept": kept, "dropped": len(points) - kept, "driver_ns": now_ns}
 
     def _cmd_servo(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        self.lease.check(msg["lease"], now_ns)
+        self._check_lease(msg, now_ns)
         self._require_moving("servo")
         target = self._check_vector(msg["target"], "target")
         self._check_engage(target)
@@ -405,7 +648,7 @@ class Driver:
 
     def _check_inside(self, goal: np.ndarray) -> None:
         lo, hi = self.limits.lower + self.limits.margin, self.limits.upper - self.limits.margin
-        bad = [f"{n}={goal[i]:.3f} not in [{lo[i]:.3f}, {hi[i]:.3f}]"
+        bad = [f"{n}={goal[i]:.4g} not in [{lo[i]:.4g}, {hi[i]:.4g}]"
                for i, n in enumerate(self.emb.joint_names) if not lo[i] <= goal[i] <= hi[i]]
         if bad:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"target outside the joint limits: {', '.join(bad)}")
@@ -416,8 +659,8 @@ class Driver:
         worst = int(np.argmax(gap))
         if gap[worst] > self.emb.max_engage_distance:
             raise ProtocolError(ErrorCode.TOO_FAR,
-                                f"first target is {gap[worst]:.3f} from the current pose at joint "
-                                f"{self.emb.joint_names[worst]} (limit {self.emb.max_engage_distance}); "
+                                f"first target is {gap[worst]:.4g} from the current pose at joint "
+                                f"{self.emb.joint_names[worst]} (limit {self.emb.max_engage_distance:.4g}); "
                                 "use move_to, which ramps")
 
 

@@ -360,14 +360,27 @@ def _id_column(value: int | None, name: str, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------- move planning
 
 
+def move_duration(start: np.ndarray, goal: np.ndarray, max_velocity: np.ndarray,
+                  max_acceleration: np.ndarray) -> float:
+    """How long ``plan_move`` takes from ``start`` to ``goal`` (before rounding to whole ticks):
+    cheap, so a move can be refused before any point of it is allocated."""
+    start, goal, vmax, amax = (np.asarray(a, dtype=np.float64) for a in (start, goal, max_velocity, max_acceleration))
+    _check_move(start, goal, vmax, amax, 1.0)
+    dist = np.abs(goal - start)
+    if not dist.any():
+        return 0.0
+    return _min_duration(float(np.max(dist / vmax)), float(np.max(dist / amax)))
+
+
 def plan_move(start: np.ndarray, goal: np.ndarray, max_velocity: np.ndarray, max_acceleration: np.ndarray,
-              dt: float) -> np.ndarray:
+              dt: float, max_points: int | None = None) -> np.ndarray:
     """Waypoints ``dt`` apart from ``start`` (excluded) to ``goal`` (included, exactly).
 
     All joints move along the straight line in joint space with one shared trapezoidal (or
     triangular) time profile, so they start and finish together; the joint that needs longest
     sets the pace. The move starts and ends at rest, so the finite differences of
     ``[start, *waypoints, goal]`` obey every joint's velocity and acceleration limit.
+    A move of more than ``max_points`` waypoints raises ValueError before allocating any.
     """
     start, goal, vmax, amax = (np.asarray(a, dtype=np.float64) for a in (start, goal, max_velocity, max_acceleration))
     _check_move(start, goal, vmax, amax, dt)
@@ -380,7 +393,11 @@ def plan_move(start: np.ndarray, goal: np.ndarray, max_velocity: np.ndarray, max
     # s' <= 1 / t_speed, s'' <= 1 / t_accel_sq.
     t_speed = float(np.max(dist / vmax))  # the move at full speed throughout
     t_accel_sq = float(np.max(dist / amax))
-    ticks = max(math.ceil(_min_duration(t_speed, t_accel_sq) / dt * (1 - 1e-12)), 1)
+    duration = _min_duration(t_speed, t_accel_sq)
+    if max_points is not None and not duration / dt <= max_points:
+        raise ValueError(f"the move would take {duration:.4g} s, {duration / dt:.4g} points of {dt:.4g} s, "
+                         f"more than the limit of {max_points}")
+    ticks = max(math.ceil(duration / dt * (1 - 1e-12)), 1)
     if ticks == 1:  # a move this short is within limits in a single tick, from rest to rest
         return goal[None, :].copy()
     s = _trapezoid(np.arange(1, ticks + 1) * dt, ticks * dt, t_accel_sq)

@@ -235,3 +235,137 @@ def test_connect_gives_up_on_a_lasting_or_permanent_read_failure():
         Driver(EMB, SlowStartArm(EMB.home, failures=10**6, transient=True), lease_ttl_s=0.3).connect(0.1)
     with pytest.raises(BackendError, match="late answer"):
         Driver(EMB, SlowStartArm(EMB.home, failures=1, transient=False), lease_ttl_s=0.3).connect(1.0)
+
+
+# ---------------------------------------------------------------- issue 9: the core's stop path
+
+
+def test_estop_latch_survives_a_restart_and_reset_removes_it(tmp_path):
+    latch = tmp_path / "arm.estop"
+    d = Driver(EMB, MockArm(EMB.home, time_constant_s=0.0), lease_ttl_s=0.3, latch_path=latch)
+    d.connect(1.0)
+    cmd(d, "estop", 0, reason="operator saw smoke")
+    assert latch.exists() and (latch.stat().st_mode & 0o777) == 0o600
+    # The process dies; its supervisor starts a new one on the same run dir.
+    arm = MockArm(EMB.home, time_constant_s=0.0)
+    again = Driver(EMB, arm, lease_ttl_s=0.3, latch_path=latch)
+    again.connect(1.0)
+    assert again.mode == Mode.ESTOP and "latched before restart" in again.reason
+    assert "operator saw smoke" in again.reason and arm._halted  # the device was stopped too
+    lease = cmd(again, "acquire", 0, client="t")["lease"]
+    with pytest.raises(ProtocolError) as err:
+        cmd(again, "arm", 0, lease=lease)
+    assert err.value.code == ErrorCode.ESTOPPED
+    cmd(again, "reset_estop", 0, lease=lease)
+    assert again.mode == Mode.IDLE and not latch.exists()
+    third = Driver(EMB, MockArm(EMB.home, time_constant_s=0.0), lease_ttl_s=0.3, latch_path=latch)
+    third.connect(1.0)
+    assert third.mode == Mode.IDLE
+
+
+def test_an_unreadable_latch_file_still_latches(tmp_path):
+    latch = tmp_path / "arm.estop"
+    latch.write_bytes(b"\xff garbage")
+    d = Driver(EMB, MockArm(EMB.home, time_constant_s=0.0), lease_ttl_s=0.3, latch_path=latch)
+    d.connect(1.0)
+    assert d.mode == Mode.ESTOP and "unreadable" in d.reason
+
+
+def test_move_to_with_a_tiny_velocity_is_refused_at_once_naming_the_duration(drv):
+    lease = armed(drv)
+    target = EMB.home + np.r_[1.0, np.zeros(6)]
+    for v in (1e-4, 2e-3):  # below the floor; above it but far too slow
+        with pytest.raises(ProtocolError) as err:
+            cmd(drv, "move_to", 0, lease=lease, target=target, max_velocity=v)
+        assert err.value.code == ErrorCode.BAD_VALUE
+    assert "500 s" in err.value.reason and "longer than" in err.value.reason
+    assert drv.mode == Mode.ARMED and len(drv.buffer) == 0
+    reply = cmd(drv, "move_to", 0, lease=lease, target=target, max_velocity=0.1)
+    assert 10 < reply["duration_s"] < 12 and drv.mode == Mode.RUNNING
+
+
+def test_move_to_is_planned_outside_and_rechecked_when_swapped_in(drv):
+    lease = armed(drv)
+    job = drv.start(F.make("move_to", lease=lease, target=EMB.home + np.r_[0.3 * np.ones(6), 0]), 0)
+    points = job.run()  # outside the lock; meanwhile the operator presses the e-stop
+    cmd(drv, "estop", 0)
+    with pytest.raises(ProtocolError) as err:
+        drv.finish(job, points, DT_NS)
+    assert err.value.code == ErrorCode.ESTOPPED and len(drv.buffer) == 0
+
+
+class RecoveringArm(FlakyArm):
+    """recover() is where the test decides what happens meanwhile (it runs outside the lock)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.during_recover = lambda: None
+        self.estops = 0
+
+    def recover(self, timeout_s: float) -> None:
+        self.during_recover()
+
+    def estop(self) -> None:
+        self.estops += 1
+        super().estop()
+
+
+def test_estop_during_a_recovery_latches_at_once_and_reaches_the_device_after(drv):
+    arm = RecoveringArm(EMB.home, time_constant_s=0.0)
+    d = Driver(EMB, arm, lease_ttl_s=10.0)
+    d.connect(1.0)
+    lease = armed(d)
+    arm.fail_reads = True
+    now = run_ticks(d, 0, 100)
+    assert d.mode == Mode.FAULT
+    arm.fail_reads = False
+    job = d.start(F.make("clear_fault", lease=lease), now)
+    assert d.recovering
+    reads = []
+    arm.read = lambda: reads.append(1) or FlakyArm.read(arm)  # the loop must leave the device alone
+    run_ticks(d, now, 20)
+    assert reads == []
+    d.estop("operator")  # the command thread, while the recovery runs
+    assert d.mode == Mode.ESTOP and arm.estops == 0  # latched; the device still belongs to recover
+    result = job.run()
+    with pytest.raises(ProtocolError) as err:
+        d.finish(job, result, now)
+    assert err.value.code == ErrorCode.ESTOPPED and arm.estops == 1 and not d.recovering
+
+
+def test_a_recovery_that_succeeds_is_swapped_in_idle(drv):
+    arm = RecoveringArm(EMB.home, time_constant_s=0.0)
+    d = Driver(EMB, arm, lease_ttl_s=10.0)
+    d.connect(1.0)
+    lease = armed(d)
+    arm.fail_reads = True
+    now = run_ticks(d, 0, 100)
+    arm.fail_reads = False
+    job = d.start(F.make("clear_fault", lease=lease), now)
+    assert d.finish(job, job.run(), now) == {"mode": "idle"} and not d.recovering
+
+
+def test_reasons_print_huge_numbers_briefly(drv):
+    lease = armed(drv)
+    far = EMB.home.copy()
+    far[0] = 1e300
+    with pytest.raises(ProtocolError) as err:
+        cmd(drv, "move_to", 0, lease=lease, target=far)
+    assert "1e+300" in err.value.reason and len(err.value.reason) < 300
+    with pytest.raises(ProtocolError) as err:
+        cmd(drv, "servo", 0, lease=lease, target=far)
+    assert err.value.code == ErrorCode.TOO_FAR and len(err.value.reason) < 300
+
+
+class FaultReportingArm(FlakyArm):
+    def on_fault(self, reason: str) -> None:
+        raise BackendError("worker did not stop")
+
+
+def test_a_failing_on_fault_is_noted_not_raised():
+    d = Driver(EMB, FaultReportingArm(EMB.home, time_constant_s=0.0), lease_ttl_s=10.0)
+    d.connect(1.0)
+    armed(d)
+    d.backend.fail_reads = True
+    run_ticks(d, 0, 100)
+    assert d.mode == Mode.FAULT and "worker did not stop" in d.reason and "bus timeout" in d.reason
