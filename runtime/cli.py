@@ -15,19 +15,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from runtime.config import DEFAULT_CELL, ConfigError
+from runtime.rundir import RunDirError
+
+# Set by a supervisor (runtime.supervisor) in the environment of each process it starts.
+PARENT_PID_ENV = "ARMADA_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+RUN_DIR_HELP = ("private folder for ipc sockets, locks and logs ({run_dir} in the cell); default "
+                "$XDG_RUNTIME_DIR/armada-UID/CELL, or /tmp/armada-UID/CELL without XDG_RUNTIME_DIR")
 
 
 def _add_process_args(p: argparse.ArgumentParser, named: bool) -> None:
     p.add_argument("cell", nargs="?" if not named else None, type=Path, help="cell YAML")
-    p.add_argument("--run-dir", type=Path, default=None, help="folder for ipc sockets ({run_dir} in the cell)")
+    p.add_argument("--run-dir", type=Path, default=None, help=RUN_DIR_HELP)
     if named:
         p.add_argument("--name", default=None, help="which one of the cell's drivers/cameras")
 
@@ -40,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run episodes on a cell, all processes included")
     run.add_argument("cell", nargs="?", type=Path, default=None, help=f"cell YAML (default: {DEFAULT_CELL.name})")
-    run.add_argument("--run-dir", type=Path, default=None)
+    run.add_argument("--run-dir", type=Path, default=None, help=RUN_DIR_HELP)
     run.add_argument("--episodes", type=int, default=1)
     run.add_argument("--duration", type=float, default=None, help="seconds per episode")
     run.add_argument("--instruction", default="auto")
@@ -110,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # first: a supervisor may already be gone
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -118,24 +129,40 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"armada: config error: {exc}", file=sys.stderr)
         return 2
+    except RunDirError as exc:
+        print(f"armada: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
 
+def die_with_parent() -> None:
+    """Started by a supervisor: have the kernel SIGTERM us when it dies, whatever kills it (even -9).
+
+    SIGTERM (not SIGKILL) so a driver still holds position and closes its device on the way out.
+    The supervisor may have died before the request took effect: then our parent is already
+    someone else (init or a subreaper) and we exit at once.
+    """
+    parent = os.environ.pop(PARENT_PID_ENV, None)  # popped: our own children must not inherit it
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise SystemExit(f"armada: cannot ask to die with the supervisor: {os.strerror(ctypes.get_errno())}")
+    if str(os.getppid()) != parent:
+        raise SystemExit(f"armada: the supervisor (pid {parent}) exited before this process started; not starting")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "driver":
-        from drivers.core.process import run_driver
+    if args.command in ("driver", "camera", "infer"):
+        return _run_process(args)
+    if args.command == "calibrate" and getattr(args, "live", None) is not None and args.run_dir is None:
+        from runtime.config import load_cell
+        from runtime.rundir import resolve_run_dir
 
-        run_driver(args.cell, args.name, args.run_dir)
-    elif args.command == "camera":
-        from drivers.cameras.process import run_camera
-
-        run_camera(args.cell, args.name, args.run_dir)
-    elif args.command == "infer":
-        from runtime.inference.process import run_inference
-
-        run_inference(args.cell, args.run_dir)
-    elif args.command == "run":
+        # Where the cell's processes run; checked private, as we talk to whatever listens there.
+        args.run_dir = resolve_run_dir(None, load_cell(args.live).name)
+    if args.command == "run":
         return run_cell(args)
     elif args.command == "model":
         return run_model_command(args)
@@ -153,6 +180,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         from runtime.bench import run_bench
 
         return run_bench(args.what, args.seconds, args.json)
+    return 0
+
+
+def _run_process(args: argparse.Namespace) -> int:
+    """One process of a cell, in its run dir (created private), holding its instance lock until it exits."""
+    from runtime.config import load_cell, named
+    from runtime.rundir import InstanceLock, instance_label, resolve_run_dir
+
+    cell = load_cell(args.cell)
+    name = None
+    if args.command == "driver":
+        name = named(cell.driver, args.name, args.cell).name
+    elif args.command == "camera":
+        name = named(cell.camera, args.name, args.cell).name
+    run_dir = resolve_run_dir(args.run_dir, cell.name)
+    with InstanceLock(run_dir, instance_label(args.command, name)):
+        if args.command == "driver":
+            from drivers.core.process import run_driver
+
+            run_driver(args.cell, name, run_dir)
+        elif args.command == "camera":
+            from drivers.cameras.process import run_camera
+
+            run_camera(args.cell, name, run_dir)
+        else:
+            from runtime.inference.process import run_inference
+
+            run_inference(args.cell, run_dir)
     return 0
 
 
@@ -273,46 +328,223 @@ def run_cell(args: argparse.Namespace) -> int:
     return code
 
 
-def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
-    from runtime.inference.client import EpisodeClient
-    from runtime.supervisor import CellProcesses, default_run_dir
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
+
+class _StopSignals:
+    """SIGTERM, SIGHUP and SIGINT end `armada run` the same way: the first one interrupts whatever
+    runs (like Ctrl-C does), so the episode is stopped and the children are stopped; later ones
+    are noted but do not interrupt that clean-up. SIGKILL cannot be caught: the children's
+    parent-death signal covers it (see die_with_parent)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.interrupting = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+            if self.interrupting:
+                raise _Interrupted(signum)
+
+    def defer(self) -> None:
+        """From now on a signal is noted only: the clean-up that follows must run to its end."""
+        self.interrupting = False
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _say(text: str) -> None:
+    """A line for the operator on stderr; a closed terminal (SIGHUP) must not stop the clean-up."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
+
+
+def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
     from runtime.config import load_cell
+    from runtime.rundir import resolve_run_dir
+    from runtime.supervisor import CellProcesses
 
     cell_path = args.cell or DEFAULT_CELL
-    run_dir = args.run_dir or default_run_dir(load_cell(cell_path).name)
-    procs = CellProcesses(cell_path, run_dir)
+    cell = load_cell(cell_path)  # a bad cell is refused before anything is created
+    run_dir = resolve_run_dir(args.run_dir, cell.name)
+    with _StopSignals() as signals:
+        procs = None
+        code = 1
+        try:
+            procs = CellProcesses(cell_path, run_dir)
+            code = _supervise(procs, args, reports)
+        except _Interrupted as exc:
+            signals.defer()
+            _say(f"armada: {exc}: stopping the episode and all processes (drivers hold position)")
+            if procs is not None:
+                _stop_episode(procs, f"armada run got {exc}")
+        finally:
+            signals.defer()  # a signal during the clean-up is noted, not raised: it runs to its end
+            if procs is not None:
+                procs.close()
+        if signals.received is not None:
+            _say(f"armada: stopped by {signal.Signals(signals.received).name}; all processes stopped")
+            return 128 + signals.received
+        return code
+
+
+def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
+    from runtime.inference.client import EpisodeClient
+
     cell = procs.cell
     all_mock = all(d.backend.kind == "mock" for d in cell.drivers)
     print(f"armada: cell {cell.name!r}: {len(cell.drivers)} driver(s), {len(cell.cameras)} camera(s), "
           f"{cell.inference.policy.kind} policy, {cell.inference.chunking.mode} chunks")
-    with procs:
-        t = time.monotonic()
-        print("armada: starting processes ...", flush=True)
-        try:
-            procs.start_all()
-        except (RuntimeError, TimeoutError) as exc:
-            print(f"armada: {exc}", file=sys.stderr)
+    t = time.monotonic()
+    print(f"armada: starting processes in {procs.run_dir} ...", flush=True)
+    try:
+        procs.start_all()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"armada: {exc}", file=sys.stderr)
+        return 1
+    print(f"armada: all processes answer ({time.monotonic() - t:.1f} s); logs in {procs.run_dir / 'logs'}")
+    client = EpisodeClient(procs.ctx, cell)
+    try:
+        if not (args.arm or all_mock) and not _drivers_armed(procs, client):
             return 1
-        print(f"armada: all processes answer ({time.monotonic() - t:.1f} s); logs in {procs.run_dir / 'logs'}")
-        client = EpisodeClient(procs.ctx, cell)
+        for _ in range(args.episodes):
+            report = _one_episode(procs, client, args, all_mock, cell.inference.episode_duration_s)
+            reports.append(report)
+            if procs.dead():
+                break  # the episode failed for it; no more episodes on a broken cell
+    finally:
+        client.close()
+    return 0 if all(r["outcome"] == "completed" for r in reports) else 1
+
+
+def _drivers_armed(procs, client) -> bool:
+    """On a real cell the episode arms nothing unless the operator says --arm: say so up front."""
+    from runtime.transport import CommandClient, RemoteError
+
+    for drv in procs.cell.drivers:
+        cmd = CommandClient(procs.ctx, drv.cmd, procs.cell.curve, default_timeout_s=1.0)
         try:
-            for _ in range(args.episodes):
-                reports.append(_one_episode(client, args, all_mock, cell.inference.episode_duration_s))
+            mode = cmd.request("ping")["mode"]
+        except (TimeoutError, RemoteError) as exc:
+            print(f"armada: driver {drv.name} does not answer: {exc}", file=sys.stderr)
+            return False
         finally:
-            client.close()
-    ok = all(r["outcome"] == "completed" for r in reports)
-    return 0 if ok else 1
+            cmd.close()
+        if mode not in ("armed", "running"):
+            print(f"armada: driver {drv.name} is {mode}: run with --arm to let the episode arm it "
+                  f"(or arm it yourself first)", file=sys.stderr)
+            return False
+    return True
 
 
-def _one_episode(client, args: argparse.Namespace, all_mock: bool, default_duration: float) -> dict[str, Any]:
+def _one_episode(procs, client, args: argparse.Namespace, all_mock: bool, default_duration: float) -> dict[str, Any]:
     duration = args.duration or default_duration
     episode = client.start(args.instruction, duration_s=duration, arm=args.arm or all_mock)
     progress = _Progress(episode, duration)
-    report = client.wait_report(episode, timeout_s=duration + 20.0, on_event=progress.on_event)
-    progress.finish()
+    try:
+        report = _follow_episode(procs, client, episode, duration + 20.0, progress.on_event)
+    finally:
+        progress.finish()
     print(format_report(report))
     return report
+
+
+def _follow_episode(procs, client, episode: int, timeout_s: float, on_event) -> dict[str, Any]:
+    """Follow the episode's events until its report, watching the children all along: a child that
+    dies ends the episode as failed, naming it and how it died."""
+    deadline = time.monotonic() + timeout_s
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        dead = procs.dead()
+        if dead:
+            return _child_died(procs, client, episode, [why for _, why in dead])
+        msg = client.events.recv(0.1)
+        if msg is not None:
+            quiet_since = time.monotonic()
+            data = msg.get("data") or {}
+            on_event(msg["event"], data)
+            if msg["event"] == "episode_ended" and data.get("episode") == episode:
+                return data
+        elif time.monotonic() - quiet_since > 1.0:
+            quiet_since = time.monotonic()
+            report = _status_report(client, episode)  # the ended event may have been missed
+            if report is not None:
+                return report
+    _stop_episode(procs, "armada run: the episode did not end in time")
+    return _failed_report(episode, f"failed: the episode did not end within {timeout_s:.0f} s")
+
+
+def _status_report(client, episode: int) -> dict[str, Any] | None:
+    from runtime.transport import RemoteError
+
+    try:
+        status = client.ctl.request("status", timeout_s=1.0)
+    except (TimeoutError, RemoteError):
+        return None  # a dead inference process is seen by the child watch on the next turn
+    report = status.get("last_report")
+    if not status.get("running") and report and report.get("episode") == episode:
+        return report
+    return None
+
+
+def _child_died(procs, client, episode: int, why: list[str]) -> dict[str, Any]:
+    reason = "; ".join(why)
+    print(f"armada: {reason}: episode {episode} failed; stopping all processes", file=sys.stderr, flush=True)
+    _stop_episode(procs, reason)
+    report = _await_report(procs, client, episode, timeout_s=3.0)
+    report = dict(report) if report is not None else _failed_report(episode, "")
+    inner = report["outcome"]
+    report["outcome"] = f"failed: {reason}" + (f" (episode: {inner})" if inner else "")
+    return report
+
+
+def _await_report(procs, client, episode: int, timeout_s: float) -> dict[str, Any] | None:
+    """The report of an episode being stopped, if the inference process still lives to send it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(c.role == "infer" and c.proc.poll() is None for c in procs.children):
+            return None
+        msg = client.events.recv(0.1)
+        if msg is None:
+            continue
+        data = msg.get("data") or {}
+        if msg["event"] == "episode_ended" and data.get("episode") == episode:
+            return data
+    return _status_report(client, episode)
+
+
+def _stop_episode(procs, reason: str) -> None:
+    """Ask the inference process to end its episode (it releases the leases: drivers hold)."""
+    from runtime.transport import CommandClient, RemoteError
+
+    infer = [c for c in procs.children if c.role == "infer" and c.proc.poll() is None]
+    if not infer:
+        return
+    ctl = CommandClient(procs.ctx, procs.cell.inference.ctl, procs.cell.curve, default_timeout_s=1.0)
+    try:
+        ctl.request("episode_stop", reason=reason)
+    except (TimeoutError, RemoteError):
+        pass  # stopping the process ends the episode too
+    finally:
+        ctl.close()
+
+
+def _failed_report(episode: int, outcome: str) -> dict[str, Any]:
+    return {"episode": episode, "outcome": outcome}
 
 
 class _Progress:
@@ -353,6 +585,8 @@ class _Progress:
 
 
 def format_report(r: dict[str, Any]) -> str:
+    if "control_rate_hz" not in r:  # no report from the inference process (it died): what we know
+        return f"episode {r['episode']}: {r['outcome']}"
     rates = ", ".join(f"{n} {hz:.1f} Hz" for n, hz in r["control_rate_hz"].items()) or "n/a"
     clamps = ", ".join(f"{k} {v}" for k, v in r["clamps_by_kind"].items() if v) or "none"
     return "\n".join([

@@ -2,15 +2,20 @@
 
 Used by ``armada run``, the HIL tests and the benchmarks: the processes are the same ones
 systemd runs in production (``armada driver|camera|infer CELL``), started as children.
+
+Children live and die with their supervisor: each is told our pid (``ARMADA_PARENT_PID``) and
+asks the kernel for SIGTERM when we die, whatever kills us (``armada`` does this first thing,
+see ``runtime.cli``). The kernel sends it when the *thread* that started the child exits, so
+spawn children from a thread that lives as long as the supervisor (the main thread does).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +24,7 @@ import zmq
 
 from runtime.config import DEFAULT_CELL, CellConfig, load_cell
 from runtime.protocol import PROTOCOL_VERSION
+from runtime.rundir import InstanceLock, RunDirError, instance_label, open_log, prepare_run_dir, resolve_run_dir
 from runtime.transport import CommandClient, FrameSubscriber, RemoteError
 
 READY_TIMEOUT_S = 15.0
@@ -26,10 +32,22 @@ READY_TIMEOUT_S = 15.0
 INFER_READY_TIMEOUT_S = 90.0
 
 
+PARENT_PID_ENV = "ARMADA_PARENT_PID"
+
+
 def default_run_dir(cell_name: str) -> Path:
-    """A short per-user folder for ipc sockets (ipc paths are limited to about 100 bytes)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"armada-{os.getuid()}" / cell_name
+    """The default run dir of a cell, created private (see runtime.rundir); for benchmarks and tests."""
+    return resolve_run_dir(None, cell_name)
+
+
+def describe_exit(returncode: int) -> str:
+    """'exited with code 3' or 'killed by SIGKILL': what an operator needs to know about a dead process."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 @dataclass
@@ -38,6 +56,10 @@ class Child:
     role: str
     proc: subprocess.Popen
     log_path: Path
+
+    @property
+    def lock_label(self) -> str:
+        return instance_label(self.role, self.name)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -53,12 +75,19 @@ class CellProcesses:
     cell: CellConfig = field(init=False)
     children: list[Child] = field(default_factory=list)
     ctx: zmq.Context = field(default_factory=zmq.Context)
+    lock: InstanceLock = field(init=False)
 
     def __post_init__(self) -> None:
         self.cell_path = Path(self.cell_path)
-        self.run_dir = Path(self.run_dir)
-        self.cell = load_cell(self.cell_path, self.run_dir)
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.run_dir = Path(os.path.abspath(self.run_dir))
+        self.cell = load_cell(self.cell_path, self.run_dir)  # a bad cell is refused before anything is created
+        self.run_dir = prepare_run_dir(self.run_dir)
+        self.lock = InstanceLock(self.run_dir, "run")  # one supervisor per run dir
+        try:
+            prepare_run_dir(self.run_dir / "logs")
+        except RunDirError:
+            self.lock.release()
+            raise
 
     @classmethod
     def default(cls, run_dir: Path | None = None) -> "CellProcesses":
@@ -72,9 +101,9 @@ class CellProcesses:
             args += ["--name", name]
         label = name or role
         log_path = self.run_dir / "logs" / f"{label}.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        env = os.environ | {"PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
+        with open_log(log_path) as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         child = Child(label, role, proc, log_path)
         self.children.append(child)
         return child
@@ -96,7 +125,7 @@ class CellProcesses:
     def _wait_child(self, child: Child, deadline: float) -> None:
         while True:
             if child.proc.poll() is not None:
-                raise RuntimeError(f"{child.role} {child.name} exited with code {child.proc.returncode}:\n"
+                raise RuntimeError(f"{child.role} {child.name} {describe_exit(child.proc.returncode)}:\n"
                                    f"{child.log_tail()}")
             if self._answers(child):
                 return
@@ -121,24 +150,71 @@ class CellProcesses:
         finally:
             client.close()
 
+    # ------------------------------------------------------------------ watching
+
+    def dead(self) -> list[tuple[Child, str]]:
+        """Children that have exited, each with how ('driver arm died (killed by SIGKILL)')."""
+        return [(c, f"{c.role} {c.name} died ({describe_exit(c.proc.returncode)})")
+                for c in self.children if c.proc.poll() is not None]
+
     # ------------------------------------------------------------------ stopping
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        for child in self.children:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+        """SIGTERM every child, inference first: it ends its episode and releases the leases, so the
+        drivers decelerate to a hold before they are asked to exit (they hold; they never cut torque)."""
+        infer = [c for c in self.children if c.role == "infer"]
+        others = [c for c in self.children if c.role != "infer"]
         deadline = time.monotonic() + timeout_s
+        for group in (infer, others):
+            for child in group:
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            for child in group:
+                try:
+                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait(timeout=2.0)
         for child in self.children:
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait(timeout=2.0)
+            self._clean_up_after(child)
         self.children.clear()
 
+    def _clean_up_after(self, child: Child) -> None:
+        """Remove the socket files and lock a dead child left (kill -9 skips its own clean-up).
+
+        Only when its lock is free: then no process of that role lives on this run dir, so the
+        sockets are nobody's. Other files (logs, e-stop latches) stay."""
+        try:
+            lock = InstanceLock(self.run_dir, child.lock_label)
+        except RunDirError:
+            return  # someone else runs this role here now: its sockets are live
+        try:
+            for path in self._socket_paths(child):
+                try:
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            lock.release()
+
+    def _socket_paths(self, child: Child) -> list[Path]:
+        if child.role == "driver":
+            d = self.cell.driver(child.name)
+            endpoints = [d.state, d.cmd]
+        elif child.role == "camera":
+            endpoints = [self.cell.camera(child.name).frames]
+        else:
+            endpoints = [self.cell.inference.ctl, self.cell.inference.events]
+        paths = [Path(e.removeprefix("ipc://")) for e in endpoints if e.startswith("ipc://") and "@" not in e[6:7]]
+        return [p for p in paths if p.parent == self.run_dir]
+
     def close(self) -> None:
-        self.stop()
-        self.ctx.destroy(linger=0)  # also closes sockets a caller forgot, so exit never hangs
+        try:
+            self.stop()
+            self.ctx.destroy(linger=0)  # also closes sockets a caller forgot, so exit never hangs
+        finally:
+            self.lock.release()
 
     def __enter__(self) -> "CellProcesses":
         return self
