@@ -5,11 +5,25 @@ used and tested directly too.
 Connecting probes the controller with plain sockets first (drivers/ur3/probe.py), so a missing or
 silent controller fails with a clear message within the probe's deadline instead of hanging in
 ur-rtde's constructors.
+
+The RTDE watchdog and servoJ share one register. ur-rtde's control script reads its command register
+(input_int_register_0) once per controller cycle and takes a new servo target only when it finds
+servoJ (11) there; kickWatchdog writes "no command" (0) into that same register. A kick sent in the
+same tick as a servoJ can be the value a cycle sees, and that cycle gets no new target: the next
+one jumps to catch up. The watchdog itself watches that register for updates, which every servoJ
+package is. So the watchdog is kicked only in ticks that send no servoJ (disarmed, holding).
+
+ur-rtde 1.6.5 asks for TCP_NODELAY on its RTDE socket before ``boost::asio::connect``, which closes
+and reopens the socket, so the option is lost (observed: getsockopt says 0 on every ur-rtde socket).
+With Nagle on, a servoJ waits for the previous package's ACK and is merged with the next one: the
+script sees only the later. ``_set_nodelay`` sets it on the connected sockets after construction.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 
 import numpy as np
@@ -23,6 +37,7 @@ STALE_S = 0.05  # no new controller timestamp for this long: the stream has stop
 SCRIPT_START_S = 2.0
 REFUSAL_REASON_WAIT_S = 0.01
 PROBE_TIMEOUT_S = 3.0  # a live controller answers in milliseconds; the rest goes to ur-rtde
+RTDE_PORT = 30004  # ur-rtde hard-codes it
 
 SAFETY_NORMAL, SAFETY_REDUCED, SAFETY_PROTECTIVE = 1, 2, 3
 SAFETY_ESTOPS = {6: "system emergency stop", 7: "robot emergency stop"}
@@ -65,6 +80,8 @@ class UR3RtdeBackend(Backend):
         self.receive = None
         self.control = None
         self.last_stamp, self.last_stamp_mono = -1.0, 0.0
+        self._servoj_since_read = False  # a servoJ went out after the last read: it kicked the watchdog
+        self.nodelay_set = 0  # RTDE sockets we had to set TCP_NODELAY on (ur-rtde's own setting is lost)
 
     @property
     def where(self) -> str:
@@ -82,6 +99,7 @@ class UR3RtdeBackend(Backend):
         except RuntimeError as exc:
             raise BackendError(f"RTDE receive failed: {exc}", transient=False) from None
         self._wait(lambda: self.receive.getTimestamp() > 0.0, 2.0, "the first RTDE data")
+        self._set_nodelay()
         r = self.receive
         if r.getSafetyMode() in (SAFETY_NORMAL, SAFETY_REDUCED) and r.getRobotMode() == ROBOT_RUNNING:
             self._start_control()
@@ -96,6 +114,26 @@ class UR3RtdeBackend(Backend):
         except RuntimeError as exc:
             self.control = None
             raise BackendError(f"the control script did not start: {exc}", transient=False) from None
+        self._set_nodelay()
+
+    def _set_nodelay(self) -> None:
+        """TCP_NODELAY on every socket of this process connected to our controller's RTDE port."""
+        for fd in _socket_fds():
+            try:
+                sock = socket.socket(fileno=os.dup(fd))  # a duplicate: the option is the socket's, shared
+            except OSError:
+                continue
+            with sock:
+                try:
+                    if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+                        continue
+                    if sock.getpeername() != (self.host, RTDE_PORT):
+                        continue
+                    if not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        self.nodelay_set += 1
+                except OSError:
+                    continue  # not connected (a listening or closing socket): not ours to tune
 
     def read(self) -> Reading:
         r = self.receive
@@ -111,8 +149,9 @@ class UR3RtdeBackend(Backend):
             raise BackendError(f"no new RTDE data for {(now - self.last_stamp_mono) * 1e3:.0f} ms")
         safety, robot_mode = r.getSafetyMode(), r.getRobotMode()
         running = bool(r.getRobotStatus() & PROGRAM_RUNNING_BIT)
-        if self.control is not None and running:
-            self.control.kickWatchdog()
+        if self.control is not None and running and not self._servoj_since_read:
+            self.control.kickWatchdog()  # no servoJ last tick; while streaming, servoJ refreshes it
+        self._servoj_since_read = False
         extras = {"tcp_pose": r.getActualTCPPose(), "safety_mode": safety, "robot_mode": robot_mode,
                   "controller_time_s": stamp, "program_running": running}
         return Reading(position=np.asarray(r.getActualQ(), dtype=np.float64), mono_ns=time.monotonic_ns(),
@@ -129,6 +168,7 @@ class UR3RtdeBackend(Backend):
         # speed and acceleration are unused by servoJ; time is one tick so targets are interpolated.
         if not self.control.servoJ(q, 0.5, 0.5, self.period_s, self.lookahead_s, self.gain):
             raise BackendError(f"servoJ refused: {self._why_refused()}", transient=False)
+        self._servoj_since_read = True
 
     def _why_refused(self) -> str:
         """The controller's reason, once the receive stream has caught up with the stop (a few ms)."""
@@ -208,6 +248,22 @@ class UR3RtdeBackend(Backend):
             if time.monotonic() > deadline:
                 raise BackendError(f"timed out after {timeout_s:.1f} s waiting for {what}", transient=False)
             time.sleep(0.005)
+
+
+def _socket_fds() -> list[int]:
+    """This process's open sockets (Linux: /proc/self/fd)."""
+    fds = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return fds
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                fds.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return fds
 
 
 def _import_sdk():

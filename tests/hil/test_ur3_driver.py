@@ -143,6 +143,56 @@ def test_move_to_reaches_the_goal_and_the_fake_follows(driver):
     _assert_within_limits(fake.targets())
 
 
+def _wait_holding(client, lease: str, pred, timeout_s: float) -> bool:
+    """Wait for ``pred``, sending heartbeats: the cell's lease lapses in 0.3 s without them."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return True
+        client.request("heartbeat", lease=lease)
+        time.sleep(0.05)
+    return bool(pred())
+
+
+def _servo_cycles(cycles: list[list]) -> list[list]:
+    """The controller cycles from the first to the last fresh servoJ target (the streaming window)."""
+    fresh = [i for i, c in enumerate(cycles) if c[2]]
+    assert fresh, "no controller cycle took a servoJ target"
+    return cycles[fresh[0]:fresh[-1] + 1]
+
+
+def test_every_controller_cycle_takes_a_fresh_servoj_target_and_no_step_jumps(driver):
+    """The control script reads its command register once per 2 ms cycle and takes a new target only
+    when it sees servoJ there; a watchdog kick ("no command") in the same register, or two packages
+    merged by Nagle, leaves a cycle without one, and the next cycle jumps to catch up."""
+    _, fake, client, rec = driver
+    lease = _lease(client)
+    client.request("arm", lease=lease)
+    start = np.asarray(rec.wait_mode("armed", 2.0)["measured"])
+    vmax = EMB.max_velocity * EMB.move_to_velocity_fraction  # what move_to plans with
+    fake.cycles()
+    goal = start + np.array([1.2, -0.6, 0.6, 1.0, -1.0, 1.5])
+    duration = client.request("move_to", lease=lease, target=goal)["duration_s"]
+    assert duration > 2.0
+    rec.wait_mode("running", 2.0)
+    assert _wait_holding(client, lease, lambda: rec.latest()["mode"] == "armed", duration + 5.0)
+    window = _servo_cycles(fake.cycles())
+    cycle_s = 0.002  # the fake is an e-Series controller
+    fresh = float(np.mean([c[2] for c in window]))
+    targets = np.asarray([c[3] for c in window])
+    steps = np.abs(np.diff(targets, axis=0)) / cycle_s
+    over = np.max(steps / vmax, axis=1)
+    print(f"{len(window)} controller cycles, {fresh:.3f} took a fresh servoJ target; "
+          f"{int(np.sum(over > 1.01))} steps over the velocity limit, worst {over.max():.2f}x")
+    assert len(window) > 0.8 * duration / cycle_s
+    # Against the old kick-before-servoJ worker: most cycles saw "no command" (fresh about 0.3).
+    assert fresh > 0.9, fresh
+    # A cycle that missed its target costs the next one a double step; several in a row, a jump.
+    # The driver plans at 0.2 of the hardware limits, so one missed cycle stays inside them.
+    assert np.all(steps <= EMB.max_velocity * (1 + 1e-6) + 1e-9), over.max()
+    assert np.mean(over > 1.01) < 0.05, np.mean(over > 1.01)
+
+
 # --------------------------------------------------------------------------- stops
 
 

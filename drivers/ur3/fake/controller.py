@@ -12,13 +12,23 @@ It serves:
     robot_status_bits bit 1) and the emulated control script answers through the registers:
     output_int_register_0 = 1 ready, 2 done; the command id is input_int_register_0
     (11 servoJ, 1 moveJ, 255 stop script, ...), its arguments the input double registers,
+  * the control script's timing, as ur-rtde's script runs on a controller: once per controller
+    cycle (2 ms e-Series, 8 ms CB3 = a version below 5) it reads input_int_register_0 once. Only a
+    servoJ there (11) sets a new servo target; "no command" (0, which is also how ur-rtde encodes
+    kickWatchdog) leaves the old target in place, so a kick that lands between two servoJ packages
+    costs that cycle its target. RTDE input packages are applied as they arrive, whole, in order: two
+    that arrive in one cycle (Nagle merging them, or a late one) leave only the later one for the
+    script to see. Each cycle is logged: ``cycles`` (below),
   * RTDE v2 (30004): V, v, O, I, S, P, U; outputs streamed at the requested frequency,
   * a control socket (line protocol, port printed at start) for fault injection:
     ``pstop``, ``estop``, ``clear``, ``drop`` (close every client connection), ``slow SECONDS``
     (delay every answer), ``silent 0|1`` (stop answering), ``unlock_delay SECONDS`` (refuse
     ``unlock protective stop`` that long after the stop, as a real UR does for 5 s),
     ``set_q q0 .. q5``, ``state`` (JSON), ``log`` (JSON), ``targets`` (JSON list of every servoJ
-    target received since the last ``targets``), ``quit``.
+    target received since the last ``targets``), ``cycles`` (JSON list, one entry per controller
+    cycle the script ran since the last ``cycles``: [controller time s, command seen, 1 if a servoJ
+    package arrived since the previous cycle and became the target else 0, the servo target]),
+    ``quit``. ``state`` counts ``script_bytes`` received and ``program_starts``.
 
 On start it prints one line ``READY {json}`` with the bound ports to stdout.
 """
@@ -89,6 +99,8 @@ REALTIME_CMDS = {24, 11, 9, 10, 6, 25, 26, 27, 38, 58, 66, 67, 68, 69, 70, 71}  
 CMD_SERVOJ, CMD_SPEEDJ, CMD_MOVEJ, CMD_STOP_SCRIPT = 11, 9, 1, 255
 CMD_SET_WATCHDOG = 35  # argument: the minimum kick frequency in input_double_register_0
 MAX_SERVO_LOG = 200_000  # servoJ targets kept for `targets` (400 s at 500 Hz)
+MAX_CYCLE_LOG = 200_000  # controller cycles kept for `cycles`
+E_SERIES_CYCLE_S, CB3_CYCLE_S = 0.002, 0.008
 RT_STOPPED, RT_PLAYING = 1, 2
 SAFETY_NORMAL, SAFETY_PROTECTIVE, SAFETY_ROBOT_ESTOP = 1, 3, 7
 VMAX = [math.pi, math.pi, math.pi, 2 * math.pi, 2 * math.pi, 2 * math.pi]
@@ -130,6 +142,10 @@ class Robot:
         self.stale_cmd: int | None = None
         self.fault_at = 0.0
         self.servo_targets: list[list[float]] = []  # every servoJ target received, in order
+        self.servoj_packages = 0  # servoJ input packages received
+        self.servoj_taken = 0  # the package count when the script last took a servoJ target
+        self.cycles: list[list] = []  # per controller cycle: [time, cmd seen, fresh target 0/1, target]
+        self.program_starts = 0  # how often an arriving script started the program
         # The script's RTDE watchdog. A real script counts kickWatchdog calls; here any input
         # package from a client counts as a kick, which is what a live client sends every tick.
         self.watchdog_period_s: float | None = None
@@ -141,15 +157,20 @@ class Robot:
         if not self.program_running:
             self.out_int[0] = 0
             return
-        cmd = self.in_int[0]
+        cmd = self.in_int[0]  # read once per cycle, as the script's loop does
         if cmd == self.stale_cmd:
             cmd = 0  # a command left in the register from before this program started
+        fresh = cmd == CMD_SERVOJ and self.servoj_packages != self.servoj_taken
+        if len(self.cycles) < MAX_CYCLE_LOG:
+            target = list(self.in_double[0:6]) if cmd == CMD_SERVOJ else list(self.target)
+            self.cycles.append([round(time.monotonic() - self.t0, 6), cmd, int(fresh), target])
         if cmd == 0:
-            self.out_int[0] = 1
+            self.out_int[0] = 1  # no command (or a watchdog kick): the servo target stays
             return
         if cmd in REALTIME_CMDS:
             if cmd == CMD_SERVOJ:
                 self.target = list(self.in_double[0:6])
+                self.servoj_taken = self.servoj_packages
             elif cmd == CMD_SPEEDJ:
                 self.target = [q + v * 0.05 for q, v in zip(self.q, self.in_double[0:6])]
             self.out_int[0] = 1
@@ -398,6 +419,7 @@ class Server:
             with r.lock:  # the program starts as soon as a script arrives, unless the robot is stopped
                 if r.safety_mode == SAFETY_NORMAL and not r.program_running:
                     r.program_running = True
+                    r.program_starts += 1
                     r.watchdog_period_s = None  # a new script has no watchdog until it is set again
                     r.stale_cmd = r.in_int[0] or None
 
@@ -513,8 +535,10 @@ class Server:
                         r.last_input_at = time.monotonic()
                         if cmd == CMD_SET_WATCHDOG and r.in_double[0] > 0:
                             r.watchdog_period_s = 1.0 / r.in_double[0]
-                        if cmd == CMD_SERVOJ and len(r.servo_targets) < MAX_SERVO_LOG:
-                            r.servo_targets.append(list(r.in_double[0:6]))
+                        if cmd == CMD_SERVOJ:
+                            r.servoj_packages += 1
+                            if len(r.servo_targets) < MAX_SERVO_LOG:
+                                r.servo_targets.append(list(r.in_double[0:6]))
                         if cmd and (not r.commands or r.commands[-1] != cmd):
                             r.commands.append(cmd)
                             self.log(f"script cmd {cmd}")
@@ -557,12 +581,16 @@ class Server:
                 with r.lock:
                     ans = json.dumps({"q": r.q, "target": r.target, "safety_mode": r.safety_mode,
                                       "program_running": r.program_running, "commands": r.commands[-20:],
-                                      "script_bytes": r.script_bytes, "out_int0": r.out_int[0],
+                                      "script_bytes": r.script_bytes, "program_starts": r.program_starts, "out_int0": r.out_int[0],
                                       "in_int0": r.in_int[0], "watchdog_trips": r.watchdog_trips})
             elif cmd == "targets":  # every servoJ target received since the last `targets`
                 with r.lock:
                     ans = json.dumps(r.servo_targets)
                     r.servo_targets = []
+            elif cmd == "cycles":  # what the script saw in each controller cycle since the last `cycles`
+                with r.lock:
+                    ans = json.dumps(r.cycles)
+                    r.cycles = []
             elif cmd == "log":
                 ans = json.dumps(self.log_lines[-200:])
             elif cmd == "quit":
@@ -597,7 +625,7 @@ class Server:
             self._serve(socks[name], handler)
         ports = {k: s.getsockname()[1] for k, s in socks.items()}
         print("READY " + json.dumps({"host": a.host, **ports}), flush=True)
-        dt = 0.002
+        dt = E_SERIES_CYCLE_S if self.version[0] >= 5 else CB3_CYCLE_S
         nxt = time.monotonic()
         while not self.stop.is_set():
             self.robot.step(dt)

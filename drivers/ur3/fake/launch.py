@@ -86,6 +86,11 @@ class FakeUR:
         """Every servoJ target received since the last call."""
         return json.loads(self.cmd("targets"))
 
+    def cycles(self) -> list[list]:
+        """What the control script saw in each controller cycle since the last call:
+        [controller time s, command id, 1 if it took a fresh servoJ target, the servo target]."""
+        return json.loads(self.cmd("cycles"))
+
     def close(self) -> None:
         try:
             self._ctl.close()
