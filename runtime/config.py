@@ -365,6 +365,12 @@ class InferenceConfig(_Strict):
     max_state_age_s: float = Field(default=0.1, gt=0)
     episode_duration_s: float = Field(default=10.0, gt=0)
     heartbeat_s: float = Field(default=0.05, gt=0)
+    # Deadlines of policy calls (None: derived from the chunking; the first call of a model may
+    # warm it up, so it gets longer). Past one, the episode fails and the lease is released.
+    policy_timeout_s: float | None = Field(default=None, gt=0, le=600)
+    first_policy_timeout_s: float | None = Field(default=None, gt=0, le=600)
+    # No state from a driver for this long mid-episode: it died or hung; the episode fails.
+    driver_silence_s: float = Field(default=1.0, gt=0, le=60)
 
 
 class CellConfig(_Strict):

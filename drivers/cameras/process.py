@@ -11,6 +11,10 @@ tells a fresh frame from a stale one by ``capture_ns``.
 Recovery: when no frame comes within the frame timeout (3 frame intervals, at least 0.5 s, by
 default; longer right after opening), nothing is published (never a repeat of the last frame), the stall is
 logged, the device is closed and reopened with exponential backoff. Every wait has a timeout.
+
+Any thread that dies (a grab thread inside a camera's SDK, say) takes the process down with
+exit 1 and a log line naming the thread and why: a camera process that lost a part would
+otherwise stall, reopen and stall again for ever while its supervisor sees it alive.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class CameraProcess:
         self.recoveries = 0  # successful reopens after a stall
         self.stalls = 0
         self._fresh = True  # just (re)opened: the first frame may take longer
+        self.fatal: str | None = None  # why a thread died, if one did
 
     @property
     def drops(self) -> int:
@@ -126,6 +131,15 @@ class CameraProcess:
     def request_stop(self, *_: object) -> None:
         self.stop_event.set()
 
+    def thread_died(self, args: threading.ExceptHookArgs) -> None:
+        """threading.excepthook: remember why, and stop the process (run_camera exits 1)."""
+        name = args.thread.name if args.thread is not None else "?"
+        reason = f"thread {name} died: {args.exc_type.__name__}: {args.exc_value}"
+        log.critical("camera %s: %s; shutting the camera process down", self.cfg.name, reason,
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        self.fatal = self.fatal or reason
+        self.request_stop()
+
 
 def run_camera(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None) -> None:
     cell = load_cell(cell_path, run_dir)
@@ -134,7 +148,10 @@ def run_camera(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
     process = CameraProcess(cfg, cell.curve, base_dir)
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
+    threading.excepthook = process.thread_died
     try:
         process.run()
     except SourceError as exc:  # a config or wiring problem at start-up: say it once, exit non-zero
         raise SystemExit(f"armada camera: {exc}") from None
+    if process.fatal:
+        raise SystemExit(f"armada camera {cfg.name}: {process.fatal}")

@@ -6,10 +6,19 @@ Scheduling, per ``ChunkingConfig.mode``:
 - async: the chunk is stamped at its observation's time, so the driver drops whatever became
   the past while the model ran (latency compensation); the next inference starts early enough,
   from a rolling latency estimate, that the arm does not run dry.
+
+Nothing here may wait without a bound. Policy calls run in a thread of their own with a
+deadline (``deadline.py``); while one runs, the loop keeps watching its inputs, the drivers and
+the stop flag. The loop stamps its progress; the heartbeat threads send only while that stamp is
+recent, so a loop stuck anywhere loses the lease within the driver's TTL and the arm holds. A
+driver whose state goes silent, or that stops answering, ends the episode as failed by name.
+Anything unexpected that the loop raises ends the episode as failed with the exception in the
+report: the episode thread never vanishes.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -19,15 +28,30 @@ from typing import Any, Callable
 import numpy as np
 
 from runtime.config import ChunkingConfig
+from runtime.inference.deadline import PolicyCaller, PolicyTimeout, Stopped
 from runtime.inference.link import DriverLink
 from runtime.inference.observation import ObservationBuilder, StaleObservation
 from runtime.inference.policy import ActionSpace, Policy, PolicyError
 from runtime.transport import RemoteError
 
+log = logging.getLogger("armada.inference")
+
 Emit = Callable[[str, dict[str, Any]], None]
 
 LATENCY_WINDOW = 20  # chunks in the rolling latency estimate
 STATE_POLL_S = 0.005
+FIRST_OBSERVATION_S = 3.0
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long the episode waits for things before it fails (seconds)."""
+
+    policy_s: float = 2.0  # one infer or resume call
+    first_policy_s: float = 2.0  # reset, route and the first infer (a model may warm up)
+    driver_silence_s: float = 1.0  # no state from a driver for this long: it is dead or hung
+    # Heartbeats are withheld once the loop has not stamped progress for this long.
+    progress_s: float = 0.15
 
 
 class EpisodeError(Exception):
@@ -64,6 +88,8 @@ class EpisodeReport:
     chunk_latency_max_ms: float = 0.0
     tracking_error_max: float = 0.0
     tracking_error_mean: float = 0.0
+    rejected_inputs: dict[str, int] = field(default_factory=dict)  # wrong kind or shape, per stream
+    future_stamps: dict[str, int] = field(default_factory=dict)  # sender clock ahead of ours, per stream
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,11 +97,16 @@ class EpisodeReport:
 
 class EpisodeRunner:
     def __init__(self, links: dict[str, DriverLink], builder: ObservationBuilder, policy: Policy,
-                 chunking: ChunkingConfig, heartbeat_s: float, emit: Emit, client_name: str = "inference"):
+                 chunking: ChunkingConfig, heartbeat_s: float, emit: Emit, client_name: str = "inference",
+                 deadlines: Deadlines | None = None, caller: PolicyCaller | None = None):
         self.links, self.builder, self.policy = links, builder, policy
         self.chunking, self.heartbeat_s, self.emit = chunking, heartbeat_s, emit
         self.client_name = client_name
+        self.deadlines = deadlines or Deadlines(progress_s=max(3 * heartbeat_s, 0.15))
+        self.caller = caller or PolicyCaller()
         self.stop_event = threading.Event()
+        self._progress_ns = time.monotonic_ns()
+        self._first_call = True
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._tracking: list[float] = []
         self._all_latencies: list[float] = []
@@ -90,9 +121,9 @@ class EpisodeRunner:
         try:
             self._take_control(req, armed_by_us)
             space = self._action_space()
-            self.policy.reset(space)
+            self._call("reset", self.policy.reset, space)
             obs = self._first_observation()
-            route = self.policy.route(obs, req.instruction, req.task)
+            route = self._call("route", self.policy.route, obs, req.instruction, req.task)
             self.emit("route", {"task": route.task, "scores": route.scores, "probabilities": route.probabilities,
                                 "margin": route.margin})
             if route.margin < req.min_margin:
@@ -104,22 +135,58 @@ class EpisodeRunner:
             self._chunk_loop(req, report, started)
             if self.stop_event.is_set():
                 report.outcome = "stopped"
-        except EpisodeError as exc:
+        except Stopped:
+            report.outcome = "stopped"
+        except (EpisodeError, PolicyTimeout, TimeoutError, RemoteError, PolicyError) as exc:
             report.outcome = f"failed: {exc}"
-        except (TimeoutError, RemoteError, PolicyError) as exc:
-            report.outcome = f"failed: {exc}"
+        except Exception as exc:  # a bug or a surprise: the episode ends, reported, the process stays
+            log.exception("episode %d: unexpected error", req.episode)
+            report.outcome = f"failed: unexpected {type(exc).__name__} in the episode: {exc}"
         finally:
             report.duration_s = time.monotonic() - started
             self._hand_back(armed_by_us)
             self._fill_report(report, stats_before)
         return report
 
+    # ------------------------------------------------------------------ progress and waiting
+
+    def _stamp(self) -> None:
+        self._progress_ns = time.monotonic_ns()
+
+    def _alive(self) -> bool:
+        """Whether the loop stamped progress recently (read by the heartbeat threads)."""
+        return (time.monotonic_ns() - self._progress_ns) * 1e-9 < self.deadlines.progress_s
+
+    def _tick(self) -> None:
+        """Work done whenever the loop waits: stamp progress, take inputs, watch the drivers."""
+        self._stamp()
+        self.builder.poll()
+        for msg in self.builder.latest_states.values():
+            if msg["mode"] == "running":
+                self._tracking.append(float(np.max(np.abs(msg["commanded"] - msg["measured"]))))
+        self._check_drivers()
+
+    def _call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """A policy call with its deadline; the loop keeps ticking while it runs."""
+        first = self._first_call or name in ("reset", "route")
+        deadline = self.deadlines.first_policy_s if first else self.deadlines.policy_s
+        result = self.caller.call(name, fn, args, deadline, self.stop_event, self._tick)
+        if name == "infer":
+            self._first_call = False
+        self._stamp()
+        return result
+
     def _take_control(self, req: EpisodeRequest, armed_by_us: list[DriverLink]) -> None:
+        busy = self.caller.busy()
+        if busy is not None:
+            raise EpisodeError(f"the policy's {busy} call from an earlier episode has not returned; "
+                               "restart the inference process")
         for name, link in self.links.items():
+            self._stamp()
             link.sync_clock()
             link.acquire(self.client_name)
-            link.start_heartbeat(self.heartbeat_s)
-            status = link.cmd.request("ping")
+            link.start_heartbeat(self.heartbeat_s, self._alive)
+            status = link.ping()
             if req.arm:
                 # Always ask: arm is idempotent, and it cancels a disarm that is still decelerating.
                 link.command("arm")
@@ -135,9 +202,9 @@ class EpisodeRunner:
                 if link in armed_by_us:
                     link.command("disarm")  # decelerates to a hold, then idle; torque stays on
                 if link.lease:
-                    link.command("release")
-            except (TimeoutError, RemoteError, RuntimeError):
-                pass  # the driver's lease watchdog will hold the arm anyway
+                    link.command("release")  # the driver stops following chunks and decelerates to a hold
+            except Exception as exc:  # the driver's lease watchdog holds the arm anyway
+                log.warning("driver %s: handing back control failed (%s); its lease lapses instead", link.name, exc)
             finally:
                 link.stop_heartbeat()
                 link.lease = None
@@ -152,9 +219,12 @@ class EpisodeRunner:
             gripper += [g["mode"] == "gripper_position" for g in d["groups"] for _ in g["joints"]]
         return ActionSpace(names, np.concatenate(lower), np.concatenate(upper), np.array(gripper))
 
-    def _first_observation(self, timeout_s: float = 3.0):
+    def _first_observation(self, timeout_s: float = FIRST_OBSERVATION_S):
         deadline = time.monotonic() + timeout_s
         while True:
+            self._stamp()
+            if self.stop_event.is_set():
+                raise Stopped("stopped before the first observation")
             try:
                 return self.builder.build()
             except StaleObservation as exc:
@@ -171,7 +241,9 @@ class EpisodeRunner:
         paused_since: float | None = None
         chunk_id = 0
         while not self.stop_event.is_set() and time.monotonic() < end:
+            self._stamp()
             self._check_heartbeats()
+            self._check_drivers()
             try:
                 obs = self.builder.build()
             except StaleObservation as exc:
@@ -184,8 +256,8 @@ class EpisodeRunner:
                 report.paused_s += time.monotonic() - paused_since
                 self.emit("resumed", {"paused_s": time.monotonic() - paused_since})
                 paused_since = None
-                self.policy.resume(obs)
-            chunk = self.policy.infer(obs)
+                self._call("resume", self.policy.resume, obs)
+            chunk = self._call("infer", self.policy.infer, obs)
             sent_local = time.monotonic_ns()
             latency_s = (sent_local - obs.mono_ns) * 1e-9
             if c.mode == "sync":
@@ -216,8 +288,14 @@ class EpisodeRunner:
         for link in self.links.values():
             part = np.ascontiguousarray(actions[:, offset:offset + link.dof], dtype=np.float64)
             offset += link.dof
-            reply = link.send_chunk(link.to_driver_ns(t0_local_ns), dt, part, self.chunking.merge, episode,
-                                    chunk_id, final=False)
+            try:
+                reply = link.send_chunk(link.to_driver_ns(t0_local_ns), dt, part, self.chunking.merge, episode,
+                                        chunk_id, final=False)
+            except TimeoutError as exc:
+                raise EpisodeError(f"driver {link.name} did not answer a chunk: {exc}") from None
+            except RemoteError as exc:
+                raise EpisodeError(f"driver {link.name} refused a chunk: {exc}") from None
+            self._stamp()
             dropped += int(reply.get("dropped", 0))
         return dropped
 
@@ -225,10 +303,7 @@ class EpisodeRunner:
         """Sleep while watching the drivers' state (tracking error) and the stop flag."""
         deadline = time.monotonic() + max(0.0, seconds)
         while not self.stop_event.is_set():
-            self.builder.poll()
-            for msg in self.builder.latest_states.values():
-                if msg["mode"] == "running":
-                    self._tracking.append(float(np.max(np.abs(msg["commanded"] - msg["measured"]))))
+            self._tick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -239,9 +314,30 @@ class EpisodeRunner:
             if link.heartbeat_error and "no_lease" in link.heartbeat_error:
                 raise EpisodeError(f"lost the lease on driver {link.name}: {link.heartbeat_error}")
 
+    def _check_drivers(self) -> None:
+        """A driver whose state stream went silent is dead or hung: the episode fails naming it."""
+        bound = self.deadlines.driver_silence_s
+        for name in self.links:
+            silent = self.builder.state_silence_s(name)
+            if silent is not None and silent > bound:
+                raise EpisodeError(f"driver {name} went silent: no state for {silent:.2f} s (bound {bound:.2f} s); "
+                                   "it may have died or hung")
+
     # ------------------------------------------------------------------ report
 
     def _fill_report(self, report: EpisodeReport, before: dict[str, dict]) -> None:
+        try:
+            self._fill_counts(report, before)
+        except Exception as exc:  # a report with fewer numbers beats an episode thread that vanishes
+            log.exception("episode report: could not collect the counters")
+            report.outcome += f" (report incomplete: {type(exc).__name__}: {exc})"
+
+    def _fill_counts(self, report: EpisodeReport, before: dict[str, dict]) -> None:
+        for name, counters in self.builder.counters.items():
+            if counters.rejected:
+                report.rejected_inputs[name] = counters.rejected
+            if counters.future_stamps:
+                report.future_stamps[name] = counters.future_stamps
         lat = np.array(self._all_latencies) * 1e3
         if lat.size:
             report.chunk_latency_p50_ms = float(np.percentile(lat, 50))

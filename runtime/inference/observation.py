@@ -2,16 +2,38 @@
 
 A frame or a state older than its limit makes the observation stale: the episode pauses
 instead of feeding the policy the past.
+
+Ages are judged on this host's monotonic clock: every message is stamped when it is taken off
+its socket, and its age is the time since then. The sender's wall-clock stamp may only make an
+age larger (a frame that was already old when it arrived), never smaller: a sender whose clock
+runs ahead (a step, or skew between hosts) would otherwise hide a dead stream. A stamp from the
+future is counted and reported, never trusted.
+
+Every stream is checked for kind and shape before it is used: a message of another kind, or a
+state or frame of the wrong size, is counted and ignored, so it can neither crash the episode
+nor reach the policy.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from runtime.transport import Frame, FrameSubscriber, Subscriber
+
+log = logging.getLogger("armada.inference")
+
+# At most this many messages are taken off one stream per poll: a flooding sender cannot keep
+# the episode loop (and its stop flag) waiting.
+MAX_DRAIN_PER_POLL = 32
+# A sender stamp this far ahead of our clock is a clock problem worth reporting.
+FUTURE_TOLERANCE_S = 0.05
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,50 +52,152 @@ class StaleObservation(Exception):
     """Some input is too old or missing; the message says which and by how much."""
 
 
+@dataclass
+class Arrival(Generic[T]):
+    """A message and when it was taken off its socket (our monotonic clock)."""
+
+    msg: T
+    mono_ns: int
+    sender_ns: int  # the sender's wall-clock stamp
+    t_ns: int  # our wall clock at arrival, to compare with sender_ns
+    flagged: bool = False  # its future stamp has been counted
+
+
+@dataclass
+class StreamCounters:
+    rejected: int = 0
+    future_stamps: int = 0
+    last_problem: str = ""
+
+
 class ObservationBuilder:
+    """Assembles observations from camera and driver streams.
+
+    ``frame_shapes`` (camera -> (height, width, 3)) and ``state_dof`` (driver -> joints) say what
+    each stream must carry; a stream with no expectation is only checked for kind.
+    """
+
     def __init__(self, cameras: dict[str, FrameSubscriber], states: dict[str, Subscriber],
-                 max_frame_age_s: float, max_state_age_s: float):
+                 max_frame_age_s: float, max_state_age_s: float,
+                 frame_shapes: dict[str, tuple[int, int, int]] | None = None,
+                 state_dof: dict[str, int] | None = None):
         self.cameras, self.states = cameras, states
         self.max_frame_age_s, self.max_state_age_s = max_frame_age_s, max_state_age_s
-        self.latest_frames: dict[str, Frame] = {}
-        self.latest_states: dict[str, dict] = {}
+        self.frame_shapes = dict(frame_shapes or {})
+        self.state_dof = dict(state_dof or {})
+        self.frame_arrivals: dict[str, Arrival[Frame]] = {}
+        self.state_arrivals: dict[str, Arrival[dict]] = {}
+        self.counters: dict[str, StreamCounters] = {n: StreamCounters() for n in [*cameras, *states]}
+
+    @property
+    def latest_states(self) -> dict[str, dict]:
+        return {n: a.msg for n, a in self.state_arrivals.items()}
+
+    @property
+    def latest_frames(self) -> dict[str, Frame]:
+        return {n: a.msg for n, a in self.frame_arrivals.items()}
 
     def poll(self) -> None:
-        """Drain every input to its newest message."""
+        """Take what is queued on every input (a bounded amount each) and keep the newest valid."""
         for name, sub in self.cameras.items():
-            frame = sub.recv_latest()
-            if frame is not None:
-                self.latest_frames[name] = frame
+            self._drain(name, sub, self._frame_problem, self.frame_arrivals, lambda f: f.header.get("capture_ns"))
         for name, sub in self.states.items():
-            msg = sub.recv_latest()
-            if msg is not None:
-                self.latest_states[name] = msg
+            self._drain(name, sub, self._state_problem, self.state_arrivals, lambda m: m.get("t_ns"))
+
+    def _drain(self, name: str, sub: Any, problem_of: Any, arrivals: dict[str, Arrival], stamp_of: Any) -> None:
+        for _ in range(MAX_DRAIN_PER_POLL):
+            msg = sub.recv(0)
+            if msg is None:
+                return
+            problem = problem_of(name, msg)
+            if problem:
+                self._reject(name, problem)
+                continue
+            arrivals[name] = Arrival(msg, time.monotonic_ns(), int(stamp_of(msg)), time.time_ns())
+
+    def _reject(self, name: str, problem: str) -> None:
+        counters = self.counters.setdefault(name, StreamCounters())
+        counters.rejected += 1
+        if problem != counters.last_problem:  # once per kind of problem, not once per message
+            log.warning("ignoring a message on %s: %s", name, problem)
+        counters.last_problem = problem
+
+    def _state_problem(self, name: str, msg: dict[str, Any]) -> str:
+        if msg.get("kind") != "state":
+            return f"driver {name}'s state stream carried a {msg.get('kind')!r} message"
+        dof = self.state_dof.get(name)
+        for key in ("measured", "commanded"):
+            value = msg.get(key)
+            if not isinstance(value, np.ndarray) or value.ndim != 1 or (dof is not None and value.shape[0] != dof):
+                shape = getattr(value, "shape", type(value).__name__)
+                return f"driver {name}'s state has {key} of shape {shape}, expected ({dof},)"
+            if value.dtype.kind not in "fi" or not np.all(np.isfinite(value)):
+                return f"driver {name}'s state has a non-finite or non-numeric {key}"
+        if not isinstance(msg.get("mode"), str):
+            return f"driver {name}'s state has no mode"
+        return ""
+
+    def _frame_problem(self, name: str, frame: Frame) -> str:
+        if frame.header.get("kind") != "frame":
+            return f"camera {name}'s stream carried a {frame.header.get('kind')!r} message"
+        expected = self.frame_shapes.get(name)
+        pixels = frame.pixels
+        if pixels.dtype != np.uint8 or (expected is not None and pixels.shape != expected):
+            return (f"camera {name} sent a {pixels.shape} {pixels.dtype} frame, expected "
+                    f"{expected} uint8 (the camera's configured size)")
+        if frame.depth is not None and frame.depth.shape != pixels.shape[:2]:
+            return f"camera {name} sent depth of shape {frame.depth.shape} for a {pixels.shape} frame"
+        return ""
+
+    def age_s(self, name: str, arrival: Arrival, now_mono_ns: int) -> float:
+        """Seconds since the message arrived, or since the sender stamped it if that is longer."""
+        local = (now_mono_ns - arrival.mono_ns) * 1e-9
+        at_arrival = (arrival.t_ns - arrival.sender_ns) * 1e-9  # how old the sender says it was then
+        if at_arrival < -FUTURE_TOLERANCE_S:
+            self._flag_future(name, arrival, -at_arrival)
+            return local
+        return local + max(0.0, at_arrival)
+
+    def _flag_future(self, name: str, arrival: Arrival, ahead_s: float) -> None:
+        counters = self.counters.setdefault(name, StreamCounters())
+        if arrival.flagged:
+            return
+        arrival.flagged = True
+        counters.future_stamps += 1
+        if counters.future_stamps == 1 or counters.future_stamps % 100 == 0:
+            log.warning("%s: a message stamped %.3f s in the future (sender clock ahead); ageing it by its "
+                        "arrival here instead (%d so far)", name, ahead_s, counters.future_stamps)
 
     def build(self) -> Observation:
         self.poll()
         t_ns, mono_ns = time.time_ns(), time.monotonic_ns()
         frame_age, state_age, problems = {}, {}, []
         for name in self.cameras:
-            frame = self.latest_frames.get(name)
-            if frame is None:
+            arrival = self.frame_arrivals.get(name)
+            if arrival is None:
                 problems.append(f"no frame yet from camera {name}")
                 continue
-            frame_age[name] = (t_ns - frame.header["capture_ns"]) * 1e-9
+            frame_age[name] = self.age_s(name, arrival, mono_ns)
             if frame_age[name] > self.max_frame_age_s:
                 problems.append(f"camera {name} frame is {frame_age[name] * 1e3:.0f} ms old "
                                 f"(max {self.max_frame_age_s * 1e3:.0f} ms)")
         for name in self.states:
-            msg = self.latest_states.get(name)
-            if msg is None:
+            arrival = self.state_arrivals.get(name)
+            if arrival is None:
                 problems.append(f"no state yet from driver {name}")
                 continue
-            state_age[name] = (t_ns - msg["t_ns"]) * 1e-9
+            state_age[name] = self.age_s(name, arrival, mono_ns)
             if state_age[name] > self.max_state_age_s:
                 problems.append(f"driver {name} state is {state_age[name] * 1e3:.0f} ms old")
         if problems:
             raise StaleObservation("; ".join(problems))
-        state = np.concatenate([self.latest_states[n]["measured"] for n in self.states])
-        frames = {n: self.latest_frames[n].pixels for n in self.cameras}
+        state = np.concatenate([self.state_arrivals[n].msg["measured"] for n in self.states])
+        frames = {n: self.frame_arrivals[n].msg.pixels for n in self.cameras}
         depth = {n: f.depth * np.float32(f.header["depth_scale_m"]) for n in self.cameras
-                 if (f := self.latest_frames[n]).depth is not None}
+                 if (f := self.frame_arrivals[n].msg).depth is not None}
         return Observation(mono_ns, t_ns, state, frames, frame_age, state_age, depth)
+
+    def state_silence_s(self, name: str) -> float | None:
+        """Seconds since driver ``name``'s last valid state arrived; None if none yet."""
+        arrival = self.state_arrivals.get(name)
+        return None if arrival is None else (time.monotonic_ns() - arrival.mono_ns) * 1e-9

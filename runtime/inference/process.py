@@ -2,12 +2,19 @@
 
 The main thread serves the ``ctl`` socket (episode_start, episode_stop, status, shutdown);
 an episode runs in a thread of its own. Telemetry goes out on ``events``.
+
+Bad input on ctl gets an error reply and changes nothing; the serving loop takes a bounded
+batch of requests between looks at the stop flag, so SIGTERM is honoured under a flood. Any
+thread that dies takes the process down (exit 1, with a log line naming the thread and why):
+its supervisor restarts a whole process rather than keep one that silently lost a part.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,14 +23,20 @@ from typing import Any
 import zmq
 
 from runtime.config import CellConfig, load_cell
-from runtime.inference.episode import EpisodeReport, EpisodeRequest, EpisodeRunner
+from runtime.inference.deadline import PolicyCaller
+from runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
 from runtime.inference.link import DriverLink
 from runtime.inference.observation import ObservationBuilder
 from runtime.inference.policy import Policy, ScriptedPolicy
 from runtime.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, check_hello_version
-from runtime.transport import CommandServer, FrameSubscriber, Publisher, Request, start_authenticator
+from runtime.transport import CommandServer, FrameSubscriber, Publisher, RemoteError, Request, start_authenticator
 
 log = logging.getLogger("armada.inference")
+
+MAX_REQUESTS_PER_POLL = 16  # ctl requests served between looks at the stop flag
+SHUTDOWN_JOIN_S = 3.0
+# A reply that cannot be encoded (it quotes too much of a hostile request) is replaced by this.
+FALLBACK_REASON = "the reply could not be encoded; the request was refused"
 
 
 def make_policy(cell: CellConfig, cell_path: Path | None = None) -> Policy:
@@ -40,6 +53,16 @@ def make_policy(cell: CellConfig, cell_path: Path | None = None) -> Policy:
                 onnx_dir = Path(cell_path).parent / onnx_dir
         return MergedVLAPolicy(resolve_bundle(p, cell_path), verify=p.verify, onnx_dir=onnx_dir)
     raise ValueError(f"unknown policy kind {p.kind!r}")
+
+
+def deadlines(cell: CellConfig) -> Deadlines:
+    """Policy deadlines from the cell: by default a few seconds, at least twice a chunk's span;
+    the first call of a model (it may load weights or warm up) gets a minute."""
+    inf, c = cell.inference, cell.inference.chunking
+    policy_s = inf.policy_timeout_s or max(2.0, 2 * c.size * c.dt)
+    first_s = inf.first_policy_timeout_s or (max(60.0, policy_s) if inf.policy.kind == "mergevla" else policy_s)
+    return Deadlines(policy_s=policy_s, first_policy_s=first_s, driver_silence_s=inf.driver_silence_s,
+                     progress_s=max(3 * inf.heartbeat_s, 0.15))
 
 
 def resolve_bundle(p, cell_path: Path | None) -> Path:
@@ -69,8 +92,11 @@ class InferenceProcess:
         self.links = {d.name: DriverLink(self.ctx, d, cell.curve) for d in cell.drivers}
         cameras = {c.name: FrameSubscriber(self.ctx, c.frames, curve=cell.curve) for c in cell.cameras}
         self.builder = ObservationBuilder(cameras, {n: link.state for n, link in self.links.items()},
-                                          inf.max_frame_age_s, inf.max_state_age_s)
+                                          inf.max_frame_age_s, inf.max_state_age_s,
+                                          frame_shapes={c.name: (c.height, c.width, 3) for c in cell.cameras})
+        self.caller = PolicyCaller()  # one per process: a hung call keeps the policy busy across episodes
         self.stop_event = threading.Event()
+        self.fatal: str | None = None  # why a thread died, if one did
         self.episode_thread: threading.Thread | None = None
         self.runner: EpisodeRunner | None = None
         self.episode_counter = 0
@@ -89,14 +115,28 @@ class InferenceProcess:
             while not self.stop_event.is_set():
                 if not self.ctl.poll(0.05):
                     continue
-                while (req := self.ctl.recv()) is not None:
-                    self._serve(req)
+                for _ in range(MAX_REQUESTS_PER_POLL):
+                    req = self.ctl.recv()
+                    if req is None or self.stop_event.is_set():
+                        break
+                    self._serve_safely(req)
         finally:
             self._shutdown()
 
+    def _serve_safely(self, req: Request) -> None:
+        """Serve one request; whatever goes wrong, the ctl loop goes on (and says why)."""
+        try:
+            self._serve(req)
+        except Exception as exc:
+            log.error("ctl: a request could not be served or answered: %s: %.200s", type(exc).__name__, exc)
+            try:
+                self.ctl.reply_error(req, ErrorCode.INTERNAL, FALLBACK_REASON)
+            except Exception as again:
+                log.error("ctl: not even the short error reply could be sent: %.200s", again)
+
     def _serve(self, req: Request) -> None:
         if req.error is not None:
-            self.ctl.reply_error(req, req.error.code, req.error.reason)
+            self.ctl.reply_error(req, req.error.code, req.error.reason[:500])
             return
         handler = getattr(self, f"_ctl_{req.msg['kind']}", None)
         try:
@@ -109,7 +149,7 @@ class InferenceProcess:
             return
         except Exception as exc:
             log.exception("ctl %s failed", req.msg["kind"])
-            self.ctl.reply_error(req, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self.ctl.reply_error(req, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
             return
         self.ctl.reply_ok(req, **data)
 
@@ -122,7 +162,8 @@ class InferenceProcess:
 
     def _ctl_status(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"running": self._episode_running(), "episode": self.episode_counter,
-                "last_report": self.last_report.as_dict() if self.last_report else None}
+                "last_report": self.last_report.as_dict() if self.last_report else None,
+                "policy_busy": self.caller.busy()}
 
     def _ctl_episode_start(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self._episode_running():
@@ -131,11 +172,16 @@ class InferenceProcess:
         req = EpisodeRequest(self.episode_counter, msg["instruction"],
                              msg.get("duration_s", self.cell.inference.episode_duration_s), msg.get("arm", False),
                              msg.get("task"), msg.get("min_margin", 0.0))
-        for link in self.links.values():
+        for name, link in self.links.items():
             if not link.description:
-                link.handshake()
+                try:
+                    link.handshake()
+                except (TimeoutError, RemoteError) as exc:
+                    raise ProtocolError(ErrorCode.BAD_STATE, f"driver {name} does not answer: {exc}") from None
+                self.builder.state_dof[name] = link.dof
         inf = self.cell.inference
-        self.runner = EpisodeRunner(self.links, self.builder, self.policy, inf.chunking, inf.heartbeat_s, self.emit)
+        self.runner = EpisodeRunner(self.links, self.builder, self.policy, inf.chunking, inf.heartbeat_s, self.emit,
+                                    deadlines=deadlines(self.cell), caller=self.caller)
         self.episode_thread = threading.Thread(target=self._run_episode, args=(self.runner, req), daemon=True,
                                                name=f"episode-{req.episode}")
         self.episode_thread.start()
@@ -153,7 +199,11 @@ class InferenceProcess:
     def _run_episode(self, runner: EpisodeRunner, req: EpisodeRequest) -> None:
         self.emit("episode_started", {"episode": req.episode, "instruction": req.instruction,
                                       "duration_s": req.duration_s})
-        report = runner.run(req)
+        try:
+            report = runner.run(req)
+        except Exception as exc:  # run() reports its own failures; this is a bug in the reporting itself
+            log.exception("episode %d: the runner raised", req.episode)
+            report = EpisodeReport(req.episode, outcome=f"failed: unexpected {type(exc).__name__}: {exc}")
         self.last_report = report
         self.emit("episode_ended", report.as_dict())
         log.info("episode %d %s", req.episode, report.outcome)
@@ -168,9 +218,24 @@ class InferenceProcess:
         if self.runner is not None:
             self.runner.stop_event.set()
 
+    def thread_died(self, args: threading.ExceptHookArgs) -> None:
+        """threading.excepthook: a dead thread takes the process down, saying which and why."""
+        name = args.thread.name if args.thread is not None else "?"
+        reason = f"thread {name} died: {args.exc_type.__name__}: {args.exc_value}"
+        log.critical("%s; shutting the inference process down", reason,
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        self.fatal = self.fatal or reason
+        self.request_stop()
+
     def _shutdown(self) -> None:
         if self.episode_thread is not None:
-            self.episode_thread.join(timeout=3.0)  # the runner releases its leases on the way out
+            self.episode_thread.join(timeout=SHUTDOWN_JOIN_S)  # the runner releases its leases on the way out
+            if self.episode_thread.is_alive():
+                # Its sockets are still in use: closing them under it, or waiting in ctx.term(),
+                # could hang. The drivers' lease watchdogs hold the arms.
+                log.critical("the episode thread did not end within %.0f s; exiting without a clean shutdown",
+                             SHUTDOWN_JOIN_S)
+                _exit_now(1)
         for link in self.links.values():
             link.close()
         for sub in self.builder.cameras.values():
@@ -182,9 +247,24 @@ class InferenceProcess:
         self.ctx.term()
 
 
+def _exit_now(code: int) -> None:
+    """Leave without waiting for threads: a policy call that never returns must not keep us."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_inference(cell_path: str | Path | None, run_dir: str | Path | None) -> None:
     cell = load_cell(cell_path, run_dir)
     process = InferenceProcess(cell, make_policy(cell, Path(cell_path) if cell_path else None))
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
+    threading.excepthook = process.thread_died
     process.run()
+    if process.fatal:
+        log.critical("inference process exiting: %s", process.fatal)
+        _exit_now(1)
+    if process.caller.busy() is not None:
+        log.warning("exiting with the policy's %s call still running", process.caller.busy())
+        _exit_now(0)
