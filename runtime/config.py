@@ -72,7 +72,8 @@ class FollowingErrorConfig(_Strict):
 
 class EmbodimentConfig(_Strict):
     name: str
-    control_rate_hz: float = Field(gt=0, le=2000)
+    # At least 1 Hz: a loop ticking slower cannot react to anything (a lapsed lease, an e-stop) in time.
+    control_rate_hz: float = Field(ge=1, le=2000)
     groups: list[GroupConfig] = Field(min_length=1)
     # The filter keeps targets this far inside each joint's range.
     position_margin: float = Field(default=0.01, ge=0)
@@ -197,7 +198,7 @@ class UR3BackendConfig(_Strict):
     servo_lookahead_s: float = Field(default=0.1, ge=0.03, le=0.2)
     servo_gain: float = Field(default=300.0, ge=100, le=2000)
     # The RTDE watchdog: the robot's control script stops the arm if not kicked this often.
-    watchdog_min_hz: float = Field(default=10.0, gt=0, le=500)
+    watchdog_min_hz: float = Field(default=10.0, ge=1, le=500)
 
 
 class CobotMagicBackendConfig(_Strict):
@@ -226,8 +227,8 @@ class DriverConfig(_Strict):
     backend: BackendConfig = MockBackendConfig()
     state: str  # PUB endpoint the driver binds
     cmd: str  # ROUTER endpoint the driver binds
-    lease_ttl_s: float = Field(default=0.3, gt=0, le=10)
-    control_rate_hz: float | None = Field(default=None, gt=0, le=2000)  # overrides the embodiment
+    lease_ttl_s: float = Field(default=0.3, ge=0.01, le=10)
+    control_rate_hz: float | None = Field(default=None, ge=1, le=2000)  # overrides the embodiment
     # SCHED_FIFO priority for the control loop thread (1-99); None keeps the normal scheduler.
     realtime_priority: int | None = Field(default=None, ge=1, le=99)
     # A joint calibration from `armada calibrate joints` (relative to the cell file), checked when
@@ -239,7 +240,7 @@ class _CameraBase(_Strict):
     name: str
     width: int = Field(default=640, gt=0, le=4096)
     height: int = Field(default=480, gt=0, le=4096)
-    fps: float = Field(default=30.0, gt=0, le=240)
+    fps: float = Field(default=30.0, ge=1, le=240)
     frames: str  # PUB endpoint
     # JPEG on the wire (remote inference over TCP), quality 1-100; None sends raw pixels zero-copy.
     jpeg_quality: int | None = Field(default=None, ge=1, le=100)
@@ -348,7 +349,7 @@ class MergedVLAPolicyConfig(_Strict):
 
 class ChunkingConfig(_Strict):
     size: int = Field(default=50, gt=0, le=1000)
-    dt: float = Field(default=0.02, gt=0)
+    dt: float = Field(default=0.02, ge=0.0005, le=1)  # at most one point per tick of a 2 kHz loop
     mode: Literal["sync", "async"] = "async"
     execute: int | None = Field(default=None, gt=0)  # sync: steps executed before inferring again
     merge: Literal["replace", "crossfade", "average"] = "replace"
@@ -364,7 +365,9 @@ class InferenceConfig(_Strict):
     max_frame_age_s: float = Field(default=0.25, gt=0)
     max_state_age_s: float = Field(default=0.1, gt=0)
     episode_duration_s: float = Field(default=10.0, gt=0)
-    heartbeat_s: float = Field(default=0.05, gt=0)
+    # At most half of every driver's lease_ttl_s (checked when the cell loads), so one late
+    # heartbeat does not lapse the lease.
+    heartbeat_s: float = Field(default=0.05, ge=0.001, le=5)
     # Deadlines of policy calls (None: derived from the chunking; the first call of a model may
     # warm it up, so it gets longer). Past one, the episode fails and the lease is released.
     policy_timeout_s: float | None = Field(default=None, gt=0, le=600)
@@ -410,9 +413,34 @@ def _pick(items: list[Any], name: str | None, what: str) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
+# Config files are small and shallow; these bounds refuse a hostile or broken file quickly
+# instead of exhausting memory or the stack.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one, so a
-    repeated ``max_velocity`` would quietly replace a limit)."""
+    repeated ``max_velocity`` would quietly replace a limit), anchors and aliases (expanded, a few
+    lines make gigabytes: "billion laughs"), and nesting deeper than MAX_CONFIG_DEPTH (the
+    composer recurses per level). Both are refused while composing, before anything is expanded."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name, <<: *name) are not allowed in armada "
+                "config files; write the values out", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
@@ -436,7 +464,11 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(path, "", f"larger than {MAX_CONFIG_BYTES} bytes; not a config file")
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -494,8 +526,20 @@ def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None)
     names = [d.name for d in cell.drivers] + [c.name for c in cell.cameras]
     if len(set(names)) != len(names):
         raise ConfigError(path, "drivers/cameras", f"names must be unique, got {names}")
+    _check_heartbeat(cell, path)
     _check_calibrations(cell, path)
     return cell
+
+
+def _check_heartbeat(cell: CellConfig, path: Path) -> None:
+    """A lease lapses when no heartbeat comes for lease_ttl_s: heartbeats at half of it or faster let
+    one come late (a busy host, a retransmit) without the arm stopping mid-episode for nothing."""
+    heartbeat = cell.inference.heartbeat_s
+    for i, drv in enumerate(cell.drivers):
+        if heartbeat > drv.lease_ttl_s / 2:
+            raise ConfigError(path, "inference.heartbeat_s",
+                              f"{heartbeat} s must be at most half of drivers.{i}.lease_ttl_s ({drv.lease_ttl_s} s), "
+                              f"so that one late heartbeat does not lapse driver {drv.name!r}'s lease")
 
 
 def resolve_cell_file(cell_path: Path | None, name: str) -> Path:

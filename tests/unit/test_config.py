@@ -239,7 +239,8 @@ CASES = [
     ("bad_mode", _set(["groups", 1, "mode"], "torque"), "groups.1.mode", "gripper_position"),
     ("no_joints", _set(["groups", 1, "joints"], []), "groups.1.joints", "at least 1"),
     ("no_groups", _set(["groups"], []), "groups", "at least 1"),
-    ("zero_rate", _set(["control_rate_hz"], 0), "control_rate_hz", "greater than 0"),
+    ("zero_rate", _set(["control_rate_hz"], 0), "control_rate_hz", "greater than or equal to 1"),
+    ("milli_hz_rate", _set(["control_rate_hz"], 0.001), "control_rate_hz", "greater than or equal to 1"),
     ("absurd_rate", _set(["control_rate_hz"], 50_000), "control_rate_hz", "2000"),
     ("joint_name_not_str", _set(["groups", 0, "joints", 1, "name"], 5), "groups.0.joints.1.name", "string"),
     ("min_not_a_number", _set(["groups", 0, "joints", 1, "min"], "low"), "groups.0.joints.1.min", "number"),
@@ -297,8 +298,9 @@ def test_unsafe_yaml_tags_do_nothing(tmp_path):
     assert not marker.exists()
 
 
-def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
-    # the duplicate-key check must not flag a merge followed by an override
+def test_yaml_anchors_and_merge_keys_are_refused_naming_the_line(tmp_path):
+    # Aliases are expanded by the loader and by everything that walks the data after it: refused,
+    # with where, so the operator writes the values out.
     text = """
 name: merged
 control_rate_hz: 100
@@ -308,10 +310,46 @@ groups:
       - &lim {name: a, min: -1.0, max: 1.0, max_velocity: 2.0, max_acceleration: 5.0}
       - {<<: *lim, name: b, max_velocity: 3.0}
 """
-    emb = load_embodiment(write(tmp_path, text=text))
-    assert emb.joint_names == ["a", "b"]
-    np.testing.assert_array_equal(emb.max_velocity, [2.0, 3.0])
-    np.testing.assert_array_equal(emb.lower, [-1.0, -1.0])
+    err = load_error(write(tmp_path, text=text))
+    assert err.key == "line 7", err
+    assert "alias" in err.reason and "anchor" in err.reason
+
+
+def _billion_laughs(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "name: laughs\ncontrol_rate_hz: 100\n" + "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_is_refused_at_once_without_expanding(tmp_path):
+    import time
+
+    from runtime.config import load_cell
+
+    path = write(tmp_path, text=_billion_laughs(), name="cell.yaml")
+    t = time.monotonic()
+    err = load_error(path, lambda p: load_cell(p, run_dir=tmp_path))  # was: 57 s, then a MemoryError
+    assert time.monotonic() - t < 2.0
+    assert err.key == "line 3" and "alias" in err.reason
+
+
+@pytest.mark.parametrize("text", [
+    "name: " + "[" * 5000 + "]" * 5000 + "\n",
+    "".join(" " * i + f"k{i}:\n" for i in range(600)) + " " * 600 + "x: 1\n",
+    "name: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n",
+], ids=["flow_sequences", "block_mappings", "flow_mappings"])
+def test_deep_nesting_is_a_config_error_not_a_recursion_error(tmp_path, text):
+    err = load_error(write(tmp_path, text=text))
+    assert "nested deeper than" in err.reason and err.key.startswith("line ")
+
+
+def test_a_file_too_large_to_be_a_config_is_refused_unread(tmp_path):
+    from runtime.config import MAX_CONFIG_BYTES
+
+    path = write(tmp_path, text="# padding\n" * (MAX_CONFIG_BYTES // 10 + 1) + yaml.safe_dump(BASE))
+    err = load_error(path)
+    assert err.key == "" and "larger than" in err.reason
 
 
 @pytest.mark.parametrize("text,fragment", [("", "dictionary"), ("- 1\n- 2\n", "dictionary"), ("42\n", "dictionary"),
@@ -353,14 +391,14 @@ def test_unreadable_file(tmp_path):
 def test_permission_denied_is_reported(tmp_path, monkeypatch):
     # the same path as test_unreadable_file, for when the suite runs as root
     path = write(tmp_path, BASE)
-    real_read_text = Path.read_text
+    real_open = Path.open
 
     def denied(self, *args, **kwargs):
         if self == path:
             raise PermissionError(13, "Permission denied", str(self))
-        return real_read_text(self, *args, **kwargs)
+        return real_open(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", denied)
+    monkeypatch.setattr(Path, "open", denied)
     err = load_error(path)
     assert err.key == "" and err.reason == "cannot read: Permission denied"
 
@@ -513,7 +551,13 @@ def test_cell_rate_override_and_relative_embodiment(tmp_path):
     (lambda d: d["drivers"][0].update(state="tcp://10.1.2.3:5555"), "drivers.0.state", "loopback"),
     (lambda d: d["cameras"][0].update(frames="udp://127.0.0.1:1"), "cameras.0.frames", "scheme"),
     (lambda d: d["inference"].update(events="tcp://127.0.0.1"), "inference.events", "host:port"),
-    (lambda d: d["drivers"][0].update(lease_ttl_s=0), "drivers.0.lease_ttl_s", "greater than 0"),
+    (lambda d: d["drivers"][0].update(lease_ttl_s=0), "drivers.0.lease_ttl_s", "greater than or equal to 0.01"),
+    (lambda d: d["drivers"][0].update(control_rate_hz=0.001), "drivers.0.control_rate_hz",
+     "greater than or equal to 1"),
+    (lambda d: d["cameras"][0].update(fps=0.001), "cameras.0.synthetic.fps", "greater than or equal to 1"),
+    (lambda d: d["inference"].update(chunking={"dt": 5e-324}), "inference.chunking.dt", "greater than or equal"),
+    (lambda d: d["inference"].update(heartbeat_s=0.3), "inference.heartbeat_s", "drivers.0.lease_ttl_s"),
+    (lambda d: d["inference"].update(heartbeat_s=0.16), "inference.heartbeat_s", "at most half"),
     (lambda d: d["drivers"][0].update(speed=1), "drivers.0.speed", "extra"),
     (lambda d: d["inference"].update(chunking={"merge": "blend"}),
      "inference.chunking.merge", "replace"),
@@ -521,7 +565,8 @@ def test_cell_rate_override_and_relative_embodiment(tmp_path):
     (lambda d: d["cameras"][1].update(name="arm"), "drivers/cameras", "unique"),
     (lambda d: d.pop("inference"), "inference", "required"),
 ], ids=["unknown_embodiment", "missing_embodiment_file", "plain_tcp_off_host", "bad_scheme", "no_port", "zero_ttl",
-        "extra_key", "bad_merge", "no_drivers", "duplicate_names", "no_inference"])
+        "milli_hz_driver_rate", "milli_hz_camera", "denormal_chunk_dt", "heartbeat_equals_ttl",
+        "heartbeat_over_half_ttl", "extra_key", "bad_merge", "no_drivers", "duplicate_names", "no_inference"])
 def test_bad_cell_names_file_key_and_reason(tmp_path, edit, key, fragment):
     pytest.importorskip("runtime.transport")
     from runtime.config import load_cell
