@@ -184,9 +184,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run_process(args: argparse.Namespace) -> int:
-    """One process of a cell, in its run dir (created private), holding its instance lock until it exits."""
+    """One process of a cell, in its run dir (created private), holding its instance lock until it
+    exits; on a clean exit it removes the socket files it bound (they are its own: it holds the lock)."""
     from runtime.config import load_cell, named
-    from runtime.rundir import InstanceLock, instance_label, resolve_run_dir
+    from runtime.rundir import InstanceLock, instance_label, remove_ipc_sockets, resolve_run_dir
+    from runtime.supervisor import process_endpoints
 
     cell = load_cell(args.cell)
     name = None
@@ -208,6 +210,7 @@ def _run_process(args: argparse.Namespace) -> int:
             from runtime.inference.process import run_inference
 
             run_inference(args.cell, run_dir)
+        remove_ipc_sockets(process_endpoints(load_cell(args.cell, run_dir), args.command, name), run_dir)
     return 0
 
 

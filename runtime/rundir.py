@@ -139,6 +139,22 @@ def open_log(path: Path):
     return os.fdopen(fd, "ab")
 
 
+def remove_ipc_sockets(endpoints: list[str], run_dir: Path) -> None:
+    """Unlink the socket files of ``ipc://`` endpoints directly in ``run_dir`` (nothing else: not a
+    link, not a file, not elsewhere). Call it only while holding the lock of the process that bound them."""
+    for endpoint in endpoints:
+        if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+            continue
+        path = Path(endpoint.removeprefix("ipc://"))
+        if path.parent != Path(run_dir):
+            continue
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def instance_label(role: str, name: str | None) -> str:
     """The lock label of one process: driver-arm, camera-front, inference, run."""
     if role == "infer":

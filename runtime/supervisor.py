@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ import zmq
 
 from runtime.config import DEFAULT_CELL, CellConfig, load_cell
 from runtime.protocol import PROTOCOL_VERSION
-from runtime.rundir import InstanceLock, RunDirError, instance_label, open_log, prepare_run_dir, resolve_run_dir
+from runtime.rundir import (InstanceLock, RunDirError, instance_label, open_log, prepare_run_dir, remove_ipc_sockets,
+                            resolve_run_dir)
 from runtime.transport import CommandClient, FrameSubscriber, RemoteError
 
 READY_TIMEOUT_S = 15.0
@@ -38,6 +38,16 @@ PARENT_PID_ENV = "ARMADA_PARENT_PID"
 def default_run_dir(cell_name: str) -> Path:
     """The default run dir of a cell, created private (see runtime.rundir); for benchmarks and tests."""
     return resolve_run_dir(None, cell_name)
+
+
+def process_endpoints(cell: CellConfig, role: str, name: str | None) -> list[str]:
+    """The endpoints one process of a cell binds."""
+    if role == "driver":
+        d = cell.driver(name)
+        return [d.state, d.cmd]
+    if role == "camera":
+        return [cell.camera(name).frames]
+    return [cell.inference.ctl, cell.inference.events]
 
 
 def describe_exit(returncode: int) -> str:
@@ -56,6 +66,11 @@ class Child:
     role: str
     proc: subprocess.Popen
     log_path: Path
+
+    @property
+    def title(self) -> str:
+        """How the operator knows it: 'driver arm', 'camera front', 'inference'."""
+        return "inference" if self.role == "infer" else f"{self.role} {self.name}"
 
     @property
     def lock_label(self) -> str:
@@ -125,12 +140,12 @@ class CellProcesses:
     def _wait_child(self, child: Child, deadline: float) -> None:
         while True:
             if child.proc.poll() is not None:
-                raise RuntimeError(f"{child.role} {child.name} {describe_exit(child.proc.returncode)}:\n"
+                raise RuntimeError(f"{child.title} {describe_exit(child.proc.returncode)}:\n"
                                    f"{child.log_tail()}")
             if self._answers(child):
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{child.role} {child.name} did not become ready in time:\n{child.log_tail()}")
+                raise TimeoutError(f"{child.title} did not become ready in time:\n{child.log_tail()}")
             time.sleep(0.05)
 
     def _answers(self, child: Child) -> bool:
@@ -154,7 +169,7 @@ class CellProcesses:
 
     def dead(self) -> list[tuple[Child, str]]:
         """Children that have exited, each with how ('driver arm died (killed by SIGKILL)')."""
-        return [(c, f"{c.role} {c.name} died ({describe_exit(c.proc.returncode)})")
+        return [(c, f"{c.title} died ({describe_exit(c.proc.returncode)})")
                 for c in self.children if c.proc.poll() is not None]
 
     # ------------------------------------------------------------------ stopping
@@ -189,25 +204,9 @@ class CellProcesses:
         except RunDirError:
             return  # someone else runs this role here now: its sockets are live
         try:
-            for path in self._socket_paths(child):
-                try:
-                    if stat.S_ISSOCK(os.lstat(path).st_mode):
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            remove_ipc_sockets(process_endpoints(self.cell, child.role, child.name), self.run_dir)
         finally:
             lock.release()
-
-    def _socket_paths(self, child: Child) -> list[Path]:
-        if child.role == "driver":
-            d = self.cell.driver(child.name)
-            endpoints = [d.state, d.cmd]
-        elif child.role == "camera":
-            endpoints = [self.cell.camera(child.name).frames]
-        else:
-            endpoints = [self.cell.inference.ctl, self.cell.inference.events]
-        paths = [Path(e.removeprefix("ipc://")) for e in endpoints if e.startswith("ipc://") and "@" not in e[6:7]]
-        return [p for p in paths if p.parent == self.run_dir]
 
     def close(self) -> None:
         try:
