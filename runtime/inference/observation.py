@@ -118,9 +118,10 @@ class ObservationBuilder:
     def _reject(self, name: str, problem: str) -> None:
         counters = self.counters.setdefault(name, StreamCounters())
         counters.rejected += 1
-        if problem != counters.last_problem:  # once per kind of problem, not once per message
-            log.warning("ignoring a message on %s: %s", name, problem)
         counters.last_problem = problem
+        # The first of a stream's rejections and then one in a thousand: a flood must not flood the log.
+        if counters.rejected == 1 or counters.rejected % 1000 == 0:
+            log.warning("ignoring a message on %s (%d so far): %s", name, counters.rejected, problem)
 
     def _state_problem(self, name: str, msg: dict[str, Any]) -> str:
         if msg.get("kind") != "state":
