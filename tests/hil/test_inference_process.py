@@ -26,7 +26,7 @@ from tests.unit.test_inference_fakes import FakeDriver
 
 pytestmark = pytest.mark.hil
 
-BIG_KEY = b"K" * 1_200_000
+BIG_KEY = b"\x00" * 1_200_000  # a rejection that quotes it (4 characters a byte) is 4.8 MB
 
 
 def _worst_messages() -> list[bytes]:
