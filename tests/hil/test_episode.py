@@ -122,8 +122,8 @@ def test_async_chunking_never_starves_where_sync_stalls_the_arm(short_tmp):
     # must not.
     policy = {"kind": "scripted", "amplitude": 0.3, "frequency_hz": 0.25, "latency_s": 0.06}
     sync_dir, async_dir = short_tmp / "s", short_tmp / "a"
-    sync_dir.mkdir()
-    async_dir.mkdir()
+    sync_dir.mkdir(mode=0o700)  # a run dir must be private
+    async_dir.mkdir(mode=0o700)
     sync_cell = variant_cell(sync_dir, inference__policy=policy,
                              inference__chunking={"size": 25, "dt": 0.02, "mode": "sync"})
     async_cell = variant_cell(async_dir, inference__policy=policy,
