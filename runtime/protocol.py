@@ -3,7 +3,8 @@
 Every message is a msgpack map with ``v`` (protocol major version), ``kind``, ``seq`` and
 ``t_ns`` (sender wall clock) plus kind-specific fields. Arrays travel as a msgpack extension
 holding dtype, shape and raw little-endian bytes. Nothing is ever unpickled: decoding only
-produces plain msgpack types and numeric numpy arrays, with every size bounded.
+produces plain msgpack types and numeric numpy arrays (a msgpack timestamp arrives as its integer
+nanoseconds), with every size, count and depth bounded per socket kind (``Limits``).
 
 Decoding and validation raise ``ProtocolError`` with an ``ErrorCode`` and a reason; the
 receiver turns that into an ``error`` reply and carries on.
@@ -34,6 +35,8 @@ MAX_ARRAY_BYTES = 2 * 1024 * 1024
 MAX_ARRAY_NDIM = 4
 MAX_CONTAINER_LEN = 4096
 MAX_STR_LEN = 4096
+MAX_REASON_CHARS = 300  # an error reason is for a human; it must never make its reply too large
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 ALLOWED_DTYPES = frozenset(
     ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -64,9 +67,36 @@ class ProtocolError(Exception):
     """A message was rejected. ``code`` is machine-readable, ``reason`` says what and why."""
 
     def __init__(self, code: ErrorCode, reason: str):
+        reason = bounded_reason(reason)  # it goes into a reply, and a reply must always encode
         super().__init__(f"{code.value}: {reason}")
         self.code = code
         self.reason = reason
+
+
+def bounded_reason(reason: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``reason`` cut to ``limit`` characters, saying how long it was."""
+    reason = str(reason)
+    if len(reason) <= limit:
+        return reason
+    return f"{reason[:limit - 40]}... [{len(reason)} characters, cut]"
+
+
+def short_repr(value: Any, limit: int = 48) -> str:
+    """A repr of a value received from a peer, never longer than about ``limit`` characters.
+
+    Cheap whatever the value: a megabyte key is sliced before repr, never repr'd whole.
+    """
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        text = repr(bytes(value[:limit]) if isinstance(value, memoryview) else value[:limit])
+        if len(value) > limit or len(text) > 5 * limit:  # escapes make a repr up to 10x its value
+            text = f"{text[:limit]}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+        return text
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of {value.bit_length()} bits>"
+    if isinstance(value, (dict, list, tuple)):
+        return f"<a {type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --------------------------------------------------------------------------- encoding
@@ -108,21 +138,21 @@ def _default(obj: Any) -> Any:
     raise ProtocolError(ErrorCode.BAD_TYPE, f"cannot encode {type(obj).__name__}")
 
 
-def _ext_hook(code: int, data: bytes) -> np.ndarray:
+def _ext_hook(code: int, data: bytes, max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
     if code != NDARRAY_EXT:
         raise ProtocolError(ErrorCode.BAD_ENCODING, f"unknown msgpack extension type {code}")
     dtype_name, shape, offset = _fast_header(data) or _header(data)
     if dtype_name not in ALLOWED_DTYPES:
-        raise ProtocolError(ErrorCode.BAD_TYPE, f"array dtype {dtype_name!r} is not allowed")
+        raise ProtocolError(ErrorCode.BAD_TYPE, f"array dtype {short_repr(dtype_name)} is not allowed")
     if len(shape) > MAX_ARRAY_NDIM or not all(type(d) is int and d >= 0 for d in shape):
-        raise ProtocolError(ErrorCode.BAD_SHAPE, f"array shape {shape} is not allowed")
-    if any(d > MAX_ARRAY_BYTES for d in shape):  # bounds math.prod below, even with a zero dimension
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"array shape {shape} exceeds {MAX_ARRAY_BYTES} bytes")
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"array shape {short_repr(shape, 80)} is not allowed")
+    if any(d > max_bytes for d in shape):  # bounds math.prod below, even with a zero dimension
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"array shape {shape} exceeds {max_bytes} bytes")
     dtype = _LITTLE[dtype_name]
     count = math.prod(shape)
     payload = data[offset:]
-    if count * dtype.itemsize > MAX_ARRAY_BYTES:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"array of shape {shape} exceeds {MAX_ARRAY_BYTES} bytes")
+    if count * dtype.itemsize > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"array of shape {shape} exceeds {max_bytes} bytes")
     if len(payload) != count * dtype.itemsize:
         raise ProtocolError(ErrorCode.BAD_SHAPE,
                             f"array payload is {len(payload)} bytes, shape {shape} {dtype_name} needs "
@@ -185,20 +215,112 @@ def _header(data: bytes) -> tuple[str, list, int]:
 
 
 def _check_map(obj: dict[Any, Any]) -> dict[str, Any]:
-    # strict_map_key still lets bytes keys through; msgpack decodes ext type -1 itself (Timestamp).
-    for key, value in obj.items():
+    # strict_map_key still lets bytes keys through.
+    for key in obj:
         if type(key) is not str:
-            raise ProtocolError(ErrorCode.BAD_ENCODING, f"map key {key!r} is not a string")
-        if isinstance(value, msgpack.Timestamp):
-            raise ProtocolError(ErrorCode.BAD_ENCODING, "msgpack timestamp extension (-1) is not allowed")
+            raise ProtocolError(ErrorCode.BAD_ENCODING, f"map key {short_repr(key)} is not a string")
     return obj
 
 
-def _check_list(obj: list[Any]) -> list[Any]:
-    for value in obj:
-        if isinstance(value, msgpack.Timestamp):
-            raise ProtocolError(ErrorCode.BAD_ENCODING, "msgpack timestamp extension (-1) is not allowed")
-    return obj
+@dataclass(frozen=True)
+class Limits:
+    """What one incoming message may hold, enforced before and while it is decoded.
+
+    Size alone does not bound the cost of decoding: an ndarray extension costs microseconds of
+    Python, a map or list a hook call, so a few megabytes of tiny ones keep a thread (and, since
+    msgpack's decoder holds the GIL, every thread) busy for seconds. Counting them in the hooks
+    stops the decoder at the first object over the limit.
+    """
+
+    max_bytes: int  # the whole message (ZeroMQ drops larger ones before we see them: MAXMSGSIZE)
+    max_containers: int  # maps and arrays, the message's own map included
+    max_container_len: int  # entries in one map or array
+    max_depth: int  # the message's map is depth 1
+    max_exts: int  # ndarray extensions
+    max_array_bytes: int  # one ndarray's payload
+    max_str_len: int = MAX_STR_LEN  # bytes of one string
+    max_bin_len: int = 64 * 1024  # bytes of one bin value
+
+    def __post_init__(self) -> None:
+        if self.max_array_bytes > MAX_ARRAY_BYTES or self.max_bytes > MAX_MESSAGE_BYTES:
+            raise ValueError("limits above the protocol's own bounds would let through what encode refuses")
+
+
+# The protocol's own bounds: anything decoded without naming a socket kind (files, tools). Every
+# socket names a tighter kind below.
+PROTOCOL_LIMITS = Limits(max_bytes=MAX_MESSAGE_BYTES, max_containers=4096, max_container_len=MAX_CONTAINER_LEN,
+                         max_depth=64, max_exts=256, max_array_bytes=MAX_ARRAY_BYTES, max_bin_len=MAX_ARRAY_BYTES)
+# Streams (state, events): a state message is a handful of joint arrays and two small maps (a few
+# KB); events carry small reports. A megabyte is generous and still decodes in tens of ms at worst.
+STREAM_LIMITS = Limits(max_bytes=1024 * 1024, max_containers=256, max_container_len=512, max_depth=16,
+                       max_exts=64, max_array_bytes=1024 * 1024, max_bin_len=64 * 1024)
+# Requests on a command socket (a driver's cmd, the inference ctl): the largest legitimate one is a
+# trajectory chunk, one float64 array of points x joints (a few hundred x up to 14 today; 96 KiB is
+# 877 x 14 or 768 x 16) plus a few scalar fields or an instruction string. Everything else is a flat
+# map. Sized so that the worst message a command socket accepts decodes, or is refused, in about a
+# millisecond: past the counted objects, decoding costs about 6 ns per byte at worst (timestamps in
+# 1000 nested, never completed arrays), hence the byte bound.
+MAX_COMMAND_ARRAY_BYTES = 96 * 1024
+COMMAND_LIMITS = Limits(max_bytes=MAX_COMMAND_ARRAY_BYTES + 16 * 1024, max_containers=32, max_container_len=32,
+                        max_depth=4, max_exts=4, max_array_bytes=MAX_COMMAND_ARRAY_BYTES, max_bin_len=4096)
+# Replies a command client reads: the driver's hello (its description: names, limits, groups),
+# stats and the inference status. Small, but nested.
+REPLY_LIMITS = Limits(max_bytes=1024 * 1024, max_containers=256, max_container_len=512, max_depth=16,
+                      max_exts=64, max_array_bytes=MAX_COMMAND_ARRAY_BYTES)
+# A camera frame's header part (its pixels travel in the next parts, never through msgpack).
+FRAME_HEADER_LIMITS = Limits(max_bytes=16 * 1024, max_containers=16, max_container_len=64, max_depth=4,
+                             max_exts=4, max_array_bytes=8 * 1024, max_str_len=1024, max_bin_len=1024)
+
+
+class _Budget:
+    """The decoder's hooks for one message: they count what they see and stop at the limit."""
+
+    __slots__ = ("limits", "containers", "exts")
+
+    def __init__(self, limits: Limits):
+        self.limits, self.containers, self.exts = limits, 0, 0
+
+    def _container(self) -> None:
+        self.containers += 1
+        if self.containers > self.limits.max_containers:
+            raise ProtocolError(ErrorCode.TOO_LARGE,
+                                f"message holds more than {self.limits.max_containers} maps and arrays")
+
+    def on_map(self, obj: dict[Any, Any]) -> dict[str, Any]:
+        self._container()
+        return _check_map(obj)
+
+    def on_list(self, obj: list[Any]) -> list[Any]:
+        self._container()
+        return obj
+
+    def on_ext(self, code: int, data: bytes) -> np.ndarray:
+        self.exts += 1
+        if self.exts > self.limits.max_exts:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"message holds more than {self.limits.max_exts} arrays")
+        return _ext_hook(code, data, self.limits.max_array_bytes)
+
+
+_CONTAINERS = (dict, list)
+_CONTAINER_SET = frozenset(_CONTAINERS)
+
+
+def _depth(msg: dict[str, Any], max_depth: int) -> int:
+    """How deeply ``msg`` nests maps and arrays, counting no further than ``max_depth + 1``.
+
+    Children are picked out at C speed (map, compress): a Python loop over every element of a
+    few thousand containers would cost more than decoding them did.
+    """
+    deepest, stack = 1, [(msg, 1)]
+    while stack and deepest <= max_depth:
+        obj, depth = stack.pop()
+        deepest = max(deepest, depth)
+        values = obj.values() if isinstance(obj, dict) else obj
+        if _CONTAINER_SET.isdisjoint(map(type, values)):
+            continue  # the usual case, a map or array of scalars
+        children = itertools.compress(values, map(isinstance, values, itertools.repeat(_CONTAINERS)))
+        stack.extend(zip(children, itertools.repeat(depth + 1)))
+    return deepest
 
 
 _local = threading.local()
@@ -226,15 +348,21 @@ def encode(msg: dict[str, Any]) -> bytes:
     return raw
 
 
-def decode(raw: bytes | memoryview) -> dict[str, Any]:
-    """Decode bytes into a message map (not yet validated against its kind)."""
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+def decode(raw: bytes | memoryview, limits: Limits = PROTOCOL_LIMITS) -> dict[str, Any]:
+    """Decode bytes into a message map (not yet validated against its kind), within ``limits``."""
+    if len(raw) > limits.max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(raw)} bytes exceeds {limits.max_bytes}")
+    budget = _Budget(limits)
     try:
         msg = msgpack.unpackb(
-            raw, raw=False, ext_hook=_ext_hook, strict_map_key=True, object_hook=_check_map, list_hook=_check_list,
-            max_str_len=MAX_STR_LEN, max_bin_len=MAX_ARRAY_BYTES, max_array_len=MAX_CONTAINER_LEN,
-            max_map_len=MAX_CONTAINER_LEN, max_ext_len=MAX_ARRAY_BYTES + 256,
+            raw, raw=False, ext_hook=budget.on_ext, strict_map_key=True, object_hook=budget.on_map,
+            list_hook=budget.on_list, max_str_len=limits.max_str_len, max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_container_len, max_map_len=limits.max_container_len,
+            max_ext_len=limits.max_array_bytes + 256,
+            # msgpack decodes ext type -1 (a timestamp) itself, never through ext_hook. As a
+            # Timestamp object each costs a Python call that no limit counts; as int nanoseconds
+            # it is a plain integer, built in C.
+            timestamp=2,
         )
     except ProtocolError:
         raise
@@ -245,7 +373,39 @@ def decode(raw: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_ENCODING, f"not a valid msgpack message: {exc}") from None
     if not isinstance(msg, dict):
         raise ProtocolError(ErrorCode.BAD_ENCODING, f"message must be a map, got {type(msg).__name__}")
+    # A message of n maps and arrays nests at most n deep: most never need the walk.
+    if budget.containers > limits.max_depth and _depth(msg, limits.max_depth) > limits.max_depth:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"message nests maps and arrays deeper than {limits.max_depth}")
     return msg
+
+
+# The kind of a message, read without decoding the rest: enough to give an e-stop priority over a
+# queue of other requests. Our encoder writes ``v`` then ``kind`` first; another sender may order
+# its keys differently, so a few are skipped, but never more than the first bytes of a message.
+PEEK_BYTES = 256
+PEEK_KEYS = 8
+
+
+def peek_kind(raw: bytes | memoryview) -> str | None:
+    """The message's top-level ``kind`` if it is a known kind, else None (for anything odd).
+
+    Bounded work whatever ``raw`` holds: it reads at most PEEK_BYTES bytes and PEEK_KEYS keys,
+    builds no arrays and calls no hooks. The message still has to be decoded and validated.
+    """
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=PEEK_BYTES, max_str_len=PEEK_BYTES,
+                                max_bin_len=PEEK_BYTES, max_array_len=PEEK_KEYS, max_map_len=PEEK_KEYS,
+                                max_ext_len=PEEK_BYTES)
+    try:
+        unpacker.feed(raw[:PEEK_BYTES])
+        for _ in range(min(unpacker.read_map_header(), PEEK_KEYS)):
+            key = unpacker.unpack()
+            if key == "kind":
+                kind = unpacker.unpack()
+                return kind if type(kind) is str and kind in KINDS else None
+            unpacker.skip()
+    except Exception:  # truncated, not a map, over a limit: all just "not recognised"
+        return None
+    return None
 
 
 # --------------------------------------------------------------------------- message kinds
@@ -278,20 +438,25 @@ def _finite_array(ndim: int | None = None, max_len: int = MAX_CONTAINER_LEN) -> 
     return check
 
 
-def _finite_number(x: Any) -> str | None:
-    return None if math.isfinite(x) else "must be finite"
+@dataclass(frozen=True)
+class Range:
+    """A finite number in [lo, hi]: every numeric field a receiver acts on has one, so no value
+    can reach a handler and raise there (``dt=5e-324`` once overflowed inside the driver)."""
+
+    lo: float
+    hi: float
+    unit: str = ""
+
+    def __call__(self, x: Any) -> str | None:
+        if isinstance(x, float) and not math.isfinite(x):
+            return "must be finite"
+        if self.lo <= x <= self.hi:
+            return None
+        return f"must be between {_num(self.lo)} and {_num(self.hi)}{self.unit}, got {short_repr(x)}"
 
 
-def _positive(x: Any) -> str | None:
-    if not math.isfinite(x):
-        return "must be finite"
-    return None if x > 0 else f"must be > 0, got {x}"
-
-
-def _non_negative(x: Any) -> str | None:
-    if not math.isfinite(x):
-        return "must be finite"
-    return None if x >= 0 else f"must be >= 0, got {x}"
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _one_of(*options: str) -> Callable[[Any], str | None]:
@@ -315,6 +480,14 @@ COMMON: dict[str, Field] = {
     "seq": Field(INT),
     "t_ns": Field(INT),
 }
+# Every integer field fits a signed 64-bit integer (checked for all, see _check_field); these are
+# the bounds of the numbers a handler computes with.
+TTL_S = Range(0.001, 60.0, " s")  # the cell's lease TTL caps it further (a client may only ask for less)
+VELOCITY = Range(0.001, 1000.0, " (rad/s or m/s)")  # below that, a move would be planned for hours
+CLOCK_NS = Range(0, 2**62, " ns")  # a monotonic clock, with room to add a chunk's duration
+DT_S = Range(1e-4, 10.0, " s")
+DURATION_S = Range(0.001, 7 * 86400.0, " s")
+MARGIN = Range(0.0, 1.0)  # a difference of two probabilities
 
 # Kind-specific fields. Commands that move the arm carry the lease token they were granted.
 KINDS: dict[str, dict[str, Field]] = {
@@ -326,7 +499,7 @@ KINDS: dict[str, dict[str, Field]] = {
     "reply": {"ok": Field(BOOL), "re": Field(INT), "code": Field(STR, required=False),
               "reason": Field(STR, required=False), "data": Field(MAP, required=False)},
     # control lease
-    "acquire": {"client": Field(STR), "ttl_s": Field(NUM, required=False, check=_positive)},
+    "acquire": {"client": Field(STR), "ttl_s": Field(NUM, required=False, check=TTL_S)},
     "release": {"lease": Field(STR)},
     # driver state machine
     "arm": {"lease": Field(STR)},
@@ -336,11 +509,11 @@ KINDS: dict[str, dict[str, Field]] = {
     "clear_fault": {"lease": Field(STR)},
     # motion
     "move_to": {"lease": Field(STR), "target": Field(ARR, check=_finite_array(1)),
-                "max_velocity": Field(NUM, required=False, check=_positive)},
+                "max_velocity": Field(NUM, required=False, check=VELOCITY)},
     "trajectory": {
         "lease": Field(STR),
-        "t0_ns": Field(INT),  # driver monotonic clock, see ``ping``
-        "dt": Field(NUM, check=_positive),
+        "t0_ns": Field(INT, check=CLOCK_NS),  # driver monotonic clock, see ``ping``
+        "dt": Field(NUM, check=DT_S),
         "points": Field(ARR, check=_finite_array(2)),
         "merge": Field(STR, required=False, check=_one_of(*MERGE_MODES)),
         "episode": Field(INT, required=False),
@@ -360,9 +533,9 @@ KINDS: dict[str, dict[str, Field]] = {
               "drops": Field(INT, required=False)},
     "event": {"event": Field(STR), "data": Field(MAP, required=False)},
     # inference episode control (ctl socket)
-    "episode_start": {"instruction": Field(STR), "duration_s": Field(NUM, required=False, check=_positive),
+    "episode_start": {"instruction": Field(STR), "duration_s": Field(NUM, required=False, check=DURATION_S),
                       "task": Field(STR, required=False), "arm": Field(BOOL, required=False),
-                      "min_margin": Field(NUM, required=False, check=_non_negative)},
+                      "min_margin": Field(NUM, required=False, check=MARGIN)},
     "episode_stop": {"reason": Field(STR, required=False)},
     "status": {},
     "shutdown": {},
@@ -379,7 +552,7 @@ def validate(msg: dict[str, Any]) -> dict[str, Any]:
     kind = msg["kind"]
     fields = KINDS.get(kind)
     if fields is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown message kind {kind!r}")
+        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown message kind {short_repr(kind)}")
     for name, field in fields.items():
         _check_field(msg, name, field, kind)
     return msg
@@ -396,6 +569,11 @@ def _check_field(msg: dict[str, Any], name: str, field: Field, where: str) -> No
         expected = "/".join(t.__name__ for t in field.types)
         raise ProtocolError(ErrorCode.BAD_TYPE, f"{where}: field {name!r} must be {expected}, "
                                                  f"got {type(value).__name__}")
+    # msgpack carries integers up to 2**64 - 1; beyond int64 they overflow numpy and C code.
+    # (Any ``v`` but ours is a version mismatch, which validate reports as such.)
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX and name != "v":
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"{where}: field {name!r} must fit a signed 64-bit integer, "
+                                                 f"got {short_repr(value)}")
     if field.check is not None:
         problem = field.check(value)
         if isinstance(problem, tuple):
@@ -406,8 +584,8 @@ def _check_field(msg: dict[str, Any], name: str, field: Field, where: str) -> No
             raise ProtocolError(code, f"{where}: field {name!r} {problem}")
 
 
-def decode_valid(raw: bytes | memoryview) -> dict[str, Any]:
-    return validate(decode(raw))
+def decode_valid(raw: bytes | memoryview, limits: Limits = PROTOCOL_LIMITS) -> dict[str, Any]:
+    return validate(decode(raw, limits))
 
 
 # --------------------------------------------------------------------------- building messages
@@ -426,7 +604,7 @@ class MessageFactory:
         return self.make("reply", ok=True, re=_request_seq(request), data=data)
 
     def error(self, request: dict[str, Any] | None, code: ErrorCode, reason: str) -> dict[str, Any]:
-        return self.make("reply", ok=False, re=_request_seq(request), code=code.value, reason=reason)
+        return self.make("reply", ok=False, re=_request_seq(request), code=code.value, reason=bounded_reason(reason))
 
 
 def _request_seq(request: dict[str, Any] | None) -> int:
@@ -439,7 +617,7 @@ def check_hello_version(version: str) -> None:
     try:
         major = int(str(version).split(".", 1)[0])
     except ValueError:
-        raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"unreadable protocol version {version!r}") from None
+        raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"unreadable protocol version {short_repr(version)}") from None
     if major != PROTOCOL_MAJOR:
         raise ProtocolError(ErrorCode.VERSION_MISMATCH,
-                            f"peer speaks protocol {version}, this side speaks {PROTOCOL_VERSION}")
+                            f"peer speaks protocol {short_repr(version)}, this side speaks {PROTOCOL_VERSION}")
