@@ -47,6 +47,9 @@ log = logging.getLogger("armada.isolated")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_UNANSWERED_WRITES = 8  # writes in flight before the worker counts as stuck
+# A worker ends itself with this code when its device closed the link, so that the SDK cannot
+# reconnect by itself (drivers/ur3/rtde_backend.py).
+WORKER_EXIT_LINK_LOST = 75
 WORKER_GIL_SWITCH_INTERVAL_S = 0.0002
 
 
@@ -278,6 +281,8 @@ class IsolatedBackend(Backend):
 
 
 def _exit_reason(code: int) -> str:
+    if code == WORKER_EXIT_LINK_LOST:
+        return "it ended itself: the device closed the link, and no SDK may reconnect on its own"
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"

@@ -51,4 +51,5 @@ def make_ur3_backend(cfg: UR3BackendConfig, emb: EmbodimentConfig,
 
 def build_in_worker(**kwargs) -> UR3RtdeBackend:
     """What the worker process runs (plain arguments: they crossed a process boundary as msgpack)."""
-    return UR3RtdeBackend(**kwargs)
+    # In the worker, a link the controller closes ends the process (rtde_backend.py says why).
+    return UR3RtdeBackend(**kwargs, exit_on_link_loss=True)

@@ -17,18 +17,29 @@ ur-rtde 1.6.5 asks for TCP_NODELAY on its RTDE socket before ``boost::asio::conn
 and reopens the socket, so the option is lost (observed: getsockopt says 0 on every ur-rtde socket).
 With Nagle on, a servoJ waits for the previous package's ACK and is merged with the next one: the
 script sees only the later. ``_set_nodelay`` sets it on the connected sockets after construction.
+
+A dropped link must not recover by itself. ur-rtde's receive thread reconnects the moment its RTDE
+socket fails: it stops the running script, uploads a new one (without our watchdog) and resends the
+servoJ that was in progress, all before the driver has seen 0.1 s of failed reads. In the worker
+(``exit_on_link_loss``) a thread therefore waits on the RTDE sockets and ends the process the moment
+the controller closes one: one syscall against ur-rtde's dozen round trips. A link that goes silent
+instead (a pulled cable) gives ur-rtde nothing to reconnect to; the driver faults on stale data and
+ends the worker (``IsolatedBackend.on_fault``) before the link can come back.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
+import threading
 import time
 
 import numpy as np
 
 from drivers.core.backend import Backend, BackendError, Reading
+from drivers.core.isolated import WORKER_EXIT_LINK_LOST
 from drivers.ur3.probe import ProbeError, probe_controller
 
 log = logging.getLogger("armada.ur3")
@@ -38,6 +49,7 @@ SCRIPT_START_S = 2.0
 REFUSAL_REASON_WAIT_S = 0.01
 PROBE_TIMEOUT_S = 3.0  # a live controller answers in milliseconds; the rest goes to ur-rtde
 RTDE_PORT = 30004  # ur-rtde hard-codes it
+LINK_WATCH_RESCAN_S = 0.1  # how often the link watcher looks for new RTDE sockets (a restarted script)
 
 SAFETY_NORMAL, SAFETY_REDUCED, SAFETY_PROTECTIVE = 1, 2, 3
 SAFETY_ESTOPS = {6: "system emergency stop", 7: "robot emergency stop"}
@@ -70,7 +82,7 @@ class UR3RtdeBackend(Backend):
     """ur-rtde's three interfaces for one controller, behind the Backend interface."""
 
     def __init__(self, host: str, dashboard_port: int, rate_hz: float, watchdog_min_hz: float,
-                 stop_deceleration: float, lookahead_s: float, gain: float):
+                 stop_deceleration: float, lookahead_s: float, gain: float, exit_on_link_loss: bool = False):
         self.host, self.dashboard_port = host, dashboard_port
         self.rate_hz, self.period_s = rate_hz, 1.0 / rate_hz
         self.watchdog_min_hz = watchdog_min_hz
@@ -82,6 +94,9 @@ class UR3RtdeBackend(Backend):
         self.last_stamp, self.last_stamp_mono = -1.0, 0.0
         self._servoj_since_read = False  # a servoJ went out after the last read: it kicked the watchdog
         self.nodelay_set = 0  # RTDE sockets we had to set TCP_NODELAY on (ur-rtde's own setting is lost)
+        self.exit_on_link_loss = exit_on_link_loss  # only in a worker process: it ends the process
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def where(self) -> str:
@@ -100,6 +115,7 @@ class UR3RtdeBackend(Backend):
             raise BackendError(f"RTDE receive failed: {exc}", transient=False) from None
         self._wait(lambda: self.receive.getTimestamp() > 0.0, 2.0, "the first RTDE data")
         self._set_nodelay()
+        self._start_link_watch()
         r = self.receive
         if r.getSafetyMode() in (SAFETY_NORMAL, SAFETY_REDUCED) and r.getRobotMode() == ROBOT_RUNNING:
             self._start_control()
@@ -118,22 +134,39 @@ class UR3RtdeBackend(Backend):
 
     def _set_nodelay(self) -> None:
         """TCP_NODELAY on every socket of this process connected to our controller's RTDE port."""
-        for fd in _socket_fds():
-            try:
-                sock = socket.socket(fileno=os.dup(fd))  # a duplicate: the option is the socket's, shared
-            except OSError:
-                continue
-            with sock:
-                try:
-                    if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+        for sock in _rtde_sockets(self.host):
+            with sock:  # a duplicate: the option belongs to the socket they share
+                if not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.nodelay_set += 1
+
+    def _start_link_watch(self) -> None:
+        if not self.exit_on_link_loss or self._watcher is not None:
+            return
+        self._watcher = threading.Thread(target=self._watch_link, name="ur3-link-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch_link(self) -> None:
+        """End the worker the moment the controller closes an RTDE connection (see module notes)."""
+        watched: dict[int, socket.socket] = {}
+        poller = select.poll()
+        events = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+        next_scan = 0.0
+        while not self._watch_stop.is_set():
+            if time.monotonic() >= next_scan:  # ur-rtde opens new sockets when a script is restarted
+                for sock in _rtde_sockets(self.host):
+                    if any(_same_socket(sock, w) for w in watched.values()):
+                        sock.close()
                         continue
-                    if sock.getpeername() != (self.host, RTDE_PORT):
-                        continue
-                    if not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        self.nodelay_set += 1
-                except OSError:
-                    continue  # not connected (a listening or closing socket): not ours to tune
+                    watched[sock.fileno()] = sock
+                    poller.register(sock.fileno(), events)
+                next_scan = time.monotonic() + LINK_WATCH_RESCAN_S
+            for fd, _ in poller.poll(1e3 * LINK_WATCH_RESCAN_S):
+                if self._watch_stop.is_set():
+                    return
+                log.error("%s: the controller closed an RTDE connection: ending the worker before ur-rtde "
+                          "reconnects and restarts its script by itself", self.where)
+                os._exit(WORKER_EXIT_LINK_LOST)  # no clean-up: nothing else may reach the controller
 
     def read(self) -> Reading:
         r = self.receive
@@ -209,6 +242,8 @@ class UR3RtdeBackend(Backend):
         if r.getRobotMode() != ROBOT_RUNNING:
             raise BackendError(f"robot mode is {ROBOT_MODES.get(r.getRobotMode())}: power on and release the "
                                "brakes on the pendant first", transient=False)
+        if self.control is not None and r.getRobotStatus() & PROGRAM_RUNNING_BIT:
+            return  # running: a new worker's connect has just started it, with its watchdog
         self._restart_script()
 
     def _unlock_protective_stop(self) -> None:
@@ -240,6 +275,7 @@ class UR3RtdeBackend(Backend):
         ur-rtde's disconnect() calls take 0.5 s each; the worker process is ended instead, which
         closes the connections just as well.
         """
+        self._watch_stop.set()  # our own close is not a lost link
         self.estop()
 
     def _wait(self, done, timeout_s: float, what: str) -> None:
@@ -248,6 +284,33 @@ class UR3RtdeBackend(Backend):
             if time.monotonic() > deadline:
                 raise BackendError(f"timed out after {timeout_s:.1f} s waiting for {what}", transient=False)
             time.sleep(0.005)
+
+
+def _rtde_sockets(host: str) -> list[socket.socket]:
+    """Duplicates of this process's sockets connected to ``host``'s RTDE port (the caller closes them)."""
+    found = []
+    for fd in _socket_fds():
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM \
+                    and sock.getpeername() == (host, RTDE_PORT):
+                found.append(sock)
+                continue
+        except OSError:
+            pass  # not connected (closing, listening): not an RTDE link
+        sock.close()
+    return found
+
+
+def _same_socket(a: socket.socket, b: socket.socket) -> bool:
+    """Two descriptors of one socket (dup'd): the same local and remote address."""
+    try:
+        return a.getsockname() == b.getsockname() and a.getpeername() == b.getpeername()
+    except OSError:
+        return False
 
 
 def _socket_fds() -> list[int]:

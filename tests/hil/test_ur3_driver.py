@@ -47,6 +47,8 @@ def ur3_cell(folder: Path, host: str, duration_s: float = 3.0) -> Path:
     drv["backend"]["host"] = host
     drv["embodiment"] = str(CONFIG_DIR / "embodiments" / "ur3.yaml")
     drv.pop("realtime_priority", None)  # the normal scheduler, as on CI
+    # These tests send commands seconds apart without heartbeats; a lapsing lease is tested elsewhere.
+    drv["lease_ttl_s"] = 10.0
     data["inference"]["episode_duration_s"] = duration_s
     path = folder / "cell.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -180,17 +182,23 @@ def test_every_controller_cycle_takes_a_fresh_servoj_target_and_no_step_jumps(dr
     cycle_s = 0.002  # the fake is an e-Series controller
     fresh = float(np.mean([c[2] for c in window]))
     targets = np.asarray([c[3] for c in window])
-    steps = np.abs(np.diff(targets, axis=0)) / cycle_s
+    # Per time between cycles: a fake starved by a loaded host runs late cycles (a real controller
+    # does not), and the target it then takes moved for that long.
+    elapsed = np.maximum(np.diff([c[0] for c in window]), cycle_s)
+    steps = np.abs(np.diff(targets, axis=0)) / elapsed[:, None]
     over = np.max(steps / vmax, axis=1)
-    print(f"{len(window)} controller cycles, {fresh:.3f} took a fresh servoJ target; "
-          f"{int(np.sum(over > 1.01))} steps over the velocity limit, worst {over.max():.2f}x")
+    no_command = sum(1 for c in window if c[1] == 0)
+    print(f"{len(window)} controller cycles, {fresh:.3f} took a fresh servoJ target, {no_command} saw 'no command'; "
+          f"{int(np.sum(over > 1.01))} steps over the planned velocity, worst {over.max():.2f}x")
     assert len(window) > 0.8 * duration / cycle_s
-    # Against the old kick-before-servoJ worker: most cycles saw "no command" (fresh about 0.3).
-    assert fresh > 0.9, fresh
-    # A cycle that missed its target costs the next one a double step; several in a row, a jump.
-    # The driver plans at 0.2 of the hardware limits, so one missed cycle stays inside them.
+    # The old worker kicked the watchdog before every servoJ: 20-65 % of the cycles saw "no command".
+    assert no_command == 0
+    # The rest is jitter between two 500 Hz clocks on a loaded host (about 0.99 when idle).
+    assert fresh > 0.8, fresh
+    # A cycle that missed its target costs the next one a double step; several in a row, a jump (old
+    # worker: up to 24x the hardware limit). move_to plans at 0.2 of the hardware limits, so a missed
+    # cycle now and then on a loaded host stays inside them.
     assert np.all(steps <= EMB.max_velocity * (1 + 1e-6) + 1e-9), over.max()
-    assert np.mean(over > 1.01) < 0.05, np.mean(over > 1.01)
 
 
 # --------------------------------------------------------------------------- stops
@@ -284,6 +292,35 @@ def test_connection_loss_faults_within_the_bound_and_recovers_on_request(driver,
     rec.wait_mode("idle", 2.0)
     goal = _arm_and_move(client, rec, lease, delta=-0.2)
     assert _wait(lambda: np.allclose(fake.state()["q"], goal, atol=2e-3), 8.0)
+
+
+def test_after_a_dropped_link_nothing_reaches_the_controller_until_clear_fault(driver):
+    """ur-rtde reconnects by itself and restarts its control script, without our watchdog; servoJ
+    calls it had queued would follow. The driver ends its worker when it faults: nothing recovers
+    by itself, nothing is resent."""
+    procs, fake, client, rec = driver
+    lease = _lease(client)
+    _arm_and_move(client, rec, lease, delta=0.6)
+    rec.wait_mode("running", 2.0)
+    worker = _worker_pid(procs.child("arm").proc.pid)
+    fake.cmd("drop")
+    state = rec.wait_mode("fault", 2.0)
+    fake.targets()
+    before = fake.state()
+    # ur-rtde 1.6.5 reconnects and re-uploads its script within about a second.
+    _wait_holding(client, lease, lambda: False, 3.0)
+    after = fake.state()
+    assert fake.targets() == [], "servoJ reached the controller after the fault"
+    assert after["script_bytes"] == before["script_bytes"], "a control script was uploaded after the fault"
+    assert after["program_starts"] == before["program_starts"] and not after["program_running"]
+    assert rec.latest()["mode"] == "fault", state["reason"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)  # the worker that saw the drop is gone (and reaped)
+    client.request("clear_fault", lease=lease)
+    rec.wait_mode("idle", 5.0)
+    assert fake.state()["program_starts"] == after["program_starts"] + 1  # on request, once
+    goal = _arm_and_move(client, rec, lease, delta=-0.2)
+    assert _wait_holding(client, lease, lambda: np.allclose(fake.state()["q"], goal, atol=2e-3), 8.0)
 
 
 def test_frozen_driver_is_stopped_by_the_controllers_watchdog(driver):
