@@ -59,6 +59,7 @@ def _bench_cell(run_dir: Path, tcp: bool = False, cameras: int = 2, realtime: bo
         data["drivers"][0]["realtime_priority"] = 80
     data["drivers"][0]["embodiment"] = str(SCRIPTED_CELL.parent.parent / "embodiments" / "mock_arm.yaml")
     if tcp:
+        data["plain_tcp_loopback"] = True  # measures plain loopback TCP: open to every local user, benchmarks only
         data["drivers"][0]["state"] = f"tcp://127.0.0.1:{_free_port()}"
         data["drivers"][0]["cmd"] = f"tcp://127.0.0.1:{_free_port()}"
     data["cameras"] = data["cameras"][:cameras]

@@ -382,6 +382,9 @@ class CellConfig(_Strict):
     cameras: list[CameraConfig] = []
     inference: InferenceConfig
     curve: CurveConfig | None = None
+    # Allow tcp:// on loopback without CURVE. Every local user can reach such a socket (take the
+    # lease, arm, move): only for tests and benchmarks on a single-user machine.
+    plain_tcp_loopback: bool = False
 
     def driver(self, name: str | None) -> DriverConfig:
         return _pick(self.drivers, name, "driver")
@@ -520,7 +523,7 @@ def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None)
 
     for key, endpoint in _endpoints(cell):
         try:
-            check_endpoint(endpoint, curve=cell.curve is not None)
+            check_endpoint(endpoint, curve=cell.curve is not None, plain_tcp_loopback=cell.plain_tcp_loopback)
         except ValueError as exc:
             raise ConfigError(path, key, str(exc)) from None
     names = [d.name for d in cell.drivers] + [c.name for c in cell.cameras]

@@ -1,15 +1,22 @@
 """ZeroMQ sockets for armada: state/events PUB-SUB, commands ROUTER-DEALER, camera frames.
 
 Rules every socket here follows: linger 0 (a dead peer never blocks shutdown), every receive
-has a timeout, every incoming message is decoded and validated before anyone sees it, and
-bad messages are counted, never raised into a control loop. CURVE encrypts TCP between
-hosts; plain TCP is refused unless the address is loopback.
+has a timeout and every drain a bound, every incoming message is bounded in size by ZeroMQ
+(MAXMSGSIZE: a larger one drops the connection before it is buffered) and in structure while it
+is decoded (``protocol.Limits`` per socket kind), then validated before anyone sees it; bad
+messages are counted, never raised into a control loop, and every reply can be encoded. ipc
+socket files are made owner-only and removed on close. CURVE encrypts TCP between hosts; plain
+TCP is refused, on loopback too unless the cell opts in (every local user can reach it).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
+import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,34 +27,65 @@ import zmq
 import zmq.auth
 
 from runtime import protocol
-from runtime.protocol import ErrorCode, MessageFactory, ProtocolError
+from runtime.protocol import (
+    COMMAND_LIMITS,
+    FRAME_HEADER_LIMITS,
+    REPLY_LIMITS,
+    STREAM_LIMITS,
+    ErrorCode,
+    Limits,
+    MessageFactory,
+    ProtocolError,
+)
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
 
     from runtime.config import CurveConfig
 
+log = logging.getLogger(__name__)
+
 MAX_FRAME_BYTES = 4096 * 4096 * 4
+# What a publisher ever receives is a subscription (and the handshake): a few bytes.
+PUBLISHER_MAX_INBOUND_BYTES = 4096
+# A drain call reads at most the receive high-water mark plus this many messages, and for at most
+# DRAIN_BUDGET_S: a peer that publishes faster than we decode cannot keep the caller inside.
+DRAIN_SLACK = 16
+DRAIN_BUDGET_S = 0.05
 
 
 # --------------------------------------------------------------------------- endpoints
 
 
-def check_endpoint(endpoint: str, curve: bool = False) -> None:
-    """Raise ValueError unless the endpoint is ipc://, inproc://, loopback tcp://, or CURVE tcp://."""
+def check_endpoint(endpoint: str, curve: bool = False, plain_tcp_loopback: bool = False) -> None:
+    """Raise ValueError unless the endpoint is an ipc:// path, inproc://, or tcp:// with CURVE.
+
+    Plain tcp:// on loopback passes only with ``plain_tcp_loopback`` (the cell's explicit opt-in):
+    every local user can connect to it. An abstract ipc socket (``ipc://@name``) never passes: it
+    has no file, so no permissions at all.
+    """
     scheme, _, rest = endpoint.partition("://")
     if scheme in ("ipc", "inproc"):
         if not rest:
             raise ValueError(f"endpoint {endpoint!r} has no path")
+        if scheme == "ipc" and rest.startswith("@"):
+            raise ValueError(f"endpoint {endpoint!r} is an abstract ipc socket: it has no file permissions, so "
+                             "every local user can connect; use a path in the run dir (ipc://{run_dir}/name)")
         return
     if scheme != "tcp":
         raise ValueError(f"endpoint {endpoint!r}: scheme must be ipc://, inproc:// or tcp://")
     parts = urlsplit(endpoint)
     if parts.hostname is None or parts.port is None:
         raise ValueError(f"endpoint {endpoint!r}: tcp endpoints need host:port")
-    if not curve and not is_loopback(parts.hostname):
+    if curve:
+        return
+    if not is_loopback(parts.hostname):
         raise ValueError(f"endpoint {endpoint!r}: plain TCP is allowed only on loopback; "
                          "configure `curve` keys in the cell for TCP between hosts")
+    if not plain_tcp_loopback:
+        raise ValueError(f"endpoint {endpoint!r}: plain TCP on loopback is open to every local user; use "
+                         "ipc://{run_dir}/name on one host, configure `curve` keys, or set "
+                         "`plain_tcp_loopback: true` in the cell knowingly (single-user machines, tests, benchmarks)")
 
 
 def is_loopback(host: str) -> bool:
@@ -63,26 +101,63 @@ def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
-def _prepare(sock: zmq.Socket, endpoint: str, curve: "CurveConfig | None", server: bool) -> None:
+def _prepare(sock: zmq.Socket, endpoint: str, curve: "CurveConfig | None", server: bool,
+             max_inbound_bytes: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
+    # ZeroMQ drops the connection of a peer that sends a larger frame, before buffering it (a 1 GiB
+    # frame once took a driver to 1.17 GB). Set before bind/connect: options apply to new pipes.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_inbound_bytes)
     if curve is not None and endpoint.startswith("tcp://"):
         server_public, _ = zmq.auth.load_certificate(curve.server_public_key)
         if server:
             if curve.server_secret_key is None:
                 raise ValueError("curve.server_secret_key is required on the binding side")
-            public, secret = zmq.auth.load_certificate(curve.server_secret_key)
+            public, secret = _load_secret_key(curve.server_secret_key)
             sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
         else:
             if curve.client_secret_key is None:
                 raise ValueError("curve.client_secret_key is required on the connecting side")
-            public, secret = zmq.auth.load_certificate(curve.client_secret_key)
+            public, secret = _load_secret_key(curve.client_secret_key)
             sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_public
+
+
+def _load_secret_key(path: Path | str) -> tuple[bytes, bytes]:
+    """A CURVE key pair from a secret key file only its owner can read (zmq.auth writes them with
+    the umask's mode, usually world-readable)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ValueError(f"CURVE secret key {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"CURVE secret key {path} is readable by others (mode {stat.S_IMODE(mode):o}): "
+                         f"run `chmod 600 {path}`")
+    public, secret = zmq.auth.load_certificate(path)
+    if secret is None:
+        raise ValueError(f"CURVE secret key {path} holds no secret key")
+    return public, secret
+
+
+class _AllowList:
+    """The authorized client keys, as a ZAP credentials provider that logs every refusal
+    (pyzmq's own authenticator logs them at debug level only)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.keys = set(zmq.auth.load_certificates(str(folder)))
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        if client_key in self.keys:
+            return True
+        log.warning("CURVE client refused: its public key %s is not in %s",
+                    client_key.decode("ascii", "replace"), self.folder)
+        return False
 
 
 def start_authenticator(ctx: zmq.Context, curve: "CurveConfig | None") -> "ThreadAuthenticator | None":
     """Allow only the cell's authorized client keys on this context's CURVE sockets.
 
-    Call before binding; stop the returned authenticator at shutdown. Without CURVE, nothing.
+    Call before binding; stop the returned authenticator at shutdown. Refused clients are logged
+    at WARNING. Without CURVE, nothing.
     """
     if curve is None:
         return None
@@ -91,13 +166,33 @@ def start_authenticator(ctx: zmq.Context, curve: "CurveConfig | None") -> "Threa
     folder = Path(curve.authorized_clients)
     if not folder.is_dir() or not any(folder.glob("*.key")):
         raise ValueError(f"curve.authorized_clients {folder} must be a folder holding client public keys (*.key)")
-    auth = ThreadAuthenticator(ctx)
+    allow = _AllowList(folder)
+    auth = ThreadAuthenticator(ctx, log=log.getChild("zap"))
     auth.start()
-    auth.configure_curve(domain="*", location=str(folder))
+    auth.configure_curve_callback(domain="*", credentials_provider=allow)
     return auth
 
 
-def _bind(sock: zmq.Socket, endpoint: str) -> None:
+@dataclass(frozen=True)
+class _IpcFile:
+    """An ipc socket file this process created, identified so that close removes only it."""
+
+    path: Path
+    device: int
+    inode: int
+
+    def remove(self) -> None:
+        try:
+            st = self.path.lstat()
+            if (st.st_dev, st.st_ino) == (self.device, self.inode):  # not another process's socket since
+                self.path.unlink()
+        except OSError:
+            pass  # already gone, or not ours to remove
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> _IpcFile | None:
+    if endpoint.startswith("ipc://@"):
+        raise OSError(f"cannot bind {endpoint}: abstract ipc sockets have no permissions; use a path")
     path = ipc_path(endpoint)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +200,19 @@ def _bind(sock: zmq.Socket, endpoint: str) -> None:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         raise OSError(f"cannot bind {endpoint}: {exc}") from None
+    if path is None:
+        return None
+    # The run dir (0700) is what keeps other users out; owner-only sockets make that hold even in
+    # a folder someone else can enter, whatever the umask was.
+    os.chmod(path, 0o600)
+    st = path.lstat()
+    return _IpcFile(path, st.st_dev, st.st_ino)
+
+
+def _close(sock: zmq.Socket, ipc: _IpcFile | None) -> None:
+    sock.close(0)
+    if ipc is not None:
+        ipc.remove()
 
 
 # --------------------------------------------------------------------------- counters
@@ -132,8 +240,8 @@ class Publisher:
     def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 1000, curve: "CurveConfig | None" = None):
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
-        _prepare(self.socket, endpoint, curve, server=True)
-        _bind(self.socket, endpoint)
+        _prepare(self.socket, endpoint, curve, server=True, max_inbound_bytes=PUBLISHER_MAX_INBOUND_BYTES)
+        self._ipc = _bind(self.socket, endpoint)
         self.endpoint = endpoint
         self.factory = MessageFactory()
         self.dropped = 0
@@ -150,19 +258,26 @@ class Publisher:
             self.dropped += 1
 
     def close(self) -> None:
-        self.socket.close(0)
+        _close(self.socket, self._ipc)
 
 
 class Subscriber:
-    """Connects a SUB socket to one publisher and yields validated messages."""
+    """Connects a SUB socket to one publisher and yields validated messages.
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, curve: "CurveConfig | None" = None, hwm: int = 1000):
+    ``recv_latest`` and ``drain`` read at most the high-water mark plus DRAIN_SLACK messages and
+    for at most DRAIN_BUDGET_S per call; what is left stays queued for the next call.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: "CurveConfig | None" = None, hwm: int = 1000,
+                 limits: Limits = STREAM_LIMITS):
         self.socket = ctx.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
-        _prepare(self.socket, endpoint, curve, server=False)
+        _prepare(self.socket, endpoint, curve, server=False, max_inbound_bytes=limits.max_bytes)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.socket.connect(endpoint)
         self.endpoint = endpoint
+        self.limits = limits
+        self.max_drain = hwm + DRAIN_SLACK
         self.counters = RxCounters()
 
     def recv(self, timeout_s: float) -> dict[str, Any] | None:
@@ -179,10 +294,13 @@ class Subscriber:
                 return None
 
     def recv_latest(self, timeout_s: float = 0.0) -> dict[str, Any] | None:
-        """Drain everything queued and return the newest valid message (waits for one if none)."""
+        """The newest valid message of those queued (waits up to ``timeout_s`` for one if none).
+
+        Bounded (see the class): under a flood, the newest of what one call read.
+        """
         newest = None
-        while self.socket.poll(0, zmq.POLLIN):
-            newest = self._read() or newest
+        for msg in self._queued():
+            newest = msg
         if newest is None and timeout_s > 0:
             newest = self.recv(timeout_s)
             if newest is not None:
@@ -190,18 +308,25 @@ class Subscriber:
         return newest
 
     def drain(self) -> list[dict[str, Any]]:
-        out = []
-        while self.socket.poll(0, zmq.POLLIN):
+        """The valid messages queued, oldest first (bounded, see the class)."""
+        return list(self._queued())
+
+    def _queued(self) -> Iterator[dict[str, Any]]:
+        deadline = time.monotonic() + DRAIN_BUDGET_S
+        for _ in range(self.max_drain):
+            if not self.socket.poll(0, zmq.POLLIN):
+                return
             msg = self._read()
             if msg is not None:
-                out.append(msg)
-        return out
+                yield msg
+            if time.monotonic() > deadline:
+                return
 
     def _read(self) -> dict[str, Any] | None:
         raw = self.socket.recv(zmq.NOBLOCK, copy=False)
         self.counters.received += 1
         try:
-            return protocol.decode_valid(raw.buffer)
+            return protocol.decode_valid(raw.buffer, self.limits)
         except ProtocolError as err:
             self.counters.reject(err)
             return None
@@ -223,16 +348,31 @@ class Request:
     raw_seq: int = -1
 
 
+@dataclass
+class RawRequest:
+    """A command as received, not yet decoded: ``kind`` is peeked (protocol.peek_kind), so a
+    server can put an e-stop ahead of everything else before decoding anything."""
+
+    identity: bytes
+    parts: list[zmq.Frame]
+
+    @property
+    def kind(self) -> str | None:
+        return protocol.peek_kind(self.parts[0].buffer) if len(self.parts) == 1 else None
+
+
 class CommandServer:
     """Binds a ROUTER socket. Every request gets exactly one reply from the owner."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, curve: "CurveConfig | None" = None):
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: "CurveConfig | None" = None,
+                 limits: Limits = COMMAND_LIMITS):
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped
         self.socket.setsockopt(zmq.SNDHWM, 1000)
-        _prepare(self.socket, endpoint, curve, server=True)
-        _bind(self.socket, endpoint)
+        _prepare(self.socket, endpoint, curve, server=True, max_inbound_bytes=limits.max_bytes)
+        self._ipc = _bind(self.socket, endpoint)
         self.endpoint = endpoint
+        self.limits = limits
         self.factory = MessageFactory()
         self.counters = RxCounters()
 
@@ -241,18 +381,27 @@ class CommandServer:
 
     def recv(self) -> Request | None:
         """One request if one is queued (never blocks)."""
+        raw = self.recv_raw()
+        return None if raw is None else self.parse(raw)
+
+    def recv_raw(self) -> RawRequest | None:
+        """One request, undecoded, if one is queued (never blocks). ``parse`` decodes it."""
         try:
             parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
         self.counters.received += 1
-        identity = parts[0].bytes
-        if len(parts) != 2:
-            err = ProtocolError(ErrorCode.BAD_ENCODING, f"expected one message part, got {len(parts) - 1}")
+        return RawRequest(parts[0].bytes, parts[1:])
+
+    def parse(self, raw: RawRequest) -> Request:
+        """Decode and validate a request within this socket's limits; errors are counted."""
+        identity = raw.identity
+        if len(raw.parts) != 1:
+            err = ProtocolError(ErrorCode.BAD_ENCODING, f"expected one message part, got {len(raw.parts)}")
             self.counters.reject(err)
             return Request(identity, None, err)
         try:
-            msg = protocol.decode(parts[1].buffer)
+            msg = protocol.decode(raw.parts[0].buffer, self.limits)
         except ProtocolError as err:
             self.counters.reject(err)
             return Request(identity, None, err)
@@ -261,7 +410,7 @@ class CommandServer:
             protocol.validate(msg)
         except ProtocolError as err:
             self.counters.reject(err)
-            return Request(identity, None, err, raw_seq=seq if isinstance(seq, int) else -1)
+            return Request(identity, None, err, raw_seq=seq if type(seq) is int else -1)
         return Request(identity, msg, None, raw_seq=msg["seq"])
 
     def reply_ok(self, req: Request, **data: Any) -> None:
@@ -271,13 +420,30 @@ class CommandServer:
         self._send(req.identity, self.factory.error(req.msg or {"seq": req.raw_seq}, code, reason))
 
     def _send(self, identity: bytes, msg: dict[str, Any]) -> None:
+        """Send a reply. Never raises: a reply that cannot be encoded (too large, a value of no wire
+        type) becomes a minimal error reply, so one bad reply never kills the serving thread."""
         try:
-            self.socket.send_multipart([identity, protocol.encode(msg)], zmq.NOBLOCK)
+            raw = protocol.encode(msg)
+        except Exception as exc:  # noqa: BLE001 - whatever the handler put in its reply
+            raw = self._fallback_reply(msg, exc)
+        try:
+            self.socket.send_multipart([identity, raw], zmq.NOBLOCK)
         except zmq.Again:
             pass  # the client is gone or not reading; it will time out on its side
+        except zmq.ZMQError as exc:
+            log.warning("reply to a %s client not sent: %s", self.endpoint, exc)
+
+    def _fallback_reply(self, msg: dict[str, Any], exc: Exception) -> bytes:
+        code = exc.code if isinstance(exc, ProtocolError) and exc.code is ErrorCode.TOO_LARGE else ErrorCode.INTERNAL
+        log.error("reply on %s could not be encoded (%s: %s); sending a %s error instead", self.endpoint,
+                  type(exc).__name__, protocol.bounded_reason(str(exc), 200), code.value)
+        re = msg.get("re")
+        re = re if type(re) is int and protocol.INT64_MIN <= re <= protocol.INT64_MAX else -1
+        reason = protocol.bounded_reason(f"the reply could not be encoded: {exc}", 200)
+        return protocol.encode(self.factory.make("reply", ok=False, re=re, code=code.value, reason=reason))
 
     def close(self) -> None:
-        self.socket.close(0)
+        _close(self.socket, self._ipc)
 
 
 class RemoteError(Exception):
@@ -292,11 +458,12 @@ class CommandClient:
     """Connects a DEALER socket. ``request`` always returns or raises within its timeout."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, curve: "CurveConfig | None" = None,
-                 default_timeout_s: float = 1.0):
+                 default_timeout_s: float = 1.0, limits: Limits = REPLY_LIMITS):
         self.socket = ctx.socket(zmq.DEALER)
-        _prepare(self.socket, endpoint, curve, server=False)
+        _prepare(self.socket, endpoint, curve, server=False, max_inbound_bytes=limits.max_bytes)
         self.socket.connect(endpoint)
         self.endpoint = endpoint
+        self.limits = limits
         self.factory = MessageFactory()
         self.default_timeout_s = default_timeout_s
 
@@ -321,7 +488,7 @@ class CommandClient:
             if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                 raise TimeoutError(f"{kind} to {self.endpoint}: no reply within {timeout_s:.3f} s")
             try:
-                reply = protocol.decode_valid(self.socket.recv(zmq.NOBLOCK))
+                reply = protocol.decode_valid(self.socket.recv(zmq.NOBLOCK), self.limits)
             except ProtocolError:
                 continue  # a garbled reply is not ours to trust; keep waiting for the real one
             if reply.get("kind") != "reply" or reply.get("re") != seq:
@@ -356,8 +523,8 @@ class FramePublisher:
     def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 4, curve: "CurveConfig | None" = None):
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
-        _prepare(self.socket, endpoint, curve, server=True)
-        _bind(self.socket, endpoint)
+        _prepare(self.socket, endpoint, curve, server=True, max_inbound_bytes=PUBLISHER_MAX_INBOUND_BYTES)
+        self._ipc = _bind(self.socket, endpoint)
         self.factory = MessageFactory()
         self.dropped = 0
 
@@ -394,7 +561,7 @@ class FramePublisher:
         return memoryview(depth).cast("B")
 
     def close(self) -> None:
-        self.socket.close(0)
+        _close(self.socket, self._ipc)
 
 
 def _encode_jpeg(rgb: np.ndarray, quality: int, header: dict[str, Any]) -> np.ndarray:
@@ -424,15 +591,18 @@ class FrameSubscriber:
 
     ``recv_latest`` validates every queued header (so bad messages are counted) but decodes the
     pixels of the newest valid frame only: a newest-only consumer of a JPEG stream pays for one
-    decode, not for every frame it skips.
+    decode, not for every frame it skips. It reads at most the high-water mark plus DRAIN_SLACK
+    frames and for at most DRAIN_BUDGET_S per call; what is left stays queued for the next call.
     """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 8, curve: "CurveConfig | None" = None):
         self.socket = ctx.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
-        _prepare(self.socket, endpoint, curve, server=False)
+        # Per part: the largest colour or depth image a header may announce (see _view).
+        _prepare(self.socket, endpoint, curve, server=False, max_inbound_bytes=MAX_FRAME_BYTES)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.socket.connect(endpoint)
+        self.max_drain = hwm + DRAIN_SLACK
         self.counters = RxCounters()
 
     def recv(self, timeout_s: float) -> Frame | None:
@@ -442,7 +612,10 @@ class FrameSubscriber:
 
     def recv_latest(self, timeout_s: float = 0.0) -> Frame | None:
         candidates: list[tuple[dict[str, Any], list[zmq.Frame]]] = []
-        while self.socket.poll(0, zmq.POLLIN):
+        deadline = time.monotonic() + DRAIN_BUDGET_S
+        for _ in range(self.max_drain):
+            if not self.socket.poll(0, zmq.POLLIN) or time.monotonic() > deadline:
+                break
             parts = self._recv_parts()
             header = self._checked(decode_frame_header, parts)
             if header is not None:
@@ -484,7 +657,7 @@ def decode_frame_header(parts: list[zmq.Frame]) -> dict[str, Any]:
     """The validated header of a frame message (cheap: the payload is not touched)."""
     if len(parts) not in (2, 3):
         raise ProtocolError(ErrorCode.BAD_ENCODING, f"a frame has 2 parts (3 with depth), got {len(parts)}")
-    header = protocol.decode_valid(parts[0].buffer)
+    header = protocol.decode_valid(parts[0].buffer, FRAME_HEADER_LIMITS)
     if header["kind"] != "frame":
         raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"expected a frame header, got {header['kind']!r}")
     has_depth = "depth_dtype" in header

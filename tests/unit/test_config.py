@@ -484,6 +484,7 @@ CELL = {
                  "cmd": "ipc://{run_dir}/arm-cmd"}],
     "cameras": [{"name": "front", "frames": "ipc://{run_dir}/cam-front"},
                 {"name": "wrist", "frames": "tcp://127.0.0.1:5601"}],
+    "plain_tcp_loopback": True,  # the wrist camera on plain loopback TCP needs the opt-in
     "inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/events"},
 }
 

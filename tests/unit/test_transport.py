@@ -125,17 +125,32 @@ def _smooth_image() -> np.ndarray:
 # --------------------------------------------------------------------------- check_endpoint
 
 
+@pytest.mark.parametrize("endpoint", ["ipc:///tmp/armada/arm-cmd", "inproc://arm-cmd"])
+def test_check_endpoint_accepts_local_endpoints(endpoint):
+    check_endpoint(endpoint)
+    check_endpoint(endpoint, curve=True)
+
+
 @pytest.mark.parametrize("endpoint", [
-    "ipc:///tmp/armada/arm-cmd",
-    "inproc://arm-cmd",
     "tcp://127.0.0.1:5555",
     "tcp://127.0.0.2:5555",
     "tcp://localhost:5555",
     "tcp://[::1]:5555",
 ])
-def test_check_endpoint_accepts_local_endpoints(endpoint):
-    check_endpoint(endpoint)
+def test_plain_loopback_tcp_needs_the_cells_opt_in(endpoint):
+    # Every local user can connect to it: at umask 000 another user took the lease and moved the arm.
+    with pytest.raises(ValueError) as info:
+        check_endpoint(endpoint)
+    for fix in ("ipc://", "curve", "plain_tcp_loopback: true"):  # the error says how to fix it
+        assert fix in str(info.value)
+    check_endpoint(endpoint, plain_tcp_loopback=True)
     check_endpoint(endpoint, curve=True)
+
+
+@pytest.mark.parametrize("endpoint", ["ipc://@armada-arm-cmd", "ipc://@"])
+def test_abstract_ipc_sockets_are_refused(endpoint):
+    with pytest.raises(ValueError, match="abstract"):
+        check_endpoint(endpoint, curve=True, plain_tcp_loopback=True)
 
 
 @pytest.mark.parametrize("endpoint", [
@@ -216,7 +231,16 @@ def test_load_cell_accepts_tcp_between_hosts_with_curve_and_loopback_without(tmp
     def loopback(data):
         data["drivers"][0]["cmd"] = "tcp://127.0.0.1:6000"
 
-    assert load_cell(_write_cell(tmp_path, loopback), tmp_path).curve is None
+    with pytest.raises(ConfigError) as info:
+        load_cell(_write_cell(tmp_path, loopback), tmp_path)
+    assert info.value.key == "drivers.0.cmd" and "plain_tcp_loopback" in info.value.reason
+
+    def opted_in(data):
+        loopback(data)
+        data["plain_tcp_loopback"] = True
+
+    cell = load_cell(_write_cell(tmp_path, opted_in), tmp_path)
+    assert cell.curve is None and cell.plain_tcp_loopback
 
 
 # --------------------------------------------------------------------------- CommandServer / CommandClient
@@ -606,6 +630,8 @@ def curve_keys(tmp_path):
     allowed = tmp_path / "authorized"
     allowed.mkdir()
     shutil.copy(client_public, allowed / "client.key")  # only "client" may connect
+    for secret in (server_secret, client_secret, other_secret):
+        Path(secret).chmod(0o600)  # zmq.auth writes them with the umask's mode; ours refuses that
     common = {"server_public_key": Path(server_public), "authorized_clients": allowed}
     return {
         "server": CurveConfig(server_secret_key=Path(server_secret), **common),
