@@ -81,3 +81,15 @@ def test_process_with_an_unknown_name_exits_with_the_available_names(short_tmp, 
     assert "Traceback" not in result.stderr, result.stderr
     assert "no_such_thing" in result.stderr
     assert available in result.stderr
+
+
+def test_run_on_a_real_cell_names_the_arm_flag_and_arms_nothing(short_tmp, ur_fake):
+    from tests.hil.test_ur3_driver import ur3_cell
+
+    cell = ur3_cell(short_tmp, ur_fake.host, duration_s=2.0)
+    result = _armada("run", str(cell), "--duration", "2", "--run-dir", str(short_tmp), timeout_s=60)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "--arm" in result.stderr and "arm=true" not in out, out  # the flag the operator types
+    assert "driver arm is idle" in result.stderr
+    assert "Traceback" not in out
