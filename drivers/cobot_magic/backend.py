@@ -10,6 +10,10 @@ broadcasts joint/gripper command frames (0x155-0x157, 0x159) and the puppet foll
 hardware. piper_sdk decodes those frames on the puppet's interface (GetArmJointCtrl /
 GetArmGripperCtrl), which is what ``read_masters`` returns for teleop and recording.
 
+Each puppet's motors and control mode are checked on every read (``PiperBackend``): a disabled
+motor or a puppet out of CAN command mode faults the driver naming the arm; ``recover`` takes both
+back, confirmed.
+
 The rule while commanding: a puppet follows every command frame on its bus. If a master is
 broadcasting while this backend also commands the puppet, the puppet obeys both, alternately, at
 up to 200 Hz each: it jerks between two poses and no safety filter sees it. So unless the backend
@@ -59,10 +63,10 @@ class _Arm:
     def name(self) -> str:
         return f"{self.side} arm ({self.can})"
 
-    def remember(self, part: np.ndarray) -> None:
-        # The same rounding PiperBackend.write uses, so an echo matches exactly.
-        mdeg = [int(round(v * MDEG_PER_RAD)) for v in part[:N_JOINTS]]
-        self.sent.extend((k, mdeg[2 * k], mdeg[2 * k + 1]) for k in range(3))
+    def remember(self, mdeg: list[int]) -> None:
+        """Every joint frame the backend sends (targets and its anchoring at the measured pose), as
+        sent, so its echo matches exactly."""
+        self.sent.extend((k, int(mdeg[2 * k]), int(mdeg[2 * k + 1])) for k in range(3))
 
     def joint_ctrl(self):
         """The last joint command frames heard on this arm's bus (SDK object), or None if stale."""
@@ -111,6 +115,8 @@ class CobotMagicBackend(Backend):
         self.cfg = cfg
         self.follow_masters = follow_masters
         self.arms = [_Arm(side, can, self._piper(can, cfg)) for side, can in zip(SIDES, (cfg.left_can, cfg.right_can))]
+        for arm in self.arms:
+            arm.backend.on_joint_frame = arm.remember  # before sending, so its echo is recognised as ours
 
     @staticmethod
     def _piper(can: str, cfg) -> PiperBackend:
@@ -185,7 +191,6 @@ class CobotMagicBackend(Backend):
             if arm.master_present():
                 raise BackendError(_master_reason(arm), transient=False)
         for arm, part in zip(self.arms, (p[:ARM_DOF], p[ARM_DOF:])):
-            arm.remember(part)  # before sending, so its echo (fake buses) is recognised as ours
             try:
                 arm.backend.write(part)
             except BackendError as exc:
@@ -213,6 +218,25 @@ class CobotMagicBackend(Backend):
 
     def release_estop(self) -> None:
         self._on_both("resume", lambda b: b.release_estop())
+
+    def recover(self, timeout_s: float) -> None:
+        """Operator-requested: each puppet back in CAN mode with every motor enabled, confirmed, held
+        where it stands (``PiperBackend.recover``). A broadcasting master is still reported by
+        ``read``, so the driver refuses to clear the fault while one is on."""
+        deadline = time.monotonic() + timeout_s
+        for arm in self.arms:
+            if not self.follow_masters and arm.master_present():
+                raise BackendError(_master_reason(arm), transient=False)
+            # Off now: its past frames must not count once our anchoring frames make the bus fresh again.
+            arm.foreign_seen.clear()
+        for arm in self.arms:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise BackendError("no time left of the recovery deadline", transient=False)
+                arm.backend.recover(remaining)
+            except BackendError as exc:
+                raise BackendError(f"Cobot Magic {arm.name}: {exc}", transient=False) from None
 
     def _on_both(self, what: str, call) -> None:
         errors = []

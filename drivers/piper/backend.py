@@ -13,12 +13,22 @@ Notes on the SDK (0.6.2) that this backend works around:
 - ``EmergencyStop(0x02)`` ("resume") sends the same frame as ``ResetPiper()``, which the SDK
   documents as cutting power to the arm. ``release_estop`` therefore must only be used with the
   arm supported or at rest; it re-enables and re-selects CAN joint mode afterwards.
+
+The arm obeys joint frames only in CAN command mode and only on enabled motors. A motor that drops
+out (its driver trips, the arm is power-cycled) or a mode switched on the arm (the teach button,
+standby after power-on) leaves the driver commanding an arm that does not move: ``read`` reports
+either as a fault naming the motors or the mode, from the motors' enable bits (0x261-0x266 byte 5,
+bit 6) and the status frame's control mode (0x2A1 byte 0). Taking control (connect, ``recover``,
+``release_estop``) first re-sends the measured pose as the joint target, so a firmware that kept
+an older target does not jump to it, then selects CAN mode and enables the motors, each confirmed
+by feedback within the deadline.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,6 +39,14 @@ STALE_S = 0.05  # feedback older than this is a read error
 # A powered PiPer streams feedback at 200 Hz from the moment the bus is up: no frame at all in this
 # long means no arm on this bus (or the bus is down), and waiting out the full deadline helps nobody.
 FIRST_FEEDBACK_S = 1.5
+# Motor enable bits come in the low-speed frames (a real PiPer: about 100 Hz per motor); none this
+# long and the enable state is unknown, which faults like a disabled motor.
+MOTOR_STATUS_STALE_S = 0.5
+RESEND_S = 0.05  # how often a mode or enable command is repeated while waiting for its confirmation
+CTRL_MODE_CAN = 0x01
+CTRL_MODES = {0x00: "standby", 0x01: "CAN command", 0x02: "teaching", 0x03: "Ethernet control",
+              0x04: "Wi-Fi control", 0x05: "remote control", 0x06: "linkage teaching input",
+              0x07: "offline trajectory"}
 MDEG_PER_RAD = math.degrees(1.0) * 1000.0  # 0.001 deg per rad
 UM_PER_M = 1e6  # 0.001 mm per m
 ARM_STATUS_ESTOP = 0x01
@@ -43,6 +61,13 @@ ARM_STATUS_FAULTS = {
     0x0E: "main controller over-temperature",
     0x0F: "release resistor over-temperature",
 }
+
+
+RELEASE_TIMEOUT_S = 2.0  # mode and enable confirmation after resuming from an e-stop
+
+
+def _mode_name(mode: int) -> str:
+    return CTRL_MODES.get(mode, f"unknown (0x{mode:02X})")
 
 
 def _decode_err_code(code: int) -> list[str]:
@@ -67,6 +92,9 @@ class PiperBackend(Backend):
         if dof is not None and dof != N_JOINTS + 1:
             raise ValueError(f"PiPer backend needs 7 dofs (6 joints + gripper), embodiment has {dof}")
         self._piper = None
+        # Told every joint target just before it is sent, in the SDK's 0.001 deg (Cobot Magic: our own
+        # frames echoed on a fake bus must not look like a master's).
+        self.on_joint_frame: Callable[[list[int]], None] | None = None
         # From `armada calibrate joints piper-zero`: what each joint reads at the mechanical zero.
         # Readings are corrected by it and targets shifted back, until the firmware zero is set.
         self.zero_offsets = np.zeros(N_JOINTS) if zero_offsets_rad is None else np.asarray(zero_offsets_rad, float)
@@ -96,8 +124,30 @@ class PiperBackend(Backend):
                                    f"{min(timeout_s, FIRST_FEEDBACK_S):.1f} s (arm powered? CAN wired and up? "
                                    "the right interface?)", transient=False)
             time.sleep(0.005)
-        # 2. enable all motors and wait until every one reports enabled in fresh motor frames.
-        enabled_after = time.time()
+        # 2. CAN mode and every motor enabled, anchored at the measured pose.
+        try:
+            self._take_control(deadline, timeout_s)
+        except BackendError:
+            self.close()
+            raise
+
+    def _take_control(self, deadline: float, timeout_s: float) -> None:
+        """Anchor the target at the measured pose, select CAN joint mode, enable every motor and the
+        gripper where it is; the mode and the motors confirmed by fresh feedback before ``deadline``."""
+        piper = self._sdk()
+        self._anchor_at_measured()  # a standby arm keeps it; CAN mode then holds here, not elsewhere
+        last_sent = 0.0
+        while piper.GetArmStatus().arm_status.ctrl_mode != CTRL_MODE_CAN:
+            if time.monotonic() > deadline:
+                mode = int(piper.GetArmStatus().arm_status.ctrl_mode)
+                raise BackendError(f"PiPer on {self.can_name}: did not enter CAN command mode within "
+                                   f"{timeout_s:.1f} s (it reports {_mode_name(mode)} mode)", transient=False)
+            if time.monotonic() - last_sent > RESEND_S:
+                piper.MotionCtrl_2(CTRL_MODE_CAN, 0x01, self.speed_pct, 0x00)  # MOVE J, our speed
+                last_sent = time.monotonic()
+            time.sleep(0.005)
+        self._anchor_at_measured()
+        enabled_after = time.time()  # confirmation only from motor frames sent after our command
         last_sent = 0.0
         while True:
             low = piper.GetArmLowSpdInfoMsgs()
@@ -106,27 +156,30 @@ class PiperBackend(Backend):
                 break
             if time.monotonic() > deadline:
                 off = [f"joint_{i + 1}" for i, on in enumerate(states) if not on]
-                self.close()
                 raise BackendError(f"PiPer on {self.can_name}: motors {', '.join(off) or '(no motor feedback)'} "
                                    f"stayed disabled after enable for {timeout_s:.1f} s", transient=False)
-            if time.monotonic() - last_sent > 0.05:
+            if time.monotonic() - last_sent > RESEND_S:
                 piper.EnableArm(7, 0x02)
-                last_sent = time.monotonic()
-            time.sleep(0.005)
-        # 3. CAN command mode, MOVE J, our speed; confirm in the status frame.
-        last_sent = 0.0
-        while piper.GetArmStatus().arm_status.ctrl_mode != 0x01:
-            if time.monotonic() > deadline:
-                self.close()
-                raise BackendError(f"PiPer on {self.can_name}: did not enter CAN control mode within "
-                                   f"{timeout_s:.1f} s", transient=False)
-            if time.monotonic() - last_sent > 0.05:
-                piper.MotionCtrl_2(0x01, 0x01, self.speed_pct, 0x00)
                 last_sent = time.monotonic()
             time.sleep(0.005)
         # Enable the gripper where it is, so the first write does not jump it.
         g = piper.GetArmGripperMsgs().gripper_state.grippers_angle
         piper.GripperCtrl(int(g), self.gripper_effort, 0x01, 0x00)
+
+    def _anchor_at_measured(self) -> None:
+        """Send the measured joint angles as the joint target (raw 0.001 deg: no offsets to apply)."""
+        piper = self._sdk()
+        joints = piper.GetArmJointMsgs()
+        if not self._fresh(joints.time_stamp):
+            raise BackendError(f"PiPer on {self.can_name}: no fresh joint feedback to anchor at (arm powered? "
+                               "CAN up?)", transient=False)
+        js = joints.joint_state
+        self._joint_ctrl([js.joint_1, js.joint_2, js.joint_3, js.joint_4, js.joint_5, js.joint_6])
+
+    def _joint_ctrl(self, mdeg: list[int]) -> None:
+        if self.on_joint_frame is not None:
+            self.on_joint_frame(mdeg)
+        self._sdk().JointCtrl(*mdeg)
 
     def _open_bus(self, sdk_class):
         real = self.bustype == "socketcan"
@@ -218,8 +271,27 @@ class PiperBackend(Backend):
             problems.insert(0, ARM_STATUS_FAULTS[arm_status])
         if problems:
             fault = f"PiPer reports: {', '.join(problems)}"
+        estopped = arm_status == ARM_STATUS_ESTOP
+        if fault is None and not estopped:  # an e-stop explains a lost mode; the driver latches it
+            fault = self._control_lost(piper, int(st.ctrl_mode), wall)
         return Reading(position=position, mono_ns=mono - int(age * 1e9), velocity=velocity,
-                       estopped=arm_status == ARM_STATUS_ESTOP, fault=fault)
+                       estopped=estopped, fault=fault, extras={"ctrl_mode": int(st.ctrl_mode)})
+
+    def _control_lost(self, piper, ctrl_mode: int, wall: float) -> str | None:
+        """Why the arm does not obey joint frames now: a mode other than CAN, or motors disabled."""
+        if ctrl_mode != CTRL_MODE_CAN:
+            return (f"PiPer on {self.can_name} is in {_mode_name(ctrl_mode)} mode, not CAN command mode: "
+                    "it does not follow joint targets (clear_fault re-selects CAN mode)")
+        low = piper.GetArmLowSpdInfoMsgs()
+        if low.time_stamp <= 0 or wall - low.time_stamp > MOTOR_STATUS_STALE_S:
+            age = "none" if low.time_stamp <= 0 else f"{(wall - low.time_stamp) * 1e3:.0f} ms old"
+            return f"PiPer on {self.can_name}: no motor status frames ({age}): the motors' enable state is unknown"
+        off = [f"joint_{i + 1}" for i in range(N_JOINTS)
+               if not getattr(low, f"motor_{i + 1}").foc_status.driver_enable_status]
+        if off:
+            return (f"PiPer on {self.can_name}: motor{'s' if len(off) > 1 else ''} {', '.join(off)} "
+                    f"disabled (clear_fault re-enables)")
+        return None
 
     def write(self, position: np.ndarray) -> None:
         piper = self._sdk()
@@ -227,7 +299,7 @@ class PiperBackend(Backend):
         if p.shape != (N_JOINTS + 1,) or not np.all(np.isfinite(p)):
             raise BackendError(f"PiPer write needs 7 finite values, got {p!r}", transient=False)
         mdeg = [int(round(v * MDEG_PER_RAD)) for v in p[:N_JOINTS] + self.zero_offsets]
-        piper.JointCtrl(*mdeg)
+        self._joint_ctrl(mdeg)
         piper.GripperCtrl(int(round(p[N_JOINTS] * UM_PER_M)), self.gripper_effort, 0x01, 0x00)
 
     def estop(self) -> None:
@@ -242,8 +314,21 @@ class PiperBackend(Backend):
         piper = self._sdk()
         piper.EmergencyStop(0x02)
         time.sleep(0.02)
-        piper.EnableArm(7, 0x02)
-        piper.MotionCtrl_2(0x01, 0x01, self.speed_pct, 0x00)
+        self._take_control(time.monotonic() + RELEASE_TIMEOUT_S, RELEASE_TIMEOUT_S)
+
+    def recover(self, timeout_s: float) -> None:
+        """Operator-requested: CAN mode and every motor back, confirmed, anchored where the arm is.
+
+        The driver re-anchors its own filter at the pose it reads afterwards. An engaged e-stop is
+        not recovered here (reset_estop does, with its own warning)."""
+        piper = self._sdk()
+        joints = piper.GetArmJointMsgs()
+        if not self._fresh(joints.time_stamp):
+            raise BackendError(f"PiPer on {self.can_name}: no joint feedback: is the arm powered and its CAN "
+                               "cable in?", transient=False)
+        if int(piper.GetArmStatus().arm_status.arm_status) == ARM_STATUS_ESTOP:
+            raise BackendError(f"PiPer on {self.can_name}: its e-stop is engaged: use reset_estop", transient=False)
+        self._take_control(time.monotonic() + timeout_s, timeout_s)
 
 
 def build_in_worker(**kwargs) -> PiperBackend:

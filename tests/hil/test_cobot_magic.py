@@ -354,3 +354,33 @@ def test_over_udp_multicast_the_arms_are_isolated_and_our_echo_is_not_a_master(f
         assert "left arm" in fault and "master" in fault and "right arm" not in fault
     finally:
         b.close()
+
+
+def test_a_disabled_motor_or_a_lost_mode_on_one_puppet_faults_naming_the_arm(fws, backend):
+    wait_reading(backend, lambda r: r.fault is None)
+    fws[1].disable_motors(2, stuck=False)
+    r = wait_reading(backend, lambda r: r.fault is not None, timeout_s=0.3 + 0.5)
+    assert "right arm" in r.fault and "joint_2" in r.fault and "left arm" not in r.fault, r.fault
+    fws[0].set_mode(0x02)
+    r = wait_reading(backend, lambda r: "left arm" in (r.fault or ""), timeout_s=0.8)
+    assert "teaching mode" in r.fault, r.fault
+
+
+def test_recover_after_a_power_cycle_brings_both_puppets_back_where_they_stand(fws, backend):
+    sagged = HOME_DEG + np.array([0.0, -3.0, 2.0, 0.0, 1.0, 0.0])
+    fws[0].power_cycle(sagged)
+    wait_reading(backend, lambda r: "standby" in (r.fault or ""), timeout_s=0.8)
+    backend.recover(3.0)
+    for fw in fws:
+        assert fw.ctrl_mode == 0x01 and fw.enabled.all()
+    r = wait_reading(backend, lambda r: r.fault is None)
+    time.sleep(0.3)
+    assert np.allclose(np.degrees(fws[0].state()["q"]), sagged, atol=0.01)
+    assert np.allclose(np.degrees(r.position[:6]), sagged, atol=0.01)
+
+
+def test_recover_names_the_arm_whose_motor_stays_disabled(fws, backend):
+    fws[0].disable_motors(5, stuck=True)
+    wait_reading(backend, lambda r: r.fault is not None, timeout_s=0.8)
+    with pytest.raises(BackendError, match="left arm.*joint_5 stayed disabled"):
+        backend.recover(0.5)

@@ -9,7 +9,8 @@ Commands understood:
   0x150  motion ctrl 1: byte0 0x01 e-stop, 0x02 resume/reset (the SDK's ResetPiper sends the
          same bytes; here, as the SDK documents for reset, it clears the e-stop, leaves CAN
          control mode and disables the motors)
-  0x151  motion ctrl 2: byte0 ctrl mode, byte1 move mode, byte2 speed %, byte3 mit mode
+  0x151  motion ctrl 2: byte0 ctrl mode (0x00 standby, 0x01 CAN command, ...), byte1 move mode,
+         byte2 speed %, byte3 mit mode
   0x155-0x157  joint targets, two int32 each, 0.001 deg
   0x159  gripper: int32 0.001 mm, uint16 effort 0.001 N·m, uint8 code (bit0 enable), uint8 zero
   0x471  enable/disable: byte0 motor (1-6, 7 = all), byte1 0x02 enable / 0x01 disable
@@ -20,6 +21,15 @@ Feedback streamed:
   0x251-0x256  motor high speed: int16 speed 0.001 rad/s, int16 current 0.001 A, int32 position
   0x261-0x266  motor low speed: u16 voltage 0.1 V, i16 driver temp, i8 motor temp,
                u8 foc status (bit5 driver error, bit6 enabled), u16 bus current
+
+Modes and enables, modelled on the worst case: the arm moves only in CAN command mode (0x01) and
+only on enabled motors; in standby (0x00, the mode after power-on) and teaching mode (0x02, entered
+with the arm's teach button, where the arm is moved by hand) joint frames do not move it, but the
+firmware keeps the last target it heard, so an arm switched back to CAN mode goes to that target at
+once (a jump, unless the sender first re-sent the pose it measures). A power cycle leaves the arm in
+standby with every motor and the gripper disabled, its target where it stands (``power_cycle``,
+optionally after the arm sagged or was moved while off). Fault injection: ``disable_motors``,
+``set_mode``, ``power_cycle``, ``move_by_hand`` (joints move with no command, as in teaching mode).
 
 Joint and gripper targets come from anyone on the bus: this driver, or a master arm in teaching
 mode (``drivers.piper.fake.master``). Like the real puppet, the fake follows both.
@@ -123,6 +133,39 @@ class PiperFirmware:
         with self._lock:
             self._do_estop()
 
+    def enable_motors(self, *motors: int) -> None:
+        """Let motors (none given: all) accept enable commands again; they stay disabled until one."""
+        idx = [m - 1 for m in (motors or range(1, 7))]
+        with self._lock:
+            self.refuse_enable[idx] = False
+
+    def set_mode(self, ctrl_mode: int) -> None:
+        """Switch the arm's control mode as its buttons do: 0x00 standby, 0x02 teaching."""
+        with self._lock:
+            self.ctrl_mode = ctrl_mode & 0xFF
+
+    def power_cycle(self, q_deg: np.ndarray | None = None) -> None:
+        """Power off and on: standby, every motor and the gripper disabled, no e-stop, no error.
+        ``q_deg``: where the joints are after it (an arm sags or is moved while off)."""
+        with self._lock:
+            if q_deg is not None:
+                self.q_mdeg = np.asarray(q_deg, dtype=np.float64) * 1000.0
+            self.ctrl_mode = 0x00
+            self.enabled[:] = False
+            self.refuse_enable[:] = False
+            self.gripper_enabled = False
+            self.estopped = False
+            self.err_code = 0
+            self.arm_status_code = 0x00
+            self.target_mdeg = self.q_mdeg.copy()
+            self.gripper_target_um = self.gripper_um
+            self.qd_mdeg_s = np.zeros(6)
+
+    def move_by_hand(self, q_deg: np.ndarray) -> None:
+        """The joints are now at ``q_deg`` without any command (dragged in teaching mode)."""
+        with self._lock:
+            self.q_mdeg = np.asarray(q_deg, dtype=np.float64) * 1000.0
+
     def state(self) -> dict:
         """A JSON-ready snapshot, in SI units (rad, m) beside the raw values."""
         with self._lock:
@@ -216,7 +259,7 @@ class PiperFirmware:
             elif arb in (0x155, 0x156, 0x157):
                 a, b = struct.unpack(">ii", d)
                 i = 2 * (arb - 0x155)
-                if self._accepts_motion():
+                if not self.estopped:  # kept in any mode: the worst case (see the module notes)
                     self.target_mdeg[i], self.target_mdeg[i + 1] = a, b
                 if arb == 0x157:
                     t = self.target_mdeg.copy()
@@ -247,11 +290,11 @@ class PiperFirmware:
 
     def _step(self, dt: float) -> None:
         alpha = 1.0 if self.tau <= 0 else 1.0 - math.exp(-dt / self.tau)
-        moving = self.enabled & (not self.estopped)
+        moving = self.enabled & self._accepts_motion()
         prev = self.q_mdeg.copy()
         self.q_mdeg = np.where(moving, self.q_mdeg + alpha * (self.target_mdeg - self.q_mdeg), self.q_mdeg)
         self.qd_mdeg_s = (self.q_mdeg - prev) / dt if dt > 0 else np.zeros(6)
-        if self.gripper_enabled and not self.estopped:
+        if self.gripper_enabled and self._accepts_motion():
             self.gripper_um += alpha * (self.gripper_target_um - self.gripper_um)
 
     def _feedback(self) -> list[tuple[int, bytes]]:

@@ -24,6 +24,11 @@ command per line, one answer line each (``ok``, JSON, or ``error ...``):
   ``clear CH``                 clear err_code and arm_status
   ``silent CH 0|1``            stop/resume all feedback (a cable pulled, power lost)
   ``disable CH MOTOR ..``      disable motors 1-6 (none: all); they then refuse enable commands
+  ``release CH MOTOR ..``      those motors (none: all) accept enable commands again (still disabled)
+  ``mode CH standby|can|teach`` switch the control mode, as the arm's buttons do
+  ``powercycle CH [J1 .. J6]`` power off and on: standby, motors disabled; optionally the joints (deg)
+                               are somewhere else afterwards (sagged, moved by hand)
+  ``hand CH J1 .. J6``         the joints (deg) are moved by hand, with no command
   ``master CH 0|1``            stop/resume the master arm's broadcast (needs ``--master``)
   ``state CH``                 JSON snapshot of the firmware (SI units)
   ``targets CH [SINCE]``       JSON list of [monotonic s, 6 joint targets rad] received after SINCE
@@ -112,6 +117,23 @@ def _int(text: str) -> int:
     return int(text, 0)
 
 
+CTRL_MODES = {"standby": 0x00, "can": 0x01, "teach": 0x02}
+
+
+def _motors(texts: list[str]) -> list[int]:
+    motors = [_int(m) for m in texts]
+    if any(not 1 <= m <= 6 for m in motors):
+        raise ValueError(f"motors are 1-6, got {motors}")
+    return motors
+
+
+def _joints_deg(texts: list[str]) -> np.ndarray:
+    q = np.array([float(t) for t in texts], dtype=np.float64)
+    if q.shape != (6,) or not np.all(np.isfinite(q)) or np.any(np.abs(q) > 360.0):
+        raise ValueError(f"6 finite joint angles in degrees, got {texts}")
+    return q
+
+
 def _on(text: str) -> bool:
     if text not in ("0", "1"):
         raise ValueError(f"expected 0 or 1, got {text!r}")
@@ -127,6 +149,7 @@ class Control:
         self.commands: dict[str, Callable[[list[str]], str]] = {
             "estop": self._estop, "error": self._error, "clear": self._clear, "silent": self._silent,
             "disable": self._disable, "master": self._master, "state": self._state, "targets": self._targets,
+            "release": self._release, "mode": self._mode, "powercycle": self._powercycle, "hand": self._hand,
         }
 
     def execute(self, line: str) -> str:
@@ -172,10 +195,25 @@ class Control:
         return "ok"
 
     def _disable(self, a: list[str]) -> str:
-        motors = [_int(m) for m in a[1:]]
-        if any(not 1 <= m <= 6 for m in motors):
-            raise ValueError(f"motors are 1-6, got {motors}")
-        self._fw(a[0]).disable_motors(*motors)
+        self._fw(a[0]).disable_motors(*_motors(a[1:]))
+        return "ok"
+
+    def _release(self, a: list[str]) -> str:
+        self._fw(a[0]).enable_motors(*_motors(a[1:]))
+        return "ok"
+
+    def _mode(self, a: list[str]) -> str:
+        if len(a) != 2 or a[1] not in CTRL_MODES:
+            raise ValueError(f"mode is one of {', '.join(CTRL_MODES)}")
+        self._fw(a[0]).set_mode(CTRL_MODES[a[1]])
+        return "ok"
+
+    def _powercycle(self, a: list[str]) -> str:
+        self._fw(a[0]).power_cycle(_joints_deg(a[1:]) if len(a) > 1 else None)
+        return "ok"
+
+    def _hand(self, a: list[str]) -> str:
+        self._fw(a[0]).move_by_hand(_joints_deg(a[1:]))
         return "ok"
 
     def _master(self, a: list[str]) -> str:
