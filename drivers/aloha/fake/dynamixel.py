@@ -47,6 +47,8 @@ delay, baud rates as timing, the multi-turn reset of Present Position on reboot,
 addresses (they read and write as plain memory), the backup/restore and factory reset
 instructions, clear (0x10), protocol 1.0, and bus collisions; replies from several servos are
 written back to back.
+Replies the host leaves unread beyond the pty's buffer (about 4 KiB) are dropped and counted in
+``bytes_dropped``, as an adapter's buffer would overflow, rather than blocking the bus.
 
 Faults to inject (methods): ``set_missing(id)``, ``set_bad_crc(id)`` (its replies carry a wrong
 CRC), ``set_error(id, overload=..., overheat=..., voltage=..., electrical_shock=...,
@@ -239,17 +241,27 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value & (1 << (bits - 1)) else value
 
 
+def _speed_names() -> dict[int, int]:
+    import termios
+
+    names = {}
+    for name in dir(termios):
+        if name.startswith("B") and name[1:].isdigit():
+            names.setdefault(getattr(termios, name), int(name[1:]))
+    return names
+
+
+_SPEEDS = _speed_names()
+
+
 def _termios_speed(fd: int) -> int | None:
+    """The port speed pyserial set on the pty (bits/s), or None when it cannot be told."""
     import termios
 
     try:
-        speed = termios.tcgetattr(fd)[5]
+        return _SPEEDS.get(termios.tcgetattr(fd)[5])
     except termios.error:
         return None
-    for name in dir(termios):
-        if name.startswith("B") and name[1:].isdigit() and getattr(termios, name) == speed:
-            return int(name[1:])
-    return None
 
 
 @dataclass
@@ -426,6 +438,7 @@ class DynamixelBusFake:
             self._servos[sid] = s
         self.received_goals: list[tuple[int, int]] = []
         self.packets_in = 0
+        self.bytes_dropped = 0
         self.port: str | None = None
         self._master = self._slave = -1
         self._thread: threading.Thread | None = None
@@ -436,6 +449,7 @@ class DynamixelBusFake:
     def start(self) -> str:
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
+        os.set_blocking(self._master, False)
         self.port = os.ttyname(self._slave)
         self._stop.clear()
         self._last = time.monotonic()
@@ -583,11 +597,8 @@ class DynamixelBusFake:
                 with self._lock:
                     for sid, inst, params in self._packets(buf):
                         out += self._handle(sid, inst, params)
-                if out:
-                    try:
-                        os.write(self._master, bytes(out))
-                    except OSError:
-                        break
+                if out and not self._send(bytes(out)):
+                    break
         finally:
             for fd in (self._master, self._slave):
                 try:
@@ -595,6 +606,20 @@ class DynamixelBusFake:
                 except OSError:
                     pass
             self._master = self._slave = -1
+
+    def _send(self, data: bytes) -> bool:
+        """Write replies; bytes the host leaves unread past the pty's buffer are lost, as on a
+        real adapter, instead of blocking the bus. False when the port is gone."""
+        while data:
+            try:
+                n = os.write(self._master, data)
+            except BlockingIOError:
+                self.bytes_dropped += len(data)
+                return True
+            except OSError:
+                return False
+            data = data[n:]
+        return True
 
     @staticmethod
     def _packets(buf: bytearray):

@@ -41,6 +41,8 @@ Acceleration profiles, goal time, PID, load or current physics (load and current
 constants while moving or holding), the return delay, baud rates as timing (the pty is as fast as
 the host), multi-turn / step mode, the Protocol-1 (SCS) series, factory reset, half-duplex echo.
 Replies from several servos are written back to back, not staggered.
+Replies the host leaves unread beyond the pty's buffer (about 4 KiB) are dropped and counted in
+``bytes_dropped``, as an adapter's buffer would overflow, rather than blocking the bus.
 
 Faults to inject (methods): ``set_missing(id)`` (never answers), ``set_bad_checksum(id)``
 (its replies carry a wrong checksum), ``set_error(id, overload=..., overheat=..., voltage=...,
@@ -154,16 +156,27 @@ def status_packet(servo_id: int, error: int, data: bytes = b"", *, corrupt: bool
     return b"\xff\xff" + body + bytes([chk])
 
 
+def _speed_names() -> dict[int, int]:
+    import termios
+
+    names = {}
+    for name in dir(termios):
+        if name.startswith("B") and name[1:].isdigit():
+            names.setdefault(getattr(termios, name), int(name[1:]))
+    return names
+
+
+_SPEEDS = _speed_names()
+
+
 def _termios_speed(fd: int) -> int | None:
     """The port speed pyserial set on the pty (bits/s), or None when it cannot be told."""
+    import termios
+
     try:
-        speed = termios.tcgetattr(fd)[5]
+        return _SPEEDS.get(termios.tcgetattr(fd)[5])
     except termios.error:
         return None
-    for name in dir(termios):
-        if name.startswith("B") and name[1:].isdigit() and getattr(termios, name) == speed:
-            return int(name[1:])
-    return None
 
 
 @dataclass
@@ -325,6 +338,7 @@ class FeetechBusFake:
             self._servos[i] = s
         self.received_goals: list[tuple[int, int]] = []
         self.packets_in = 0
+        self.bytes_dropped = 0
         self.port: str | None = None
         self._master = self._slave = -1
         self._thread: threading.Thread | None = None
@@ -335,6 +349,7 @@ class FeetechBusFake:
     def start(self) -> str:
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
+        os.set_blocking(self._master, False)
         self.port = os.ttyname(self._slave)
         self._stop.clear()
         self._last = time.monotonic()
@@ -472,11 +487,8 @@ class FeetechBusFake:
                 with self._lock:
                     for packet in self._packets(buf):
                         out += self._handle(packet)
-                if out:
-                    try:
-                        os.write(self._master, bytes(out))
-                    except OSError:
-                        break
+                if out and not self._send(bytes(out)):
+                    break
         finally:
             for fd in (self._master, self._slave):
                 try:
@@ -484,6 +496,20 @@ class FeetechBusFake:
                 except OSError:
                     pass
             self._master = self._slave = -1
+
+    def _send(self, data: bytes) -> bool:
+        """Write replies; bytes the host leaves unread past the pty's buffer are lost, as on a
+        real adapter, instead of blocking the bus. False when the port is gone."""
+        while data:
+            try:
+                n = os.write(self._master, data)
+            except BlockingIOError:
+                self.bytes_dropped += len(data)
+                return True
+            except OSError:
+                return False
+            data = data[n:]
+        return True
 
     @staticmethod
     def _packets(buf: bytearray):
