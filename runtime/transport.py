@@ -235,20 +235,30 @@ class RxCounters:
 
 
 class Publisher:
-    """Binds a PUB socket. Sending never blocks: past the high-water mark, messages are dropped."""
+    """Binds a PUB socket. Sending never blocks: past the high-water mark, messages are dropped.
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 1000, curve: "CurveConfig | None" = None):
+    ``publish`` refuses a message over the subscribers' limit (``limits.max_bytes``): ZeroMQ would
+    drop the connection of every subscriber, and libzmq does not reconnect after that.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = 1000, curve: "CurveConfig | None" = None,
+                 limits: Limits = STREAM_LIMITS):
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         _prepare(self.socket, endpoint, curve, server=True, max_inbound_bytes=PUBLISHER_MAX_INBOUND_BYTES)
         self._ipc = _bind(self.socket, endpoint)
         self.endpoint = endpoint
+        self.max_bytes = limits.max_bytes
         self.factory = MessageFactory()
         self.dropped = 0
 
     def publish(self, kind: str, **fields: Any) -> dict[str, Any]:
         msg = self.factory.make(kind, **fields)
-        self.send_raw(protocol.encode(msg))
+        raw = protocol.encode(msg)
+        if len(raw) > self.max_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{kind} message of {len(raw)} bytes exceeds the "
+                                                     f"subscribers' limit of {self.max_bytes}")
+        self.send_raw(raw)
         return msg
 
     def send_raw(self, raw: bytes) -> None:
@@ -420,10 +430,15 @@ class CommandServer:
         self._send(req.identity, self.factory.error(req.msg or {"seq": req.raw_seq}, code, reason))
 
     def _send(self, identity: bytes, msg: dict[str, Any]) -> None:
-        """Send a reply. Never raises: a reply that cannot be encoded (too large, a value of no wire
-        type) becomes a minimal error reply, so one bad reply never kills the serving thread."""
+        """Send a reply. Never raises: a reply that cannot be encoded (a value of no wire type, or
+        larger than a client accepts: REPLY_LIMITS, over which ZeroMQ would drop the client's
+        connection for good) becomes a minimal error reply, so one bad reply never kills the
+        serving thread."""
         try:
             raw = protocol.encode(msg)
+            if len(raw) > REPLY_LIMITS.max_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE,
+                                    f"reply of {len(raw)} bytes exceeds the clients' limit of {REPLY_LIMITS.max_bytes}")
         except Exception as exc:  # noqa: BLE001 - whatever the handler put in its reply
             raw = self._fallback_reply(msg, exc)
         try:
@@ -533,6 +548,8 @@ class FramePublisher:
         """Publish one frame; returns the bytes put on the wire (payload parts, header excluded)."""
         if not pixels.flags.c_contiguous:
             raise ValueError("frame pixels must be C-contiguous")
+        if pixels.nbytes > MAX_FRAME_BYTES:  # subscribers drop the connection over it, for good
+            raise ValueError(f"frame of {pixels.nbytes} bytes exceeds {MAX_FRAME_BYTES}")
         h, w = pixels.shape[:2]
         for key, value in (("width", w), ("height", h), ("channels", 1 if pixels.ndim == 2 else pixels.shape[2]),
                            ("dtype", pixels.dtype.name), ("encoding", "raw")):
