@@ -327,6 +327,8 @@ def test_overheat_sets_the_alert_and_the_temperature(bus):
     temp, result, error = pk.read1ByteTxRx(ph, 3, PRESENT_TEMPERATURE)
     assert result == dx.COMM_SUCCESS and error == 0x80 and temp > 80
     assert pk.read1ByteTxRx(ph, 3, HARDWARE_ERROR_STATUS)[0] == 0x04
+    # GroupSyncRead drops the error byte: the hardware error shows in a sync read of address 70
+    assert sync_read(ph, pk, HARDWARE_ERROR_STATUS, 1, [1, 3, 4]) == {1: 0, 3: 0x04, 4: 0}
     assert pk.ping(ph, 4)[2] == 0  # the others are fine
 
 

@@ -234,6 +234,12 @@ def test_overload_and_overheat_bits_in_the_error_byte(bus):
     fake.set_error(2, overheat=True)
     temp, result, error = pk.read1ByteTxRx(ph, 2, PRESENT_TEMPERATURE)
     assert result == scs.COMM_SUCCESS and error == scs.ERRBIT_OVERHEAT and temp > 70
+    # GroupSyncRead drops the error byte; a sync read that spans Status (65) still shows it
+    state = scs.GroupSyncRead(ph, pk, PRESENT_POSITION, 11)
+    for i in IDS:
+        state.addParam(i)
+    assert state.txRxPacket() == scs.COMM_SUCCESS
+    assert [state.getData(i, STATUS, 1) for i in IDS] == [scs.ERRBIT_OVERLOAD, scs.ERRBIT_OVERHEAT, 0, 0, 0, 0]
     fake.set_error(1)
     assert pk.ping(ph, 1)[2] == 0
 
@@ -250,6 +256,15 @@ def test_unplugged_port_raises_in_the_sdk_and_the_path_vanishes(bus):
     message = str(info.value)
     assert "Input/output" in message or "read failed" in message or "device" in message
     assert not os.path.exists(port)
+
+
+def test_a_servo_of_another_model_reports_its_own_model_number():
+    with FeetechBusFake({1: 777, 2: 2825}) as fake:
+        ph = patient(scs.PortHandler(fake.port))
+        assert ph.openPort()
+        pk = scs.PacketHandler(0)
+        assert [pk.ping(ph, i)[0] for i in (1, 2)] == [777, 2825]
+        ph.closePort()
 
 
 def test_id_and_baud_rate_writes_behave_like_the_servo(bus):
@@ -286,3 +301,8 @@ def test_lerobot_feetech_bus_runs_unmodified_against_the_fake():
         assert wait_until(lambda: all(abs(v - 50.0) < 0.5 for v in positions()))
         bus.disconnect(disable_torque=True)
         assert all(fake.register(i, TORQUE_ENABLE) == 0 for i in IDS)
+        # a missing servo: lerobot's handshake names it
+        fake.set_missing(3)
+        bus = lerobot_feetech.FeetechMotorsBus(fake.port, motors, calibration=cal)
+        with pytest.raises(RuntimeError, match=r"Missing motor IDs:\n  - 3 "):
+            bus.connect()

@@ -46,7 +46,8 @@ Profile acceleration and time-based profiles, PID and real current/PWM physics, 
 delay, baud rates as timing, the multi-turn reset of Present Position on reboot, indirect
 addresses (they read and write as plain memory), the backup/restore and factory reset
 instructions, clear (0x10), protocol 1.0, and bus collisions; replies from several servos are
-written back to back.
+written back to back. Power-on defaults (firmware 48, limits 0-4095, Shutdown 0x34, the goal held on torque
+enable, goals beyond the limits refused) are this fake's reading of the e-manual, not measured.
 Replies the host leaves unread beyond the pty's buffer (about 4 KiB) are dropped and counted in
 ``bytes_dropped``, as an adapter's buffer would overflow, rather than blocking the bus.
 
@@ -58,6 +59,9 @@ encoder=...)`` (Hardware Error Status bits, latched until reboot), ``unplug()``.
 Start it
 --------
 In-process: ``fake = DynamixelBusFake({1: "xm540-w270", 2: "xm430-w350"}); port = fake.start()``.
+``goal_out_of_limit="clamp"`` clamps such goals instead of refusing them. Test helpers:
+``set_position``, ``move_by_hand``, ``block_at``, ``register(id, address, size, signed)``,
+``present_position``, ``power_cycle``.
 As its own process (no CLI entry yet): ``python -m drivers.aloha.fake.dynamixel --ids 1 2 3``
 prints the pty path and serves until interrupted.
 """

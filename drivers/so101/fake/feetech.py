@@ -40,7 +40,9 @@ What it does not model
 Acceleration profiles, goal time, PID, load or current physics (load and current are small
 constants while moving or holding), the return delay, baud rates as timing (the pty is as fast as
 the host), multi-turn / step mode, the Protocol-1 (SCS) series, factory reset, half-duplex echo.
-Replies from several servos are written back to back, not staggered.
+Replies from several servos are written back to back, not staggered. Power-on defaults (firmware
+3.10, limits 0-4095, Unloading_Condition 44, Lock 1, hold-on-torque-enable) are this fake's
+reading of the manual and lerobot's code, not measured on a servo.
 Replies the host leaves unread beyond the pty's buffer (about 4 KiB) are dropped and counted in
 ``bytes_dropped``, as an adapter's buffer would overflow, rather than blocking the bus.
 
@@ -51,7 +53,10 @@ and the path vanishes). ``received_goals`` lists every (id, goal) written, befor
 
 Start it
 --------
-In-process: ``fake = FeetechBusFake(ids=range(1, 7)); port = fake.start(); ...; fake.stop()``.
+In-process: ``fake = FeetechBusFake(ids=range(1, 7)); port = fake.start(); ...; fake.stop()``
+(``ids`` may be ``{id: model_number}`` to put a servo of the wrong model on the bus). Test helpers:
+``set_position``, ``move_by_hand``, ``register(id, address, size)``, ``present_position``,
+``power_cycle``.
 As its own process (no CLI entry yet): ``python -m drivers.so101.fake.feetech --ids 1 2 3 4 5 6``
 prints the pty path and serves until interrupted.
 """
@@ -332,8 +337,10 @@ class FeetechBusFake:
         self.tick_s = tick_s
         self._lock = threading.RLock()
         self._servos: dict[int, _Servo] = {}
-        for i in ids:
-            s = _Servo(id=i, model=model, firmware=firmware, actual=float((positions or {}).get(i, 2048)))
+        # ids: an iterable of ids (all `model`), or {id: model number} to mix models (a wrong servo)
+        models = dict(ids) if isinstance(ids, dict) else {i: model for i in ids}
+        for i, m in models.items():
+            s = _Servo(id=i, model=m, firmware=firmware, actual=float((positions or {}).get(i, 2048)))
             s.power_on()
             self._servos[i] = s
         self.received_goals: list[tuple[int, int]] = []
