@@ -196,6 +196,11 @@ class IsolatedBackend(Backend):
                                transient=False) from None
 
     def release_estop(self) -> None:
+        """The operator's reset_estop: through a new worker if a fault (or a crash) ended the last one,
+        since reset_estop is then the only way out of the e-stop latch."""
+        if not self._worker_alive():
+            self.connect(self.timeouts.recover_s)
+            self._ended_by_fault = None
         self._call("release_estop", self.timeouts.recover_s)
 
     def recover(self, timeout_s: float) -> None:

@@ -97,3 +97,13 @@ def test_on_fault_ends_the_worker_at_once_and_only_recover_starts_a_new_one(isol
     assert isolated._worker is not old and isolated._unreaped == []
     r = isolated.read()
     assert r.extras == {"recovered": 1} and np.allclose(r.position, HOME, atol=1e-3)
+
+
+def test_an_estop_after_on_fault_can_still_be_reset_through_a_new_worker(isolated):
+    """Fault, then e-stop: reset_estop is the only way out of the latch, so it must not need the
+    worker that on_fault ended."""
+    isolated.on_fault("following error")
+    with pytest.raises(BackendError, match="nothing can be sent"):
+        isolated.estop()
+    isolated.release_estop()
+    assert np.allclose(isolated.read().position, HOME, atol=1e-3)
