@@ -117,8 +117,11 @@ class CellProcesses:
         label = name or role
         log_path = self.run_dir / "logs" / f"{label}.log"
         env = os.environ | {"PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
+        # Its own process group: Ctrl-C or a hangup at the terminal reaches only us, and we stop the
+        # children in order (inference first, so drivers see the lease released and hold).
         with open_log(log_path) as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    process_group=0)
         child = Child(label, role, proc, log_path)
         self.children.append(child)
         return child

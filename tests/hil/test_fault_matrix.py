@@ -36,7 +36,7 @@ STOPPED_MOVING_WITHIN_S = 3.0
 
 @dataclass(frozen=True)
 class Row:
-    target: str  # driver, camera, infer, or parent
+    target: str  # driver, camera, infer, parent, or group (the parent's process group)
     action: str  # kill, stop, or a signal name for the parent
     exit_code: int  # of `armada run` (Popen's: -9 is killed by SIGKILL)
     says: tuple[str, ...]  # in its output
@@ -58,6 +58,9 @@ ROWS = [
     Row("parent", "SIGHUP", 128 + signal.SIGHUP, ("stopped by SIGHUP",), True),
     Row("parent", "SIGINT", 128 + signal.SIGINT, ("stopped by SIGINT",), True),
     Row("parent", "SIGKILL", -signal.SIGKILL, (), True),
+    # Ctrl-C at a terminal: SIGINT to the whole foreground process group. The children are in
+    # their own groups, so only `armada run` gets it and stops them in order.
+    Row("group", "SIGINT", 128 + signal.SIGINT, ("stopped by SIGINT",), True),
 ]
 
 TABLE: list[str] = []
@@ -66,13 +69,11 @@ TABLE: list[str] = []
 @pytest.fixture(scope="module", autouse=True)
 def _print_table(request):
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and TABLE:
-        reporter.write_line("")
-        reporter.write_line("fault matrix (armada run, scripted cell):")
-        reporter.write_line(_HEADER)
-        for line in TABLE:
-            reporter.write_line(line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if not TABLE or capture is None:
+        return
+    with capture.global_and_fixture_disabled():  # shown without -s too
+        print("\n\nfault matrix (armada run, scripted cell):\n" + _HEADER + "\n" + "\n".join(TABLE), flush=True)
 
 
 _HEADER = f"{'target':7} {'action':8} {'exit':>4}  {'arm stopped after':>17}  {'left behind':12} reported"
@@ -142,7 +143,8 @@ def test_fault_matrix(short_tmp, row):
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     run = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run", str(SCRIPTED_CELL), "--duration",
                             str(EPISODE_S), "--run-dir", str(short_tmp)], cwd=REPO_ROOT, env=env, text=True,
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           start_new_session=True)  # a group of its own, as a shell gives a job
     out = _Output(run)
     ctx = zmq.Context()
     rec = None
@@ -202,6 +204,9 @@ def test_fault_matrix(short_tmp, row):
 def _inject(row: Row, run: subprocess.Popen, children: dict[str, int]) -> None:
     if row.target == "parent":
         run.send_signal(getattr(signal, row.action))
+        return
+    if row.target == "group":
+        os.killpg(run.pid, getattr(signal, row.action))
         return
     pid = children["infer" if row.target == "infer" else f"{row.target} {'arm' if row.target == 'driver' else 'front'}"]
     if row.action == "kill":
