@@ -215,11 +215,15 @@ def _header(data: bytes) -> tuple[str, list, int]:
 
 
 def _check_map(obj: dict[Any, Any]) -> dict[str, Any]:
-    # strict_map_key still lets bytes keys through.
-    for key in obj:
-        if type(key) is not str:
-            raise ProtocolError(ErrorCode.BAD_ENCODING, f"map key {short_repr(key)} is not a string")
+    # strict_map_key still lets bytes keys through. The key types are collected at C speed; only a
+    # refused map is walked in Python, to name its key.
+    if obj and _STR_ONLY != set(map(type, obj)):
+        key = next(k for k in obj if type(k) is not str)
+        raise ProtocolError(ErrorCode.BAD_ENCODING, f"map key {short_repr(key)} is not a string")
     return obj
+
+
+_STR_ONLY = {str}
 
 
 @dataclass(frozen=True)
