@@ -202,6 +202,7 @@ def _bind(sock: zmq.Socket, endpoint: str) -> _IpcFile | None:
         raise OSError(f"cannot bind {endpoint}: {exc}") from None
     if path is None:
         return None
+    path = ipc_path(sock.getsockopt_string(zmq.LAST_ENDPOINT)) or path  # the file bound, were it ipc://*
     # The run dir (0700) is what keeps other users out; owner-only sockets make that hold even in
     # a folder someone else can enter, whatever the umask was.
     os.chmod(path, 0o600)
