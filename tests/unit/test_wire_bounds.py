@@ -154,10 +154,11 @@ def test_reasons_quoting_peer_values_are_short(msg):
 
 
 def test_short_repr_is_cheap_for_huge_values():
+    values = (b"\x00" * 50_000_000, "z" * 50_000_000, 10**5000, list(range(1_000_000)))
     start = time.perf_counter()
-    for value in (b"\x00" * 50_000_000, "z" * 50_000_000, 10**5000, list(range(1_000_000))):
+    for value in values:
         assert len(P.short_repr(value)) < 100
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 0.1  # a repr of the 50 MB values alone takes longer
 
 
 # --------------------------------------------------------------------------- decoding cost

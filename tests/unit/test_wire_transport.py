@@ -237,8 +237,8 @@ def test_a_drain_reads_at_most_the_high_water_mark_plus_slack(ctx, short_tmp):
         pub.publish("event", event="n", data={"i": i})
     time.sleep(0.3)
     first = sub.drain()
-    assert len(first) <= 50 + DRAIN_SLACK
-    assert sub.drain(), "what one call left stays queued for the next"
+    assert 0 < len(first) <= 50 + DRAIN_SLACK
+    assert sub.recv(1.0) is not None, "what one call left stays queued for the next"
 
 
 def test_a_drain_stops_at_its_time_budget(ctx, short_tmp, monkeypatch):
@@ -257,8 +257,9 @@ def test_a_drain_stops_at_its_time_budget(ctx, short_tmp, monkeypatch):
     monkeypatch.setattr(sub, "_read", read)
     start = time.monotonic()
     got = sub.drain()
-    assert time.monotonic() - start < DRAIN_BUDGET_S * 4
-    assert 5 <= len(got) <= 15
+    # About ten reads fit the budget; all 500 would take 2.5 s. Generous for a loaded machine.
+    assert time.monotonic() - start < 1.0
+    assert 1 <= len(got) <= 12
 
 
 def test_frame_recv_latest_returns_under_a_flood(ctx, short_tmp):
