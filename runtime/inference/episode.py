@@ -183,10 +183,13 @@ class EpisodeRunner:
                                "restart the inference process")
         for name, link in self.links.items():
             self._stamp()
-            link.sync_clock()
-            link.acquire(self.client_name)
-            link.start_heartbeat(self.heartbeat_s, self._alive)
-            status = link.ping()
+            try:
+                link.sync_clock()
+                link.acquire(self.client_name)
+                link.start_heartbeat(self.heartbeat_s, self._alive)
+                status = link.ping()
+            except TimeoutError as exc:
+                raise EpisodeError(f"driver {name} did not answer: {exc}") from None
             if req.arm:
                 # Always ask: arm is idempotent, and it cancels a disarm that is still decelerating.
                 link.command("arm")
