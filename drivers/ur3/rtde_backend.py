@@ -200,7 +200,11 @@ class UR3RtdeBackend(Backend):
             raise BackendError(f"servoJ needs 6 finite joint values, got {q!r}", transient=False)
         # speed and acceleration are unused by servoJ; time is one tick so targets are interpolated.
         if not self.control.servoJ(q, 0.5, 0.5, self.period_s, self.lookahead_s, self.gain):
-            raise BackendError(f"servoJ refused: {self._why_refused()}", transient=False)
+            reason = self._why_refused()
+            # An e-stop is for the next read to report, so that the driver latches it as an e-stop; a
+            # fault here would end this worker first (on_fault) and leave the latch unseen.
+            estop = reason in SAFETY_ESTOPS.values()
+            raise BackendError(f"servoJ refused: {reason}", transient=estop)
         self._servoj_since_read = True
 
     def _why_refused(self) -> str:

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("rtde_control")
 
+from drivers.core.backend import BackendError  # noqa: E402
 from drivers.ur3.rtde_backend import RTDE_PORT, UR3RtdeBackend, _socket_fds  # noqa: E402
 
 pytestmark = pytest.mark.hil
@@ -53,13 +54,20 @@ def test_every_rtde_socket_has_nagle_off(backend, ur_fake):
             s.close()
 
 
+def _read(backend) -> None:
+    try:
+        backend.read()
+    except BackendError as exc:  # a late RTDE package on a loaded host: not what these tests are about
+        assert exc.transient, exc
+
+
 def _stream(backend, q0: np.ndarray, seconds: float) -> None:
     """One read and one servoJ per tick, as the driver's loop does."""
     period = 1.0 / RATE_HZ
     n = int(seconds * RATE_HZ)
     t0 = time.monotonic()
     for i in range(n):
-        backend.read()
+        _read(backend)
         backend.write(q0 + 0.2 * np.sin(np.pi * i / n) * np.ones(6))
         pause = t0 + (i + 1) * period - time.monotonic()
         if pause > 0:
@@ -86,7 +94,7 @@ def test_the_watchdog_is_still_kicked_when_no_servoj_is_sent(backend, ur_fake):
     _stream(backend, q0, 0.2)  # streaming, then reading only (servoJ stopped)
     end = time.monotonic() + 0.6
     while time.monotonic() < end:
-        backend.read()
+        _read(backend)
         time.sleep(1.0 / RATE_HZ)
     state = ur_fake.state()
     assert state["program_running"] and state["watchdog_trips"] == 0, state
