@@ -19,7 +19,13 @@ Nothing recovers by itself. ``recover`` (the driver's ``clear_fault``) and ``rel
 the control script, only when the operator asks. Power-on and brake release stay on the pendant.
 
 The RTDE watchdog is armed on the control script: if nothing kicks it (a hung loop, a killed
-driver or worker), the controller itself stops the arm.
+driver or worker), the controller itself stops the arm. It watches the command register, which every
+servoJ updates; an explicit kick ("no command" in that register) goes out only in ticks without a
+servoJ (rtde_backend.py says why).
+
+When the driver faults, its worker is ended at once (IsolatedBackend.on_fault), and a worker whose
+controller closes an RTDE link ends itself: ur-rtde's own reconnect would restart the control script
+without our watchdog and resend servoJ. Only ``clear_fault`` starts a new worker.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 rtde_receive = pytest.importorskip("rtde_receive")
@@ -201,3 +202,25 @@ def test_silent_peer_is_abandoned_at_deadline():
     finally:
         for s in silent:
             s.close()
+
+
+@pytest.mark.parametrize("version,cycle_s", [("5.11.1.0", 0.002), ("3.15.7.0", 0.008)])
+def test_the_control_script_runs_once_per_controller_cycle(version, cycle_s):
+    """e-Series 500 Hz, CB3 125 Hz: each cycle reads the command register once and is logged."""
+    from drivers.ur3.fake.launch import FakeUR
+
+    host = free_loopback_host()
+    if host is None:
+        pytest.skip("no free loopback address")
+    with FakeUR(host, ["--version", version]) as fake:
+        c = rtde_control.RTDEControlInterface(host)
+        try:
+            fake.cycles()
+            time.sleep(0.5)
+            cycles = fake.cycles()
+        finally:
+            c.stopScript()
+            c.disconnect()
+    period = float(np.median(np.diff([row[0] for row in cycles])))
+    assert abs(period - cycle_s) < 0.25 * cycle_s, period
+    assert all(row[1] == 0 and row[2] == 0 for row in cycles)  # no command: no target taken
