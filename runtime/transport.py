@@ -52,6 +52,10 @@ PUBLISHER_MAX_INBOUND_BYTES = 4096
 # DRAIN_BUDGET_S: a peer that publishes faster than we decode cannot keep the caller inside.
 DRAIN_SLACK = 16
 DRAIN_BUDGET_S = 0.05
+# Requests queued per client connection before ZeroMQ stops reading from it (back-pressure, no
+# loss): a client waits for each reply, so a few are ever in flight; this bounds what a flooding
+# connection can make us hold to 64 x COMMAND_LIMITS.max_bytes (7 MiB).
+COMMAND_RCVHWM = 64
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -380,6 +384,7 @@ class CommandServer:
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped
         self.socket.setsockopt(zmq.SNDHWM, 1000)
+        self.socket.setsockopt(zmq.RCVHWM, COMMAND_RCVHWM)
         _prepare(self.socket, endpoint, curve, server=True, max_inbound_bytes=limits.max_bytes)
         self._ipc = _bind(self.socket, endpoint)
         self.endpoint = endpoint

@@ -155,6 +155,8 @@ def test_every_socket_sets_a_maximum_message_size(ctx, short_tmp):
     sizes = [s.getsockopt(zmq.MAXMSGSIZE) for s in sockets]
     assert all(size > 0 for size in sizes), sizes
     assert sizes[2] == COMMAND_LIMITS.max_bytes and sizes[2] < sizes[1] < sizes[5]
+    # What one flooding connection can make a command server hold is bounded too.
+    assert sockets[2].getsockopt(zmq.RCVHWM) * sizes[2] <= 8 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- peeking at the kind
