@@ -26,10 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.config import DEFAULT_CELL, ConfigError
-from runtime.rundir import RunDirError
+from runtime.rundir import PARENT_PID_ENV, RunDirError
 
-# Set by a supervisor (runtime.supervisor) in the environment of each process it starts.
-PARENT_PID_ENV = "ARMADA_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
 RUN_DIR_HELP = ("private folder for ipc sockets, locks and logs ({run_dir} in the cell); default "
                 "$XDG_RUNTIME_DIR/armada-UID/CELL, or /tmp/armada-UID/CELL without XDG_RUNTIME_DIR")
@@ -422,7 +420,7 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
     print(f"armada: all processes answer ({time.monotonic() - t:.1f} s); logs in {procs.run_dir / 'logs'}")
     client = EpisodeClient(procs.ctx, cell)
     try:
-        if not (args.arm or all_mock) and not _drivers_armed(procs, client):
+        if not (args.arm or all_mock) and not _drivers_armed(procs):
             return 1
         for _ in range(args.episodes):
             report = _one_episode(procs, client, args, all_mock, cell.inference.episode_duration_s)
@@ -434,7 +432,7 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
     return 0 if all(r["outcome"] == "completed" for r in reports) else 1
 
 
-def _drivers_armed(procs, client) -> bool:
+def _drivers_armed(procs) -> bool:
     """On a real cell the episode arms nothing unless the operator says --arm: say so up front."""
     from runtime.transport import CommandClient, RemoteError
 
@@ -455,8 +453,16 @@ def _drivers_armed(procs, client) -> bool:
 
 
 def _one_episode(procs, client, args: argparse.Namespace, all_mock: bool, default_duration: float) -> dict[str, Any]:
+    from runtime.transport import RemoteError
+
     duration = args.duration or default_duration
-    episode = client.start(args.instruction, duration_s=duration, arm=args.arm or all_mock)
+    try:
+        episode = client.start(args.instruction, duration_s=duration, arm=args.arm or all_mock)
+    except (TimeoutError, RemoteError) as exc:  # e.g. the inference process died just now
+        why = "; ".join(w for _, w in procs.dead()) or str(exc)
+        report = _failed_report(0, f"failed to start: {why}")
+        print(format_report(report))
+        return report
     progress = _Progress(episode, duration)
     try:
         report = _follow_episode(procs, client, episode, duration + 20.0, progress.on_event)

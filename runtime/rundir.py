@@ -24,6 +24,10 @@ _SAFE_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _OPEN_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# A supervisor puts its pid here in the environment of each process it starts (runtime.cli).
+PARENT_PID_ENV = "ARMADA_PARENT_PID"
+
+
 class RunDirError(RuntimeError):
     """The run dir cannot be used safely, or another instance holds its lock."""
 

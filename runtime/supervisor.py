@@ -23,16 +23,13 @@ import zmq
 
 from runtime.config import DEFAULT_CELL, CellConfig, load_cell
 from runtime.protocol import PROTOCOL_VERSION
-from runtime.rundir import (InstanceLock, RunDirError, instance_label, open_log, prepare_run_dir, remove_ipc_sockets,
-                            resolve_run_dir)
+from runtime.rundir import (PARENT_PID_ENV, InstanceLock, RunDirError, instance_label, open_log, prepare_run_dir,
+                            remove_ipc_sockets, resolve_run_dir)
 from runtime.transport import CommandClient, FrameSubscriber, RemoteError
 
 READY_TIMEOUT_S = 15.0
 # The inference process may import torch and build the tiny bundle on first use.
 INFER_READY_TIMEOUT_S = 90.0
-
-
-PARENT_PID_ENV = "ARMADA_PARENT_PID"
 
 
 def default_run_dir(cell_name: str) -> Path:
