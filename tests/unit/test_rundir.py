@@ -205,3 +205,25 @@ def test_remove_ipc_sockets_removes_only_sockets_in_the_run_dir(tmp_path):
                         "tcp://127.0.0.1:5555"], run)
     assert not (run / "arm-cmd").exists()
     assert (run / "arm.estop").exists() and elsewhere.exists()
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    run = prepare_run_dir(tmp_path / "run")
+    victim = tmp_path / "root-only"
+    victim.write_text("secret\n")
+    (run / "driver-arm.lock").symlink_to(victim)
+    with pytest.raises(RunDirError, match="symlink"):
+        InstanceLock(run, "driver-arm")
+    assert victim.read_text() == "secret\n"
+
+
+def test_a_symlinked_logs_folder_is_refused_by_the_supervisor(tmp_path):
+    from runtime.config import SCRIPTED_CELL
+    from runtime.supervisor import CellProcesses
+
+    run = prepare_run_dir(tmp_path / "run")
+    elsewhere = prepare_run_dir(tmp_path / "elsewhere")
+    (run / "logs").symlink_to(elsewhere)
+    with pytest.raises(RunDirError, match="symlink"):
+        CellProcesses(SCRIPTED_CELL, run)
+    assert not (run / "run.lock").exists()  # refused before it started or kept anything
