@@ -384,3 +384,35 @@ def test_recover_names_the_arm_whose_motor_stays_disabled(fws, backend):
     wait_reading(backend, lambda r: r.fault is not None, timeout_s=0.8)
     with pytest.raises(BackendError, match="left arm.*joint_5 stayed disabled"):
         backend.recover(0.5)
+
+
+def test_the_driver_faults_on_a_power_cycled_puppet_and_clear_fault_re_anchors_where_it_stands(fws, backend):
+    drv = Driver(EMB, backend, lease_ttl_s=5.0)
+    drv.connect(2.0)
+    now = 0
+    lease = drv.handle(F.make("acquire", client="t"), now)["lease"]
+    drv.handle(F.make("arm", lease=lease), now)
+    sagged = HOME_DEG + np.array([0.0, -3.0, 2.0, 0.0, 1.0, 0.0])
+    fws[1].power_cycle(sagged)
+
+    def faulted() -> bool:
+        nonlocal now
+        now += DT_NS
+        drv.tick(now)
+        return drv.mode == Mode.FAULT
+
+    assert wait_for(faulted, 0.3 + 0.5), drv.mode
+    assert "right arm" in drv.reason and "standby mode" in drv.reason, drv.reason
+    drv.handle(F.make("clear_fault", lease=lease), now)
+    assert drv.mode == Mode.IDLE, drv.reason
+    assert fws[1].ctrl_mode == 0x01 and fws[1].enabled.all()
+    drv.handle(F.make("arm", lease=lease), now)
+    first = len(fws[1].joint_targets)
+    for _ in range(20):
+        now += DT_NS
+        drv.tick(now)
+        time.sleep(DT)
+    assert drv.mode == Mode.ARMED, drv.reason
+    held = np.array([t for _, t in fws[1].joint_targets[first:]]) / 1000.0  # deg
+    assert len(held) > 5 and np.abs(held - sagged).max() < 0.05, np.abs(held - sagged).max()
+    assert np.allclose(np.degrees(fws[1].state()["q"]), sagged, atol=0.05)
