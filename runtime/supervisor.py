@@ -179,11 +179,12 @@ class CellProcesses:
         drivers decelerate to a hold before they are asked to exit (they hold; they never cut torque)."""
         infer = [c for c in self.children if c.role == "infer"]
         others = [c for c in self.children if c.role != "infer"]
-        deadline = time.monotonic() + timeout_s
         for group in (infer, others):
+            deadline = time.monotonic() + timeout_s  # per group: a slow inference never shortens a driver's
             for child in group:
                 if child.proc.poll() is None:
                     child.proc.send_signal(signal.SIGTERM)
+                    child.proc.send_signal(signal.SIGCONT)  # a stopped child would only see it when continued
             for child in group:
                 try:
                     child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))

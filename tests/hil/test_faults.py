@@ -260,3 +260,12 @@ def test_a_killed_driver_is_named_by_the_supervisor_and_its_socket_files_removed
         procs.stop()
         assert not (short_tmp / "arm-cmd").exists() and not (short_tmp / "arm-state").exists()
         assert not (short_tmp / "driver-arm.lock").exists()
+
+
+def test_the_supervisor_stops_a_stopped_driver_gracefully_not_with_sigkill(short_tmp):
+    with CellProcesses(SCRIPTED_CELL, short_tmp) as procs:
+        child = procs.spawn("driver", "arm")
+        procs.wait_ready()
+        os.kill(child.proc.pid, signal.SIGSTOP)  # e.g. a debugger, or Ctrl-Z on the driver alone
+        procs.stop(timeout_s=3.0)
+        assert child.proc.returncode == 0  # its SIGTERM path ran: the arm held; not SIGKILL (-9)
