@@ -1,36 +1,67 @@
 """The generic driver process: a fixed-rate control loop plus a command server.
 
-Two threads share one lock. The loop thread ticks on monotonic deadlines (never ``sleep(dt)``)
-and owns the state PUB socket; the command thread blocks on the ROUTER socket so a command is
-answered at once instead of at the next tick. Each socket is used by one thread only.
+Three threads share one lock. The loop thread ticks on monotonic deadlines (never ``sleep(dt)``)
+and owns the state PUB socket; the command thread owns the ROUTER socket so a command is answered
+at once instead of at the next tick; a worker thread runs the slow half of a command (planning a
+move, a device recovery) outside the lock, one at a time. The lock is only ever held briefly: the
+loop waits on it every tick.
+
+The stop path. Nothing that arrives on the command socket may delay an e-stop by more than a
+tick (issue 9: a flood of cheap-to-send, costly-to-decode messages delayed e-stop replies by
+seconds). So the command thread never decodes on arrival. It drains what is queued (a bounded
+count), reads each message's top-level kind cheaply (``protocol.peek_kind``, a few hundred bytes
+at most), and acts on every ``estop`` at once: latch, buffer cleared, device e-stop, under the
+lock. Everything else waits in a bounded backlog, one fair queue per connection, and is decoded
+and handled one message at a time, with the socket drained again before each, so an e-stop that
+arrives meanwhile jumps the queue: it waits for at most one decode (bounded by
+``protocol.COMMAND_LIMITS``) and one short handler. What does not fit the backlog is dropped and
+counted (``dropped_requests`` in state); its sender times out, as it would with a dead driver.
+A message whose kind reads ``estop`` stops the arm even if the rest of it is malformed: a
+garbled stop is still a stop, and anyone may press the e-stop anyway.
+
+A thread that dies takes the process down (exit status 1, after the device is closed holding
+position), so its supervisor restarts it: disarmed, with the e-stop latch kept in the run dir.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import zmq
 
 from drivers.core.backend import Backend, BackendError
-from drivers.core.driver import Driver, Mode, TickResult
+from drivers.core.driver import Driver, Mode, SlowJob, TickResult
 from drivers.core.isolated import IsolatedBackend
+from runtime import protocol
 from runtime.config import CellConfig, DriverConfig, EmbodimentConfig, driver_embodiment, load_cell, named
 from runtime.protocol import ErrorCode, ProtocolError
-from runtime.transport import CommandServer, Publisher, start_authenticator
+from runtime.transport import CommandServer, Publisher, Request, start_authenticator
 
 log = logging.getLogger("armada.driver")
 
 CONNECT_TIMEOUT_S = 5.0
 GIL_SWITCH_INTERVAL_S = 0.0002
 PERIOD_HISTORY = 60_000  # ticks of period history kept for `stats` (two minutes at 500 Hz)
+# The command backlog: messages drained per look at the socket, waiting per connection and in all.
+# A client waits for each reply, so a connection with more than a few requests queued is flooding.
+DRAIN_MAX = 256
+BACKLOG_PER_CONNECTION = 4
+BACKLOG_TOTAL = 64
+# How often the command thread looks for a finished slow job when one is running.
+SLOW_POLL_S = 0.002
+# An e-stop this small is decoded before it acts (microseconds); a larger one acts first.
+SMALL_ESTOP_BYTES = 1024
 
 
 def make_backend(cfg: DriverConfig, emb: EmbodimentConfig, cell_path: Path | None = None) -> Backend:
@@ -119,11 +150,92 @@ class LoopTiming:
         self.count, self.last_start_ns = 0, 0
 
 
+class Backlog:
+    """Requests waiting to be decoded: one FIFO per connection, served round-robin, bounded.
+
+    Round-robin keeps one flooding connection from starving the others: a legitimate client's
+    request waits behind at most one request of each other connection.
+    """
+
+    def __init__(self, per_connection: int = BACKLOG_PER_CONNECTION, total: int = BACKLOG_TOTAL):
+        self.per_connection, self.total = per_connection, total
+        self._queues: collections.OrderedDict[bytes, collections.deque] = collections.OrderedDict()
+        self._count = 0
+        self.dropped = 0
+
+    def push(self, identity: bytes, parts: list) -> bool:
+        """Queue one raw request; False (and counted) when it does not fit."""
+        q = self._queues.get(identity)
+        if self._count >= self.total or (q is not None and len(q) >= self.per_connection):
+            self.dropped += 1
+            return False
+        if q is None:
+            q = self._queues[identity] = collections.deque()
+        q.append(parts)
+        self._count += 1
+        return True
+
+    def pop(self) -> tuple[bytes, list] | None:
+        if not self._queues:
+            return None
+        identity, q = next(iter(self._queues.items()))
+        parts = q.popleft()
+        self._count -= 1
+        if q:
+            self._queues.move_to_end(identity)
+        else:
+            del self._queues[identity]
+        return identity, parts
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class SlowWorker:
+    """Runs one slow job at a time outside the loop's lock; its reply comes back to the command thread."""
+
+    def __init__(self, guard: Callable[[str, Callable[[], None]], Callable[[], None]]):
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self.done: collections.deque = collections.deque()
+        self.busy: str | None = None  # what is running, for the refusal of a second one
+        self._thread = threading.Thread(target=guard("slow commands", self._run), name="slow", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: SlowJob, finish: Callable[[SlowJob, Any], None]) -> None:
+        self.busy = job.what
+        self._jobs.put_nowait((job, finish))
+
+    def stop(self, timeout_s: float) -> None:
+        try:
+            self._jobs.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, finish = item
+            try:
+                finish(job, job.run())
+            finally:
+                self.busy = None
+
+
 class DriverProcess:
-    def __init__(self, cfg: DriverConfig, emb: EmbodimentConfig, backend: Backend, cell: CellConfig | None = None):
+    def __init__(self, cfg: DriverConfig, emb: EmbodimentConfig, backend: Backend, cell: CellConfig | None = None,
+                 run_dir: Path | None = None):
         self.cfg = cfg
-        self.driver = Driver(emb, backend, cfg.lease_ttl_s)
+        # The e-stop latch lives in the run dir so a restarted driver starts latched; in-process
+        # tests and tools without a run dir keep it in memory only.
+        latch = Path(run_dir) / f"{cfg.name}.estop" if run_dir is not None else None
+        self.driver = Driver(emb, backend, cfg.lease_ttl_s, latch)
         self.ctx = zmq.Context()
+        if cfg.realtime_priority is not None:
+            # ZeroMQ's I/O thread moves every e-stop from the socket to the command thread: it gets
+            # the command thread's priority, or a busy host delays the stop in a queue we never see.
+            # Applied when the thread starts, with the first socket; refused silently without the right.
+            self.ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_FIFO)
+            self.ctx.set(zmq.THREAD_PRIORITY, max(cfg.realtime_priority - 1, 1))
         curve = cell.curve if cell else None
         self.auth = start_authenticator(self.ctx, curve)
         self.state_pub = Publisher(self.ctx, cfg.state, hwm=100, curve=curve)
@@ -132,6 +244,10 @@ class DriverProcess:
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.decimation = emb.state_decimation
+        self.backlog = Backlog()
+        self.fatal: str | None = None  # why a thread died; the process then exits non-zero
+        self.slow: SlowWorker | None = None
+        self._replies: collections.deque = collections.deque()  # (request, ok, data) from the slow worker
 
     # ------------------------------------------------------------------ run
 
@@ -145,14 +261,32 @@ class DriverProcess:
             raise SystemExit(f"driver {self.cfg.name}: cannot connect to the device: {exc}") from None
         log.info("driver %s up: %s at %.0f Hz, %s, disarmed", self.cfg.name, self.driver.emb.name,
                  self.driver.emb.control_rate_hz, self.cfg.cmd)
-        commands = threading.Thread(target=self._serve_commands, name="commands", daemon=True)
+        self.slow = SlowWorker(self._guard)
+        commands = threading.Thread(target=self._guard("commands", self._serve_commands), name="commands", daemon=True)
         commands.start()
         try:
-            self._control_loop()
+            self._guard("control loop", self._control_loop)()
         finally:
             self.stop_event.set()
             commands.join(timeout=1.0)
+            self.slow.stop(timeout_s=1.0)
             self._shutdown()
+        if self.fatal is not None:
+            raise SystemExit(f"driver {self.cfg.name}: {self.fatal}; exiting so that its supervisor restarts it, "
+                             "disarmed")
+
+    def _guard(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        """``target``, so that if it raises anything the whole process stops: a driver whose command
+        thread is dead still publishes state, so nothing would restart it, but no e-stop reaches it."""
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - whatever it was, the process must not limp on
+                log.critical("driver %s: the %s thread died", self.cfg.name, name, exc_info=True)
+                if self.fatal is None:
+                    self.fatal = f"the {name} thread died: {type(exc).__name__}: {protocol.bounded_reason(str(exc))}"
+                self.stop_event.set()
+        return guarded
 
     def _control_loop(self) -> None:
         self._raise_priority()
@@ -178,23 +312,25 @@ class DriverProcess:
                     self.driver.counters.overruns += int(missed)
                 deadline += missed * period
 
-    def _raise_priority(self) -> None:
-        """Run this thread (the loop, not the command server) under SCHED_FIFO when configured."""
-        priority = self.cfg.realtime_priority
-        if priority is None:
+    def _raise_priority(self, below: int = 0, what: str = "control loop") -> None:
+        """Run this thread under SCHED_FIFO when configured: the loop at the configured priority, the
+        command thread (the e-stop's path) just below it, so that no other process starves either."""
+        if self.cfg.realtime_priority is None:
             return
+        priority = max(self.cfg.realtime_priority - below, 1)
         try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-            log.info("control loop runs SCHED_FIFO priority %d", priority)
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(priority))
+            log.info("%s runs SCHED_FIFO priority %d", what, priority)
         except (PermissionError, OSError) as exc:
-            log.warning("cannot run the control loop real-time (%s): expect more jitter and overruns; "
-                        "grant CAP_SYS_NICE or LimitRTPRIO (see systemd/armada-driver@.service)", exc)
+            log.warning("cannot run the %s real-time (%s): expect more jitter and overruns; "
+                        "grant CAP_SYS_NICE or LimitRTPRIO (see systemd/armada-driver@.service)", what, exc)
 
     def _publish_state(self, r: TickResult, now_ns: int) -> None:
         d = self.driver
         counters = d.counters.as_dict()
         counters["clamps"] = d.filter.counters.as_dict()
         counters["rejected_messages"] = self.server.counters.rejected
+        counters["dropped_requests"] = self.backlog.dropped
         fields = {"mono_ns": now_ns, "mode": d.mode.value, "measured": r.measured, "requested": r.requested,
                   "commanded": r.commanded, "velocity": r.velocity, "counters": counters}
         if r.episode is not None:
@@ -203,6 +339,8 @@ class DriverProcess:
             fields["chunk"] = r.chunk
         if d.reason:
             fields["reason"] = d.reason
+        if d.recovering:
+            fields["recovering"] = True  # clear_fault in progress: the device is not being read
         if d.lease.holder:
             fields["lease_holder"] = d.lease.holder
         if d.last_reading is not None and d.last_reading.extras:
@@ -212,27 +350,89 @@ class DriverProcess:
     # ------------------------------------------------------------------ commands
 
     def _serve_commands(self) -> None:
+        self._raise_priority(below=1, what="command thread")
         while not self.stop_event.is_set():
-            if not self.server.poll(0.05):
-                continue
-            while (req := self.server.recv()) is not None:
-                if req.error is not None:
-                    self.server.reply_error(req, req.error.code, req.error.reason)
-                    continue
-                self._handle(req)
+            waiting = len(self.backlog) or self._replies
+            timeout = 0.0 if waiting else SLOW_POLL_S if self.slow and self.slow.busy else 0.05
+            if self.server.poll(timeout):
+                self._take_in()
+            self._send_slow_replies()
+            item = self.backlog.pop()
+            if item is not None:
+                self._process(*item)
 
-    def _handle(self, req) -> None:
-        msg = req.msg
+    def _take_in(self) -> None:
+        """Drain what is queued on the socket: e-stops act now, the rest waits in the backlog."""
+        sock = self.server.socket
+        for _ in range(DRAIN_MAX):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = parts[0].bytes
+            if len(parts) == 2 and protocol.peek_kind(parts[1].buffer) == "estop":
+                self._estop_now(identity, parts)
+            else:
+                self.backlog.push(identity, parts)
+
+    def _estop_now(self, identity: bytes, parts: list) -> None:
+        """The stop path. A normal e-stop (tens of bytes) is decoded first, in microseconds, for its
+        reason; a large or malformed one latches first and is read afterwards, for the reply."""
+        size = len(parts[1].buffer)
+        req = self._parse(identity, parts) if size <= SMALL_ESTOP_BYTES else None
+        if req is not None and req.error is None:
+            self._handle(req)  # latches under the lock, replies with the mode
+            return
+        with self.lock:
+            self.driver.estop(f"estop command (a {'malformed' if req is not None else 'large'} message of "
+                              f"{size} bytes)")
+        if req is None:
+            req = self._parse(identity, parts)
+        if req.error is not None:
+            self.server.reply_error(req, req.error.code, f"{req.error.reason} (the e-stop is latched all the same)")
+        else:
+            self.server.reply_ok(req, mode=Mode.ESTOP.value)
+
+    def _parse(self, identity: bytes, parts: list) -> Request:
+        """Decode and validate one raw request, within the command limits."""
+        counters = self.server.counters
+        counters.received += 1
+        if len(parts) != 2:
+            err = ProtocolError(ErrorCode.BAD_ENCODING, f"expected one message part, got {len(parts) - 1}")
+            counters.reject(err)
+            return Request(identity, None, err)
+        msg: dict[str, Any] | None = None
         try:
+            msg = protocol.decode(parts[1].buffer, protocol.COMMAND_LIMITS)
+            protocol.validate(msg)
+        except ProtocolError as err:
+            counters.reject(err)
+            seq = msg.get("seq", -1) if msg is not None else -1
+            return Request(identity, None, err, raw_seq=seq if type(seq) is int else -1)
+        return Request(identity, msg, None, raw_seq=msg["seq"])
+
+    def _process(self, identity: bytes, parts: list) -> None:
+        req = self._parse(identity, parts)
+        if req.error is not None:
+            self.server.reply_error(req, req.error.code, req.error.reason)
+            return
+        self._handle(req)
+
+    def _handle(self, req: Request) -> None:
+        msg = req.msg
+        assert msg is not None
+        try:
+            if self.slow is not None and self.slow.busy and msg["kind"] in ("move_to", "clear_fault"):
+                raise ProtocolError(ErrorCode.BAD_STATE, f"busy: a {self.slow.busy} is in progress; try again")
             with self.lock:
-                now = time.monotonic_ns()
-                if msg["kind"] == "stats":
-                    data = self.driver.handle(msg, now)
-                    data["loop"] = self.timing.summary()
-                    if msg.get("reset"):
+                result = self.driver.start(msg, time.monotonic_ns(), req.identity)
+            if msg["kind"] == "stats":
+                # Percentiles over a minute of ticks take milliseconds: outside the lock. The loop
+                # may write one ring entry meanwhile; a statistic does not need that tick.
+                result["loop"] = self.timing.summary()
+                if msg.get("reset"):
+                    with self.lock:
                         self.timing.reset()
-                else:
-                    data = self.driver.handle(msg, now)
         except ProtocolError as err:
             self.server.reply_error(req, err.code, err.reason)
             return
@@ -240,7 +440,33 @@ class DriverProcess:
             log.exception("command %s failed", msg.get("kind"))
             self.server.reply_error(req, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
-        self.server.reply_ok(req, **data)
+        if isinstance(result, SlowJob):
+            assert self.slow is not None
+            self.slow.submit(result, lambda job, outcome: self._finish_slow(req, job, outcome))
+            return
+        self.server.reply_ok(req, **result)
+
+    def _finish_slow(self, req: Request, job: SlowJob, outcome: Any) -> None:
+        """In the slow worker: swap the result in under the lock; the command thread replies."""
+        try:
+            with self.lock:
+                data = self.driver.finish(job, outcome, time.monotonic_ns(), req.identity)
+        except ProtocolError as err:
+            self._replies.append((req, False, (err.code, err.reason)))
+            return
+        except Exception as exc:
+            log.exception("command %s failed", job.what)
+            self._replies.append((req, False, (ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
+            return
+        self._replies.append((req, True, data))
+
+    def _send_slow_replies(self) -> None:
+        while self._replies:
+            req, ok, data = self._replies.popleft()
+            if ok:
+                self.server.reply_ok(req, **data)
+            else:
+                self.server.reply_error(req, *data)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -270,6 +496,8 @@ def _sleep_until(deadline_ns: int) -> None:
 
 
 def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None) -> None:
+    """Run one driver of a cell until SIGTERM/SIGINT; ``run_dir`` (resolved and locked by the CLI)
+    keeps the e-stop latch across restarts."""
     cell = load_cell(cell_path, run_dir)
     cfg = named(cell.driver, name, cell_path)
     emb = driver_embodiment(Path(cell_path) if cell_path else None, cfg)
@@ -277,7 +505,7 @@ def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
         backend = make_backend(cfg, emb, Path(cell_path) if cell_path else None)
     except ValueError as exc:  # a backend that cannot work with this embodiment or bus: say so, no traceback
         raise SystemExit(f"driver {cfg.name}: {exc}") from None
-    process = DriverProcess(cfg, emb, backend, cell)
+    process = DriverProcess(cfg, emb, backend, cell, Path(run_dir) if run_dir is not None else None)
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
     process.run()
