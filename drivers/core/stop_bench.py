@@ -195,8 +195,8 @@ class DriverUnderTest:
         self.cell = load_cell(cell_path, self.run_dir)
         self.cfg = self.cell.drivers[0]
         self.emb = driver_embodiment(Path(cell_path), self.cfg)
-        self.proc = subprocess.Popen([sys.executable, "-m", "drivers.core.stop_bench", "serve", str(cell_path),
-                                      str(self.run_dir)])
+        self._argv = [sys.executable, "-m", "drivers.core.stop_bench", "serve", str(cell_path), str(self.run_dir)]
+        self.proc = subprocess.Popen(self._argv)
         self.ctx = zmq.Context()
         self.states: list[dict] = []
         self._stop = threading.Event()
@@ -204,15 +204,30 @@ class DriverUnderTest:
         self._thread = threading.Thread(target=self._record, daemon=True)
         self._thread.start()
         self.client = CommandClient(self.ctx, self.cfg.cmd, default_timeout_s=2.0)
+        self._wait_up()
+
+    def _wait_up(self) -> None:
         deadline = time.monotonic() + 20.0
         while True:
             try:
                 self.client.request("ping", timeout_s=0.5)
-                break
+                return
             except TimeoutError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.close()
                     raise RuntimeError("the driver under test did not start") from None
+
+    def restart(self, hard: bool) -> None:
+        """Stop the driver (SIGKILL when ``hard``, else SIGTERM) and start it again on the same run dir."""
+        import subprocess
+
+        self.proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+        self.proc.wait(10)
+        self.states.clear()
+        self.client.close()  # a fresh connection: the old one's requests died with the process
+        self.client = CommandClient(self.ctx, self.cfg.cmd, default_timeout_s=2.0)
+        self.proc = subprocess.Popen(self._argv)
+        self._wait_up()
 
     def _record(self) -> None:
         while not self._stop.is_set():
