@@ -168,10 +168,6 @@ class InferenceProcess:
     def _ctl_episode_start(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self._episode_running():
             raise ProtocolError(ErrorCode.BAD_STATE, f"episode {self.episode_counter} is still running; stop it first")
-        self.episode_counter += 1
-        req = EpisodeRequest(self.episode_counter, msg["instruction"],
-                             msg.get("duration_s", self.cell.inference.episode_duration_s), msg.get("arm", False),
-                             msg.get("task"), msg.get("min_margin", 0.0))
         for name, link in self.links.items():
             if not link.description:
                 try:
@@ -179,6 +175,10 @@ class InferenceProcess:
                 except (TimeoutError, RemoteError) as exc:
                     raise ProtocolError(ErrorCode.BAD_STATE, f"driver {name} does not answer: {exc}") from None
                 self.builder.state_dof[name] = link.dof
+        self.episode_counter += 1  # only once it really starts: a refused start changes nothing
+        req = EpisodeRequest(self.episode_counter, msg["instruction"],
+                             msg.get("duration_s", self.cell.inference.episode_duration_s), msg.get("arm", False),
+                             msg.get("task"), msg.get("min_margin", 0.0))
         inf = self.cell.inference
         self.runner = EpisodeRunner(self.links, self.builder, self.policy, inf.chunking, inf.heartbeat_s, self.emit,
                                     deadlines=deadlines(self.cell), caller=self.caller)

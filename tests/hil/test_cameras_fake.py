@@ -32,6 +32,7 @@ from drivers.cameras.fake.__main__ import RECORDING, VIDEO, make_all
 
 FAKE_CELL = CONFIG_DIR / "cells" / "cameras_fake.yaml"
 RECORDING_S = 2.0
+COLLECT_S = 3.0  # long enough that a scheduling hiccup of a loaded machine averages out of the rate
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +94,11 @@ def test_three_kinds_of_camera_process_publish_fresh_stamped_frames(fakes, short
         for cam in procs.cell.cameras:
             procs.spawn("camera", cam.name)
         procs.wait_ready()
-        frames = _collect(procs, 1.5)
+        frames = _collect(procs, COLLECT_S)
 
     for name, got in frames.items():
-        assert len(got) >= 30, f"{name}: {len(got)} frames in 1.5 s at 30 fps"
+        # 30 fps nominal; a loaded 2-core machine slows a playback down a little, not by half.
+        assert len(got) >= 0.6 * 30 * COLLECT_S, f"{name}: {len(got)} frames in {COLLECT_S} s at 30 fps"
         seqs = np.array([h["frame_seq"] for h, _, _ in got])
         assert np.all(np.diff(seqs) >= 1), f"{name}: frames repeated or out of order: {seqs}"
         # A publisher drops frames for a subscriber that falls behind (a few frames of queue, on

@@ -158,6 +158,7 @@ def test_sigterm_ends_the_inference_process_promptly_under_a_flood_on_ctl_and_on
         flood.stop()
         cameras.close()
         client.close()
+    print(f"SIGTERM to exit under a flood of {flood.sent} ctl messages: {took:.2f} s")
     assert flood.sent > 1000
     assert took < 3.0, f"SIGTERM took {took:.1f} s under a flood:\n{child.log_tail()}"
     assert child.proc.returncode == 0, child.log_tail()
@@ -182,6 +183,7 @@ def test_ctl_fuzz_the_process_stays_up_answers_and_episode_stop_still_works(infe
         client.stop()
         report = client.wait_report(episode, timeout_s=10)
         assert report["outcome"] == "stopped", report
+        print(f"episode_stop to report under a ctl flood: {time.monotonic() - stopped:.2f} s")
         assert time.monotonic() - stopped < 5.0
         client.close()
     finally:
@@ -205,6 +207,7 @@ def test_a_driver_killed_mid_episode_fails_the_episode_naming_it(short_tmp):
         report = client.wait_report(episode, timeout_s=20)
         ended = time.monotonic()
         client.close()
+    print(f"driver killed -> episode failed: {ended - killed:.2f} s")
     assert report["outcome"].startswith("failed"), report
     assert "driver arm" in report["outcome"], report
     assert ended - killed < 5.0
