@@ -107,6 +107,7 @@ class EpisodeRunner:
         self.stop_event = threading.Event()
         self._progress_ns = time.monotonic_ns()
         self._first_call = True
+        self._dead: set[str] = set()  # drivers found silent or not answering: no more requests to them
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._tracking: list[float] = []
         self._all_latencies: list[float] = []
@@ -189,6 +190,7 @@ class EpisodeRunner:
                 link.start_heartbeat(self.heartbeat_s, self._alive)
                 status = link.ping()
             except TimeoutError as exc:
+                self._dead.add(name)
                 raise EpisodeError(f"driver {name} did not answer: {exc}") from None
             if req.arm:
                 # Always ask: arm is idempotent, and it cancels a disarm that is still decelerating.
@@ -201,6 +203,10 @@ class EpisodeRunner:
 
     def _hand_back(self, armed_by_us: list[DriverLink]) -> None:
         for link in self.links.values():
+            if link.name in self._dead:
+                link.stop_heartbeat()
+                link.lease = None
+                continue  # each request would only time out; its lease watchdog holds the arm
             try:
                 if link in armed_by_us:
                     link.command("disarm")  # decelerates to a hold, then idle; torque stays on
@@ -295,6 +301,7 @@ class EpisodeRunner:
                 reply = link.send_chunk(link.to_driver_ns(t0_local_ns), dt, part, self.chunking.merge, episode,
                                         chunk_id, final=False)
             except TimeoutError as exc:
+                self._dead.add(link.name)
                 raise EpisodeError(f"driver {link.name} did not answer a chunk: {exc}") from None
             except RemoteError as exc:
                 raise EpisodeError(f"driver {link.name} refused a chunk: {exc}") from None
@@ -323,6 +330,7 @@ class EpisodeRunner:
         for name in self.links:
             silent = self.builder.state_silence_s(name)
             if silent is not None and silent > bound:
+                self._dead.add(name)
                 raise EpisodeError(f"driver {name} went silent: no state for {silent:.2f} s (bound {bound:.2f} s); "
                                    "it may have died or hung")
 
@@ -350,7 +358,7 @@ class EpisodeRunner:
             report.tracking_error_max = float(np.max(self._tracking))
             report.tracking_error_mean = float(np.mean(self._tracking))
         for name, link in self.links.items():
-            if name not in before:
+            if name not in before or name in self._dead:
                 continue
             try:
                 after = link.stats()

@@ -54,15 +54,17 @@ class Flood:
         self.ctx, self.endpoint = ctx, endpoint
         self.sent = 0
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        # The first thread sends every kind (the big ones are slow to send); the others only the
+        # small ones, as fast as they can.
+        self._threads = [threading.Thread(target=self._run, args=(i == 0,), daemon=True) for i in range(threads)]
         for t in self._threads:
             t.start()
 
-    def _run(self) -> None:
+    def _run(self, big: bool) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
-        messages = _worst_messages()
+        messages = [m for m in _worst_messages() if big or len(m) < 100_000]
         try:
             while not self._stop.is_set():
                 for raw in messages:
