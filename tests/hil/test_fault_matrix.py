@@ -40,27 +40,34 @@ class Row:
     action: str  # kill, stop, or a signal name for the parent
     exit_code: int  # of `armada run` (Popen's: -9 is killed by SIGKILL)
     says: tuple[str, ...]  # in its output
-    arm_stops: bool  # the arm stops moving soon after the fault (the episode does not go on)
+    # Also accepted: another exit code with what it must then say (see the camera stop row).
+    or_else: tuple[int, tuple[str, ...]] | None = None
+
+
+# Whenever `armada run` does not complete (exit code not 0), the arm must stop moving soon after
+# the fault: the episode does not go on. When it completes, the episode went on after the fault.
 
 
 ROWS = [
-    Row("driver", "kill", 1, ("driver arm died (killed by SIGKILL)", "failed"), True),
-    Row("camera", "kill", 1, ("camera front died (killed by SIGKILL)", "failed"), True),
-    Row("infer", "kill", 1, ("inference died (killed by SIGKILL)", "failed"), True),
+    Row("driver", "kill", 1, ("driver arm died (killed by SIGKILL)", "failed")),
+    Row("camera", "kill", 1, ("camera front died (killed by SIGKILL)", "failed")),
+    Row("infer", "kill", 1, ("inference died (killed by SIGKILL)", "failed")),
     # A stopped driver publishes nothing: the episode fails on its silence (it is dead or hung).
-    Row("driver", "stop", 1, ("failed", "arm"), True),
-    # A stopped camera only pauses the episode: frames are stale, then fresh again.
-    Row("camera", "stop", 0, ("paused", "completed"), False),
+    Row("driver", "stop", 1, ("failed", "arm")),
+    # A stopped camera only pauses the episode: frames are stale, then fresh again. On a heavily
+    # loaded machine the inference loop itself may stall past its progress bound while paused;
+    # then heartbeats are withheld, the lease lapses, the arm holds and the episode fails saying so.
+    Row("camera", "stop", 0, ("paused", "completed"), or_else=(1, ("paused", "failed", "lease"))),
     # A stopped inference process sends no heartbeats: the lease lapses, the arm holds; when it
     # runs again its lease is gone and the episode fails saying so.
-    Row("infer", "stop", 1, ("failed", "lease"), True),
-    Row("parent", "SIGTERM", 128 + signal.SIGTERM, ("stopped by SIGTERM",), True),
-    Row("parent", "SIGHUP", 128 + signal.SIGHUP, ("stopped by SIGHUP",), True),
-    Row("parent", "SIGINT", 128 + signal.SIGINT, ("stopped by SIGINT",), True),
-    Row("parent", "SIGKILL", -signal.SIGKILL, (), True),
+    Row("infer", "stop", 1, ("failed", "lease")),
+    Row("parent", "SIGTERM", 128 + signal.SIGTERM, ("stopped by SIGTERM",)),
+    Row("parent", "SIGHUP", 128 + signal.SIGHUP, ("stopped by SIGHUP",)),
+    Row("parent", "SIGINT", 128 + signal.SIGINT, ("stopped by SIGINT",)),
+    Row("parent", "SIGKILL", -signal.SIGKILL, ()),
     # Ctrl-C at a terminal: SIGINT to the whole foreground process group. The children are in
     # their own groups, so only `armada run` gets it and stops them in order.
-    Row("group", "SIGINT", 128 + signal.SIGINT, ("stopped by SIGINT",), True),
+    Row("group", "SIGINT", 128 + signal.SIGINT, ("stopped by SIGINT",)),
 ]
 
 TABLE: list[str] = []
@@ -189,14 +196,17 @@ def test_fault_matrix(short_tmp, row):
     print(_HEADER + "\n" + TABLE[-1])
 
     assert "Traceback" not in text, text
-    assert code == row.exit_code, text
-    for needle in row.says:
+    expected = dict([(row.exit_code, row.says), row.or_else] if row.or_else else [(row.exit_code, row.says)])
+    assert code in expected, text
+    for needle in expected[code]:
         assert needle in text, f"{needle!r} missing:\n{text}"
     assert orphans == [], f"still running after `armada run` ended: {orphans}"
     # The killed parent cannot remove its own lock file (nobody holds it: the next run takes it).
     assert left == (["run.lock"] if row.action == "SIGKILL" else []), left
-    if row.arm_stops:
-        assert moved_for < STOPPED_MOVING_WITHIN_S, f"the arm kept moving {moved_for:.2f} s after the fault"
+    if code != 0:
+        # A stopped process may end the episode only once it runs again: count from then.
+        bound = STOPPED_MOVING_WITHIN_S + (STOP_FOR_S if row.action == "stop" else 0.0)
+        assert moved_for < bound, f"the arm kept moving {moved_for:.2f} s after the fault"
     else:
         assert moved_for > STOP_FOR_S, "the episode should have gone on after the pause"
 
