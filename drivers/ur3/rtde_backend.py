@@ -201,10 +201,13 @@ class UR3RtdeBackend(Backend):
         # speed and acceleration are unused by servoJ; time is one tick so targets are interpolated.
         if not self.control.servoJ(q, 0.5, 0.5, self.period_s, self.lookahead_s, self.gain):
             reason = self._why_refused()
-            # An e-stop is for the next read to report, so that the driver latches it as an e-stop; a
-            # fault here would end this worker first (on_fault) and leave the latch unseen.
-            estop = reason in SAFETY_ESTOPS.values()
-            raise BackendError(f"servoJ refused: {reason}", transient=estop)
+            if reason in SAFETY_ESTOPS.values():
+                # Not an error of ours: the reading that follows reports the e-stop and the driver
+                # latches it. An error here would reach the driver in place of that reading (the
+                # worker reports a write's outcome with the next call), fault it, and end this worker.
+                log.warning("%s: servoJ refused: %s", self.where, reason)
+                return
+            raise BackendError(f"servoJ refused: {reason}", transient=False)
         self._servoj_since_read = True
 
     def _why_refused(self) -> str:

@@ -237,7 +237,10 @@ def test_robot_emergency_stop_latches_until_released_and_reset(driver):
     lease = _lease(client)
     _arm_and_move(client, rec, lease)
     assert fake.cmd("estop") == "ok"
-    rec.wait_mode("estop", 1.0)
+    try:
+        rec.wait_mode("estop", 1.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {rec.latest().get('reason')}") from None
     time.sleep(0.05)
     fake.targets()
     time.sleep(0.3)
@@ -320,7 +323,8 @@ def test_after_a_dropped_link_nothing_reaches_the_controller_until_clear_fault(d
     rec.wait_mode("idle", 5.0)
     assert fake.state()["program_starts"] == after["program_starts"] + 1  # on request, once
     goal = _arm_and_move(client, rec, lease, delta=-0.2)
-    assert _wait_holding(client, lease, lambda: np.allclose(fake.state()["q"], goal, atol=2e-3), 8.0)
+    assert _wait_holding(client, lease, lambda: np.allclose(fake.state()["q"], goal, atol=2e-3), 8.0), \
+        (rec.latest()["mode"], rec.latest().get("reason"), fake.state())
 
 
 def test_frozen_driver_is_stopped_by_the_controllers_watchdog(driver):
