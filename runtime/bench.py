@@ -4,6 +4,8 @@
 - rtt:    command round trip (ping) over ipc and over tcp loopback
 - state:  a 500 Hz state stream: loss for an all-messages consumer, age for a newest-value one
 - frames: latency and loss for two 640x480 RGB cameras at 30 fps
+- estop:  e-stop latency while 0, 1, 3 and 8 connections flood the driver's command socket with
+          the worst messages we can build (drivers/core/stop_bench.py); not part of 'all'
 """
 
 from __future__ import annotations
@@ -193,12 +195,43 @@ def bench_frames(seconds: float) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- estop
+
+
+def _bench_estop(seconds: float) -> dict[str, Any]:
+    """E-stop latency under a flood, with and without real-time priority (which needs the right to it)."""
+    from drivers.core.stop_bench import bench_estop
+
+    seconds = min(max(seconds, 2.0), 30.0)  # per N and mode: four Ns, two modes
+    out: dict[str, Any] = {}
+    for realtime in (False, True):
+        label = "realtime" if realtime else "normal"
+        print(f"bench estop ({label} priority) ...", flush=True)
+        out[label] = bench_estop(seconds, realtime=realtime)
+        print(f"{'N':>3} {'device p50':>10} {'p99':>7} {'max':>7}   {'reply p50':>9} {'p99':>7} {'max':>7}"
+              f"   {'overruns':>8} {'dropped':>7}  (ms; tick {out[label]['N=0']['tick_ms']:.1f} ms)")
+        for key, r in out[label].items():
+            if not key.startswith("N="):
+                continue
+            d, q = r["device_ms"], r["reply_ms"]
+            print(f"{key[2:]:>3} {d.get('p50', float('nan')):>10.3f} {d.get('p99', float('nan')):>7.3f} "
+                  f"{d.get('max', float('nan')):>7.3f}   {q.get('p50', float('nan')):>9.3f} "
+                  f"{q.get('p99', float('nan')):>7.3f} {q.get('max', float('nan')):>7.3f}   {r['overruns']:>8} "
+                  f"{r['dropped']:>7}{'' if r['driver_alive'] else '  DRIVER DIED'}")
+    return out
+
+
 # --------------------------------------------------------------------------- entry
 
 
 def run_bench(what: str, seconds: float, json_path: Path | None) -> int:
     results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"machine: {results['machine']}")
+    if what == "estop":
+        results["estop"] = _bench_estop(seconds)
+        if json_path is not None:
+            json_path.write_text(json.dumps(results, indent=2))
+        return 0 if all(r.get("driver_alive", True) for r in results["estop"].values() if isinstance(r, dict)) else 1
     steps = {"loop": lambda: bench_loop(max(seconds, 10.0)),
              "loop_realtime": lambda: bench_loop(max(seconds, 10.0), realtime=True), "rtt": bench_rtt,
              "state": lambda: bench_state(seconds), "frames": lambda: bench_frames(seconds)}

@@ -194,10 +194,11 @@ class Backlog:
 class SlowWorker:
     """Runs one slow job at a time outside the loop's lock; its reply comes back to the command thread."""
 
-    def __init__(self, guard: Callable[[str, Callable[[], None]], Callable[[], None]]):
+    def __init__(self, guard: Callable[[str, Callable[[], None]], Callable[[], None]],
+                 on_start: Callable[[], None] = lambda: None):
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
-        self.done: collections.deque = collections.deque()
         self.busy: str | None = None  # what is running, for the refusal of a second one
+        self._on_start = on_start
         self._thread = threading.Thread(target=guard("slow commands", self._run), name="slow", daemon=True)
         self._thread.start()
 
@@ -213,6 +214,7 @@ class SlowWorker:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        self._on_start()
         while (item := self._jobs.get()) is not None:
             job, finish = item
             try:
@@ -261,7 +263,9 @@ class DriverProcess:
             raise SystemExit(f"driver {self.cfg.name}: cannot connect to the device: {exc}") from None
         log.info("driver %s up: %s at %.0f Hz, %s, disarmed", self.cfg.name, self.driver.emb.name,
                  self.driver.emb.control_rate_hz, self.cfg.cmd)
-        self.slow = SlowWorker(self._guard)
+        # Real-time too when configured, below the command thread: a thread of this process that
+        # holds the GIL while other processes preempt it would stall the real-time ones (inversion).
+        self.slow = SlowWorker(self._guard, lambda: self._raise_priority(below=2, what="slow-command thread"))
         commands = threading.Thread(target=self._guard("commands", self._serve_commands), name="commands", daemon=True)
         commands.start()
         try:

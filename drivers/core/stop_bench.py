@@ -20,8 +20,8 @@ belong here.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing
-import os
 import shutil
 import signal
 import tempfile
@@ -41,6 +41,7 @@ from runtime.config import SCRIPTED_CELL, driver_embodiment, load_cell
 from runtime.transport import CommandClient, RemoteError, Subscriber
 
 F = protocol.MessageFactory()
+PR_SET_PDEATHSIG = 1
 
 
 class TimedMockArm(MockArm):
@@ -104,7 +105,7 @@ def adversarial_messages(dof: int, seed: int = 0) -> list[tuple[str, bytes | lis
     ]
 
 
-def flood(endpoint: str, dof: int, seconds: float, seed: int) -> None:
+def flood(endpoint: str, dof: int, seconds: float, seed: int, ready: Any = None) -> None:
     """One flooding connection (run in its own process): send, never wait, discard replies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     messages = adversarial_messages(dof, seed)
@@ -120,6 +121,8 @@ def flood(endpoint: str, dof: int, seconds: float, seed: int) -> None:
     weights = np.array([0.02 if _size(raw) > limit else 1.0 for _, raw in messages])
     weights /= weights.sum()
     deadline = time.monotonic() + seconds
+    if ready is not None:
+        ready.set()
     try:
         while time.monotonic() < deadline:
             _, raw = messages[int(rng.choice(len(messages), p=weights))]
@@ -142,10 +145,16 @@ def _size(raw: bytes | list[bytes]) -> int:
 
 
 def start_flooders(endpoint: str, dof: int, n: int, seconds: float, seed: int = 1) -> list[multiprocessing.Process]:
+    """``n`` flooding processes, returned once every one of them is sending (or 30 s have passed)."""
     mp = multiprocessing.get_context("spawn")
-    procs = [mp.Process(target=flood, args=(endpoint, dof, seconds, seed + i), daemon=True) for i in range(n)]
+    ready = [mp.Event() for _ in range(n)]
+    procs = [mp.Process(target=flood, args=(endpoint, dof, seconds, seed + i, ready[i]), daemon=True)
+             for i in range(n)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + 30.0
+    for event in ready:
+        event.wait(max(deadline - time.monotonic(), 0.0))
     return procs
 
 
@@ -164,14 +173,9 @@ def serve(cell_path: str, run_dir: str) -> None:
     process = DriverProcess(cfg, emb, arm, cell, Path(run_dir))
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
-    parent = os.getppid()
-
-    def orphaned() -> None:  # a bench killed half-way must not leave its driver behind
-        while os.getppid() == parent and not process.stop_event.wait(0.5):
-            pass
-        process.request_stop()
-
-    threading.Thread(target=orphaned, daemon=True).start()
+    # A bench killed half-way must not leave its driver behind. The kernel tells us (no Python
+    # thread: one at normal priority holding the GIL would delay the real-time ones).
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     process.run()
 
 
@@ -332,7 +336,7 @@ def bench_estop(seconds: float, connections: tuple[int, ...] = (0, 1, 3, 8), rea
         for n in connections:
             before = dut.states[-1]["counters"] if dut.states else {}
             flooders = start_flooders(dut.cfg.cmd, dof, n, seconds + 5.0)
-            time.sleep(1.0 if n else 0.0)  # let the flood build up
+            time.sleep(0.5 if n else 0.0)  # let the flood build up
             result = measure_estops(dut, seconds)
             after = dut.states[-1]["counters"]
             for p in flooders:
