@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure loop timing, round trips, stream loss, frame latency")
     bench.add_argument("what", nargs="?", default="all",
-                       choices=["loop", "rtt", "state", "frames", "all", "model", "ur3", "piper", "cameras"],
+                       choices=["loop", "rtt", "state", "frames", "all", "model", "ur3", "piper", "cameras", "estop"],
                        help="'all' is the spine; 'model' is the merged VLA (needs the model extra); 'ur3' and "
                             "'piper' run the real SDKs against the fakes; 'cameras' the camera processes")
     bench.add_argument("--quick", action="store_true", help="model: tiny size only, fewer repeats")
