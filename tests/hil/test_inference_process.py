@@ -27,14 +27,18 @@ from tests.unit.test_inference_fakes import FakeDriver
 pytestmark = pytest.mark.hil
 
 BIG_KEY = b"\x00" * 1_200_000  # a rejection that quotes it (4 characters a byte) is 4.8 MB
+SLOW_KEY = b"K" * 1_200_000  # quoted, 1.2 MB: encodable, but slow to reject and answer
 
 
-def _worst_messages() -> list[bytes]:
-    """Garbage and hostile messages for the ctl socket, each a single frame."""
+def _worst_messages(fatal: bool = True) -> list[bytes]:
+    """Garbage and hostile messages for the ctl socket, each a single frame; ``fatal`` adds the
+    ones that made the inference process exit before."""
     common = {"v": PROTOCOL_MAJOR, "seq": 7, "t_ns": 1}
-    return [
-        msgpack.packb({BIG_KEY: 1}),  # ~1.2 MB map with a large bytes key
-        msgpack.packb(common | {"kind": "status", BIG_KEY: 0}),
+    # ~1.2 MB maps with a large bytes key
+    killers = [msgpack.packb({BIG_KEY: 1}), msgpack.packb(common | {"kind": "status", BIG_KEY: 0})] if fatal else []
+    return killers + [
+        msgpack.packb({SLOW_KEY: 1}),
+        msgpack.packb(common | {"kind": "status", SLOW_KEY: 0}),
         msgpack.packb(common | {"kind": "K" * 1_000_000}),  # the rejection would quote it
         msgpack.packb(common | {"kind": "episode_start", "instruction": 5}),
         msgpack.packb(common | {"kind": "episode_start", "instruction": "x", "duration_s": float("nan")}),
@@ -50,21 +54,21 @@ def _worst_messages() -> list[bytes]:
 class Flood:
     """Threads that send the worst messages to ``endpoint`` as fast as they can, never reading."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, threads: int = 2):
+    def __init__(self, ctx: zmq.Context, endpoint: str, threads: int = 2, fatal: bool = True):
         self.ctx, self.endpoint = ctx, endpoint
         self.sent = 0
         self._stop = threading.Event()
         # The first thread sends every kind (the big ones are slow to send); the others only the
         # small ones, as fast as they can.
-        self._threads = [threading.Thread(target=self._run, args=(i == 0,), daemon=True) for i in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(i == 0, fatal), daemon=True) for i in range(threads)]
         for t in self._threads:
             t.start()
 
-    def _run(self, big: bool) -> None:
+    def _run(self, big: bool, fatal: bool) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
-        messages = [m for m in _worst_messages() if big or len(m) < 100_000]
+        messages = [m for m in _worst_messages(fatal) if big or len(m) < 100_000]
         try:
             while not self._stop.is_set():
                 for raw in messages:
@@ -149,7 +153,8 @@ def test_sigterm_ends_the_inference_process_promptly_under_a_flood_on_ctl_and_on
     # ones drown and the episode pauses, as it should), garbage on the state stream, and ctl.
     cameras.flood = True
     driver.garbage.set()
-    flood = Flood(procs.ctx, procs.cell.inference.ctl)
+    # Slow messages, not the ones that crashed the old process: those have a test of their own.
+    flood = Flood(procs.ctx, procs.cell.inference.ctl, fatal=False)
     time.sleep(1.0)
     sent = time.monotonic()
     child.proc.send_signal(signal.SIGTERM)
