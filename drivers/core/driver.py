@@ -481,6 +481,8 @@ class Driver:
     def _cmd_reset_estop(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
         self._check_lease(msg, now_ns)
         self._require_mode(Mode.ESTOP, "reset_estop")
+        if self.recovering:  # the device belongs to the recovery, and gets its e-stop when that returns
+            raise ProtocolError(ErrorCode.BAD_STATE, "a clear_fault is still running; reset_estop when it has returned")
         if self.last_reading is not None and self.last_reading.estopped:
             raise ProtocolError(ErrorCode.ESTOPPED, "the device's own e-stop is still engaged; release it first")
         try:

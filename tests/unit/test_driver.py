@@ -327,6 +327,9 @@ def test_estop_during_a_recovery_latches_at_once_and_reaches_the_device_after(dr
     assert reads == []
     d.estop("operator")  # the command thread, while the recovery runs
     assert d.mode == Mode.ESTOP and arm.estops == 0  # latched; the device still belongs to recover
+    with pytest.raises(ProtocolError) as err:
+        cmd(d, "reset_estop", now, lease=lease)  # not while the recovery owns the device
+    assert "still running" in err.value.reason and d.mode == Mode.ESTOP
     result = job.run()
     with pytest.raises(ProtocolError) as err:
         d.finish(job, result, now)
