@@ -98,6 +98,9 @@ class InferenceProcess:
         self.stop_event = threading.Event()
         self.fatal: str | None = None  # why a thread died, if one did
         self.episode_thread: threading.Thread | None = None
+        # Cleared before episode_ended goes out, so a client that starts the next episode on that
+        # event is not refused by a thread that is still on its way out.
+        self.episode_active = False
         self.runner: EpisodeRunner | None = None
         self.episode_counter = 0
         self.last_report: EpisodeReport | None = None
@@ -182,6 +185,7 @@ class InferenceProcess:
         inf = self.cell.inference
         self.runner = EpisodeRunner(self.links, self.builder, self.policy, inf.chunking, inf.heartbeat_s, self.emit,
                                     deadlines=deadlines(self.cell), caller=self.caller)
+        self.episode_active = True
         self.episode_thread = threading.Thread(target=self._run_episode, args=(self.runner, req), daemon=True,
                                                name=f"episode-{req.episode}")
         self.episode_thread.start()
@@ -197,19 +201,20 @@ class InferenceProcess:
         return {}
 
     def _run_episode(self, runner: EpisodeRunner, req: EpisodeRequest) -> None:
-        self.emit("episode_started", {"episode": req.episode, "instruction": req.instruction,
-                                      "duration_s": req.duration_s})
         try:
+            self.emit("episode_started", {"episode": req.episode, "instruction": req.instruction,
+                                          "duration_s": req.duration_s})
             report = runner.run(req)
         except Exception as exc:  # run() reports its own failures; this is a bug in the reporting itself
             log.exception("episode %d: the runner raised", req.episode)
             report = EpisodeReport(req.episode, outcome=f"failed: unexpected {type(exc).__name__}: {exc}")
         self.last_report = report
+        self.episode_active = False
         self.emit("episode_ended", report.as_dict())
         log.info("episode %d %s", req.episode, report.outcome)
 
     def _episode_running(self) -> bool:
-        return self.episode_thread is not None and self.episode_thread.is_alive()
+        return self.episode_active
 
     # ------------------------------------------------------------------ shutdown
 
