@@ -26,7 +26,7 @@ from tests.hil.helpers import StateRecorder
 pytestmark = pytest.mark.hil
 
 EFFECT_BOUND_MS = 50.0  # p50 bound for the e-stop reaching the device during a flood
-WORST_BOUND_MS = 300.0  # any single press, on a loaded machine
+WORST_BOUND_MS = 500.0  # any single press, on a loaded machine (the old code: p50 1 to 3 s)
 
 
 @pytest.fixture
