@@ -176,7 +176,7 @@ class ObservationBuilder:
         for name in self.cameras:
             arrival = self.frame_arrivals.get(name)
             if arrival is None:
-                problems.append(f"no frame yet from camera {name}")
+                problems.append(f"no frame yet from camera {name}{self._rejections(name)}")
                 continue
             frame_age[name] = self.age_s(name, arrival, mono_ns)
             if frame_age[name] > self.max_frame_age_s:
@@ -185,7 +185,7 @@ class ObservationBuilder:
         for name in self.states:
             arrival = self.state_arrivals.get(name)
             if arrival is None:
-                problems.append(f"no state yet from driver {name}")
+                problems.append(f"no state yet from driver {name}{self._rejections(name)}")
                 continue
             state_age[name] = self.age_s(name, arrival, mono_ns)
             if state_age[name] > self.max_state_age_s:
@@ -197,6 +197,13 @@ class ObservationBuilder:
         depth = {n: f.depth * np.float32(f.header["depth_scale_m"]) for n in self.cameras
                  if (f := self.frame_arrivals[n].msg).depth is not None}
         return Observation(mono_ns, t_ns, state, frames, frame_age, state_age, depth)
+
+    def _rejections(self, name: str) -> str:
+        """Why nothing usable came, if something came: a camera at the wrong size says so."""
+        counters = self.counters.get(name)
+        if counters is None or not counters.rejected:
+            return ""
+        return f" ({counters.rejected} ignored, the last: {counters.last_problem})"
 
     def state_silence_s(self, name: str) -> float | None:
         """Seconds since driver ``name``'s last valid state arrived; None if none yet."""
