@@ -232,10 +232,10 @@ class DriverProcess:
         latch = Path(run_dir) / f"{cfg.name}.estop" if run_dir is not None else None
         self.driver = Driver(emb, backend, cfg.lease_ttl_s, latch)
         self.ctx = zmq.Context()
-        if cfg.realtime_priority is not None:
+        if cfg.realtime_priority is not None and realtime_allowed(max(cfg.realtime_priority - 1, 1)):
             # ZeroMQ's I/O thread moves every e-stop from the socket to the command thread: it gets
             # the command thread's priority, or a busy host delays the stop in a queue we never see.
-            # Applied when the thread starts, with the first socket; refused silently without the right.
+            # Applied when the thread starts, with the first socket.
             self.ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_FIFO)
             self.ctx.set(zmq.THREAD_PRIORITY, max(cfg.realtime_priority - 1, 1))
         curve = cell.curve if cell else None
@@ -491,6 +491,21 @@ class DriverProcess:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+
+def realtime_allowed(priority: int) -> bool:
+    """Whether this process may use SCHED_FIFO at ``priority``: tried on this thread, then undone.
+
+    Asked before ZeroMQ is told to run its I/O thread real-time, because libzmq aborts the whole
+    process (src/thread.cpp, posix_assert) when it cannot apply the policy.
+    """
+    try:
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        os.sched_setscheduler(0, policy, param)
+        return True
+    except OSError:
+        return False
 
 
 def _sleep_until(deadline_ns: int) -> None:

@@ -182,7 +182,7 @@ def serve(cell_path: str, run_dir: str) -> None:
 class DriverUnderTest:
     """A driver process on ipc in a short private folder, with a state recorder."""
 
-    def __init__(self, cell_path: Path = SCRIPTED_CELL, realtime: bool = False):
+    def __init__(self, cell_path: Path = SCRIPTED_CELL, realtime: bool = False, wrapper: list[str] | None = None):
         import subprocess
         import sys
 
@@ -199,7 +199,8 @@ class DriverUnderTest:
         self.cell = load_cell(cell_path, self.run_dir)
         self.cfg = self.cell.drivers[0]
         self.emb = driver_embodiment(Path(cell_path), self.cfg)
-        self._argv = [sys.executable, "-m", "drivers.core.stop_bench", "serve", str(cell_path), str(self.run_dir)]
+        self._argv = [*(wrapper or []), sys.executable, "-m", "drivers.core.stop_bench", "serve", str(cell_path),
+                      str(self.run_dir)]
         self.proc = subprocess.Popen(self._argv)
         self.ctx = zmq.Context()
         self.states: list[dict] = []

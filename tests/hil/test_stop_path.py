@@ -8,6 +8,8 @@ a recovery held the lock for its whole duration. `armada bench estop` gives the 
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 
@@ -245,3 +247,19 @@ def test_a_command_thread_that_dies_takes_the_process_down(short_tmp, monkeypatc
     finally:
         client.close()
         drv.close()
+
+
+def test_a_realtime_cell_without_the_right_to_realtime_still_runs():
+    """libzmq aborts the process when it cannot make its I/O thread real-time: ask first."""
+    if os.geteuid() == 0:  # drop the right the way an unprivileged service lacks it
+        if not (shutil.which("prlimit") and shutil.which("setpriv")):
+            pytest.skip("needs prlimit and setpriv to drop the real-time right as root")
+        wrapper = ["prlimit", "--rtprio=0", "setpriv", "--bounding-set=-sys_nice"]
+    else:
+        wrapper = ["prlimit", "--rtprio=0"] if shutil.which("prlimit") else []
+    d = DriverUnderTest(realtime=True, wrapper=wrapper)
+    try:
+        assert d.client.request("estop")["mode"] == "estop"
+        assert d.proc.poll() is None
+    finally:
+        d.close()
