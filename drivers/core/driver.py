@@ -210,8 +210,10 @@ class Driver:
         self.mode = Mode.IDLE  # always disarmed after (re)start: arming is the operator's call
         latched = read_latch(self.latch_path) if self.latch_path is not None else None
         if latched is not None:
-            # A crash or restart must not clear an e-stop: start latched, device stopped too.
-            self._enter_estop(f"latched before restart: {latched}")
+            # A crash or restart must not clear an e-stop: start latched, device stopped too. The
+            # file keeps its first reason (no "latched before restart" nested at every restart).
+            self.mode, self.reason = Mode.ESTOP, f"latched before restart: {latched}"
+            self._device_estop()
             log.warning("e-stop latch found in %s: starting latched (%s)", self.latch_path, latched)
 
     def _first_reading(self, deadline: float) -> Reading:

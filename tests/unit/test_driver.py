@@ -252,6 +252,9 @@ def test_estop_latch_survives_a_restart_and_reset_removes_it(tmp_path):
     again.connect(1.0)
     assert again.mode == Mode.ESTOP and "latched before restart" in again.reason
     assert "operator saw smoke" in again.reason and arm._halted  # the device was stopped too
+    twice = Driver(EMB, MockArm(EMB.home, time_constant_s=0.0), lease_ttl_s=0.3, latch_path=latch)
+    twice.connect(1.0)  # a second restart says it once, not "latched before restart" twice
+    assert twice.reason.count("latched before restart") == 1
     lease = cmd(again, "acquire", 0, client="t")["lease"]
     with pytest.raises(ProtocolError) as err:
         cmd(again, "arm", 0, lease=lease)
