@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from drivers.core.trajectory import MERGE_MODES, Sample, TrajectoryBuffer, plan_move
+from drivers.core.trajectory import MERGE_MODES, Sample, TrajectoryBuffer, move_duration, plan_move
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MS = 1_000_000
@@ -936,3 +936,15 @@ def test_a_chunk_anchored_at_the_held_pose_never_moves_backwards_first() -> None
     _, targets = play(buf, range(now, now + 300 * MS, MS))
     assert np.all(np.diff(targets[:, 0]) >= -1e-12), np.diff(targets[:, 0]).min()
     assert targets[-1, 0] > held + 0.1
+
+
+def test_move_duration_matches_the_plan_and_a_long_plan_is_refused_before_allocating():
+    start, goal = np.zeros(3), np.array([1.0, -0.5, 0.2])
+    vmax, amax = np.full(3, 0.5), np.full(3, 2.0)
+    duration = move_duration(start, goal, vmax, amax)
+    points = plan_move(start, goal, vmax, amax, 0.002)
+    assert abs(len(points) * 0.002 - duration) <= 0.002
+    assert move_duration(start, start, vmax, amax) == 0.0
+    # A tiny velocity once planned 951 MB of points; with a cap it fails at once, naming the duration.
+    with pytest.raises(ValueError, match="would take 1e\\+09 s"):
+        plan_move(start, goal, np.full(3, 1e-9), amax, 0.002, max_points=60_000)
