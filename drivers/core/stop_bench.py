@@ -83,7 +83,7 @@ def adversarial_messages(dof: int, seed: int = 0) -> list[tuple[str, bytes | lis
     slowest = protocol.encode(F.make("move_to", lease=lease, target=np.zeros(dof), max_velocity=0.0011))
     # Nesting built by hand: msgpack's packer refuses it, a hostile sender does not.
     deep = b"\x85" + msgpack.packb(head)[1:] + msgpack.packb("deep") + b"\x91" * 100_000 + b"\x01"
-    return [
+    return _random_messages(rng, dof, lease) + [
         ("huge_key", msgpack.packb({b"k" * 1_200_000: 1, **head})),
         ("max_size", msgpack.packb({**head, "blob": b"\x00" * (protocol.MAX_MESSAGE_BYTES - 100)})),
         ("over_size", b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1024)),
@@ -103,6 +103,29 @@ def adversarial_messages(dof: int, seed: int = 0) -> list[tuple[str, bytes | lis
                                              description={f"k{i}": "v" * 64 for i in range(4000)}))),
         ("ping", protocol.encode(F.make("ping"))),
     ]
+
+
+def _random_messages(rng: np.random.Generator, dof: int, lease: str, n: int = 40) -> list[tuple[str, bytes]]:
+    """Valid commands with byte flips, cuts and random field values: the fuzz part of the flood."""
+    kinds = [k for k in protocol.KINDS if k != "estop"]
+    values = [None, True, -1, 2**63 - 1, -(2**63), 1e308, float("nan"), "x" * 300, b"\xff" * 64, [1] * 40,
+              {"a": 1}, np.zeros((3, dof)), np.full(dof, np.inf)]
+    out = []
+    for i in range(n):
+        msg = F.make(str(rng.choice(kinds)), lease=lease, target=np.zeros(dof), points=np.zeros((2, dof)))
+        for field in rng.choice(["v", "seq", "t_ns", "lease", "target", "dt", "t0_ns", "client", "ttl_s"],
+                                size=int(rng.integers(1, 4)), replace=False):
+            msg[str(field)] = values[int(rng.integers(len(values)))]
+        try:
+            raw = bytearray(protocol.encode(msg))
+        except protocol.ProtocolError:
+            continue
+        for _ in range(int(rng.integers(0, 4))):  # flip a few bytes
+            raw[int(rng.integers(len(raw)))] = int(rng.integers(256))
+        if rng.random() < 0.2:
+            raw = raw[: int(rng.integers(1, len(raw)))]
+        out.append((f"random_{i}", bytes(raw)))
+    return out
 
 
 def flood(endpoint: str, dof: int, seconds: float, seed: int, ready: Any = None) -> None:
