@@ -28,8 +28,9 @@ from runtime.transport import Frame, FrameSubscriber, Subscriber
 log = logging.getLogger("armada.inference")
 
 # At most this many messages are taken off one stream per poll: a flooding sender cannot keep
-# the episode loop (and its stop flag) waiting.
-MAX_DRAIN_PER_POLL = 32
+# the episode loop (and its stop flag) waiting. Above the state subscriber's queue (100), so a
+# full queue after a slow moment is read to its newest message in one poll.
+MAX_DRAIN_PER_POLL = 128
 # A sender stamp this far ahead of our clock is a clock problem worth reporting.
 FUTURE_TOLERANCE_S = 0.05
 
