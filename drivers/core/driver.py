@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ RECOVER_TIMEOUT_S = 5.0
 MAX_MOVE_S = 120.0
 # The slowest move_to velocity accepted, in joint units per second.
 MIN_MOVE_VELOCITY = 1e-3
+# A move_to is planned with at most this many waypoints: a longer move spaces them further apart
+# (whole ticks; the buffer interpolates and the filter bounds every tick). Swapping the plan into
+# the buffer happens under the loop's lock, and costs about a microsecond per point.
+MOVE_MAX_POINTS = 2000
+MOVE_RAMP_WAYPOINTS = 5
 # The e-stop latch file is small; anything bigger is not ours.
 LATCH_MAX_BYTES = 65536
 
@@ -550,19 +556,25 @@ class Driver:
             vmax = np.minimum(vmax, msg["max_velocity"])
         amax = self.limits.max_acceleration * fraction
         start = self.filter.position
-        limit_s = min(MAX_MOVE_S, (self.buffer.max_points - 2) * self.dt)
         duration = move_duration(start, goal, vmax, amax)
-        if duration > limit_s:
+        if duration > MAX_MOVE_S:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"move_to would take {duration:.4g} s, longer than the "
-                                                     f"{limit_s:.4g} s a move may last: raise max_velocity or move in steps")
-        max_points = int(limit_s / self.dt) + 2
+                                                     f"{MAX_MOVE_S:.4g} s a move may last: raise max_velocity or move in steps")
+        # Slack for the reserve and the ramps below, which lengthen a spread-out move slightly.
+        step = self.dt * max(math.ceil(duration / 0.98 / self.dt / (MOVE_MAX_POINTS - 4 * MOVE_RAMP_WAYPOINTS)), 1)
+        if step > self.dt:
+            # Waypoints further apart than a tick are interpolated by the buffer (cubic), which
+            # overshoots a velocity step taken within one or two of them: spread each ramp over at
+            # least five waypoints and keep a 2 % reserve, so the requested velocity cap holds.
+            amax = np.minimum(amax, vmax / (MOVE_RAMP_WAYPOINTS * step))
+            vmax = vmax * 0.98
 
         def plan() -> np.ndarray:
-            return plan_move(start, goal, vmax, amax, self.dt, max_points=max_points)
+            return plan_move(start, goal, vmax, amax, step, max_points=MOVE_MAX_POINTS + 2)  # a backstop
 
-        return SlowJob("move_to", plan, lambda points, now, ident: self._finish_move(points, start, now, ident))
+        return SlowJob("move_to", plan, lambda points, now, ident: self._finish_move(points, start, step, now, ident))
 
-    def _finish_move(self, points: Any, start: np.ndarray, now_ns: int, identity: bytes) -> dict[str, Any]:
+    def _finish_move(self, points: Any, start: np.ndarray, step: float, now_ns: int, identity: bytes) -> dict[str, Any]:
         if isinstance(points, ValueError):
             raise ProtocolError(ErrorCode.BAD_VALUE, f"move_to: {str(points)[:500]}")
         if isinstance(points, Exception):
@@ -579,12 +591,12 @@ class Driver:
         try:
             # plan_move's first point is one tick after the start pose; the anchor re-starts the
             # move from wherever the filter is now (at most a few ticks away).
-            self.buffer.add_chunk(now_ns + int(self.dt * 1e9), self.dt, points, "replace", now_ns,
+            self.buffer.add_chunk(now_ns + int(step * 1e9), step, points, "replace", now_ns,
                                   anchor=self.filter.position)
         except ValueError as exc:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"move_to: {exc}") from None
         self._start_running(final_point=points[-1].copy())
-        return {"duration_s": len(points) * self.dt}
+        return {"duration_s": len(points) * step}
 
     def _cmd_trajectory(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
         self._check_lease(msg, now_ns)

@@ -375,3 +375,18 @@ def test_a_failing_on_fault_is_noted_not_raised():
     d.backend.fail_reads = True
     run_ticks(d, 0, 100)
     assert d.mode == Mode.FAULT and "worker did not stop" in d.reason and "bus timeout" in d.reason
+
+
+def test_a_long_move_is_swapped_in_with_a_bounded_number_of_points_and_keeps_its_cap():
+    # The swap into the buffer runs under the loop's lock: its cost must not grow with the move.
+    d = Driver(EMB, MockArm(EMB.home, time_constant_s=0.0), lease_ttl_s=1e6)
+    d.connect(1.0)
+    lease = armed(d)
+    target = EMB.home + np.r_[1.0, np.zeros(6)]
+    reply = cmd(d, "move_to", 0, lease=lease, target=target, max_velocity=0.01)
+    assert 100 < reply["duration_s"] < 110 and len(d.buffer) <= 2001
+    now, fastest = 0, 0.0
+    for _ in range(int(reply["duration_s"] * 500) + 100):
+        now += DT_NS
+        fastest = max(fastest, abs(d.tick(now).velocity[0]))
+    assert fastest <= 0.01 and d.mode == Mode.ARMED and d.filter.position[0] == target[0]
