@@ -4,6 +4,8 @@
     armada driver CELL --name N     one driver process (what systemd runs)
     armada camera CELL --name N     one camera process
     armada infer CELL               the inference process
+    armada status|estop CELL        each driver's mode and reason; press every driver's e-stop
+    armada reset-estop CELL --name N   reset one driver's latched e-stop (it stays disarmed)
     armada model make-tiny OUT      a tiny merged bundle with the real layout
     armada model inspect BUNDLE     what a bundle holds
     armada bench [loop|rtt|state|frames|all|model|ur3|piper|cameras]
@@ -59,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     for role in ("driver", "camera"):
         _add_process_args(sub.add_parser(role, help=f"run one {role} process of a cell"), named=True)
     _add_process_args(sub.add_parser("infer", help="run the inference process of a cell"), named=False)
+    for op, text in (("status", "each driver's mode, lease holder and fault or e-stop reason"),
+                     ("estop", "press the e-stop of every driver of a cell (or --name one)"),
+                     ("reset-estop", "reset one driver's latched e-stop; it stays disarmed")):
+        _add_process_args(sub.add_parser(op, help=text), named=True)
 
     model = sub.add_parser("model", help="build, inspect and export merged model bundles")
     msub = model.add_subparsers(dest="model_command", required=True)
@@ -160,6 +166,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         # Where the cell's processes run; checked private, as we talk to whatever listens there.
         args.run_dir = resolve_run_dir(None, load_cell(args.live).name)
+    if args.command in ("status", "estop", "reset-estop"):
+        return _operator_command(args)
     if args.command == "run":
         return run_cell(args)
     elif args.command == "model":
@@ -210,6 +218,27 @@ def _run_process(args: argparse.Namespace) -> int:
             run_inference(args.cell, run_dir)
         remove_ipc_sockets(process_endpoints(load_cell(args.cell, run_dir), args.command, name), run_dir)
     return 0
+
+
+def _operator_command(args: argparse.Namespace) -> int:
+    """status / estop / reset-estop against a running cell; exit 1 when a driver did not comply."""
+    from runtime import operator_commands as operator
+
+    cell = operator.load_running_cell(args.cell, args.run_dir)
+    if args.command == "status":
+        answers = operator.status(cell, args.name)
+    elif args.command == "estop":
+        answers = operator.estop(cell, args.name)
+    else:
+        if args.name is None and len(cell.drivers) > 1:
+            print("armada: reset-estop needs --name: reset one driver at a time, after checking it",
+                  file=sys.stderr)
+            return 2
+        answers = [operator.reset_estop(cell, args.name or cell.drivers[0].name)]
+    print(f"cell {cell.name}:")
+    for answer in answers:
+        print(answer.line())
+    return 0 if all(a.ok for a in answers) else 1
 
 
 def run_fake(device: str, argv: list[str]) -> int:

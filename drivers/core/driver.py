@@ -631,7 +631,8 @@ class Driver:
         return {}
 
     def _cmd_stats(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        return {"counters": self.counters.as_dict(), "clamps": self.filter.counters.as_dict()}
+        return {"counters": self.counters.as_dict(), "clamps": self.filter.counters.as_dict(),
+                "mode": self.mode.value, "reason": self.reason, "lease_holder": self.lease.holder or ""}
 
     # ------------------------------------------------------------------ checks
 
