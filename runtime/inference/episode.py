@@ -51,7 +51,9 @@ class Deadlines:
     first_policy_s: float = 2.0  # reset, route and the first infer (a model may warm up)
     driver_silence_s: float = 1.0  # no state from a driver for this long: it is dead or hung
     # Heartbeats are withheld once the loop has not stamped progress for this long.
-    progress_s: float = 0.15
+    # Half a second: a hung loop loses the lease within that plus the TTL, and a loop descheduled
+    # for a few hundred ms on a loaded host (or by a GIL-heavy model call) does not end a good episode.
+    progress_s: float = 0.5
 
 
 class EpisodeError(Exception):
@@ -102,7 +104,7 @@ class EpisodeRunner:
         self.links, self.builder, self.policy = links, builder, policy
         self.chunking, self.heartbeat_s, self.emit = chunking, heartbeat_s, emit
         self.client_name = client_name
-        self.deadlines = deadlines or Deadlines(progress_s=max(3 * heartbeat_s, 0.15))
+        self.deadlines = deadlines or Deadlines(progress_s=max(3 * heartbeat_s, 0.5))
         self.caller = caller or PolicyCaller()
         self.stop_event = threading.Event()
         self._progress_ns = time.monotonic_ns()
