@@ -374,7 +374,15 @@ class DriverProcess:
             except zmq.Again:
                 return
             identity = parts[0].bytes
-            if len(parts) == 2 and protocol.peek_kind(parts[1].buffer) == "estop":
+            if len(parts) != 2:
+                # Refused now, not queued: ZeroMQ bounds each part, not their number, so holding
+                # many-part messages in the backlog would let a client pin megabytes per slot.
+                err = ProtocolError(ErrorCode.BAD_ENCODING, f"expected one message part, got {len(parts) - 1}")
+                self.server.counters.received += 1
+                self.server.counters.reject(err)
+                self.server.reply_error(Request(identity, None, err), err.code, err.reason)
+                continue
+            if protocol.peek_kind(parts[1].buffer) == "estop":
                 self._estop_now(identity, parts)
             else:
                 self.backlog.push(identity, parts)
@@ -398,13 +406,9 @@ class DriverProcess:
             self.server.reply_ok(req, mode=Mode.ESTOP.value)
 
     def _parse(self, identity: bytes, parts: list) -> Request:
-        """Decode and validate one raw request, within the command limits."""
+        """Decode and validate one raw request (identity + one part), within the command limits."""
         counters = self.server.counters
         counters.received += 1
-        if len(parts) != 2:
-            err = ProtocolError(ErrorCode.BAD_ENCODING, f"expected one message part, got {len(parts) - 1}")
-            counters.reject(err)
-            return Request(identity, None, err)
         msg: dict[str, Any] | None = None
         try:
             msg = protocol.decode(parts[1].buffer, protocol.COMMAND_LIMITS)

@@ -298,3 +298,37 @@ def test_a_realtime_cell_without_the_right_to_realtime_still_runs():
         assert d.proc.poll() is None
     finally:
         d.close()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def test_many_part_messages_are_refused_at_once_and_pin_no_memory(dut):
+    """ZeroMQ bounds each part (MAXMSGSIZE), not the number of parts: messages of 100 parts of
+    100 kB each are answered and dropped, do not delay a stop and leave no memory behind. (An
+    attack check: the backlog bounded this before too, but held such messages until their turn.)"""
+    before = _rss_mb(dut.proc.pid)
+    part = b"\x81\xa4kind\xa5estop" + b"x" * 100_000  # peeks as an e-stop, if anything looked past part 1
+    socks = [dut.ctx.socket(zmq.DEALER) for _ in range(4)]
+    try:
+        for s in socks:
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(dut.cfg.cmd)
+        for _ in range(5):
+            for s in socks:
+                s.send_multipart([part] * 100)
+        reply = socks[0].poll(5000)
+        assert reply, "no error reply to a many-part message"
+        assert b"expected one message part" in socks[0].recv_multipart()[-1]
+        t = time.monotonic()
+        assert dut.client.request("estop", reason="after parts")["mode"] == "estop"
+        assert time.monotonic() - t < WORST_BOUND_MS / 1e3
+        assert _rss_mb(dut.proc.pid) - before < 100, "many-part messages were kept in memory"
+        assert dut.proc.poll() is None
+    finally:
+        for s in socks:
+            s.close(0)
