@@ -201,7 +201,7 @@ class EpisodeRunner:
                     armed_by_us.append(link)
             elif status["mode"] not in ("armed", "running") or status.get("disarming"):
                 state = "disarming" if status.get("disarming") else status["mode"]
-                raise EpisodeError(f"driver {name} is {state}; arm it first (or start the episode with arm=true)")
+                raise EpisodeError(f"driver {name} is {state}; arm it first (`armada run --arm`, or `arm: true` in episode_start)")
 
     def _hand_back(self, armed_by_us: list[DriverLink]) -> None:
         for link in self.links.values():
