@@ -8,8 +8,8 @@
     armada reset-estop CELL --name N   reset one driver's latched e-stop (it stays disarmed)
     armada model make-tiny OUT      a tiny merged bundle with the real layout
     armada model inspect BUNDLE     what a bundle holds
-    armada bench [loop|rtt|state|frames|all|model|ur3|piper|cameras]
-    armada fake ur3|piper ARGS      a protocol-level device fake, for HIL tests and dry runs
+    armada bench [loop|rtt|state|frames|all|model|cameras|estop|KIND]   KIND: a device with a bench
+    armada fake KIND ARGS           a device's protocol-level fake, for HIL tests and dry runs
     armada calibrate ...            intrinsics, hand-eye, joints, camera latency
 """
 
@@ -31,6 +31,7 @@ from runtime.config import DEFAULT_CELL, ConfigError
 from runtime.rundir import PARENT_PID_ENV, RunDirError
 
 _PR_SET_PDEATHSIG = 1
+SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop")
 RUN_DIR_HELP = ("private folder for ipc sockets, locks and logs ({run_dir} in the cell); default "
                 "$XDG_RUNTIME_DIR/armada-UID/CELL, or /tmp/armada-UID/CELL without XDG_RUNTIME_DIR")
 
@@ -104,17 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("bundle", type=Path)
     inspect.add_argument("--verify", action="store_true", help="also check every file's sha256")
 
+    from drivers.core.registry import BACKENDS
+
+    plugins = BACKENDS.all()
+    device_benches = sorted(k for k, p in plugins.items() if p.bench is not None)
     bench = sub.add_parser("bench", help="measure loop timing, round trips, stream loss, frame latency")
     bench.add_argument("what", nargs="?", default="all",
-                       choices=["loop", "rtt", "state", "frames", "all", "model", "ur3", "piper", "cameras", "estop"],
-                       help="'all' is the spine; 'model' is the merged VLA (needs the model extra); 'ur3' and "
-                            "'piper' run the real SDKs against the fakes; 'cameras' the camera processes")
+                       choices=[*SPINE_BENCHES, *(k for k in device_benches if k not in SPINE_BENCHES)],
+                       help="'all' is the spine; 'model' is the merged VLA (needs the model extra); "
+                            f"{', '.join(device_benches) or 'no device'}: the real SDK against the device's fake; "
+                            "'cameras' the camera processes")
     bench.add_argument("--quick", action="store_true", help="model: tiny size only, fewer repeats")
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of timed runs")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
     fake = sub.add_parser("fake", help="run a device fake that the real vendor SDK talks to (see --help of each)")
-    fake.add_argument("device", choices=["ur3", "piper"])
+    fake.add_argument("device", choices=sorted(k for k, p in plugins.items() if p.fake is not None))
     fake.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the fake (try: armada fake ur3 --help)")
 
     from calibration.cli import add_calibrate_parser
@@ -181,7 +187,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         if args.what == "model":
             return _bench_model(args)
-        if args.what in ("ur3", "piper", "cameras"):
+        if args.what not in SPINE_BENCHES or args.what == "cameras":
             return _bench_device(args)
         from runtime.bench import run_bench
 
@@ -242,29 +248,26 @@ def _operator_command(args: argparse.Namespace) -> int:
 
 
 def run_fake(device: str, argv: list[str]) -> int:
-    if device == "ur3":
-        from drivers.ur3.fake.controller import main as fake_main
-    else:
-        from drivers.piper.fake.serve import main as fake_main
-    return fake_main(argv)
+    from drivers.core.registry import get
+
+    fake = get(device).fake
+    if fake is None:
+        raise SystemExit(f"armada fake: backend kind {device!r} has no fake")
+    return fake(argv)
 
 
 def _bench_device(args: argparse.Namespace) -> int:
     from runtime.bench import machine
 
     print(f"machine: {machine()}", flush=True)
-    if args.what == "ur3":
-        from drivers.ur3.bench import bench_ur3
-
-        result = bench_ur3(max(args.seconds, 5.0))
-    elif args.what == "piper":
-        from drivers.piper.bench import bench_piper
-
-        result = bench_piper(args.seconds)
-    else:
+    if args.what == "cameras":
         from drivers.cameras.bench import run_camera_bench
 
         result = run_camera_bench(args.seconds, quick=args.quick)
+    else:
+        from drivers.core.registry import get
+
+        result = get(args.what).bench(args.seconds)
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), args.what: result}
     print(json.dumps(result, indent=2))
     if args.json is not None:
@@ -435,8 +438,11 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
 def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
     from runtime.inference.client import EpisodeClient
 
+    from drivers.core.registry import get
+
     cell = procs.cell
-    all_mock = all(d.backend.kind == "mock" for d in cell.drivers)
+    # Only a cell that moves nothing real (mocks, simulators) may arm without --arm.
+    all_mock = not any(get(d.backend.kind).moves_hardware for d in cell.drivers)
     print(f"armada: cell {cell.name!r}: {len(cell.drivers)} driver(s), {len(cell.cameras)} camera(s), "
           f"{cell.inference.policy.kind} policy, {cell.inference.chunking.mode} chunks")
     t = time.monotonic()

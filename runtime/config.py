@@ -12,8 +12,10 @@ from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, SerializeAsAny, Tag, ValidationError,
+                      field_validator, model_validator)
+
+from runtime.endpoints import check_endpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -30,6 +32,10 @@ class ConfigError(Exception):
 class _Strict(BaseModel):
     # No NaN or infinity anywhere: an infinite velocity limit would silently disable the filter.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# The base of every config model, the device plugins' ``backend:`` models included.
+StrictModel = _Strict
 
 
 # --------------------------------------------------------------------------- embodiment
@@ -165,66 +171,12 @@ class CurveConfig(_Strict):
     authorized_clients: Path
 
 
-class MockBackendConfig(_Strict):
-    kind: Literal["mock"] = "mock"
-    tracking_time_constant_s: float = Field(default=0.02, ge=0)
-    latency_s: float = Field(default=0.0, ge=0, le=1)
-    noise_std: float = Field(default=0.0, ge=0)
-    seed: int = 0
-
-
-class PiperBackendConfig(_Strict):
-    """One AgileX PiPer on a CAN bus, through piper_sdk."""
-
-    kind: Literal["piper"] = "piper"
-    # A SocketCAN interface (can0), or, with bustype udp_multicast, the multicast group that
-    # `armada fake piper` serves (a fake in its own process); virtual only works in one process.
-    can: str
-    bustype: Literal["socketcan", "udp_multicast", "virtual"] = "socketcan"
-    speed_pct: int = Field(default=50, ge=1, le=100)  # the firmware's MOVE J speed percentage
-    gripper_effort: int = Field(default=1000, ge=0, le=5000)  # 0.001 N·m
-    stale_s: float = Field(default=0.05, gt=0, le=1)  # feedback older than this is a read error
-    # piper_sdk's resume frame is its reset frame, which cuts motor power: refused unless set.
-    allow_reset_on_resume: bool = False
-
-
-class UR3BackendConfig(_Strict):
-    """A Universal Robots UR3 (CB3 or e-Series) through ur-rtde."""
-
-    kind: Literal["ur3"] = "ur3"
-    host: str  # the controller's address; ur-rtde always uses ports 30004 (RTDE) and 30003 (script)
-    dashboard_port: int = Field(default=29999, gt=0, lt=65536)
-    # servoJ's lookahead (s, smoother but later) and gain (stiffer tracking); ur-rtde's ranges.
-    servo_lookahead_s: float = Field(default=0.1, ge=0.03, le=0.2)
-    servo_gain: float = Field(default=300.0, ge=100, le=2000)
-    # The RTDE watchdog: the robot's control script stops the arm if not kicked this often.
-    watchdog_min_hz: float = Field(default=10.0, ge=1, le=500)
-
-
-class CobotMagicBackendConfig(_Strict):
-    """AgileX Cobot Magic: two puppet PiPers (left, right), each sharing a bus with its master arm."""
-
-    kind: Literal["cobot_magic"] = "cobot_magic"
-    left_can: str
-    right_can: str
-    # Teleop and recording: the master arms move the puppets and the driver only reads (every write
-    # is refused). False: the masters must be silent, or the driver faults rather than fight them.
-    follow_masters: bool = False
-    bustype: Literal["socketcan", "udp_multicast", "virtual"] = "socketcan"
-    speed_pct: int = Field(default=50, ge=1, le=100)
-    gripper_effort: int = Field(default=1000, ge=0, le=5000)
-    stale_s: float = Field(default=0.05, gt=0, le=1)
-    allow_reset_on_resume: bool = False
-
-
-BackendConfig = Annotated[MockBackendConfig | PiperBackendConfig | UR3BackendConfig | CobotMagicBackendConfig,
-                          Field(discriminator="kind")]
-
-
 class DriverConfig(_Strict):
     name: str
     embodiment: str  # a name under configs/embodiments/ or a path to a YAML file
-    backend: BackendConfig = MockBackendConfig()
+    # The device: ``kind`` names a registered backend plugin (drivers/core/registry.py), whose
+    # ``config_model`` validates the rest of the map. Required: a cell names the device it moves.
+    backend: SerializeAsAny[BaseModel]
     state: str  # PUB endpoint the driver binds
     cmd: str  # ROUTER endpoint the driver binds
     lease_ttl_s: float = Field(default=0.3, ge=0.01, le=10)
@@ -234,6 +186,36 @@ class DriverConfig(_Strict):
     # A joint calibration from `armada calibrate joints` (relative to the cell file), checked when
     # the cell loads; a PiPer zero calibration is applied by the PiPer backends.
     joint_calibration: str | None = None
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_of_kind(cls, value: Any) -> Any:
+        # load_cell validates the map first, naming file and key; this covers models built in code.
+        if isinstance(value, BaseModel):
+            plugin = _backend_plugin(getattr(value, "kind", None))
+            if not isinstance(value, plugin.config_model):
+                raise ValueError(f"a {type(value).__name__} is not a {plugin.kind} backend config "
+                                 f"({plugin.config_model.__name__})")
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping with a kind, got {type(value).__name__}")
+        plugin = _backend_plugin(value.get("kind"))
+        try:
+            return plugin.config_model.model_validate(value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
+def _backend_plugin(kind: Any) -> Any:
+    from drivers.core.registry import BACKENDS, RegistryError  # late: plugins import this module
+
+    if not isinstance(kind, str):
+        raise ValueError(f"needs a kind, one of {BACKENDS.kinds()}")
+    try:
+        return BACKENDS.get(kind)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class _CameraBase(_Strict):
@@ -385,6 +367,17 @@ class CellConfig(_Strict):
     # Allow tcp:// on loopback without CURVE. Every local user can reach such a socket (take the
     # lease, arm, move): only for tests and benchmarks on a single-user machine.
     plain_tcp_loopback: bool = False
+    # The cell file this was loaded from (set by load_cell; None for a cell built in code): files a
+    # cell names (embodiments, calibrations, recordings) resolve against its folder.
+    _path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def folder(self) -> Path:
+        return self._path.parent if self._path is not None else DEFAULT_CELL.parent
 
     def driver(self, name: str | None) -> DriverConfig:
         return _pick(self.drivers, name, "driver")
@@ -484,12 +477,12 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(path, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
 
 
-def _validate(model: type[BaseModel], data: Any, path: Path) -> Any:
+def _validate(model: type[BaseModel], data: Any, path: Path, prefix: str = "") -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
+        key = prefix + ".".join(str(p) for p in err["loc"])
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise ConfigError(path, key, f"{err['msg']}{more}") from None
 
@@ -514,12 +507,14 @@ def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None)
     data = _read_yaml(path)
     if run_dir is not None:
         data = _substitute(data, "{run_dir}", str(run_dir))
+    data = _validate_backends(data, path)
     cell = _validate(CellConfig, data, path)
+    cell._path = path
     for i, drv in enumerate(cell.drivers):
         emb_path = resolve_embodiment_path(drv.embodiment, path.parent)
         if not emb_path.exists():
             raise ConfigError(path, f"drivers.{i}.embodiment", f"no embodiment file {emb_path}")
-    from runtime.transport import check_endpoint  # late: transport imports zmq
+        _check_backend_embodiment(cell, i, path)
 
     for key, endpoint in _endpoints(cell):
         try:
@@ -532,6 +527,50 @@ def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None)
     _check_heartbeat(cell, path)
     _check_calibrations(cell, path)
     return cell
+
+
+def _validate_backends(data: Any, path: Path) -> Any:
+    """Each driver's ``backend:`` map validated by its kind's plugin, so an error names the key
+    (``drivers.0.backend.can: Field required``); the validated models replace the maps."""
+    from drivers.core.registry import BACKENDS, RegistryError  # late: plugins import this module
+
+    if not isinstance(data, dict) or not isinstance(data.get("drivers"), list):
+        return data  # the cell model reports what is wrong with the shape
+    drivers = []
+    for i, drv in enumerate(data["drivers"]):
+        if isinstance(drv, dict):
+            key = f"drivers.{i}.backend"
+            raw = drv.get("backend")
+            if raw is None:
+                raise ConfigError(path, key, f"missing: name the device (kind: one of {BACKENDS.kinds()}); "
+                                  "a driver has no default backend")
+            if not isinstance(raw, dict):
+                raise ConfigError(path, key, f"must be a mapping with a kind, got {type(raw).__name__}")
+            kind = raw.get("kind")
+            if not isinstance(kind, str):
+                raise ConfigError(path, f"{key}.kind", f"missing: one of {BACKENDS.kinds()}")
+            try:
+                plugin = BACKENDS.get(kind)
+            except RegistryError as exc:
+                raise ConfigError(path, f"{key}.kind", str(exc)) from None
+            drv = {**drv, "backend": _validate(plugin.config_model, raw, path, prefix=f"{key}.")}
+        drivers.append(drv)
+    return {**data, "drivers": drivers}
+
+
+def _check_backend_embodiment(cell: CellConfig, i: int, path: Path) -> None:
+    """The plugin's embodiment check, at load: a PiPer driver on a 6-dof embodiment fails here."""
+    from drivers.core.registry import BACKENDS
+
+    drv = cell.drivers[i]
+    plugin = BACKENDS.get(drv.backend.kind)
+    if plugin.check_embodiment is None:
+        return
+    emb = driver_embodiment(path, drv)
+    try:
+        plugin.check_embodiment(drv.backend, emb)
+    except ValueError as exc:
+        raise ConfigError(path, f"drivers.{i}.backend", f"driver {drv.name!r}: {exc}") from None
 
 
 def _check_heartbeat(cell: CellConfig, path: Path) -> None:
@@ -564,8 +603,12 @@ def _check_calibrations(cell: CellConfig, path: Path) -> None:
                 _load_calibration(load, resolve_cell_file(path, name), path, f"cameras.{i}.{key}")
     for i, drv in enumerate(cell.drivers):
         if drv.joint_calibration is not None:
-            _load_calibration(results.load_joint_calibration, resolve_cell_file(path, drv.joint_calibration), path,
-                              f"drivers.{i}.joint_calibration")
+            from drivers.core.registry import BACKENDS
+
+            # A backend that applies joint calibrations takes files of its own kind only.
+            expect = BACKENDS.get(drv.backend.kind).joint_calibration_kind
+            _load_calibration(lambda f: results.load_joint_calibration(f, expect_kind=expect),
+                              resolve_cell_file(path, drv.joint_calibration), path, f"drivers.{i}.joint_calibration")
 
 
 def _load_calibration(load: Callable[[Path], Any], file: Path, cell_path: Path, key: str) -> None:

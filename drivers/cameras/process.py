@@ -28,7 +28,8 @@ from typing import Any
 
 import zmq
 
-from drivers.cameras.source import Captured, CameraSource, SourceError, make_source
+from drivers.cameras.factory import make_source
+from drivers.cameras.source import Captured, CameraSource, SourceError
 from drivers.cameras.timing import DropCounter
 from runtime.config import DEFAULT_CELL, CameraConfig, CurveConfig, load_cell, named
 from runtime.transport import FramePublisher, start_authenticator

@@ -1,4 +1,4 @@
-"""What every camera source gives the camera process, and the factory that picks one.
+"""What every camera source gives the camera process (the factory that picks one: factory.py).
 
 A source opens a device (or a recording, or a pattern generator), hands out captured frames
 with a host wall-clock capture stamp, and never blocks for longer than the timeout it is given.
@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from runtime.config import CameraConfig
-
 
 class SourceError(RuntimeError):
     """A camera could not be opened or configured; the message says which, where and why."""
@@ -45,21 +41,6 @@ class CameraSource(Protocol):
 
     def close(self) -> None:
         """Release the device. Safe to call twice, or after a failed open."""
-
-
-def make_source(cfg: "CameraConfig", base_dir: Path | None = None) -> CameraSource:
-    """The source for a camera config; relative file paths are resolved against ``base_dir``."""
-    if cfg.kind == "realsense":
-        from drivers.cameras.realsense import RealSenseSource
-
-        return RealSenseSource(cfg, base_dir)
-    if cfg.kind == "opencv":
-        from drivers.cameras.opencv_camera import OpenCVSource
-
-        return OpenCVSource(cfg, base_dir)
-    from drivers.cameras.synthetic import SyntheticSource
-
-    return SyntheticSource(cfg)
 
 
 def resolve(path: str, base_dir: Path | None) -> Path:

@@ -106,7 +106,7 @@ def check_layout(emb) -> None:
 
 class CobotMagicBackend(Backend):
     def __init__(self, cfg, emb, follow_masters: bool = False):
-        """``cfg`` is a ``runtime.config.CobotMagicBackendConfig``. ``follow_masters``: teleop and
+        """``cfg`` is a ``drivers.cobot_magic.config.CobotMagicBackendConfig``. ``follow_masters``: teleop and
         recording, where the masters move the puppets and this backend only reads (see module notes)."""
         check_layout(emb)
         if cfg.left_can == cfg.right_can:
@@ -257,7 +257,8 @@ def _master_reason(arm: _Arm) -> str:
 
 def build_in_worker(cfg: dict, emb: dict, follow_masters: bool) -> CobotMagicBackend:
     """What an isolated driver's worker process runs (drivers/core/isolated.py): plain arguments."""
-    from runtime.config import CobotMagicBackendConfig, EmbodimentConfig
+    from drivers.cobot_magic.config import CobotMagicBackendConfig
+    from runtime.config import EmbodimentConfig
 
     return CobotMagicBackend(CobotMagicBackendConfig.model_validate(cfg), EmbodimentConfig.model_validate(emb),
                              follow_masters=follow_masters)

@@ -40,9 +40,9 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
+from drivers.core import registry
 from drivers.core.backend import Backend, BackendError
 from drivers.core.driver import Driver, Mode, SlowJob, TickResult
-from drivers.core.isolated import IsolatedBackend
 from runtime import protocol
 from runtime.config import CellConfig, DriverConfig, EmbodimentConfig, driver_embodiment, load_cell, named
 from runtime.protocol import ErrorCode, ProtocolError
@@ -64,53 +64,11 @@ SLOW_POLL_S = 0.002
 SMALL_ESTOP_BYTES = 1024
 
 
-def make_backend(cfg: DriverConfig, emb: EmbodimentConfig, cell_path: Path | None = None) -> Backend:
-    """Import only the backend this driver needs (no torch, no lerobot for a mock arm)."""
-    if cfg.backend.kind == "mock":
-        from drivers.mock.arm import MockArm
-
-        b = cfg.backend
-        return MockArm(emb.home, b.tracking_time_constant_s, b.latency_s, b.noise_std, b.seed)
-    # Vendor SDKs run in a worker process (drivers/core/isolated.py says why).
-    if getattr(cfg.backend, "bustype", None) == "virtual":
-        raise ValueError("bustype virtual only connects buses inside one process, and the "
-                         "device runs in a worker process: use udp_multicast with `armada fake piper`, or "
-                         "socketcan for a real arm")
-    if cfg.backend.kind == "piper":
-        from drivers.piper.backend import N_JOINTS
-
-        b = cfg.backend
-        if emb.dof != N_JOINTS + 1:
-            raise ValueError(f"PiPer backend needs 7 dofs (6 joints + gripper), embodiment {emb.name} has {emb.dof}")
-        offsets = _piper_zero_offsets(cfg, cell_path)
-        kwargs = {"can_name": b.can, "bustype": b.bustype, "speed_pct": b.speed_pct, "gripper_effort": b.gripper_effort,
-                  "stale_s": b.stale_s, "allow_reset_on_resume": b.allow_reset_on_resume,
-                  "zero_offsets_rad": None if offsets is None else [float(v) for v in offsets]}
-        return IsolatedBackend("drivers.piper.backend:build_in_worker", kwargs, f"PiPer on {b.can}",
-                               realtime_priority=cfg.realtime_priority)
-    if cfg.backend.kind == "ur3":
-        from drivers.ur3.backend import make_ur3_backend
-
-        return make_ur3_backend(cfg.backend, emb, realtime_priority=cfg.realtime_priority)
-    if cfg.backend.kind == "cobot_magic":
-        kwargs = {"cfg": cfg.backend.model_dump(), "emb": emb.model_dump(), "follow_masters": cfg.backend.follow_masters}
-        return IsolatedBackend("drivers.cobot_magic.backend:build_in_worker", kwargs, "Cobot Magic",
-                               realtime_priority=cfg.realtime_priority)
-    raise ValueError(f"unknown backend kind {cfg.backend.kind!r}")
-
-
-def _piper_zero_offsets(cfg: DriverConfig, cell_path: Path | None):
-    if cfg.joint_calibration is None:
-        return None
-    from calibration.joints import PiperZero
-    from calibration.results import load_joint_calibration
-    from runtime.config import ConfigError, resolve_cell_file
-
-    cal = load_joint_calibration(resolve_cell_file(cell_path, cfg.joint_calibration))
-    if not isinstance(cal, PiperZero):
-        raise ConfigError(cell_path or "<cell>", f"driver {cfg.name}: joint_calibration",
-                          "a PiPer driver takes a piper-zero calibration (armada calibrate joints piper-zero)")
-    return cal.offsets_rad
+def make_backend(cfg: DriverConfig, emb: EmbodimentConfig, cell_dir: Path | None = None) -> Backend:
+    """The backend of the driver's kind, built by its plugin (which imports only its own SDK, lazily:
+    no torch, no lerobot for a mock arm). ``cell_dir``: the cell file's folder."""
+    plugin = registry.get(cfg.backend.kind)
+    return plugin.build(registry.BuildContext(driver=cfg, embodiment=emb, cell_dir=cell_dir))
 
 
 @dataclass
@@ -522,10 +480,10 @@ def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
     """Run one driver of a cell until SIGTERM/SIGINT; ``run_dir`` (resolved and locked by the CLI)
     keeps the e-stop latch across restarts."""
     cell = load_cell(cell_path, run_dir)
-    cfg = named(cell.driver, name, cell_path)
-    emb = driver_embodiment(Path(cell_path) if cell_path else None, cfg)
+    cfg = named(cell.driver, name, cell.path)
+    emb = driver_embodiment(cell.path, cfg)
     try:
-        backend = make_backend(cfg, emb, Path(cell_path) if cell_path else None)
+        backend = make_backend(cfg, emb, cell.folder)
     except ValueError as exc:  # a backend that cannot work with this embodiment or bus: say so, no traceback
         raise SystemExit(f"driver {cfg.name}: {exc}") from None
     process = DriverProcess(cfg, emb, backend, cell, Path(run_dir) if run_dir is not None else None)

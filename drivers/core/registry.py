@@ -8,9 +8,15 @@ hardware interfaces by name; a lab ships its own robot the same way, from its ow
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import logging
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -19,6 +25,8 @@ if TYPE_CHECKING:
     from runtime.config import DriverConfig, EmbodimentConfig
 
 ENTRY_POINT_GROUP = "armada.backends"
+T = TypeVar("T")
+log = logging.getLogger("armada.registry")
 
 
 @dataclass(frozen=True)
@@ -48,3 +56,102 @@ class BackendPlugin:
     fake: "Callable[[list[str]], int] | None" = None
     # `armada bench KIND`: the real SDK against the fake; returns a dict of results to print.
     bench: "Callable[[float], dict[str, Any]] | None" = None
+
+
+class RegistryError(LookupError):
+    """A kind nobody registered; the message lists the known kinds and any plugin that failed to load."""
+
+
+class PluginRegistry(Generic[T]):
+    """Plugins of one entry-point group, loaded on first use.
+
+    A plugin whose entry point fails to import (a missing dependency, a typo) is remembered with
+    its error and reported whenever a lookup fails or the kinds are listed; it never hides the
+    plugins that did load. ``extra`` adds plugins for the duration of a ``with`` block only (the
+    conformance suite, a test plugin), so nothing registered by one test leaks into the next.
+    """
+
+    def __init__(self, group: str, plugin_type: type[T], what: str,
+                 entry_points: Callable[[], Iterable[EntryPoint]] | None = None):
+        self.group, self.plugin_type, self.what = group, plugin_type, what
+        self._entry_points = entry_points or (lambda: importlib.metadata.entry_points(group=group))
+        self._loaded: dict[str, T] | None = None
+        self._broken: dict[str, str] = {}  # entry-point name -> "module:attr: error"
+        self._extra: list[dict[str, T]] = []
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, T]:
+        with self._lock:
+            if self._loaded is None:
+                loaded: dict[str, T] = {}
+                for ep in sorted(self._entry_points(), key=lambda e: e.name):
+                    try:
+                        plugin = ep.load()
+                    except Exception as exc:  # noqa: BLE001 (any import error: report it, keep the others)
+                        self._broken[ep.name] = f"entry point {ep.name} = {ep.value!r} failed to load: " \
+                                                f"{type(exc).__name__}: {exc}"
+                        log.error("%s plugin %s", self.what, self._broken[ep.name])
+                        continue
+                    if not isinstance(plugin, self.plugin_type):
+                        self._broken[ep.name] = (f"entry point {ep.name} = {ep.value!r} is a {type(plugin).__name__}, "
+                                                 f"not a {self.plugin_type.__name__}")
+                        continue
+                    name = _name_of(plugin)
+                    if name != ep.name:
+                        self._broken[ep.name] = (f"entry point {ep.name} = {ep.value!r} names kind {name!r}; "
+                                                 "the entry point's name and the kind must agree")
+                        continue
+                    loaded[name] = plugin
+                self._loaded = loaded
+            return self._loaded
+
+    def all(self) -> dict[str, T]:
+        """Every plugin that loaded, by kind (extras included, innermost last)."""
+        out = dict(self._load())
+        for extra in self._extra:
+            out.update(extra)
+        return out
+
+    def kinds(self) -> list[str]:
+        return sorted(self.all())
+
+    def broken(self) -> dict[str, str]:
+        """Entry points that failed to load: name -> why."""
+        self._load()
+        return dict(self._broken)
+
+    def get(self, kind: str) -> T:
+        plugins = self.all()
+        if kind in plugins:
+            return plugins[kind]
+        if kind in self.broken():
+            raise RegistryError(f"{self.what} {kind!r} is registered but its plugin does not load: "
+                                f"{self._broken[kind]}")
+        known = ", ".join(sorted(plugins)) or "none"
+        note = f" (failed to load: {', '.join(sorted(self._broken))})" if self._broken else ""
+        raise RegistryError(f"unknown {self.what} {kind!r}; known: {known}{note}")
+
+    @contextlib.contextmanager
+    def extra(self, *plugins: T) -> Iterator[None]:
+        """Register ``plugins`` for the ``with`` block only; they shadow installed ones of the same kind."""
+        for p in plugins:
+            if not isinstance(p, self.plugin_type):
+                raise TypeError(f"{p!r} is not a {self.plugin_type.__name__}")
+        layer = {_name_of(p): p for p in plugins}
+        self._extra.append(layer)
+        try:
+            yield
+        finally:
+            self._extra.remove(layer)
+
+
+def _name_of(plugin: Any) -> str:
+    return getattr(plugin, "kind", None) or getattr(plugin, "name")
+
+
+BACKENDS: PluginRegistry[BackendPlugin] = PluginRegistry(ENTRY_POINT_GROUP, BackendPlugin, "backend kind")
+
+
+def get(kind: str) -> BackendPlugin:
+    """The plugin of a backend kind; RegistryError lists the known kinds."""
+    return BACKENDS.get(kind)

@@ -34,17 +34,22 @@ import numpy as np
 
 from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 from drivers.ur3.rtde_backend import UR3RtdeBackend
-from runtime.config import EmbodimentConfig, UR3BackendConfig
+from drivers.ur3.config import UR3BackendConfig
+from runtime.config import EmbodimentConfig
 
 N_JOINTS = 6
 # Probe 3 s + ur-rtde's own 5 s wait for the control script to start, on top of the driver's budget.
 UR3_TIMEOUTS = WorkerTimeouts(io_s=0.02, stop_s=0.25, connect_extra_s=8.0, recover_s=8.0)
 
 
-def make_ur3_backend(cfg: UR3BackendConfig, emb: EmbodimentConfig,
-                     realtime_priority: int | None = None) -> IsolatedBackend:
+def check_embodiment(cfg: UR3BackendConfig, emb: EmbodimentConfig) -> None:
     if emb.dof != N_JOINTS:
         raise ValueError(f"UR3 backend needs 6 dofs (the joints, no gripper), embodiment {emb.name} has {emb.dof}")
+
+
+def make_ur3_backend(cfg: UR3BackendConfig, emb: EmbodimentConfig,
+                     realtime_priority: int | None = None) -> IsolatedBackend:
+    check_embodiment(cfg, emb)
     kwargs = {"host": cfg.host, "dashboard_port": cfg.dashboard_port, "rate_hz": emb.control_rate_hz,
               "watchdog_min_hz": cfg.watchdog_min_hz,
               # servoStop decelerates every joint at one rate: the lowest of the joints' limits.

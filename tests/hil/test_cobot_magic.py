@@ -23,7 +23,8 @@ from drivers.core.driver import Driver, Mode  # noqa: E402
 from drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group  # noqa: E402
 from drivers.piper.fake.firmware import PiperFirmware  # noqa: E402
 from drivers.piper.fake.master import PiperMaster  # noqa: E402
-from runtime.config import CobotMagicBackendConfig, load_embodiment  # noqa: E402
+from drivers.cobot_magic.config import CobotMagicBackendConfig  # noqa: E402
+from runtime.config import load_embodiment  # noqa: E402
 from runtime.protocol import MessageFactory, ProtocolError  # noqa: E402
 
 pytestmark = pytest.mark.hil

@@ -172,7 +172,7 @@ def _cell(folder) -> str:
     path = folder / "cell.yaml"
     path.write_text(yaml.safe_dump({
         "name": "calib",
-        "drivers": [{"name": "arm", "embodiment": "mock_arm", "state": "ipc://{run_dir}/arm-state",
+        "drivers": [{"name": "arm", "embodiment": "mock_arm", "backend": {"kind": "mock"}, "state": "ipc://{run_dir}/arm-state",
                      "cmd": "ipc://{run_dir}/arm-cmd"}],
         "cameras": [{"name": "wrist", "width": 640, "height": 480, "fps": 30, "frames": "ipc://{run_dir}/cam"}],
         "inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/events"},

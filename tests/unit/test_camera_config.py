@@ -12,7 +12,7 @@ from runtime.config import (CONFIG_DIR, ConfigError, OpenCVCameraConfig, RealSen
 
 BASE = {
     "name": "cams",
-    "drivers": [{"name": "arm", "embodiment": "mock_arm", "state": "ipc://{run_dir}/s", "cmd": "ipc://{run_dir}/c"}],
+    "drivers": [{"name": "arm", "embodiment": "mock_arm", "backend": {"kind": "mock"}, "state": "ipc://{run_dir}/s", "cmd": "ipc://{run_dir}/c"}],
     "inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev"},
 }
 

@@ -480,7 +480,7 @@ def test_arbitrary_embodiments_load_and_faults_point_at_the_joint(data, fault, p
 
 CELL = {
     "name": "test",
-    "drivers": [{"name": "arm", "embodiment": "mock_arm", "state": "ipc://{run_dir}/arm-state",
+    "drivers": [{"name": "arm", "embodiment": "mock_arm", "backend": {"kind": "mock"}, "state": "ipc://{run_dir}/arm-state",
                  "cmd": "ipc://{run_dir}/arm-cmd"}],
     "cameras": [{"name": "front", "frames": "ipc://{run_dir}/cam-front"},
                 {"name": "wrist", "frames": "tcp://127.0.0.1:5601"}],

@@ -45,7 +45,7 @@ class HangingPolicy(ScriptedPolicy):
 def cell(ctx, short_tmp):
     cmd, state = f"ipc://{short_tmp}/arm-cmd", f"ipc://{short_tmp}/arm-state"
     driver = FakeDriver(ctx, cmd, state)
-    link = DriverLink(ctx, DriverConfig(name="arm", embodiment="mock_arm", cmd=cmd, state=state), None)
+    link = DriverLink(ctx, DriverConfig(name="arm", embodiment="mock_arm", backend={"kind": "mock"}, cmd=cmd, state=state), None)
     link.handshake()
     builder = ObservationBuilder({}, {"arm": link.state}, max_frame_age_s=0.5, max_state_age_s=0.2,
                                  state_dof={"arm": link.dof})

@@ -19,25 +19,12 @@ process needs. It differs from a real CAN bus in two ways that matter here:
 
 from __future__ import annotations
 
-import ipaddress
-import select
-import socket
 
 import can
 
-IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux; Python does not export it
+from drivers.piper.multicast import _socket_of, check_multicast_group, isolate  # noqa: F401 (re-exported)
+
 FAKE_RCVBUF_BYTES = 4 * 1024 * 1024  # ~10k frames: a fake stalled by a busy CPU must not drop commands
-
-
-def check_multicast_group(channel: str) -> None:
-    """Raise ValueError unless ``channel`` is a multicast address, as ``udp_multicast`` needs."""
-    try:
-        ok = ipaddress.ip_address(channel).is_multicast
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"udp_multicast channel {channel!r} is not a multicast group: use an address in "
-                         "224.0.0.0/4, such as 239.74.163.2")
 
 
 def open_bus(channel: str, bustype: str, port: int | None = None) -> can.BusABC:
@@ -59,29 +46,7 @@ def open_bus(channel: str, bustype: str, port: int | None = None) -> can.BusABC:
     return bus
 
 
-def _socket_of(bus: can.BusABC) -> socket.socket | None:
-    multicast = getattr(bus, "_multicast", None)
-    return getattr(multicast, "_socket", None)
-
-
 def bus_port(bus: can.BusABC) -> int | None:
     """The UDP port a ``udp_multicast`` bus is bound to; None for other bus types."""
     sock = _socket_of(bus)
     return None if sock is None else sock.getsockname()[1]
-
-
-def isolate(bus: can.BusABC, rcvbuf: int | None = None) -> None:
-    """Make a ``udp_multicast`` bus receive only its own group, and drop what leaked in already.
-
-    Frames of other groups that arrived between the socket's creation and this call are read and
-    discarded (along with any of its own group, which a streaming peer simply sends again).
-    Other bus types are left alone.
-    """
-    sock = _socket_of(bus)
-    if sock is None:
-        return
-    sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    while select.select([sock], [], [], 0)[0]:
-        sock.recv(65536)
