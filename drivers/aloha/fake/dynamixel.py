@@ -37,6 +37,8 @@ runs unmodified against it. The fake opens a pty pair; the SDK opens the slave p
   torque off the servo stays, or follows ``move_by_hand``. ``block_at`` puts an obstacle in the
   way (a gripper closing on an object): the position stops there and, in mode 5, Present Current
   reads the Goal Current. Enabling torque sets Goal Position to Present Position (holds).
+- Secondary_ID (12): a servo whose Secondary_ID names another ID also executes writes and sync/bulk
+  writes addressed to that ID, silently (a ViperX's shadow motors; ``link_shadow``).
 - A hardware error whose bit is in Shutdown (63, default 0x34: overheat, electrical shock,
   overload) turns torque off and keeps it off (writes of 1 are ignored) until reboot.
 
@@ -45,8 +47,9 @@ What it does not model
 Profile acceleration and time-based profiles, PID and real current/PWM physics, the return
 delay, baud rates as timing, the multi-turn reset of Present Position on reboot, indirect
 addresses (they read and write as plain memory), the backup/restore and factory reset
-instructions, clear (0x10), protocol 1.0, and bus collisions; replies from several servos are
-written back to back. Power-on defaults (firmware 48, limits 0-4095, Shutdown 0x34, the goal held on torque
+instructions, clear (0x10), protocol 1.0, the reversed direction of a shadow motor (Drive Mode
+bit 0: a shadow here takes its primary's goal as is), and bus collisions; replies from several
+servos are written back to back. Power-on defaults (firmware 48, limits 0-4095, Shutdown 0x34, the goal held on torque
 enable, goals beyond the limits refused) are this fake's reading of the e-manual, not measured.
 Replies the host leaves unread beyond the pty's buffer (about 4 KiB) are dropped and counted in
 ``bytes_dropped``, as an adapter's buffer would overflow, rather than blocking the bus.
@@ -62,8 +65,9 @@ In-process: ``fake = DynamixelBusFake({1: "xm540-w270", 2: "xm430-w350"}); port 
 ``goal_out_of_limit="clamp"`` clamps such goals instead of refusing them. Test helpers:
 ``set_position``, ``move_by_hand``, ``block_at``, ``register(id, address, size, signed)``,
 ``present_position``, ``power_cycle``.
-As its own process (no CLI entry yet): ``python -m drivers.aloha.fake.dynamixel --ids 1 2 3``
-prints the pty path and serves until interrupted.
+As its own process: ``python -m drivers.aloha.fake.dynamixel --ids 1 2 3`` prints the pty path and
+serves until interrupted; the whole ALOHA (four buses, a control socket to inject faults) is
+``drivers/aloha/fake/aloha.py`` (``armada fake aloha``).
 """
 
 from __future__ import annotations
@@ -559,6 +563,13 @@ class DynamixelBusFake:
             self._advance()
             return self._servo(servo_id).present()
 
+    def link_shadow(self, shadow_id: int, primary_id: int) -> None:
+        """Set a servo's Secondary_ID (EEPROM): it then executes writes addressed to `primary_id`."""
+        with self._lock:
+            s = self._servo(shadow_id)
+            s.mem[SECONDARY_ID] = primary_id
+            s.saved_eeprom = bytes(s.mem[:EEPROM_END])
+
     def power_cycle(self) -> None:
         with self._lock:
             servos = list(self._servos.values())
@@ -677,6 +688,10 @@ class DynamixelBusFake:
         if inst == INST_BULK_READ:
             return self._bulk_read(params)
         targets = list(self._servos.values()) if sid == BROADCAST_ID else [self._servos.get(sid)]
+        if inst == INST_WRITE and sid != BROADCAST_ID:
+            for shadow in self._shadows_of(sid):
+                if self._answers(shadow) and len(params) >= 3:
+                    self._write(shadow, params[0] | (params[1] << 8), params[2:])  # silent: it never answers
         out = bytearray()
         for s in sorted((t for t in targets if t is not None), key=lambda t: t.mem[ID]):
             if not self._answers(s):
@@ -777,19 +792,23 @@ class DynamixelBusFake:
         addr, n = params[0] | (params[1] << 8), params[2] | (params[3] << 8)
         body = params[4:]
         for k in range(0, len(body) - n, n + 1):
-            s = self._servos.get(body[k])
-            if s is not None and not s.missing:
-                self._write(s, addr, body[k + 1 : k + 1 + n])
+            for s in [self._servos.get(body[k]), *self._shadows_of(body[k])]:
+                if s is not None and not s.missing:
+                    self._write(s, addr, body[k + 1 : k + 1 + n])
 
     def _bulk_write(self, params: bytes) -> None:
         k = 0
         while k + 5 <= len(params):
             sid = params[k]
             addr, n = params[k + 1] | (params[k + 2] << 8), params[k + 3] | (params[k + 4] << 8)
-            s = self._servos.get(sid)
-            if s is not None and not s.missing:
-                self._write(s, addr, params[k + 5 : k + 5 + n])
+            for s in [self._servos.get(sid), *self._shadows_of(sid)]:
+                if s is not None and not s.missing:
+                    self._write(s, addr, params[k + 5 : k + 5 + n])
             k += 5 + n
+
+    def _shadows_of(self, sid: int) -> list[_Servo]:
+        """Servos whose Secondary_ID (12) is `sid` (a ViperX shoulder's or elbow's second motor)."""
+        return [s for s in self._servos.values() if s.mem[SECONDARY_ID] == sid and s.mem[ID] != sid]
 
     def _read_reply(self, sid: int, addr: int, n: int) -> bytes:
         s = self._servos.get(sid)
