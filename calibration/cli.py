@@ -5,9 +5,7 @@
     armada calibrate intrinsics --live CELL --camera NAME --out cam.yaml [--save-frames DIR]
     armada calibrate hand-eye --mode eye-in-hand --intrinsics cam.yaml --images DIR --poses poses.csv --out he.yaml
     armada calibrate hand-eye --mode eye-to-hand --intrinsics cam.yaml --live CELL --camera C --driver D --out he.yaml
-    armada calibrate joints so101 --middle middle.csv --sweep sweep.csv --out so101.yaml [--lerobot-json ID.json]
-    armada calibrate joints aloha-gripper --open open.csv --closed closed.csv --open-width 0.08 --out grippers.yaml
-    armada calibrate joints piper-zero --zero zero.csv --out piper_zero.yaml   (or --live CELL --driver D)
+    armada calibrate joints KIND ... --out joints.yaml   (KIND: each device's own, see `joints --help`)
     armada calibrate latency --reference ref.csv --visual vis.csv --out lat.yaml
     armada calibrate latency --steps steps.csv --frames frames.csv --out lat.yaml
     armada calibrate latency --live CELL --camera C --driver D --joint J --out lat.yaml
@@ -55,7 +53,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     intr = sub.add_parser("intrinsics", help="camera matrix and distortion from board views")
     _board_args(intr)
     _source_args(intr, driver=False)
-    _out_args(intr)
+    out_args(intr)
     intr.add_argument("--model", choices=["radial2", "radial3", "rational"], default="radial3",
                       help="distortion model: radial2 (k3 fixed) for narrow lenses, rational for wide ones")
     intr.add_argument("--max-rms", type=float, default=0.5, help="refuse above this RMS reprojection error, px")
@@ -70,7 +68,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     he = sub.add_parser("hand-eye", help="camera pose on the wrist (eye-in-hand) or in the cell (eye-to-hand)")
     _board_args(he)
     _source_args(he, driver=True)
-    _out_args(he)
+    out_args(he)
     he.add_argument("--mode", choices=["eye-in-hand", "eye-to-hand"], required=True)
     he.add_argument("--intrinsics", type=Path, required=True, help="the camera's intrinsics file")
     he.add_argument("--poses", type=Path, help="with --images: robot poses per image (CSV image,x,y,z,rx,ry,rz "
@@ -110,37 +108,22 @@ def _source_args(p: argparse.ArgumentParser, driver: bool) -> None:
     g.add_argument("--save-frames", type=Path, default=None, help="with --live: keep the views used, as PNG")
 
 
-def _out_args(p: argparse.ArgumentParser) -> None:
+def out_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="result file (YAML)")
     p.add_argument("--name", default=None, help="what the result belongs to (default: the camera or driver name)")
     p.add_argument("--force", action="store_true", help="write even a result that fails its checks (marked forced)")
 
 
 def _joints_parser(sub: Any) -> None:
-    joints = sub.add_parser("joints", help="joint offsets and ranges")
+    from calibration.joint_kinds import JOINT_CALIBRATIONS
+
+    joints = sub.add_parser("joints", help="joint offsets and ranges (each kind from its device's plugin)")
     jsub = joints.add_subparsers(dest="joints_command", required=True)
-    so = jsub.add_parser("so101", help="SO-101 homing offsets and ranges (lerobot's calibration)")
-    so.add_argument("--middle", type=Path, required=True, help="CSV of raw positions held at the middle of the range")
-    so.add_argument("--sweep", type=Path, required=True, help="CSV of raw positions while moving every joint")
-    so.add_argument("--lerobot-json", type=Path, default=None, help="also write lerobot's JSON here")
-    so.add_argument("--robot-id", default=None, help="the lerobot robot id this calibration is for")
-    _out_args(so)
-    grip = jsub.add_parser("aloha-gripper", help="gripper open/closed readings to opening in metres")
-    grip.add_argument("--open", type=Path, help="CSV, one column per gripper, held fully open")
-    grip.add_argument("--closed", type=Path, help="CSV, one column per gripper, held fully closed")
-    grip.add_argument("--open-width", required=True,
-                      help="measured opening when open, metres: one number, or NAME=M,NAME=M per gripper")
-    grip.add_argument("--unit", default="ticks", help="unit of the readings (ticks, rad)")
-    grip.add_argument("--max-spread", type=float, default=None, help="refuse when a hold varies more (reading units)")
-    _live_driver_args(grip)
-    _out_args(grip)
-    zero = jsub.add_parser("piper-zero", help="PiPer joint readings at the mechanical zero")
-    zero.add_argument("--zero", type=Path, help="CSV of joint readings (rad), one column per joint")
-    _live_driver_args(zero)
-    _out_args(zero)
+    for kind in sorted(JOINT_CALIBRATIONS.all().values(), key=lambda k: k.command):
+        kind.add_arguments(jsub.add_parser(kind.command, help=kind.help))
 
 
-def _live_driver_args(p: argparse.ArgumentParser) -> None:
+def live_driver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", type=Path, metavar="CELL", help="record from this cell's running driver instead")
     p.add_argument("--driver", help="with --live: which driver")
     p.add_argument("--run-dir", type=Path, default=None)
@@ -164,7 +147,7 @@ def _latency_parser(sub: Any) -> None:
     lat.add_argument("--search", default="0,0.5", help="delays to search, seconds: MIN,MAX")
     lat.add_argument("--min-confidence", type=float, default=0.8, help="refuse below this peak correlation")
     lat.add_argument("--max-spread", type=float, default=0.02, help="step: refuse above this std of delays, s")
-    _out_args(lat)
+    out_args(lat)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -245,7 +228,7 @@ def _intrinsics(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         detections, name = _capture_intrinsics_live(args, board, limits, say), args.name or args.camera
         labels = [f"view_{i:03d}" for i in range(len(detections))]  # the --save-frames names
     else:
-        detections, labels = _detect_folder(_require(args.images, "--images or --live"), board, say)
+        detections, labels = _detect_folder(require(args.images, "--images or --live"), board, say)
         name = args.name
     try:
         result = calibrate_intrinsics(detections, model=args.model, limits=limits)
@@ -259,7 +242,7 @@ def _intrinsics(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     else:
         say(_intrinsics_summary(result, labels))
         refusals = []
-    _write(args.out, _intrinsics_record(result, board, limits, name, args, refusals), args.force, say)
+    write(args.out, _intrinsics_record(result, board, limits, name, args, refusals), args.force, say)
     return 0
 
 
@@ -375,7 +358,7 @@ def _hand_eye(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     else:
         say(_hand_eye_summary(result))
         refusals = []
-    _write(args.out, _hand_eye_record(result, board, limits, intr, args, refusals), args.force, say)
+    write(args.out, _hand_eye_record(result, board, limits, intr, args, refusals), args.force, say)
     return 0
 
 
@@ -384,8 +367,8 @@ def _hand_eye_from_files(args, board, intr, say: Callable[[str], None]) -> tuple
 
     from calibration.intrinsics import board_pose
 
-    folder = _require(args.images, "--images (with --poses) or --live")
-    poses = read_poses(_require(args.poses, "--poses"))
+    folder = require(args.images, "--images (with --poses) or --live")
+    poses = read_poses(require(args.poses, "--poses"))
     robot, cam = [], []
     for name, T in poses.items():
         path = folder / name
@@ -448,7 +431,7 @@ def _capture_hand_eye_live(args, board, intr, say: Callable[[str], None]) -> tup
     say(f"move the arm to a pose ({args.views} wanted), let it rest half a second: the view is taken when the arm is "
         "still and the board seen; turn the wrist about different axes between views (Ctrl-C to stop)")
     deadline = time.monotonic() + args.timeout
-    with CellStreams.open(args.live, args.camera, _require(args.driver, "--driver"), args.run_dir) as streams:
+    with CellStreams.open(args.live, args.camera, require(args.driver, "--driver"), args.run_dir) as streams:
         try:
             for frame in streams.iter_frames():
                 for msg in streams.drain_state():
@@ -496,122 +479,13 @@ def _hand_eye_record(r, board, limits, intr, args, refusals: list[str]):
 
 
 def _joints(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    return {"so101": _so101, "aloha-gripper": _aloha_gripper, "piper-zero": _piper_zero}[args.joints_command](args, say)
+    from calibration.joint_kinds import JOINT_CALIBRATIONS
+
+    kinds = {k.command: k for k in JOINT_CALIBRATIONS.all().values()}
+    return kinds[args.joints_command].run(args, say)
 
 
-def _so101(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.joints import DEFAULT_MAX_HOLD_SPREAD_TICKS, SO101_MOTORS, calibrate_so101, \
-        write_lerobot_calibration
-    from calibration.results import CalibrationRecord, Residual, so101_values
-
-    names, middle = read_columns(args.middle)
-    names2, sweep = read_columns(args.sweep)
-    if names != names2:
-        raise CalibrateError(f"{args.middle} has columns {names} but {args.sweep} has {names2}")
-    unknown = [n for n in names if n not in SO101_MOTORS]
-    if unknown:
-        raise CalibrateError(f"unknown SO-101 motors {unknown}; the motors are {list(SO101_MOTORS)}")
-    cal = calibrate_so101(middle, sweep, names)
-    for name, m in cal.motors.items():
-        say(f"{name:14s} id {m.id}  homing_offset {m.homing_offset:6d}  range {m.range_min:5d} .. {m.range_max:5d}")
-    record = CalibrationRecord(
-        "joint_calibration", "lerobot SO-101: half-turn homing at the middle pose, range = min/max of the sweep",
-        {"hold_spread": Residual(cal.hold_spread_ticks, "ticks", DEFAULT_MAX_HOLD_SPREAD_TICKS)},
-        so101_values(cal, args.robot_id), {"middle_samples": len(middle), "sweep_samples": len(sweep)},
-        args.name)
-    _write(args.out, record, args.force, say)
-    if args.lerobot_json is not None:
-        say(f"wrote {write_lerobot_calibration(args.lerobot_json, cal)} (lerobot's format)")
-    return 0
-
-
-def _aloha_gripper(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.joints import DEFAULT_MAX_HOLD_SPREAD_TICKS, calibrate_gripper
-    from calibration.results import CalibrationRecord, Residual, gripper_values
-
-    max_spread = args.max_spread if args.max_spread is not None else (
-        DEFAULT_MAX_HOLD_SPREAD_TICKS if args.unit == "ticks" else 0.02)
-    names, opened, closed = _gripper_recordings(args, say)
-    widths = _widths(args.open_width, names)
-    grippers, spread = {}, 0.0
-    for j, name in enumerate(names):
-        cal, s = calibrate_gripper(opened[:, j], closed[:, j], widths[name], max_hold_spread=max_spread,
-                                   min_travel=0.0 if args.unit != "ticks" else 200)
-        grippers[name], spread = cal, max(spread, s)
-        say(f"{name}: open {cal.raw_open:g}, closed {cal.raw_closed:g} {args.unit} -> 0 .. {cal.open_m:g} m")
-    record = CalibrationRecord("joint_calibration", "ALOHA grippers: linear map between held open and closed readings",
-                               {"hold_spread": Residual(spread, args.unit, max_spread)},
-                               gripper_values(grippers, args.unit),
-                               {"open_samples": len(opened), "closed_samples": len(closed)}, args.name or args.driver)
-    _write(args.out, record, args.force, say)
-    return 0
-
-
-def _gripper_recordings(args, say) -> tuple[list[str], np.ndarray, np.ndarray]:
-    if args.live is not None:
-        names = _gripper_joints(args)
-        opened = _record_hold(args, names, "hold every gripper fully OPEN", say)
-        closed = _record_hold(args, names, "hold every gripper fully CLOSED", say)
-        return names, opened, closed
-    names, opened = read_columns(_require(args.open, "--open (or --live)"))
-    names2, closed = read_columns(_require(args.closed, "--closed"))
-    if names != names2:
-        raise CalibrateError(f"{args.open} has columns {names} but {args.closed} has {names2}")
-    return names, opened, closed
-
-
-def _gripper_joints(args) -> list[str]:
-    from runtime.config import driver_embodiment, load_cell, named
-
-    cell = load_cell(args.live, args.run_dir)
-    drv = named(cell.driver, args.driver, args.live)
-    emb = driver_embodiment(Path(args.live), drv)
-    names = [j.name for g in emb.groups if g.mode == "gripper_position" for j in g.joints]
-    if not names:
-        raise CalibrateError(f"driver {drv.name} has no gripper_position group")
-    return names
-
-
-def _widths(spec: str, names: list[str]) -> dict[str, float]:
-    try:
-        if "=" not in spec:
-            return {n: float(spec) for n in names}
-        widths = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in spec.split(","))}
-    except ValueError:
-        raise CalibrateError(f"--open-width {spec!r}: expected metres, or NAME=M,NAME=M") from None
-    missing = [n for n in names if n not in widths]
-    if missing:
-        raise CalibrateError(f"--open-width has no width for {missing}")
-    return widths
-
-
-def _piper_zero(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.joints import calibrate_piper_zero
-    from calibration.results import CalibrationRecord, Residual, piper_zero_values
-
-    if args.live is not None:
-        from runtime.config import driver_embodiment, load_cell, named
-
-        cell = load_cell(args.live, args.run_dir)
-        drv = named(cell.driver, args.driver, args.live)
-        names = [j.name for g in driver_embodiment(Path(args.live), drv).groups if g.mode == "joint_position"
-                 for j in g.joints]
-        prompt = "put every joint at its mechanical zero mark (arm disabled or in teach mode)"
-        samples = _record_hold(args, names, prompt, say)
-    else:
-        names, samples = read_columns(_require(args.zero, "--zero (or --live)"))
-    zero = calibrate_piper_zero(samples, names)
-    for n, o in zip(names, zero.offsets_rad):
-        say(f"{n:10s} offset {o:+.5f} rad ({np.degrees(o):+.3f} deg)")
-    say(zero.procedure)
-    record = CalibrationRecord("joint_calibration", "PiPer: joint readings held at the mechanical zero marks",
-                               {"hold_spread": Residual(zero.hold_spread_rad, "rad", float(np.radians(0.2)))},
-                               piper_zero_values(zero), {"samples": len(samples)}, args.name or args.driver)
-    _write(args.out, record, args.force, say)
-    return 0
-
-
-def _record_hold(args, names: list[str], prompt: str, say: Callable[[str], None]) -> np.ndarray:
+def record_hold(args, names: list[str], prompt: str, say: Callable[[str], None]) -> np.ndarray:
     """Ask the operator to hold a pose, then record the driver's measured joints for a while."""
     import zmq
 
@@ -649,7 +523,7 @@ def _latency(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     search = _pair(args.search, "--search")
     if args.steps is not None:
         _, steps = read_columns(args.steps)
-        _, frames = read_columns(_require(args.frames, "--frames"), 2)
+        _, frames = read_columns(require(args.frames, "--frames"), 2)
         est = estimate_delay_steps(steps[:, 0], frames[:, 0], frames[:, 1], max_delay_s=search[1])
         residual = {"delay_spread": Residual(est.spread_s, "s", args.max_spread)}
         say(f"delay {est.delay_s * 1000:.1f} ms (trimmed mean of {len(est.per_step_s)} steps, "
@@ -662,14 +536,14 @@ def _latency(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     record = CalibrationRecord("camera_latency", est.method, residual,
                                {"delay_s": est.delay_s, "confidence": est.confidence, "per_step_s": est.per_step_s},
                                {"frames": est.samples, "search_s": list(search)}, args.name or args.camera)
-    _write(args.out, record, args.force, say)
+    write(args.out, record, args.force, say)
     return 0
 
 
 def _latency_series(args, say) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     if args.live is None:
-        _, ref = read_columns(_require(args.reference, "--reference and --visual, --steps and --frames, or --live"), 2)
-        _, vis = read_columns(_require(args.visual, "--visual"), 2)
+        _, ref = read_columns(require(args.reference, "--reference and --visual, --steps and --frames, or --live"), 2)
+        _, vis = read_columns(require(args.visual, "--visual"), 2)
         return ref[:, 0], ref[:, 1], vis[:, 0], vis[:, 1]
     from calibration.latency import LatencyError, estimate_delay_xcorr
     from calibration.live import CellStreams, record_latency
@@ -677,8 +551,8 @@ def _latency_series(args, say) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     board = make_board(args)
     say(f"move joint {args.joint} back and forth (varied speed, about 1 Hz) so the board sweeps the image, "
         f"for {args.seconds:g} s")
-    with CellStreams.open(args.live, args.camera, _require(args.driver, "--driver"), args.run_dir) as streams:
-        rec = record_latency(streams, board, _require(args.joint, "--joint"), args.seconds, say)
+    with CellStreams.open(args.live, args.camera, require(args.driver, "--driver"), args.run_dir) as streams:
+        rec = record_latency(streams, board, require(args.joint, "--joint"), args.seconds, say)
     seen = np.isfinite(rec.board_u)
     say(f"board seen in {int(seen.sum())} of {len(seen)} frames")
     # Use whichever image axis the motion shows best.
@@ -696,7 +570,7 @@ def _latency_series(args, say) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 # --------------------------------------------------------------------------- helpers
 
 
-def _write(path: Path, record, force: bool, say: Callable[[str], None]) -> None:
+def write(path: Path, record, force: bool, say: Callable[[str], None]) -> None:
     from calibration.results import write_result
 
     written = write_result(path, record, force=force)
@@ -704,7 +578,7 @@ def _write(path: Path, record, force: bool, say: Callable[[str], None]) -> None:
     say(f"wrote {written}" + (" (forced: it failed its checks)" if forced else ""))
 
 
-def _require(value: Any, what: str) -> Any:
+def require(value: Any, what: str) -> Any:
     if value is None:
         raise CalibrateError(f"missing {what}")
     return value

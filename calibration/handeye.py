@@ -71,8 +71,8 @@ def invert(T: np.ndarray) -> np.ndarray:
 
 
 def pose_from_ur(tcp_pose: Sequence[float]) -> np.ndarray:
-    """base_T_tcp from a UR pose (x, y, z in metres, then a rotation vector in radians), as
-    ur-rtde's getActualTCPPose and RTDE's actual_TCP_pose report it."""
+    """base_T_tcp from a UR-style pose (x, y, z in metres, then a rotation vector in radians), as
+    Universal Robots controllers report their TCP pose."""
     p = np.asarray(tcp_pose, np.float64).reshape(-1)
     if p.shape != (6,) or not np.all(np.isfinite(p)):
         raise ValueError(f"a UR pose is 6 finite numbers (x, y, z, rx, ry, rz), got {tcp_pose!r}")

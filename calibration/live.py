@@ -21,7 +21,7 @@ from calibration.intrinsics import board_pose
 from calibration.types import CameraIntrinsics
 
 # Where a driver's state carries the tool pose: ``device.tcp_pose`` (the backend's extras), as
-# x, y, z (m) and a rotation vector (rad) in the base frame; the UR3 backend publishes it.
+# x, y, z (m) and a rotation vector (rad) in the base frame, published by backends that know it.
 STATE_POSE_FIELD = "tcp_pose"
 
 

@@ -17,8 +17,8 @@ A result file is YAML::
 
 The writer refuses a result whose residual exceeds its limit (or that failed another check,
 such as coverage) unless forced, and a forced file says so. Loaders check what they read and
-raise CalibrationFileError naming the file, the key and the reason; the joint loader also
-accepts lerobot's own SO-101 calibration JSON as it is.
+raise CalibrationFileError naming the file, the key and the reason; joint calibrations are loaded
+by their kind's plugin (calibration/joint_kinds.py), which may also read a device's own format.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from calibration.joints import GripperCalibration, JointCalibrationError, MotorCalibration, PiperZero, \
-    So101Calibration, read_lerobot_calibration
+from calibration.joints import JointCalibrationError
 from calibration.types import CameraIntrinsics, CameraLatency, HandEyeCalibration
 from runtime.config import ConfigError
 
@@ -44,7 +43,6 @@ log = logging.getLogger("armada.calibration")
 
 FORMAT = "armada-calibration/1"
 KINDS = ("camera_intrinsics", "hand_eye", "joint_calibration", "camera_latency")
-JOINT_EMBODIMENTS = ("so101", "aloha_gripper", "piper_zero")
 
 
 class CalibrationFileError(ConfigError):
@@ -174,21 +172,6 @@ def hand_eye_values(mode: str, transform: np.ndarray, board_pose: np.ndarray) ->
             "board_pose": board_pose}
 
 
-def so101_values(cal: So101Calibration, robot_id: str | None = None) -> dict[str, Any]:
-    return {"embodiment": "so101", **({"robot_id": robot_id} if robot_id else {}), "motors": cal.to_lerobot()}
-
-
-def gripper_values(grippers: dict[str, GripperCalibration], unit: str) -> dict[str, Any]:
-    return {"embodiment": "aloha_gripper", "raw_unit": unit,
-            "grippers": {n: {"raw_open": g.raw_open, "raw_closed": g.raw_closed, "open_m": g.open_m,
-                             "closed_m": g.closed_m} for n, g in grippers.items()}}
-
-
-def piper_zero_values(zero: PiperZero) -> dict[str, Any]:
-    return {"embodiment": "piper_zero", "joint_names": zero.joint_names, "offsets_rad": zero.offsets_rad,
-            "procedure": zero.procedure}
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -223,8 +206,8 @@ def load_intrinsics(path: str | Path, expect_size: tuple[int, int] | None = None
     rec = load_result(path, "camera_intrinsics")
     v = rec.values
     size = _int_pair(rec.path, "values.image_size", v.get("image_size"))
-    K = _matrix(rec.path, "values.camera_matrix", v.get("camera_matrix"), (3, 3))
-    dist = _matrix(rec.path, "values.dist_coeffs", v.get("dist_coeffs"), None).reshape(-1)
+    K = matrix(rec.path, "values.camera_matrix", v.get("camera_matrix"), (3, 3))
+    dist = matrix(rec.path, "values.dist_coeffs", v.get("dist_coeffs"), None).reshape(-1)
     if len(dist) not in (4, 5, 8, 12, 14):
         raise CalibrationFileError(rec.path, "values.dist_coeffs",
                                    f"has {len(dist)} coefficients; OpenCV takes 4, 5, 8, 12 or 14")
@@ -251,29 +234,40 @@ def load_hand_eye(path: str | Path, expect_mode: str | None = None) -> HandEyeCa
     return HandEyeCalibration(mode, T, board)
 
 
-def load_joint_calibration(path: str | Path) -> dict[str, MotorCalibration] | dict[str, GripperCalibration] | PiperZero:
-    """SO-101: motor name -> MotorCalibration (from our file, or lerobot's JSON as it is);
-    ALOHA: gripper name -> GripperCalibration; PiPer: PiperZero."""
+def load_joint_calibration(path: str | Path, expect_kind: str | None = None) -> Any:
+    """A joint calibration, loaded by its kind's plugin (calibration/joint_kinds.py): the file's
+    ``values.embodiment`` names the kind; a file in a device's own format (a vendor's or library's
+    JSON, no ``format`` key) is read by the kind that knows it. ``expect_kind``: refuse files of other kinds
+    (a backend applies only its own kind)."""
+    from calibration.joint_kinds import JOINT_CALIBRATIONS
+
     path = Path(path)
     doc = _read_mapping(path)
-    if "format" not in doc:  # lerobot's own file: the motors at the top level
-        try:
-            return read_lerobot_calibration(doc, str(path))
-        except JointCalibrationError as exc:
-            raise CalibrationFileError(path, "", f"neither an armada calibration file nor lerobot's: {exc}") from None
+    kinds = JOINT_CALIBRATIONS.all()
+    if "format" not in doc:  # a device's own file
+        natives = [k for k in kinds.values() if k.load_native is not None
+                   and (expect_kind is None or k.name == expect_kind)]
+        problems = []
+        for kind in natives:
+            try:
+                return kind.load_native(path, doc)
+            except JointCalibrationError as exc:
+                problems.append(f"{kind.name}: {exc}")
+        why = "; ".join(problems) or f"no {expect_kind or 'joint calibration'} kind reads files without it"
+        raise CalibrationFileError(path, "format", f"missing: neither an armada calibration file nor a device's "
+                                   f"own ({why})")
     rec = load_result(path, "joint_calibration")
-    v = rec.values
-    emb = v.get("embodiment")
+    name = rec.values.get("embodiment")
+    if name not in kinds:
+        raise CalibrationFileError(path, "values.embodiment", f"must be one of {sorted(kinds)}, got {name!r}")
+    if expect_kind is not None and name != expect_kind:
+        command = kinds[expect_kind].command if expect_kind in kinds else expect_kind
+        raise CalibrationFileError(path, "values.embodiment", f"is {name!r}, but this driver takes a {expect_kind} "
+                                   f"calibration (armada calibrate joints {command})")
     try:
-        if emb == "so101":
-            return read_lerobot_calibration(v.get("motors"), f"{path}: values.motors")
-        if emb == "aloha_gripper":
-            return _grippers(rec.path, v.get("grippers"))
-        if emb == "piper_zero":
-            return _piper_zero(rec.path, v, rec.residual.get("hold_spread"))
+        return kinds[name].load(rec.path, rec.values, rec.residual)
     except JointCalibrationError as exc:
         raise CalibrationFileError(path, "values", str(exc)) from None
-    raise CalibrationFileError(path, "values.embodiment", f"must be one of {list(JOINT_EMBODIMENTS)}, got {emb!r}")
 
 
 def load_latency(path: str | Path) -> CameraLatency:
@@ -295,7 +289,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise CalibrationFileError(path, "", "not UTF-8 text") from None
     try:
-        # JSON is YAML; one parser reads our files and lerobot's.
+        # JSON is YAML; one parser reads our files and the devices' own JSON.
         doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise CalibrationFileError(path, "", f"does not parse: {exc}") from None
@@ -315,7 +309,7 @@ def _residuals(path: Path, data: Any) -> dict[str, Residual]:
     return out
 
 
-def _matrix(path: Path | None, key: str, data: Any, shape: tuple[int, int] | None) -> np.ndarray:
+def matrix(path: Path | None, key: str, data: Any, shape: tuple[int, int] | None) -> np.ndarray:
     try:
         a = np.array(data, dtype=np.float64)
     except (TypeError, ValueError):
@@ -330,7 +324,7 @@ def _matrix(path: Path | None, key: str, data: Any, shape: tuple[int, int] | Non
 
 
 def _rigid(path: Path | None, key: str, data: Any) -> np.ndarray:
-    T = _matrix(path, key, data, (4, 4))
+    T = matrix(path, key, data, (4, 4))
     R = T[:3, :3]
     if not np.allclose(T[3], [0, 0, 0, 1]) or not np.allclose(R.T @ R, np.eye(3), atol=1e-6) \
             or np.linalg.det(R) < 0:
@@ -342,29 +336,3 @@ def _int_pair(path: Path | None, key: str, data: Any) -> tuple[int, int]:
     if not (isinstance(data, list) and len(data) == 2 and all(isinstance(x, int) and x > 0 for x in data)):
         raise CalibrationFileError(path, key, f"must be [width, height] in pixels, got {data!r}")
     return int(data[0]), int(data[1])
-
-
-def _grippers(path: Path | None, data: Any) -> dict[str, GripperCalibration]:
-    if not isinstance(data, dict) or not data:
-        raise CalibrationFileError(path, "values.grippers", "must map gripper names to their calibration")
-    out = {}
-    for name, g in data.items():
-        key = f"values.grippers.{name}"
-        fields = ("raw_open", "raw_closed", "open_m", "closed_m")
-        if not isinstance(g, dict) or any(not isinstance(g.get(f), (int, float)) for f in fields):
-            raise CalibrationFileError(path, key, f"needs numbers {list(fields)}")
-        cal = GripperCalibration(*(float(g[f]) for f in fields))
-        if cal.raw_open == cal.raw_closed or not cal.open_m > cal.closed_m:
-            raise CalibrationFileError(path, key, "open and closed must differ, and open_m exceed closed_m")
-        out[str(name)] = cal
-    return out
-
-
-def _piper_zero(path: Path | None, v: dict[str, Any], spread: Residual | None) -> PiperZero:
-    names = v.get("joint_names")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise CalibrationFileError(path, "values.joint_names", "must be a list of joint names")
-    offsets = _matrix(path, "values.offsets_rad", v.get("offsets_rad"), None).reshape(-1)
-    if len(offsets) != len(names):
-        raise CalibrationFileError(path, "values.offsets_rad", f"has {len(offsets)} values for {len(names)} joints")
-    return PiperZero(names, offsets, spread.value if spread else float("nan"), str(v.get("procedure", "")))

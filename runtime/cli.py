@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, default=None, help="seconds per episode")
     run.add_argument("--instruction", default="auto")
     run.add_argument("--arm", action="store_true",
-                     help="let the episode arm disarmed drivers (always on for cells of mock arms only)")
+                     help="let the episode arm disarmed drivers (always on for cells that move no real hardware)")
     run.add_argument("--json", action="store_true", help="print the reports as JSON")
 
     for role in ("driver", "camera"):
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fake = sub.add_parser("fake", help="run a device fake that the real vendor SDK talks to (see --help of each)")
     fake.add_argument("device", choices=sorted(k for k, p in plugins.items() if p.fake is not None))
-    fake.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the fake (try: armada fake ur3 --help)")
+    fake.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the fake (try: armada fake KIND --help)")
 
     from calibration.cli import add_calibrate_parser
 

@@ -19,7 +19,7 @@ from runtime.endpoints import check_endpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-DEFAULT_CELL = CONFIG_DIR / "cells" / "default.yaml"  # the tiny merged VLA on a mock arm
+DEFAULT_CELL = CONFIG_DIR / "cells" / "default.yaml"  # the tiny merged VLA on a simulated arm
 SCRIPTED_CELL = CONFIG_DIR / "cells" / "scripted.yaml"  # deterministic motion, for timing and HIL
 
 
@@ -184,7 +184,7 @@ class DriverConfig(_Strict):
     # SCHED_FIFO priority for the control loop thread (1-99); None keeps the normal scheduler.
     realtime_priority: int | None = Field(default=None, ge=1, le=99)
     # A joint calibration from `armada calibrate joints` (relative to the cell file), checked when
-    # the cell loads; a PiPer zero calibration is applied by the PiPer backends.
+    # the cell loads; a backend that applies joint calibrations takes only its own kind.
     joint_calibration: str | None = None
 
     @field_validator("backend", mode="before")
@@ -559,7 +559,7 @@ def _validate_backends(data: Any, path: Path) -> Any:
 
 
 def _check_backend_embodiment(cell: CellConfig, i: int, path: Path) -> None:
-    """The plugin's embodiment check, at load: a PiPer driver on a 6-dof embodiment fails here."""
+    """The plugin's embodiment check, at load: a 7-dof device on a 6-dof embodiment fails here."""
     from drivers.core.registry import BACKENDS
 
     drv = cell.drivers[i]

@@ -66,7 +66,7 @@ SMALL_ESTOP_BYTES = 1024
 
 def make_backend(cfg: DriverConfig, emb: EmbodimentConfig, cell_dir: Path | None = None) -> Backend:
     """The backend of the driver's kind, built by its plugin (which imports only its own SDK, lazily:
-    no torch, no lerobot for a mock arm). ``cell_dir``: the cell file's folder."""
+    no torch, no other device's SDK). ``cell_dir``: the cell file's folder."""
     plugin = registry.get(cfg.backend.kind)
     return plugin.build(registry.BuildContext(driver=cfg, embodiment=emb, cell_dir=cell_dir))
 

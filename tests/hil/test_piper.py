@@ -207,9 +207,8 @@ def _gripper_targets(fw) -> list[int]:
 
 
 def test_a_zero_calibration_from_the_cell_corrects_readings_and_shifts_targets(channel, fw, tmp_path):
-    from calibration.joints import PiperZero
-    from calibration.results import CalibrationRecord, Residual, piper_zero_values, write_result
-    from drivers.core.process import _piper_zero_offsets
+    from calibration.results import CalibrationRecord, Residual, write_result
+    from drivers.piper.calibration import PiperZero, piper_zero_values, zero_offsets
     from runtime.config import DriverConfig
 
     offsets = np.radians([1.0, -0.5, 0.0, 0.25, 0.0, -2.0])
@@ -219,7 +218,7 @@ def test_a_zero_calibration_from_the_cell_corrects_readings_and_shifts_targets(c
     cfg = DriverConfig(name="arm", embodiment="piper", backend={"kind": "piper", "can": channel, "bustype": "virtual"},
                        state="ipc://x", cmd="ipc://y", joint_calibration="zero.yaml")
     # What make_backend hands the driver's worker process (which a virtual bus cannot reach).
-    b = PiperBackend(channel, EMB, bustype="virtual", zero_offsets_rad=_piper_zero_offsets(cfg, tmp_path / "c.yaml"))
+    b = PiperBackend(channel, EMB, bustype="virtual", zero_offsets_rad=zero_offsets(cfg, tmp_path))
     b.connect(2.0)
     try:
         raw = fw.q_mdeg.copy() / MDEG_PER_RAD

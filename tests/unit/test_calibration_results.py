@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.joints import GripperCalibration, MotorCalibration, PiperZero
-from calibration.results import CalibrationFileError, CalibrationRecord, Residual, ResultRefused, gripper_values, \
+from calibration.results import CalibrationFileError, CalibrationRecord, Residual, ResultRefused, \
     hand_eye_values, intrinsics_values, load_hand_eye, load_intrinsics, load_joint_calibration, load_latency, \
-    load_result, piper_zero_values, write_result
+    load_result, write_result
+from drivers.aloha.calibration import GripperCalibration, gripper_values
+from drivers.piper.calibration import PiperZero, piper_zero_values
+from drivers.so101.calibration import MotorCalibration
 from calibration.types import CameraIntrinsics
 from runtime.config import ConfigError
 
