@@ -37,7 +37,7 @@ import yaml
 
 from calibration.joints import JointCalibrationError
 from calibration.types import CameraIntrinsics, CameraLatency, HandEyeCalibration
-from runtime.config import ConfigError
+from runtime.errors import ConfigError
 
 log = logging.getLogger("armada.calibration")
 

@@ -438,11 +438,8 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
 def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
     from runtime.inference.client import EpisodeClient
 
-    from drivers.core.registry import get
-
     cell = procs.cell
-    # Only a cell that moves nothing real (mocks, simulators) may arm without --arm.
-    all_mock = not any(get(d.backend.kind).moves_hardware for d in cell.drivers)
+    simulated_only = moves_no_hardware(cell)
     print(f"armada: cell {cell.name!r}: {len(cell.drivers)} driver(s), {len(cell.cameras)} camera(s), "
           f"{cell.inference.policy.kind} policy, {cell.inference.chunking.mode} chunks")
     t = time.monotonic()
@@ -455,16 +452,23 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
     print(f"armada: all processes answer ({time.monotonic() - t:.1f} s); logs in {procs.run_dir / 'logs'}")
     client = EpisodeClient(procs.ctx, cell)
     try:
-        if not (args.arm or all_mock) and not _drivers_armed(procs):
+        if not (args.arm or simulated_only) and not _drivers_armed(procs):
             return 1
         for _ in range(args.episodes):
-            report = _one_episode(procs, client, args, all_mock, cell.inference.episode_duration_s)
+            report = _one_episode(procs, client, args, simulated_only, cell.inference.episode_duration_s)
             reports.append(report)
             if procs.dead():
                 break  # the episode failed for it; no more episodes on a broken cell
     finally:
         client.close()
     return 0 if all(r["outcome"] == "completed" for r in reports) else 1
+
+
+def moves_no_hardware(cell) -> bool:
+    """Only a cell whose every backend moves nothing real (mocks, simulators) may arm without --arm."""
+    from drivers.core.registry import get
+
+    return not any(get(d.backend.kind).moves_hardware for d in cell.drivers)
 
 
 def _drivers_armed(procs) -> bool:
@@ -487,12 +491,12 @@ def _drivers_armed(procs) -> bool:
     return True
 
 
-def _one_episode(procs, client, args: argparse.Namespace, all_mock: bool, default_duration: float) -> dict[str, Any]:
+def _one_episode(procs, client, args: argparse.Namespace, simulated_only: bool, default_duration: float) -> dict[str, Any]:
     from runtime.transport import RemoteError
 
     duration = args.duration or default_duration
     try:
-        episode = client.start(args.instruction, duration_s=duration, arm=args.arm or all_mock)
+        episode = client.start(args.instruction, duration_s=duration, arm=args.arm or simulated_only)
     except (TimeoutError, RemoteError) as exc:  # e.g. the inference process died just now
         why = "; ".join(w for _, w in procs.dead()) or str(exc)
         report = _failed_report(0, f"failed to start: {why}")

@@ -16,17 +16,12 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, 
                       field_validator, model_validator)
 
 from runtime.endpoints import check_endpoint
+from runtime.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CELL = CONFIG_DIR / "cells" / "default.yaml"  # the tiny merged VLA on a simulated arm
 SCRIPTED_CELL = CONFIG_DIR / "cells" / "scripted.yaml"  # deterministic motion, for timing and HIL
-
-
-class ConfigError(Exception):
-    def __init__(self, file: str | Path, key: str, reason: str):
-        super().__init__(f"{file}: {key or '<top>'}: {reason}")
-        self.file, self.key, self.reason = str(file), key, reason
 
 
 class _Strict(BaseModel):
