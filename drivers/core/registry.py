@@ -146,6 +146,7 @@ class PluginRegistry(Generic[T]):
 
 
 def _name_of(plugin: Any) -> str:
+    """A backend plugin's ``kind``, or the ``name`` of other plugin types."""
     return getattr(plugin, "kind", None) or getattr(plugin, "name")
 
 

@@ -22,7 +22,7 @@ from drivers.piper.calibration import PiperZero, piper_zero_values
 from runtime.config import ConfigError, StrictModel, load_cell
 from runtime.cli import build_parser, moves_no_hardware
 
-INSTALLED = {"mock", "ur3", "piper", "cobot_magic"}
+INSTALLED = {"mock", "ur3", "piper", "cobot_magic", "aloha"}
 VENDOR_MODULES = ("piper_sdk", "rtde_control", "rtde_receive", "can", "dynamixel_sdk", "scservo_sdk", "lerobot",
                   "torch", "pyrealsense2")
 
