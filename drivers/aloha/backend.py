@@ -57,10 +57,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -68,6 +68,7 @@ from drivers.aloha.calibration import GripperCalibration
 from drivers.core.backend import Backend, BackendError, Reading
 
 log = logging.getLogger("armada.aloha")
+T = TypeVar("T")
 
 # X-series control table (Protocol 2.0).
 ADDR_MODEL_NUMBER = 0
@@ -108,7 +109,8 @@ HW_ERRORS = {0x01: "input voltage", 0x04: "overheating", 0x08: "motor encoder", 
 # SDK results
 COMM_SUCCESS = 0
 
-REBOOT_WAIT_S = 0.5  # an X-series servo answers again within this after a reboot
+ESTOP_READ_ATTEMPTS = 3
+PING_ATTEMPTS = 3
 
 
 def ticks_to_rad(ticks: np.ndarray | float) -> np.ndarray:
@@ -243,7 +245,10 @@ class _Bus:
         found: dict[int, int] = {}
         missing, wrong = [], []
         for s in self.servos:
-            model, result, _error = self.ph.ping(self.port, s.id)
+            for _ in range(PING_ATTEMPTS):  # one lost reply is not a missing servo
+                model, result, _error = self.ph.ping(self.port, s.id)
+                if result == COMM_SUCCESS:
+                    break
             if result != COMM_SUCCESS:
                 missing.append(s)
                 continue
@@ -476,12 +481,10 @@ class AlohaBackend(Backend):
     def read(self) -> Reading:
         t = time.monotonic_ns()
         try:
-            ticks = [bus.read_positions() for bus in self.followers]
-            errors = [(bus, bus.read_errors()) for bus in self.followers]
+            ticks = [_on(bus, bus.read_positions) for bus in self.followers]
+            errors = [(bus, _on(bus, bus.read_errors)) for bus in self.followers]
         except BackendError as exc:
-            raise self._stale(str(exc)) from None
-        except Exception as exc:  # pyserial: the adapter went away (EIO), the port was closed
-            raise BackendError(f"ALOHA: the serial port failed: {type(exc).__name__}: {exc}", transient=False) from None
+            raise self._stale(str(exc)) if exc.transient else exc from None
         self._last_ok = time.monotonic()
         faults = [f"{bus.name}: {bus.label(s)} hardware error: {describe_hw_error(bits)}"
                   for bus, errs in errors for s, bits in errs.items()]
@@ -508,13 +511,8 @@ class AlohaBackend(Backend):
         p = np.asarray(position, dtype=np.float64)
         if p.shape != (2 * ARM_DOF,) or not np.all(np.isfinite(p)):
             raise BackendError(f"ALOHA write needs 14 finite values, got {p!r}", transient=False)
-        try:
-            for k, bus in enumerate(self.followers):
-                bus.write_goals(p[k * ARM_DOF:(k + 1) * ARM_DOF])
-        except BackendError:
-            raise
-        except Exception as exc:
-            raise BackendError(f"ALOHA: the serial port failed: {type(exc).__name__}: {exc}", transient=False) from None
+        for k, bus in enumerate(self.followers):
+            _on(bus, lambda: bus.write_goals(p[k * ARM_DOF:(k + 1) * ARM_DOF]))
 
     def read_leaders(self) -> np.ndarray:
         """The leaders' pose in the followers' action layout (14 values, rad and m): arm joints as read,
@@ -523,19 +521,13 @@ class AlohaBackend(Backend):
         if not self.leaders:
             raise BackendError("ALOHA: no leader arms configured", transient=False)
         out = []
-        try:
-            for leader, follower in zip(self.leaders, self.followers):
-                ticks = leader.read_positions()
-                si = ticks_to_rad(ticks)
-                n = float(leader.calibration.normalized(ticks[-1]))
-                fc = follower.calibration
-                si[-1] = fc.closed_m + n * (fc.open_m - fc.closed_m)
-                out.append(si)
-        except BackendError:
-            raise
-        except Exception as exc:
-            raise BackendError(f"ALOHA: a leader's serial port failed: {type(exc).__name__}: {exc}",
-                               transient=False) from None
+        for leader, follower in zip(self.leaders, self.followers):
+            ticks = _on(leader, leader.read_positions)
+            si = ticks_to_rad(ticks)
+            n = float(leader.calibration.normalized(ticks[-1]))
+            fc = follower.calibration
+            si[-1] = fc.closed_m + n * (fc.open_m - fc.closed_m)
+            out.append(si)
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ stops
@@ -547,13 +539,19 @@ class AlohaBackend(Backend):
             return
         errors = []
         for bus in self.followers:
-            try:
-                ticks = bus.read_positions()
-                bus.write_goals(bus.to_si(ticks))
-            except Exception as exc:  # noqa: BLE001 (the other arm must still be stopped)
-                errors.append(f"{bus.name}: {exc}")
+            for attempt in range(ESTOP_READ_ATTEMPTS):  # a reply lost to a busy host is worth another try
+                try:
+                    ticks = _on(bus, bus.read_positions)
+                    _on(bus, lambda: bus.write_goals(bus.to_si(ticks)))
+                    break
+                except BackendError as exc:  # the other arm must still be stopped
+                    if not exc.transient or attempt == ESTOP_READ_ATTEMPTS - 1:
+                        errors.append(str(exc))
+                        break
         if errors:
-            raise BackendError(f"ALOHA e-stop hold failed on {'; '.join(errors)}", transient=False)
+            # Position mode: each servo still stops at its last goal, one filtered tick from where it was.
+            raise BackendError(f"ALOHA e-stop: holding at the present position failed ({'; '.join(errors)}); those "
+                               "servos stop at their last goal", transient=False)
 
     def on_fault(self, reason: str) -> None:
         self._faulted = reason
@@ -562,6 +560,20 @@ class AlohaBackend(Backend):
         """Operator-requested: reopen the ports, reboot servos whose hardware error cut their torque
         (only with ``reboot_on_recover``), then modes and torque on at the present pose, confirmed."""
         self._take_control(time.monotonic() + timeout_s, reboot=self.s.reboot_on_recover)
+
+
+def _on(bus: _Bus, call: Callable[[], T]) -> T:
+    """``call()``, with pyserial's errors (the adapter unplugged: EIO; the port closed) turned into a
+    non-transient BackendError naming the bus. The SDK's own failures are already BackendErrors."""
+    if bus.port is None:
+        raise BackendError(f"{bus.name}: {bus.port_name} is not open", transient=False)
+    try:
+        return call()
+    except BackendError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (serial.SerialException, OSError, and the SDK's TypeErrors on a closed port)
+        raise BackendError(f"{bus.name}: the serial port {bus.port_name} failed: {type(exc).__name__}: {exc}",
+                           transient=False) from None
 
 
 def build_in_worker(**settings: Any) -> AlohaBackend:

@@ -48,7 +48,7 @@ LEADER_GRIPPER_START = 1925
 
 
 class AlohaFake:
-    def __init__(self, leaders: bool = True, max_speed: float = 3000.0, tick_s: float = 0.002):
+    def __init__(self, leaders: bool = True, max_speed: float = 3000.0, tick_s: float = 0.005):
         self.buses: dict[str, DynamixelBusFake] = {}
         for name in BUSES if leaders else BUSES[:2]:
             follower = name.startswith("puppet")
