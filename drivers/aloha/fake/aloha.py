@@ -110,6 +110,66 @@ class AlohaFake:
         return {}
 
 
+class AlohaFakeProcess:
+    """`python -m drivers.aloha.fake.aloha` as a child process, with a client for its control socket
+    (tests and `armada bench aloha`)."""
+
+    def __init__(self, link_dir: Path, *extra: str, ready_timeout_s: float = 10.0):
+        import subprocess
+        import sys
+        import time
+
+        self.link_dir = Path(link_dir)
+        self.control = self.link_dir / "aloha-fake.sock"
+        root = Path(__file__).resolve().parents[3]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen([sys.executable, "-m", "drivers.aloha.fake.aloha", "--link-dir", str(link_dir),
+                                      "--control", str(self.control), *extra], stdout=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, env=env, text=True)
+        end = time.monotonic() + ready_timeout_s
+        line = ""
+        while time.monotonic() < end and not line:
+            line = self.proc.stdout.readline()
+            if self.proc.poll() is not None:
+                break
+        if not line:
+            self.close()
+            raise RuntimeError("the ALOHA fake did not start")
+        self.ports: dict[str, str] = json.loads(line)["ports"]
+        self._sock: socket.socket | None = None
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(5.0)
+            self._sock.connect(str(self.control))
+            self._file = self._sock.makefile("rwb")
+        self._file.write((json.dumps({"op": op, **fields}) + "\n").encode())
+        self._file.flush()
+        reply = json.loads(self._file.readline())
+        if not reply.pop("ok"):
+            raise RuntimeError(f"ALOHA fake: {op}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5.0)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> AlohaFakeProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _serve_control(fake: AlohaFake, path: Path, done: threading.Event) -> socket.socket:
     path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
