@@ -489,12 +489,12 @@ def record_hold(args, names: list[str], prompt: str, say: Callable[[str], None])
     """Ask the operator to hold a pose, then record the driver's measured joints for a while."""
     import zmq
 
-    from runtime.config import driver_embodiment, load_cell, named
+    from runtime.config import load_cell
     from runtime.transport import Subscriber
 
     cell = load_cell(args.live, args.run_dir)
-    drv = named(cell.driver, args.driver, args.live)
-    all_names = driver_embodiment(Path(args.live), drv).joint_names
+    drv = cell.driver(args.driver)
+    all_names = cell.embodiment(drv).joint_names
     idx = [all_names.index(n) for n in names]
     input(f"{prompt}, then press Enter ")
     ctx = zmq.Context()

@@ -48,18 +48,18 @@ class CellStreams:
              run_dir: Path | None = None, frame_hwm: int = 8) -> "CellStreams":
         import zmq
 
-        from runtime.config import driver_embodiment, load_cell, named
+        from runtime.config import load_cell
         from runtime.transport import FrameSubscriber, Subscriber
 
         cell = load_cell(cell_path, run_dir)
-        cam = named(cell.camera, camera, cell_path)
+        cam = cell.camera(camera)
         ctx = zmq.Context()
         frames = FrameSubscriber(ctx, cam.frames, hwm=frame_hwm, curve=cell.curve)
         state, joints, drv_name = None, [], None
         if driver is not None:
-            drv = named(cell.driver, driver, cell_path)
+            drv = cell.driver(driver)
             state = Subscriber(ctx, drv.state, curve=cell.curve)
-            joints, drv_name = driver_embodiment(Path(cell_path), drv).joint_names, drv.name
+            joints, drv_name = cell.embodiment(drv).joint_names, drv.name
         return cls(ctx, frames, state, cam.name, drv_name, joints)
 
     def iter_frames(self, timeout_s: float = 3.0, latest: bool = True) -> Iterator[Any]:

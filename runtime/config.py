@@ -375,10 +375,18 @@ class CellConfig(_Strict):
         return self._path.parent if self._path is not None else DEFAULT_CELL.parent
 
     def driver(self, name: str | None) -> DriverConfig:
-        return _pick(self.drivers, name, "driver")
+        return _pick(self.drivers, name, "driver", self._path)
 
     def camera(self, name: str | None) -> CameraConfig:
-        return _pick(self.cameras, name, "camera")
+        return _pick(self.cameras, name, "camera", self._path)
+
+    def embodiment(self, drv: DriverConfig) -> EmbodimentConfig:
+        """A driver's embodiment (relative to the cell's folder), with the cell's rate override."""
+        return driver_embodiment(self._path, drv)
+
+    def resolve(self, name: str) -> Path:
+        """A file the cell names (a calibration, a recording), relative to its folder unless absolute."""
+        return resolve_cell_file(self._path, name)
 
 
 def named(pick: "Callable[[str | None], Any]", name: str | None, cell_path: str | Path | None) -> Any:
@@ -389,16 +397,17 @@ def named(pick: "Callable[[str | None], Any]", name: str | None, cell_path: str 
         raise ConfigError(cell_path or DEFAULT_CELL, exc.key, exc.reason) from None
 
 
-def _pick(items: list[Any], name: str | None, what: str) -> Any:
+def _pick(items: list[Any], name: str | None, what: str, path: Path | None) -> Any:
+    where = path if path is not None else "<cell>"
     if name is None:
         if len(items) != 1:
-            raise ConfigError("<cell>", f"{what}s", f"the cell has {len(items)} {what}s; name one of "
+            raise ConfigError(where, f"{what}s", f"the cell has {len(items)} {what}s; name one of "
                               f"{[i.name for i in items]}")
         return items[0]
     for item in items:
         if item.name == name:
             return item
-    raise ConfigError("<cell>", f"{what}s", f"no {what} named {name!r}; have {[i.name for i in items]}")
+    raise ConfigError(where, f"{what}s", f"no {what} named {name!r}; have {[i.name for i in items]}")
 
 
 # --------------------------------------------------------------------------- loading

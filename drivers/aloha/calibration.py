@@ -143,11 +143,11 @@ def _gripper_recordings(args, say) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def _gripper_joints(args) -> list[str]:
-    from runtime.config import driver_embodiment, load_cell, named
+    from runtime.config import load_cell
 
     cell = load_cell(args.live, args.run_dir)
-    drv = named(cell.driver, args.driver, args.live)
-    emb = driver_embodiment(Path(args.live), drv)
+    drv = cell.driver(args.driver)
+    emb = cell.embodiment(drv)
     names = [j.name for g in emb.groups if g.mode == "gripper_position" for j in g.joints]
     if not names:
         raise CalibrateError(f"driver {drv.name} has no gripper_position group")

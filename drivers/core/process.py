@@ -44,7 +44,7 @@ from drivers.core import registry
 from drivers.core.backend import Backend, BackendError
 from drivers.core.driver import Driver, Mode, SlowJob, TickResult
 from runtime import protocol
-from runtime.config import CellConfig, DriverConfig, EmbodimentConfig, driver_embodiment, load_cell, named
+from runtime.config import CellConfig, DriverConfig, EmbodimentConfig, load_cell
 from runtime.protocol import ErrorCode, ProtocolError
 from runtime.transport import CommandServer, Publisher, Request, start_authenticator
 
@@ -480,8 +480,8 @@ def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
     """Run one driver of a cell until SIGTERM/SIGINT; ``run_dir`` (resolved and locked by the CLI)
     keeps the e-stop latch across restarts."""
     cell = load_cell(cell_path, run_dir)
-    cfg = named(cell.driver, name, cell.path)
-    emb = driver_embodiment(cell.path, cfg)
+    cfg = cell.driver(name)
+    emb = cell.embodiment(cfg)
     try:
         backend = make_backend(cfg, emb, cell.folder)
     except ValueError as exc:  # a backend that cannot work with this embodiment or bus: say so, no traceback

@@ -119,11 +119,11 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from calibration.results import CalibrationRecord, Residual
 
     if args.live is not None:
-        from runtime.config import driver_embodiment, load_cell, named
+        from runtime.config import load_cell
 
         cell = load_cell(args.live, args.run_dir)
-        drv = named(cell.driver, args.driver, args.live)
-        names = [j.name for g in driver_embodiment(Path(args.live), drv).groups if g.mode == "joint_position"
+        drv = cell.driver(args.driver)
+        names = [j.name for g in cell.embodiment(drv).groups if g.mode == "joint_position"
                  for j in g.joints]
         prompt = "put every joint at its mechanical zero mark (arm disabled or in teach mode)"
         samples = record_hold(args, names, prompt, say)

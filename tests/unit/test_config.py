@@ -512,8 +512,13 @@ def test_load_cell(tmp_path):
     assert driver_embodiment(path, drv) == load_embodiment("mock_arm")
     with pytest.raises(ConfigError):
         cell.camera(None)  # two cameras: which one?
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as info:
         cell.driver("nope")
+    assert info.value.file == str(path)  # the loaded cell remembers its file
+    assert cell.path == path and cell.folder == tmp_path
+    assert cell.embodiment(drv) == load_embodiment("mock_arm")
+    assert cell.resolve("cal/wrist.yaml") == tmp_path / "cal" / "wrist.yaml"
+    assert cell.resolve("/abs/x.yaml") == Path("/abs/x.yaml")
 
 
 @pytest.mark.parametrize("name", ["default", "bimanual"])
