@@ -29,8 +29,9 @@ operator's setup, not this driver's business).
 
 Safety:
 - connect pings every configured ID and fails naming the IDs found, the ones missing and any wrong
-  model numbers; a servo reporting a hardware error, or a shadow not linked to its primary, fails
-  connect too.
+  model numbers; a shadow not linked to its primary fails it too. A servo already reporting a
+  hardware error does not: connect then changes nothing (no mode, no torque), ``read`` reports the
+  error as a device fault, ``write`` refuses, and the operator's clear_fault decides.
 - Operating modes are EEPROM: a servo whose mode must change is written with torque off. Turning
   torque off on an arm joint would drop a raised arm, so an arm joint found with torque on in the
   wrong mode is refused (support the arm and power-cycle it); a gripper may be switched.
@@ -110,7 +111,7 @@ HW_ERRORS = {0x01: "input voltage", 0x04: "overheating", 0x08: "motor encoder", 
 COMM_SUCCESS = 0
 
 ESTOP_READ_ATTEMPTS = 3
-PING_ATTEMPTS = 3
+PING_RETRY_S = 0.1  # a servo that does not answer pings for this long is missing
 
 
 def ticks_to_rad(ticks: np.ndarray | float) -> np.ndarray:
@@ -245,9 +246,10 @@ class _Bus:
         found: dict[int, int] = {}
         missing, wrong = [], []
         for s in self.servos:
-            for _ in range(PING_ATTEMPTS):  # one lost reply is not a missing servo
+            give_up = time.monotonic() + PING_RETRY_S
+            while True:  # a lost reply (a busy host, a glitch) is not a missing servo
                 model, result, _error = self.ph.ping(self.port, s.id)
-                if result == COMM_SUCCESS:
+                if result == COMM_SUCCESS or time.monotonic() > give_up:
                     break
             if result != COMM_SUCCESS:
                 missing.append(s)
@@ -421,26 +423,34 @@ class AlohaSettings:
 class AlohaBackend(Backend):
     def __init__(self, settings: AlohaSettings):
         self.s = settings
-        self._faulted: str | None = None
+        self._faulted: str | None = None  # set by on_fault: nothing is written until recover
+        self._in_control = False  # modes set and torque on at the present pose, confirmed
         self._last_ok = time.monotonic()
         self.followers = [self._bus(f"{side} follower", settings.follower_ports[side], settings.follower_ids,
                                     FOLLOWER_MODELS, settings.grippers[side]) for side in SIDES]
         self.leaders = [self._bus(f"{side} leader", settings.leader_ports[side], settings.leader_ids, LEADER_MODELS,
-                                  settings.grippers[f"{side}_leader"]) for side in SIDES if side in settings.leader_ports]
+                                  settings.grippers[f"{side}_leader"])
+                        for side in SIDES if side in settings.leader_ports]
         if self.leaders and len(self.leaders) != 2:
             raise ValueError("ALOHA: give both leader ports or neither")
 
     def _bus(self, name: str, port: str, ids: dict[str, int | None], models: dict[str, int],
              grip: dict[str, float]) -> _Bus:
-        return _Bus(name, port, self.s.baud, arm_servos(ids, models), self.s.latency_timer_ms, GripperCalibration(**grip))
+        return _Bus(name, port, self.s.baud, arm_servos(ids, models), self.s.latency_timer_ms,
+                    GripperCalibration(**grip))
 
     # ------------------------------------------------------------------ lifecycle
 
     def connect(self, timeout_s: float) -> None:
-        self._take_control(time.monotonic() + timeout_s, reboot=False)
+        """Open, check and take control. A servo already reporting a hardware error does not fail
+        connect: nothing is enabled, ``read`` reports it as a device fault, and the operator's
+        clear_fault (``recover``) deals with it; this is also the way back after a fault ended the
+        worker process, whose replacement connects first."""
+        self._take_control(time.monotonic() + timeout_s, reboot=False, defer_hardware_errors=True)
 
-    def _take_control(self, deadline: float, reboot: bool) -> None:
+    def _take_control(self, deadline: float, reboot: bool, defer_hardware_errors: bool = False) -> None:
         self.close()
+        self._in_control = False
         try:
             for bus in self.followers + self.leaders:
                 bus.open()
@@ -455,6 +465,12 @@ class AlohaBackend(Backend):
                     if rebooted:
                         log.warning("%s: rebooted %s", bus.name, ", ".join(rebooted))
                 errors = bus.hardware_errors()
+                if errors and defer_hardware_errors:
+                    log.error("%s: hardware errors at connect: %s; not taking control until clear_fault", bus.name,
+                              "; ".join(f"{bus.label(s)}: {describe_hw_error(b)}" for s, b in errors.items()))
+                    self._faulted = "hardware errors at connect"
+                    self._last_ok = time.monotonic()
+                    return
                 if errors:
                     raise BackendError(f"{bus.name}: " + "; ".join(
                         f"{bus.label(s)} reports a hardware error ({describe_hw_error(b)})" for s, b in errors.items())
@@ -469,6 +485,7 @@ class AlohaBackend(Backend):
             self.close()
             raise BackendError(f"ALOHA: connect failed: {type(exc).__name__}: {exc}", transient=False) from None
         self._faulted = None
+        self._in_control = True
         self._last_ok = time.monotonic()
 
     def close(self) -> None:
@@ -505,8 +522,8 @@ class AlohaBackend(Backend):
         return BackendError(why, transient=True)
 
     def write(self, position: np.ndarray) -> None:
-        if self._faulted is not None:
-            raise BackendError(f"ALOHA: not writing: the driver faulted ({self._faulted}); clear_fault first",
+        if self._faulted is not None or not self._in_control:
+            raise BackendError(f"ALOHA: not writing: {self._faulted or 'not connected'}; clear_fault first",
                                transient=False)
         p = np.asarray(position, dtype=np.float64)
         if p.shape != (2 * ARM_DOF,) or not np.all(np.isfinite(p)):
@@ -535,7 +552,7 @@ class AlohaBackend(Backend):
     def estop(self) -> None:
         """Hold: Goal_Position = Present_Position on every joint; torque stays on. After a fault nothing
         is written (the servos keep their last goal, torque on where it was)."""
-        if self._faulted is not None:
+        if self._faulted is not None or not self._in_control:
             return
         errors = []
         for bus in self.followers:
@@ -554,7 +571,7 @@ class AlohaBackend(Backend):
                                "servos stop at their last goal", transient=False)
 
     def on_fault(self, reason: str) -> None:
-        self._faulted = reason
+        self._faulted = f"the driver faulted ({reason})"
 
     def recover(self, timeout_s: float) -> None:
         """Operator-requested: reopen the ports, reboot servos whose hardware error cut their torque
@@ -571,7 +588,7 @@ def _on(bus: _Bus, call: Callable[[], T]) -> T:
         return call()
     except BackendError:
         raise
-    except Exception as exc:  # noqa: BLE001 (serial.SerialException, OSError, and the SDK's TypeErrors on a closed port)
+    except Exception as exc:  # noqa: BLE001 (serial.SerialException, OSError, the SDK's errors on a closed port)
         raise BackendError(f"{bus.name}: the serial port {bus.port_name} failed: {type(exc).__name__}: {exc}",
                            transient=False) from None
 

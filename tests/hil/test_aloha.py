@@ -166,6 +166,25 @@ def test_an_arm_joint_in_the_wrong_mode_with_torque_on_is_refused_not_dropped(fa
     assert f.register(4, ADDR_TORQUE_ENABLE) == 1
 
 
+def test_a_servo_already_in_error_at_connect_changes_nothing_and_is_reported_as_a_fault(fake):
+    fake.bus("puppet_left").set_error(6, overload=True)  # overload: its own shutdown cut its torque
+    b = AlohaBackend(make_settings(fake.ports))
+    b.connect(5.0)
+    try:
+        assert "left follower: servo 6 (forearm_roll, XM540-W270) hardware error: overload" in b.read().fault
+        assert set(torque(fake, "puppet_left").values()) == {0} and set(torque(fake, "puppet_right").values()) == {0}
+        with pytest.raises(BackendError, match="not writing: hardware errors at connect"):
+            b.write(b.read().position)
+        b.estop()
+        assert all(fake.bus(bus).received_goals == [] for bus in FOLLOWERS)
+        d = Driver(EMB, b, lease_ttl_s=5.0)
+        d.connect(5.0)
+        d.tick(time.monotonic_ns())
+        assert d.mode == Mode.FAULT and "servo 6" in d.reason
+    finally:
+        b.close()
+
+
 def test_no_port_is_a_clear_error(tmp_path):
     b = AlohaBackend(make_settings({"puppet_left": str(tmp_path / "ttyDXL_puppet_left"),
                                     "puppet_right": str(tmp_path / "ttyDXL_puppet_right")}))

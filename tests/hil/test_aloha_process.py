@@ -35,9 +35,10 @@ JOINT_OF_ID = {1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 4, 8: 5, 9: 6}
 FAULT_BOUND_S = 0.5
 
 
-def fake_cell(folder: Path) -> Path:
+def fake_cell(folder: Path, **backend) -> Path:
     data = yaml.safe_load(CELL.read_text())
     drv = data["drivers"][0]
+    drv["backend"].update(backend)
     drv["lease_ttl_s"] = 10.0  # commands seconds apart, no heartbeats
     drv["backend"]["latency_timer_ms"] = 4.0  # the fake shares 2 loaded cores with everything else
     path = folder / "cell.yaml"
@@ -77,7 +78,8 @@ def test_an_episode_through_armada_run_keeps_every_goal_inside_the_limits(short_
 
 @pytest.fixture
 def cell(short_tmp):
-    with AlohaFakeProcess(short_tmp) as fake, CellProcesses(fake_cell(short_tmp), short_tmp) as procs:
+    with AlohaFakeProcess(short_tmp) as fake, \
+            CellProcesses(fake_cell(short_tmp, reboot_on_recover=True), short_tmp) as procs:
         procs.spawn("driver", "robot")
         procs.wait_ready(20.0)
         drv = procs.cell.drivers[0]
@@ -128,3 +130,23 @@ def test_a_fault_in_the_driver_process_is_seen_within_the_bound_and_nothing_is_w
         if inject["op"] == "set_error" and bus == inject["bus"]:
             assert tq.pop("4") == 0  # the servo's own shutdown (overload), not the driver
         assert set(tq.values()) == {1}, (bus, tq)
+
+
+def test_clear_fault_reboots_the_servo_whose_error_cut_its_torque_and_holds_where_the_arm_is(cell):
+    fake, client, rec = cell
+    lease = _start_moving(client, rec)
+    fake.call("set_error", bus="puppet_left", id=2, overload=True)  # the shoulder's shutdown cuts its torque
+    rec.wait_mode("fault", 3.0)
+    # The fault ended the worker; clear_fault starts a new one, which finds the latched error.
+    with pytest.raises(Exception, match="overload"):
+        client.request("clear_fault", lease=lease)  # the cause is still there: the reboot cannot clear it
+    fake.call("set_error", bus="puppet_left", id=2)  # the cause is gone (it cooled down, the load came off)
+    client.request("clear_fault", lease=lease)
+    rec.wait_mode("idle", 3.0)
+    for bus in FOLLOWERS:
+        assert set(fake.call("torque", bus=bus)["torque"].values()) == {1}
+    pose = {bus: [fake.call("position", bus=bus, id=i)["position"] for i in range(1, 10)] for bus in FOLLOWERS}
+    time.sleep(0.3)
+    assert pose == {bus: [fake.call("position", bus=bus, id=i)["position"] for i in range(1, 10)] for bus in FOLLOWERS}
+    client.request("arm", lease=lease)  # and it arms again where it stands
+    rec.wait_mode("armed", 2.0)
