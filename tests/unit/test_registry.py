@@ -24,7 +24,7 @@ from runtime.cli import build_parser, moves_no_hardware
 
 INSTALLED = {"mock", "ur3", "piper", "cobot_magic", "aloha"}
 VENDOR_MODULES = ("piper_sdk", "rtde_control", "rtde_receive", "can", "dynamixel_sdk", "scservo_sdk", "lerobot",
-                  "torch", "pyrealsense2")
+                  "torch", "pyrealsense2", "cv2")
 
 
 class ArmUnderTestConfig(StrictModel):
@@ -135,6 +135,8 @@ def test_loading_every_plugin_imports_no_vendor_sdk():
             "assert BACKENDS.all() and JOINT_CALIBRATIONS.all(), 'no plugins'\n"
             "assert not BACKENDS.broken() and not JOINT_CALIBRATIONS.broken(), (BACKENDS.broken(), "
             "JOINT_CALIBRATIONS.broken())\n"
+            "from runtime.cli import build_parser\n"
+            "build_parser()\n"  # what every `armada driver` process does first
             f"print(json.dumps([m for m in {VENDOR_MODULES!r} if m in sys.modules]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
