@@ -78,7 +78,7 @@ class PluginRegistry(Generic[T]):
         self._loaded: dict[str, T] | None = None
         self._broken: dict[str, str] = {}  # entry-point name -> "module:attr: error"
         self._extra: list[dict[str, T]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a plugin's import must not deadlock a lookup
 
     def _load(self) -> dict[str, T]:
         with self._lock:
@@ -100,6 +100,13 @@ class PluginRegistry(Generic[T]):
                     if name != ep.name:
                         self._broken[ep.name] = (f"entry point {ep.name} = {ep.value!r} names kind {name!r}; "
                                                  "the entry point's name and the kind must agree")
+                        continue
+                    if name in loaded:  # two packages claim one kind: refuse to guess which is meant
+                        self._broken[ep.name] = (f"entry point {ep.name} = {ep.value!r}: kind {name!r} is "
+                                                 "registered twice (two installed packages claim it)")
+                        del loaded[name]
+                        continue
+                    if ep.name in self._broken:
                         continue
                     loaded[name] = plugin
                 self._loaded = loaded

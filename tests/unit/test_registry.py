@@ -113,6 +113,17 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_error_and_the_others_st
     assert reg.get("mock").kind == "mock"
 
 
+def test_a_kind_registered_twice_is_refused_not_guessed():
+    reg = PluginRegistry(ENTRY_POINT_GROUP, BackendPlugin, "backend kind",
+                         entry_points=lambda: _eps(("mock", "drivers.mock.plugin:PLUGIN"),
+                                                   ("mock", "drivers.mock.plugin:PLUGIN"),
+                                                   ("mock", "drivers.mock.plugin:PLUGIN"),
+                                                   ("ur3", "drivers.ur3.plugin:PLUGIN")))
+    assert reg.kinds() == ["ur3"]
+    with pytest.raises(RegistryError, match="registered twice"):
+        reg.get("mock")
+
+
 def test_extra_plugins_live_only_inside_their_with_block():
     assert "test_arm" not in BACKENDS.kinds()
     with BACKENDS.extra(TEST_PLUGIN):
