@@ -111,7 +111,7 @@ HW_ERRORS = {0x01: "input voltage", 0x04: "overheating", 0x08: "motor encoder", 
 COMM_SUCCESS = 0
 
 ESTOP_READ_ATTEMPTS = 3
-PING_RETRY_S = 0.1  # a servo that does not answer pings for this long is missing
+PING_RETRY_S = 0.3  # a servo that does not answer for this long at connect is missing
 
 
 def ticks_to_rad(ticks: np.ndarray | float) -> np.ndarray:
@@ -272,7 +272,7 @@ class _Bus:
         for s in self.servos:
             if not s.is_shadow:
                 continue
-            linked, result, error = self.ph.read1ByteTxRx(self.port, s.id, ADDR_SECONDARY_ID)
+            linked, result, error = self._read(1, s.id, ADDR_SECONDARY_ID)
             self._require(result, error, f"reading the Secondary_ID of {self.label(s)}")
             if linked != ids[s.joint]:
                 raise BackendError(f"{self.name}: {self.label(s)} has Secondary_ID {linked}, not its primary's ID "
@@ -282,14 +282,14 @@ class _Bus:
     def hardware_errors(self) -> dict[Servo, int]:
         errors = {}
         for s in self.servos:
-            bits, result, error = self.ph.read1ByteTxRx(self.port, s.id, ADDR_HARDWARE_ERROR)
+            bits, result, error = self._read(1, s.id, ADDR_HARDWARE_ERROR)
             self._require(result, error & 0x7F, f"reading the hardware error status of {self.label(s)}")
             if bits:
                 errors[s] = bits
         return errors
 
     def torque(self, servo: Servo) -> int:
-        value, result, error = self.ph.read1ByteTxRx(self.port, servo.id, ADDR_TORQUE_ENABLE)
+        value, result, error = self._read(1, servo.id, ADDR_TORQUE_ENABLE)
         self._require(result, error & 0x7F, f"reading Torque_Enable of {self.label(servo)}")
         return value
 
@@ -297,16 +297,31 @@ class _Bus:
         if result != COMM_SUCCESS or error:
             raise BackendError(f"{self.name}: {what} failed: {self._comm(result, error)}", transient=False)
 
+    def _read(self, size: int, servo_id: int, address: int) -> tuple[int, int, int]:
+        """One register (value, result, error). Setup transactions are repeated while the reply is lost
+        (a reply is lost on a busy host or a glitching bus; a servo's own error is never retried)."""
+        fn = {1: self.ph.read1ByteTxRx, 2: self.ph.read2ByteTxRx, 4: self.ph.read4ByteTxRx}[size]
+        give_up = time.monotonic() + PING_RETRY_S
+        while True:
+            value, result, error = fn(self.port, servo_id, address)
+            if result == COMM_SUCCESS or time.monotonic() > give_up:
+                return value, result, error
+
     def _write(self, servo: Servo, address: int, size: int, value: int, what: str) -> None:
+        """Write one register and wait for its status (the write is idempotent: a lost reply is retried)."""
         fn = {1: self.ph.write1ByteTxRx, 2: self.ph.write2ByteTxRx, 4: self.ph.write4ByteTxRx}[size]
-        result, error = fn(self.port, servo.id, address, int(value) & ((1 << (8 * size)) - 1))
+        give_up = time.monotonic() + PING_RETRY_S
+        while True:
+            result, error = fn(self.port, servo.id, address, int(value) & ((1 << (8 * size)) - 1))
+            if result == COMM_SUCCESS or time.monotonic() > give_up:
+                break
         self._require(result, error & 0x7F, f"writing {what} of {self.label(servo)}")
 
     # --- taking control ------------------------------------------------------------------------
     def take_control(self, gripper_current: int) -> None:
         """Operating modes, gripper current, then torque on at the present position, confirmed."""
         for s in self.servos:
-            mode, result, error = self.ph.read1ByteTxRx(self.port, s.id, ADDR_OPERATING_MODE)
+            mode, result, error = self._read(1, s.id, ADDR_OPERATING_MODE)
             self._require(result, error & 0x7F, f"reading the operating mode of {self.label(s)}")
             if mode == s.mode:
                 continue
@@ -319,7 +334,7 @@ class _Bus:
             self._write(s, ADDR_OPERATING_MODE, 1, s.mode, "Operating_Mode")
         for s in self.primaries:
             if s.joint == "gripper":
-                limit, result, error = self.ph.read2ByteTxRx(self.port, s.id, ADDR_CURRENT_LIMIT)
+                limit, result, error = self._read(2, s.id, ADDR_CURRENT_LIMIT)
                 self._require(result, error & 0x7F, f"reading Current_Limit of {self.label(s)}")
                 if gripper_current > limit:
                     raise BackendError(f"{self.name}: gripper_current {gripper_current} is above {self.label(s)}'s "
@@ -580,17 +595,25 @@ class AlohaBackend(Backend):
 
 
 def _on(bus: _Bus, call: Callable[[], T]) -> T:
-    """``call()``, with pyserial's errors (the adapter unplugged: EIO; the port closed) turned into a
-    non-transient BackendError naming the bus. The SDK's own failures are already BackendErrors."""
+    """``call()`` on one bus, its failures as BackendErrors naming the bus: pyserial's errors (the
+    adapter unplugged: EIO; the port closed) are non-transient; any other exception is the SDK
+    tripping over a garbled or partial reply (an IndexError in its parser), which is transient like
+    a CRC error: the SDK's busy flag is cleared (it stays set when its parser raises, and would
+    refuse every later packet) and the stale bound faults the driver if it goes on."""
+    import serial
+
     if bus.port is None:
         raise BackendError(f"{bus.name}: {bus.port_name} is not open", transient=False)
     try:
         return call()
     except BackendError:
         raise
-    except Exception as exc:  # noqa: BLE001 (serial.SerialException, OSError, the SDK's errors on a closed port)
+    except (serial.SerialException, OSError) as exc:
         raise BackendError(f"{bus.name}: the serial port {bus.port_name} failed: {type(exc).__name__}: {exc}",
                            transient=False) from None
+    except Exception as exc:  # noqa: BLE001 (the SDK's parser on a garbled reply)
+        bus.port.is_using = False
+        raise BackendError(f"{bus.name}: garbled reply ({type(exc).__name__} in dynamixel_sdk: {exc})") from None
 
 
 def build_in_worker(**settings: Any) -> AlohaBackend:

@@ -31,7 +31,7 @@ import numpy as np
 
 from drivers.aloha.backend import AlohaBackend, AlohaSettings
 from drivers.aloha.fake.aloha import AlohaFakeProcess
-from drivers.aloha.plugin import AlohaBackendConfig, settings
+from drivers.aloha.config import AlohaBackendConfig, settings
 from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 from runtime.config import load_embodiment
 

@@ -24,7 +24,7 @@ from drivers.aloha.backend import (  # noqa: E402
 )
 from drivers.aloha.calibration import GripperCalibration  # noqa: E402
 from drivers.aloha.fake.aloha import AlohaFake  # noqa: E402
-from drivers.aloha.plugin import AlohaBackendConfig, settings  # noqa: E402
+from drivers.aloha.config import AlohaBackendConfig, settings  # noqa: E402
 from drivers.core.backend import BackendError  # noqa: E402
 from drivers.core.driver import Driver, Mode  # noqa: E402
 from runtime.config import load_embodiment  # noqa: E402

@@ -18,7 +18,7 @@ import yaml
 pytest.importorskip("dynamixel_sdk", reason="dynamixel-sdk is in the `devices` extra")
 
 from drivers.aloha.fake.aloha import AlohaFakeProcess  # noqa: E402
-from drivers.aloha.plugin import ACT_FOLLOWER_GRIPPER  # noqa: E402
+from drivers.aloha.config import ACT_FOLLOWER_GRIPPER  # noqa: E402
 from runtime.config import CONFIG_DIR, REPO_ROOT, load_embodiment  # noqa: E402
 from runtime.supervisor import CellProcesses  # noqa: E402
 from runtime.transport import CommandClient  # noqa: E402

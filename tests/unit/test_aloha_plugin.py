@@ -14,14 +14,8 @@ from pydantic import ValidationError
 
 from drivers.aloha.backend import FOLLOWER_MODELS, arm_servos, rad_to_ticks, ticks_to_rad
 from drivers.aloha.calibration import GripperCalibration, gripper_values
-from drivers.aloha.plugin import (
-    ACT_FOLLOWER_GRIPPER,
-    ACT_LEADER_GRIPPER,
-    PLUGIN,
-    AlohaBackendConfig,
-    check_embodiment,
-    gripper_calibrations,
-)
+from drivers.aloha.config import ACT_FOLLOWER_GRIPPER, ACT_LEADER_GRIPPER, AlohaBackendConfig, gripper_calibrations
+from drivers.aloha.plugin import PLUGIN, check_embodiment
 from drivers.core.registry import get
 from runtime.config import CONFIG_DIR, ConfigError, load_cell, load_embodiment
 
