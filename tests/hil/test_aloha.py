@@ -286,14 +286,17 @@ def test_a_hardware_error_bit_faults_within_the_bound_and_nothing_is_written_aft
     assert set(torque(fake, "puppet_left").values()) == {1}
 
 
-@pytest.mark.parametrize("how", ["unplug", "silent"])
-def test_an_unplugged_port_or_a_silent_servo_faults_within_the_bound_and_nothing_is_written_after(fake, driver, how):
+@pytest.mark.parametrize("how", ["unplug", "silent", "bad_crc"])
+def test_an_unplugged_port_a_silent_servo_or_bad_crcs_fault_within_the_bound_and_nothing_is_written_after(
+        fake, driver, how):
     lease = armed(driver)
     run(driver, 0.2, lease)
     if how == "unplug":
         fake.bus("puppet_left").unplug()
-    else:
+    elif how == "silent":
         fake.bus("puppet_left").set_missing(6)
+    else:
+        fake.bus("puppet_left").set_bad_crc(6)  # every reply of servo 6 fails its CRC
     mark = len(fake.bus("puppet_right").received_goals)
     t = time.monotonic()
     run(driver, 1.5, lease, until=lambda d: d.mode == Mode.FAULT)
@@ -306,7 +309,7 @@ def test_an_unplugged_port_or_a_silent_servo_faults_within_the_bound_and_nothing
     run(driver, 0.5, lease)
     assert len(fake.bus("puppet_right").received_goals) == written_by_fault
     assert set(torque(fake, "puppet_right").values()) == {1}
-    if how == "silent":
+    if how != "unplug":
         assert set(torque(fake, "puppet_left").values()) == {1}
 
 
