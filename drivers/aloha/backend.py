@@ -24,8 +24,8 @@ is 0 rad (the convention of ALOHA's code). Grippers: raw ticks <-> opening in me
 Modes: arm joints in position mode (3), grippers in current-based position mode (5) with Goal
 Current set to the configured limit, so a gripper closing on an object squeezes with bounded
 current instead of stalling at full current. Leaders are only read, never written: no torque or
-mode change (ALOHA's teleop leaves the leader arms' torque off; how they are configured is the
-operator's setup, not this driver's business).
+mode change (ALOHA's setup puts the leaders in PWM mode with torque off; that is the operator's
+setup, not this driver's business).
 
 Safety:
 - connect pings every configured ID and fails naming the IDs found, the ones missing and any wrong
@@ -37,13 +37,16 @@ Safety:
   wrong mode is refused (support the arm and power-cycle it); a gripper may be switched.
 - Torque is enabled with Goal_Position first set to Present_Position, so nothing jumps, and
   confirmed by reading Torque_Enable back from every servo.
-- Nothing here ever disables torque: not ``close``, not ``estop`` (goal = present position, torque
-  stays on), not a fault, not ``recover`` (a reboot, which does cut torque, is only sent to servos
-  whose torque their own shutdown already cut, and only when the cell asks for it).
-- A hardware error bit on any servo is reported as a device fault at the next read; no complete
-  reading for ``stale_s`` (a missing reply, a bad CRC) or a vanished port is a non-transient
-  BackendError. The driver core then calls ``on_fault``, after which ``write`` sends nothing until
-  ``recover``.
+- Nothing here ever disables torque on an arm joint: not ``close``, not ``estop`` (goal = present
+  position, torque stays on), not a fault, not ``recover`` (a reboot, which does cut torque, is only
+  sent to servos whose torque their own shutdown already cut, and only when the cell asks for it).
+  The one torque-off is a gripper found in the wrong mode at connect (a gripper does not fall).
+- A hardware error bit on any servo is reported as a device fault at the next read, and a vanished
+  port (EIO) is a non-transient BackendError there too: within one 50 Hz tick (12 ms measured through
+  a driver process). A missing reply or a bad CRC is a transient error; the core faults after 0.1 s
+  of them, and this backend after ``stale_s`` (0.2 s) without a complete reading, whichever first
+  (150 ms measured). The core then calls ``on_fault``: the plugin's worker process is killed, and
+  this backend itself also refuses every ``write`` until ``recover``.
 
 Isolation: the plugin runs this backend in a worker process (drivers/core/isolated.py). The SDK's
 receive loop busy-waits on a non-blocking pyserial port until its packet timeout (it never
