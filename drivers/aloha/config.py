@@ -66,6 +66,9 @@ def _act_gripper(open_rad: float, closed_rad: float) -> GripperMap:
 
 ACT_FOLLOWER_GRIPPER = _act_gripper(1.4910, -0.6213)  # PUPPET_GRIPPER_JOINT_OPEN / _CLOSE
 ACT_LEADER_GRIPPER = _act_gripper(0.3083, -0.6842)  # MASTER_GRIPPER_JOINT_OPEN / _CLOSE
+# ALOHA 2 (Interbotix's aloha package) uses other grippers and constants: follower 1.6214 / 0.6197 rad,
+# leader 0.8298 / -0.0552 rad (open / close). On such a robot set follower_gripper / leader_gripper
+# in the cell, or better, calibrate.
 
 
 class AlohaBackendConfig(_Strict):
