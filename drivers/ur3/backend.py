@@ -35,16 +35,11 @@ import numpy as np
 from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 from drivers.ur3.rtde_backend import UR3RtdeBackend
 from drivers.ur3.config import UR3BackendConfig
+from drivers.ur3.plugin import check_embodiment
 from runtime.config import EmbodimentConfig
 
-N_JOINTS = 6
 # Probe 3 s + ur-rtde's own 5 s wait for the control script to start, on top of the driver's budget.
 UR3_TIMEOUTS = WorkerTimeouts(io_s=0.02, stop_s=0.25, connect_extra_s=8.0, recover_s=8.0)
-
-
-def check_embodiment(cfg: UR3BackendConfig, emb: EmbodimentConfig) -> None:
-    if emb.dof != N_JOINTS:
-        raise ValueError(f"UR3 backend needs 6 dofs (the joints, no gripper), embodiment {emb.name} has {emb.dof}")
 
 
 def make_ur3_backend(cfg: UR3BackendConfig, emb: EmbodimentConfig,
