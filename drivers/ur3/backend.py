@@ -34,8 +34,7 @@ import numpy as np
 
 from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 from drivers.ur3.rtde_backend import UR3RtdeBackend
-from drivers.ur3.config import UR3BackendConfig
-from drivers.ur3.plugin import check_embodiment
+from drivers.ur3.config import N_JOINTS, UR3BackendConfig, check_embodiment  # noqa: F401 (N_JOINTS re-exported)
 from runtime.config import EmbodimentConfig
 
 # Probe 3 s + ur-rtde's own 5 s wait for the control script to start, on top of the driver's budget.

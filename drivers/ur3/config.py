@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -20,3 +20,12 @@ class UR3BackendConfig(StrictModel):
     servo_gain: float = Field(default=300.0, ge=100, le=2000)
     # The RTDE watchdog: the robot's control script stops the arm if not kicked this often.
     watchdog_min_hz: float = Field(default=10.0, ge=1, le=500)
+
+
+N_JOINTS = 6
+
+
+def check_embodiment(cfg: UR3BackendConfig, emb: Any) -> None:
+    """Six joints, no gripper: checked when the cell loads and again when the backend is built."""
+    if emb.dof != N_JOINTS:
+        raise ValueError(f"UR3 backend needs 6 dofs (the joints, no gripper), embodiment {emb.name} has {emb.dof}")

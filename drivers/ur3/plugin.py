@@ -6,14 +6,7 @@ from typing import Any
 
 from drivers.core.backend import Backend
 from drivers.core.registry import BackendPlugin, BuildContext
-from drivers.ur3.config import UR3BackendConfig
-
-N_JOINTS = 6
-
-
-def check_embodiment(cfg: UR3BackendConfig, emb: Any) -> None:
-    if emb.dof != N_JOINTS:
-        raise ValueError(f"UR3 backend needs 6 dofs (the joints, no gripper), embodiment {emb.name} has {emb.dof}")
+from drivers.ur3.config import UR3BackendConfig, check_embodiment
 
 
 def build(ctx: BuildContext) -> Backend:
