@@ -60,6 +60,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import termios
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ ADDR_MODEL_NUMBER = 0
 ADDR_OPERATING_MODE = 11
 ADDR_SECONDARY_ID = 12
 ADDR_CURRENT_LIMIT = 38
+ADDR_MAX_POSITION_LIMIT = 48
+ADDR_MIN_POSITION_LIMIT = 52
 ADDR_TORQUE_ENABLE = 64
 ADDR_HARDWARE_ERROR = 70
 ADDR_GOAL_CURRENT = 102
@@ -180,6 +183,7 @@ class _Bus:
         self.latency_timer_ms = latency_timer_ms
         self.calibration = calibration
         self.port = None
+        self.dead: str | None = None  # why the port failed (EIO: unplugged); cleared when reopened
         self.ph = None
         self.pos_read = None
         self.err_read = None
@@ -223,9 +227,10 @@ class _Bus:
             if not port.setBaudRate(self.baud):
                 raise BackendError(f"{self.name}: dynamixel_sdk cannot set {self.baud} baud on {self.port_name}",
                                    transient=False)
-        except (serial.SerialException, OSError) as exc:
+        except (serial.SerialException, OSError, termios.error) as exc:
             raise BackendError(f"{self.name}: cannot open {self.port_name}: {exc}", transient=False) from None
         self.port = port
+        self.dead = None
         self.ph = dxl.PacketHandler(2.0)
         self.pos_read = dxl.GroupSyncRead(port, self.ph, ADDR_PRESENT_POSITION, 4)
         for s in self.primaries:
@@ -281,6 +286,24 @@ class _Bus:
                 raise BackendError(f"{self.name}: {self.label(s)} has Secondary_ID {linked}, not its primary's ID "
                                    f"{ids[s.joint]}: it would not follow the {s.joint} and would fight it; set it "
                                    "(Dynamixel Wizard) before running", transient=False)
+
+    def check_ranges(self, ranges: list[list[float]]) -> None:
+        """The embodiment's range of each arm joint must lie inside the servo's own Min/Max Position
+        Limit (EEPROM 52/48, enforced in position mode): else a goal the driver allows would be refused
+        by the servo, silently (sync writes get no status), and the joint would stop short."""
+        bad = []
+        for s, (lo, hi) in zip(self.primaries, ranges):
+            servo_lo, r1, e1 = self._read(4, s.id, ADDR_MIN_POSITION_LIMIT)
+            servo_hi, r2, e2 = self._read(4, s.id, ADDR_MAX_POSITION_LIMIT)
+            self._require(r1 or r2, (e1 | e2) & 0x7F, f"reading the position limits of {self.label(s)}")
+            want_lo, want_hi = float(rad_to_ticks(lo)), float(rad_to_ticks(hi))
+            if want_lo < servo_lo or want_hi > servo_hi:
+                bad.append(f"{s.key} needs ticks {want_lo:.0f}..{want_hi:.0f} ({lo:.3f}..{hi:.3f} rad), the servo "
+                           f"allows {servo_lo}..{servo_hi}")
+        if bad:
+            raise BackendError(f"{self.name}: the embodiment's ranges exceed the servos' position limits: "
+                               f"{'; '.join(bad)} (narrow the embodiment, or the servos' limits with Dynamixel "
+                               "Wizard)", transient=False)
 
     def hardware_errors(self) -> dict[Servo, int]:
         errors = {}
@@ -436,6 +459,8 @@ class AlohaSettings:
     reboot_on_recover: bool = False
     # "left"/"right" (followers) and "left_leader"/"right_leader": GripperCalibration fields
     grippers: dict[str, dict[str, float]] = field(default_factory=dict)
+    # side -> [[min, max] rad] of the six arm joints (the embodiment's ranges); empty: not checked
+    arm_ranges: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
 class AlohaBackend(Backend):
@@ -476,8 +501,10 @@ class AlohaBackend(Backend):
                 if time.monotonic() > deadline:
                     raise BackendError(f"ALOHA: connect took longer than its deadline (at the {bus.name})",
                                        transient=False)
-            for bus in self.followers:
+            for side, bus in zip(SIDES, self.followers):
                 bus.check_shadows()
+                if self.s.arm_ranges:
+                    bus.check_ranges(self.s.arm_ranges[side])
                 if reboot:
                     rebooted = bus.reboot_failed(deadline)
                     if rebooted:
@@ -607,13 +634,15 @@ def _on(bus: _Bus, call: Callable[[], T]) -> T:
 
     if bus.port is None:
         raise BackendError(f"{bus.name}: {bus.port_name} is not open", transient=False)
+    if bus.dead is not None:  # a port that failed stays failed until recover reopens it
+        raise BackendError(bus.dead, transient=False)
     try:
         return call()
     except BackendError:
         raise
-    except (serial.SerialException, OSError) as exc:
-        raise BackendError(f"{bus.name}: the serial port {bus.port_name} failed: {type(exc).__name__}: {exc}",
-                           transient=False) from None
+    except (serial.SerialException, OSError, termios.error) as exc:  # termios: pyserial's flush of a dead tty
+        bus.dead = f"{bus.name}: the serial port {bus.port_name} failed: {type(exc).__name__}: {exc}"
+        raise BackendError(bus.dead, transient=False) from None
     except Exception as exc:  # noqa: BLE001 (the SDK's parser on a garbled reply)
         bus.port.is_using = False
         raise BackendError(f"{bus.name}: garbled reply ({type(exc).__name__} in dynamixel_sdk: {exc})") from None

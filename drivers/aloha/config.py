@@ -147,4 +147,7 @@ def settings(ctx: Any) -> dict[str, Any]:
             "leader_ids": b.leader_ids.model_dump(), "check_models": b.check_models,
             "gripper_current": b.gripper_current, "stale_s": b.stale_s, "latency_timer_ms": b.latency_timer_ms,
             "leaders_in_state": b.leaders_in_state, "reboot_on_recover": b.reboot_on_recover,
-            "grippers": gripper_calibrations(ctx)}
+            "grippers": gripper_calibrations(ctx),
+            # The embodiment's arm-joint ranges (rad), checked at connect against the servos' own limits.
+            "arm_ranges": {side: [[float(ctx.embodiment.lower[k * 7 + j]), float(ctx.embodiment.upper[k * 7 + j])]
+                                  for j in range(len(ARM_JOINTS))] for k, side in enumerate(("left", "right"))}}

@@ -154,6 +154,15 @@ def test_an_unlinked_shadow_motor_fails_connect(fake):
         AlohaBackend(make_settings(fake.ports)).connect(5.0)
 
 
+def test_an_embodiment_range_beyond_a_servos_position_limits_fails_connect(fake):
+    f = fake.bus("puppet_right")
+    with f._lock:  # noqa: SLF001 (someone set the elbow's Max Position Limit, EEPROM 48, to 3000 ticks)
+        f._servos[4].put(48, 4, 3000)  # noqa: SLF001
+    with pytest.raises(BackendError, match=r"right follower: the embodiment's ranges exceed the servos' position "
+                                           r"limits: elbow needs ticks 899\.\.3095 .* the servo allows 0\.\.3000"):
+        AlohaBackend(make_settings(fake.ports)).connect(5.0)
+
+
 def test_an_arm_joint_in_the_wrong_mode_with_torque_on_is_refused_not_dropped(fake, backend):
     backend.close()
     f = fake.bus("puppet_left")
