@@ -77,6 +77,7 @@ T = TypeVar("T")
 
 # X-series control table (Protocol 2.0).
 ADDR_MODEL_NUMBER = 0
+ADDR_RETURN_DELAY = 9
 ADDR_OPERATING_MODE = 11
 ADDR_SECONDARY_ID = 12
 ADDR_CURRENT_LIMIT = 38
@@ -305,6 +306,20 @@ class _Bus:
                                f"{'; '.join(bad)} (narrow the embodiment, or the servos' limits with Dynamixel "
                                "Wizard)", transient=False)
 
+    def warn_return_delay(self) -> None:
+        """Each status packet waits Return_Delay_Time (2 us units; X-series default 250 = 0.5 ms) before
+        it is sent: 16 replies a tick per follower bus would add 8 ms. Interbotix sets it to 0."""
+        slow = {}
+        for s in self.servos:
+            value, result, _ = self._read(1, s.id, ADDR_RETURN_DELAY)
+            if result == COMM_SUCCESS and value:
+                slow[s.id] = value
+        if slow:
+            primaries = {p.id for p in self.primaries}  # answer twice a tick: position and error status
+            per_tick_ms = sum(2e-3 * v * (2 if sid in primaries else 1) for sid, v in slow.items())
+            log.warning("%s: Return_Delay_Time is not 0 on servos %s: about %.1f ms more bus time per tick; set it "
+                        "to 0 (Dynamixel Wizard) as ALOHA's setup does", self.name, sorted(slow), per_tick_ms)
+
     def hardware_errors(self) -> dict[Servo, int]:
         errors = {}
         for s in self.servos:
@@ -505,6 +520,7 @@ class AlohaBackend(Backend):
                 bus.check_shadows()
                 if self.s.arm_ranges:
                     bus.check_ranges(self.s.arm_ranges[side])
+                bus.warn_return_delay()
                 if reboot:
                     rebooted = bus.reboot_failed(deadline)
                     if rebooted:
