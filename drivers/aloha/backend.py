@@ -381,7 +381,14 @@ class _Bus:
                     raise BackendError(f"{self.name}: gripper_current {gripper_current} is above {self.label(s)}'s "
                                        f"Current_Limit {limit}", transient=False)
                 self._write(s, ADDR_GOAL_CURRENT, 2, gripper_current, "Goal_Current")
-        present = self.read_positions()
+        give_up = time.monotonic() + PING_RETRY_S
+        while True:  # the pose to hold: a lost reply is asked again, like every setup transaction
+            try:
+                present = self.read_positions()
+                break
+            except BackendError as exc:
+                if time.monotonic() > give_up:
+                    raise BackendError(f"{exc} (reading the pose to enable torque at)", transient=False) from None
         for s, ticks in zip(self.primaries, present):
             # Goal first (a shadow gets it too, through its Secondary_ID): torque then holds here.
             self._write(s, ADDR_GOAL_POSITION, 4, int(ticks), "Goal_Position (the present position)")
