@@ -24,6 +24,21 @@ def check_embodiment(cfg: AlohaBackendConfig, emb: Any) -> None:
                          f"else; gripper mask is {emb.gripper_mask().tolist()}")
 
 
+def check_gripper_ranges(grippers: dict[str, dict[str, float]], emb: Any) -> None:
+    """Each follower gripper's range in the embodiment must lie within its calibrated closed..open
+    span: a goal the driver allows beyond it would be extrapolated past the gripper's end stop."""
+    for k, side in enumerate(("left", "right")):
+        g = grippers[side]
+        j = k * (len(ARM_JOINTS) + 1) + len(ARM_JOINTS)
+        lo, hi = float(emb.lower[j]), float(emb.upper[j])
+        span = sorted((g["closed_m"], g["open_m"]))
+        tol = 1e-6
+        if lo < span[0] - tol or hi > span[1] + tol:
+            raise ValueError(f"ALOHA {side} gripper: the embodiment allows {lo:g}..{hi:g} m but its calibration "
+                             f"spans {span[0]:g}..{span[1]:g} m (closed..open): narrow the embodiment's gripper range "
+                             "or recalibrate (armada calibrate joints aloha-gripper)")
+
+
 def build(ctx: BuildContext) -> Backend:
     from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 
@@ -32,7 +47,9 @@ def build(ctx: BuildContext) -> Backend:
     # A read is 2 sync reads per follower bus (plus 1 per leader bus with leaders_in_state): a few ms
     # on a real 1 Mbaud bus with 1 ms adapters (`armada bench aloha`). One 50 Hz tick before it is late.
     timeouts = WorkerTimeouts(io_s=0.02)
-    return IsolatedBackend("drivers.aloha.backend:build_in_worker", settings(ctx),
+    plain = settings(ctx)
+    check_gripper_ranges(plain["grippers"], ctx.embodiment)
+    return IsolatedBackend("drivers.aloha.backend:build_in_worker", plain,
                            f"ALOHA on {b.left_follower_port}, {b.right_follower_port}", timeouts=timeouts,
                            realtime_priority=ctx.driver.realtime_priority,
                            lost_link_note="; the servos keep their last goal with torque on")

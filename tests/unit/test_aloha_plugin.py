@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from drivers.aloha.backend import FOLLOWER_MODELS, arm_servos, rad_to_ticks, ticks_to_rad
 from drivers.aloha.calibration import GripperCalibration, gripper_values
 from drivers.aloha.config import ACT_FOLLOWER_GRIPPER, ACT_LEADER_GRIPPER, AlohaBackendConfig, gripper_calibrations
-from drivers.aloha.plugin import PLUGIN, check_embodiment
+from drivers.aloha.plugin import PLUGIN, check_embodiment, check_gripper_ranges
 from drivers.core.registry import get
 from runtime.config import CONFIG_DIR, ConfigError, load_cell, load_embodiment
 
@@ -125,3 +125,12 @@ def test_a_calibration_of_another_kind_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="aloha_gripper") as e:
         gripper_calibrations(_ctx(AlohaBackendConfig(**PORTS), str(path), tmp_path))
     assert "piper_zero" in str(e.value)
+
+
+def test_a_gripper_range_beyond_its_calibration_is_refused_when_the_backend_is_built(tmp_path):
+    grips = gripper_calibrations(_ctx(AlohaBackendConfig(**PORTS), None, tmp_path))
+    check_gripper_ranges(grips, EMB)  # ACT's defaults span exactly the embodiment's 0.01844..0.058 m
+    grips["right"] = {"raw_open": 3000.0, "raw_closed": 1600.0, "open_m": 0.05, "closed_m": 0.0}
+    with pytest.raises(ValueError, match=r"ALOHA right gripper: the embodiment allows 0.01844..0.058 m but its "
+                                         r"calibration spans 0..0.05 m"):
+        check_gripper_ranges(grips, EMB)
