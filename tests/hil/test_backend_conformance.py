@@ -177,8 +177,35 @@ def _aloha(tmp: Path, monkeypatch) -> Iterator[Rig]:
                   _context("aloha", "aloha", nowhere, tmp))
 
 
+@contextlib.contextmanager
+def _so101(tmp: Path, monkeypatch) -> Iterator[Rig]:
+    pytest.importorskip("lerobot.motors.feetech")
+    from drivers.so101.bench import BENCH_CALIBRATION
+    from drivers.so101.fake.so101 import So101Fake
+
+    (tmp / "so101.json").write_text(json.dumps(BENCH_CALIBRATION))  # lerobot's calibration JSON
+
+    def context(backend: dict) -> BuildContext:
+        drv = DriverConfig(name="dut", embodiment="so101", backend=backend, state="ipc://unused-state",
+                           cmd="ipc://unused-cmd", joint_calibration=str(tmp / "so101.json"))
+        emb = load_embodiment("so101")
+        BACKENDS.get("so101").check_embodiment(drv.backend, emb)
+        return BuildContext(driver=drv, embodiment=emb, cell_dir=tmp)
+
+    with So101Fake(leader=False) as fake:
+        bus = fake.bus("follower")
+
+        def silence() -> None:  # the cable comes off: nobody answers
+            for i in bus.ids():
+                bus.set_missing(i)
+
+        yield Rig(context({"kind": "so101", "port": fake.ports["follower"]}), lambda: len(bus.received_goals),
+                  lambda: all(bus.register(i, 40) == 1 for i in bus.ids()), silence,
+                  context({"kind": "so101", "port": str(tmp / "ttySO101_nothing")}))
+
+
 STARTERS: dict[str, Callable[[Path, pytest.MonkeyPatch], contextlib.AbstractContextManager[Rig]]] = {
-    "mock": _mock, "ur3": _ur3, "piper": _piper, "cobot_magic": _cobot_magic, "aloha": _aloha,
+    "mock": _mock, "ur3": _ur3, "piper": _piper, "cobot_magic": _cobot_magic, "aloha": _aloha, "so101": _so101,
 }
 
 
