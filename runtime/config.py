@@ -69,6 +69,10 @@ class FollowingErrorConfig(_Strict):
 
     max_error: float = Field(default=0.15, gt=0)  # joint units (rad for revolute joints)
     max_time_s: float = Field(default=0.25, gt=0, le=5)
+    # How far behind its commands the device normally runs (s): the bound grows by this times the
+    # commanded speed, so a fast move on an arm that interpolates (servoJ's lookahead, a servo's
+    # profile) is not a fault, while an arm that stops obeying still is.
+    lag_s: float = Field(default=0.05, ge=0, le=2)
 
 
 class EmbodimentConfig(_Strict):

@@ -202,6 +202,7 @@ class Driver:
         # Following error: the target sent last tick, how long each joint has been beyond its bound.
         self.fe_bounds = following_error_bounds(emb)
         self.fe_time_ns = int(emb.following_error.max_time_s * 1e9)
+        self.fe_lag_s = emb.following_error.lag_s
         self._fe_reference: np.ndarray | None = None
         self._fe_since_ns = np.full(emb.dof, -1, dtype=np.int64)
 
@@ -286,7 +287,8 @@ class Driver:
             self._fe_since_ns[:] = -1  # just armed or reset: nothing was commanded to compare with
             return
         error = np.abs(measured - reference)
-        over = error > self.fe_bounds
+        bound = self.fe_bounds + self.fe_lag_s * np.abs(self.filter.velocity)
+        over = error > bound
         self._fe_since_ns[~over] = -1
         self._fe_since_ns[over & (self._fe_since_ns < 0)] = now_ns
         late = over & (now_ns - self._fe_since_ns > self.fe_time_ns)
@@ -295,7 +297,7 @@ class Driver:
         j = int(np.argmax(np.where(late, error, -1.0)))
         held_ms = (now_ns - self._fe_since_ns[j]) * 1e-6
         self._enter_fault(f"following error: joint {self.emb.joint_names[j]} is {error[j]:.3g} from its commanded "
-                          f"position (bound {self.fe_bounds[j]:.3g}) for {held_ms:.0f} ms: the device is not obeying")
+                          f"position (bound {bound[j]:.3g}) for {held_ms:.0f} ms: the device is not obeying")
 
     def _write(self, commanded: np.ndarray, now_ns: int) -> None:
         try:

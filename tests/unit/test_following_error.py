@@ -78,7 +78,7 @@ def test_a_joint_that_stops_obeying_faults_with_its_name_and_error():
     assert d.mode == Mode.RUNNING
     now = tick_for(d, now, 0.6)
     assert d.mode == Mode.FAULT
-    assert "following error: joint shoulder_pan" in d.reason and "bound 0.15" in d.reason
+    assert "following error: joint shoulder_pan" in d.reason and "bound 0.1" in d.reason
     assert arm.on_fault_reasons == [d.reason]  # the backend was told, so nothing recovers on its own
     writes = arm.writes
     tick_for(d, now, 0.1)
@@ -107,3 +107,38 @@ def test_not_checked_when_not_commanding(mode):
         d.handle(F.make("estop"), 0)
     tick_for(d, 0, 1.0)
     assert d.mode == (Mode.ESTOP if mode == "estop" else Mode.IDLE)
+
+
+def test_the_bound_grows_with_commanded_speed_by_the_configured_lag():
+    """An arm that runs 0.1 s behind its commands (servoJ's lookahead) is obeying when the
+    embodiment says so (`lag_s`); with no lag allowance the same tracking is a fault."""
+
+    class DelayedArm(MockArm):
+        """Measures exactly what was commanded 50 ticks (0.1 s at 500 Hz) earlier."""
+
+        def __init__(self, initial: np.ndarray):
+            super().__init__(initial, time_constant_s=0.0)
+            self.history = [np.array(initial, dtype=float)] * 50
+
+        def write(self, position: np.ndarray) -> None:
+            super().write(position)
+            self.history.append(np.array(position, dtype=float))
+
+        def read(self) -> Reading:
+            return Reading(self.history[-50].copy(), super().read().mono_ns)
+
+    def laggy_run(lag_s: float) -> Driver:
+        emb = EMB.model_copy(update={"following_error": EMB.following_error.model_copy(
+            update={"lag_s": lag_s, "max_error": 0.05})})
+        d = Driver(emb, DelayedArm(emb.home), lease_ttl_s=10.0)
+        d.connect(1.0)
+        lease = d.handle(F.make("acquire", client="t"), 0)["lease"]
+        d.handle(F.make("arm", lease=lease), 0)
+        t = np.arange(1, 1001) * 0.002
+        pts = emb.home + np.outer(t * 1.0, np.r_[1, 0, 0, 0, 0, 0, 0])  # 1 rad/s on joint 0: 0.1 rad behind
+        d.handle(F.make("trajectory", lease=lease, t0_ns=0, dt=0.002, points=pts), 0)
+        tick_for(d, 0, 1.5)
+        return d
+
+    assert laggy_run(0.0).mode == Mode.FAULT
+    assert laggy_run(0.15).mode in (Mode.RUNNING, Mode.ARMED)
