@@ -136,19 +136,40 @@ class _Arm:
         try:
             self.bus.connect(handshake=True)
         except RuntimeError as exc:  # lerobot's handshake: missing IDs / wrong models / mixed firmware
-            found = self._found()
+            # lerobot's ping counts a servo whose reply carries an error bit (overload, overheat) as missing;
+            # such a servo is there, and the Status check after connect reports it (as a fault, not as a
+            # wrong wiring). Anything else fails here, naming what is on the bus.
             expected = {m.id: n for n, m in self.bus.motors.items()}
-            missing = [f"{i} ({expected[i]})" for i in sorted(expected) if i not in found]
-            self.close()
-            raise BackendError(
-                f"{self.name} on {self.port}: " + (f"no answer from servo IDs {', '.join(missing)}; " if missing else "")
-                + f"IDs found on the bus: {sorted(found) or 'none'} (models {found}); the SO-101 needs STS3215 "
-                f"(777) at IDs {sorted(expected)} (power on? right port? IDs set with lerobot-setup-motors?). "
-                f"lerobot: {' '.join(str(exc).split())}", transient=False) from None
+            answers = {i: self._raw_ping(i) for i in expected}
+            if all(a is not None and a[0] == 777 for a in answers.values()):
+                log.warning("%s: %s answer with error bits (%s); lerobot's handshake counts them as missing",
+                            self.name, [i for i, a in answers.items() if a[1]],
+                            "; ".join(f"ID {i}: {describe_status(a[1])}" for i, a in answers.items() if a[1]))
+            else:
+                found = self._found()
+                found.update({i: a[0] for i, a in answers.items() if a is not None})
+                missing = [f"{i} ({expected[i]})" for i in sorted(expected) if i not in found]
+                wrong = [f"{i} ({expected[i]}) is model {found[i]}" for i in sorted(expected)
+                         if i in found and found[i] != 777]
+                self.close()
+                raise BackendError(
+                    f"{self.name} on {self.port}: " + (f"no answer from servo IDs {', '.join(missing)}; " if missing
+                                                       else "") + (f"wrong models: {', '.join(wrong)}; " if wrong else "")
+                    + f"IDs found on the bus: {sorted(found) or 'none'}; the SO-101 needs STS3215 (model 777) at IDs "
+                    f"{sorted(expected)} (power on? right port? IDs set with lerobot-setup-motors?). "
+                    f"lerobot: {' '.join(str(exc).split())}", transient=False) from None
         except ConnectionError as exc:
             self.close()
             raise BackendError(f"{self.name}: cannot open {self.port}: {exc.__cause__ or exc}", transient=False) from None
         self.dead = None
+
+    def _raw_ping(self, sid: int) -> tuple[int, int] | None:
+        """(model number, error bits) of one servo through scservo_sdk's ping, None when it does not answer."""
+        for _ in range(3):  # a reply lost to a busy host is not a missing servo
+            model, comm, error = self.bus.packet_handler.ping(self.bus.port_handler, sid)
+            if comm == 0:
+                return int(model), int(error)
+        return None
 
     def _found(self) -> dict[int, int]:
         try:
@@ -284,10 +305,10 @@ class So101Backend(Backend):
         try:
             for arm in [self.follower] + ([self.leader] if self.leader else []):
                 arm.open()
-                _on(arm, arm.ensure_calibrated)
                 if time.monotonic() > deadline:
                     raise BackendError(f"SO-101: connect took longer than its deadline (at the {arm.name})",
                                        transient=False)
+            # Status first: lerobot's single reads (the calibration check) raise on a reply's error bits.
             errors = _on(self.follower, self.follower.status)
             if errors:
                 what = "; ".join(f"{n} (ID {self.follower.calibration[n]['id']}): {describe_status(b)}"
@@ -301,6 +322,8 @@ class So101Backend(Backend):
                 self._faulted = "servo errors at connect"
                 self._last_ok = time.monotonic()
                 return
+            for arm in [self.follower] + ([self.leader] if self.leader else []):
+                _on(arm, arm.ensure_calibrated)
             _on(self.follower, lambda: self.follower.take_control(list(self.s.pid)))
         except BackendError:
             self.close()
