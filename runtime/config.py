@@ -12,7 +12,7 @@ from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, SerializeAsAny, Tag, ValidationError,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError,
                       field_validator, model_validator)
 
 from runtime.endpoints import check_endpoint
@@ -217,7 +217,11 @@ def _backend_plugin(kind: Any) -> Any:
         raise ValueError(str(exc)) from None
 
 
-class _CameraBase(_Strict):
+class CameraBaseConfig(_Strict):
+    """The fields every camera process needs; a camera plugin's ``config_model`` extends it with
+    its ``kind`` and device settings (drivers/cameras/registry.py)."""
+
+
     name: str
     width: int = Field(default=640, gt=0, le=4096)
     height: int = Field(default=480, gt=0, le=4096)
@@ -244,88 +248,60 @@ class _CameraBase(_Strict):
         return self.frame_timeout_s if self.frame_timeout_s is not None else max(3.0 / self.fps, 0.5)
 
 
-class SyntheticCameraConfig(_CameraBase):
-    """A moving pattern with the frame number drawn in; no device."""
-
-    kind: Literal["synthetic"] = "synthetic"
-
-
-class RealSenseCameraConfig(_CameraBase):
-    """An Intel RealSense through pyrealsense2 (or a recording of one played through the real pipeline)."""
-
-    kind: Literal["realsense"]
-    serial: str | None = None  # None: the only connected camera
-    depth: bool = False  # a depth image aligned to colour travels with each frame
-    depth_width: int | None = Field(default=None, gt=0, le=4096)  # None: the colour size
-    depth_height: int | None = Field(default=None, gt=0, le=4096)
-    # A recording (.db3, relative to the cell file) played instead of a device, e.g. the test fake.
-    playback: str | None = None
-    repeat_playback: bool = True  # false: the recording's end is a stall (then it is reopened)
-    auto_exposure: bool = True
-    exposure_us: float | None = Field(default=None, gt=0, le=200_000)  # manual exposure
-    gain: float | None = Field(default=None, ge=0)
-    # librealsense maps the device clock to host time itself (global time domain).
-    global_time: bool = True
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "RealSenseCameraConfig":
-        if self.exposure_us is not None and self.auto_exposure:
-            raise ValueError("exposure_us is a manual exposure: set auto_exposure: false with it")
-        if (self.depth_width is None) != (self.depth_height is None):
-            raise ValueError("give both depth_width and depth_height, or neither")
-        return self
-
-
-class OpenCVCameraConfig(_CameraBase):
-    """A UVC camera through OpenCV's V4L2 backend (or a video file played through the same code)."""
-
-    kind: Literal["opencv"]
-    # /dev/v4l/by-id/... (stable across reboots and replugging), /dev/videoN, an index, or a
-    # video file (relative to the cell file), which plays paced at its own frame rate.
-    device: str | int
-    fourcc: str = Field(default="MJPG", min_length=4, max_length=4)
-    buffer_size: int = Field(default=1, ge=1, le=10)  # driver-side queue: 1 keeps frames fresh
-    auto_exposure: bool | None = None  # None: leave the camera's setting alone
-    exposure: float | None = Field(default=None, gt=0)  # V4L2 exposure_time_absolute (100 us units)
-    repeat_playback: bool = True  # a video file: loop at its end (false: the end is a stall)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "OpenCVCameraConfig":
-        if self.exposure is not None and self.auto_exposure:
-            raise ValueError("exposure is a manual exposure: set auto_exposure: false with it")
-        return self
-
-
-def _camera_kind(value: Any) -> str:
+def _camera_kind(value: Any) -> Any:
     """Cameras without ``kind`` are synthetic, as before kinds existed."""
-    kind = value.get("kind", "synthetic") if isinstance(value, dict) else getattr(value, "kind", "synthetic")
-    return kind if isinstance(kind, str) else repr(kind)
+    from drivers.cameras.registry import DEFAULT_KIND  # late: a light module, but keep config first
+
+    return value.get("kind", DEFAULT_KIND) if isinstance(value, dict) else getattr(value, "kind", None)
 
 
-CameraConfig = Annotated[Annotated[SyntheticCameraConfig, Tag("synthetic")]
-                         | Annotated[RealSenseCameraConfig, Tag("realsense")]
-                         | Annotated[OpenCVCameraConfig, Tag("opencv")],
-                         Discriminator(_camera_kind)]
+def _camera_of_kind(value: Any) -> Any:
+    """A camera map (or model built in code) validated by its kind's plugin; load_cell validates
+    the maps first so that errors name file and key, this covers configs built in code."""
+    from drivers.cameras.registry import CAMERAS  # late: plugins import this module
+
+    return _plugin_config(CAMERAS, _camera_kind(value), value, "camera")
 
 
-class ScriptedPolicyConfig(_Strict):
-    kind: Literal["scripted"] = "scripted"
-    amplitude: float = Field(default=0.2, ge=0)
-    frequency_hz: float = Field(default=0.25, gt=0)
-    latency_s: float = Field(default=0.0, ge=0)  # simulated inference time
+def _policy_of_kind(value: Any) -> Any:
+    from runtime.inference.registry import POLICIES  # late: plugins import this module
+
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return _plugin_config(POLICIES, kind, value, "policy")
 
 
-class MergedVLAPolicyConfig(_Strict):
-    kind: Literal["mergevla"] = "mergevla"
-    # A bundle directory (relative to the cell file), or "tiny": a tiny merged bundle built
-    # locally on first use under `tiny_dir` (nothing is downloaded).
-    bundle: str
-    tiny_tasks: int = Field(default=2, ge=1, le=8)
-    tiny_dir: str = "~/.cache/armada/tiny-bundle"
-    verify: bool = True  # check the bundle's checksums at start-up
-    # Graphs from `armada model export-onnx` (relative to the cell file): chunks then run on
-    # ONNX Runtime, on the GPU when the created session really has one. None: PyTorch.
-    onnx_dir: str | None = None
+def _plugin_config(registry: Any, kind: Any, value: Any, what: str) -> BaseModel:
+    from drivers.core.registry import RegistryError
+
+    if not isinstance(kind, str):
+        raise ValueError(f"needs a kind, one of {registry.kinds()}")
+    try:
+        plugin = registry.get(kind)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
+    if isinstance(value, BaseModel):
+        if not isinstance(value, plugin.config_model):
+            raise ValueError(f"a {type(value).__name__} is not a {kind} {what} config ({plugin.config_model.__name__})")
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping with a kind, got {type(value).__name__}")
+    try:
+        return plugin.config_model.model_validate({**value, "kind": kind})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
+# A camera: ``kind`` names a registered camera plugin (drivers/cameras/registry.py) whose
+# ``config_model`` (a CameraBaseConfig) validates the map; no ``kind`` is the default kind.
+CameraConfig = Annotated[SerializeAsAny[CameraBaseConfig], BeforeValidator(_camera_of_kind)]
+# A policy: ``kind`` names a registered policy plugin (runtime/inference/registry.py).
+PolicyConfig = Annotated[SerializeAsAny[BaseModel], BeforeValidator(_policy_of_kind)]
+DEFAULT_POLICY_KIND = "scripted"  # a cell without ``inference.policy``: deterministic motion, no model
+
+
+def _default_policy() -> BaseModel:
+    return _policy_of_kind({"kind": DEFAULT_POLICY_KIND})
 
 
 class ChunkingConfig(_Strict):
@@ -341,7 +317,7 @@ class ChunkingConfig(_Strict):
 class InferenceConfig(_Strict):
     ctl: str
     events: str
-    policy: ScriptedPolicyConfig | MergedVLAPolicyConfig = Field(default=ScriptedPolicyConfig(), discriminator="kind")
+    policy: PolicyConfig = Field(default_factory=_default_policy)
     chunking: ChunkingConfig = ChunkingConfig()
     max_frame_age_s: float = Field(default=0.25, gt=0)
     max_state_age_s: float = Field(default=0.1, gt=0)
@@ -490,7 +466,7 @@ def _validate(model: type[BaseModel], data: Any, path: Path, prefix: str = "") -
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = prefix + ".".join(str(p) for p in err["loc"])
+        key = (prefix + ".".join(str(p) for p in err["loc"])).rstrip(".")  # a model-wide check: the map's key
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise ConfigError(path, key, f"{err['msg']}{more}") from None
 
@@ -516,6 +492,7 @@ def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None)
     if run_dir is not None:
         data = _substitute(data, "{run_dir}", str(run_dir))
     data = _validate_backends(data, path)
+    data = _validate_cameras_and_policy(data, path)
     cell = _validate(CellConfig, data, path)
     cell._path = path
     for i, drv in enumerate(cell.drivers):
@@ -564,6 +541,44 @@ def _validate_backends(data: Any, path: Path) -> Any:
             drv = {**drv, "backend": _validate(plugin.config_model, raw, path, prefix=f"{key}.")}
         drivers.append(drv)
     return {**data, "drivers": drivers}
+
+
+def _validate_cameras_and_policy(data: Any, path: Path) -> Any:
+    """Each camera map and the policy map validated by its kind's plugin, like the backends, so an
+    error names the key (``cameras.0.serial: ...``); an unknown kind lists the known ones."""
+    from drivers.cameras.registry import CAMERAS, DEFAULT_KIND
+    from runtime.inference.registry import POLICIES
+
+    if not isinstance(data, dict):
+        return data
+    if isinstance(data.get("cameras"), list):
+        cameras = []
+        for i, raw in enumerate(data["cameras"]):
+            if isinstance(raw, dict):
+                raw = _validate_plugin_map(CAMERAS, {"kind": DEFAULT_KIND, **raw}, path, f"cameras.{i}")
+            cameras.append(raw)
+        data = {**data, "cameras": cameras}
+    inference = data.get("inference")
+    if isinstance(inference, dict) and "policy" in inference:
+        raw = inference["policy"]
+        if not isinstance(raw, dict):
+            raise ConfigError(path, "inference.policy", f"must be a mapping with a kind, got {type(raw).__name__}")
+        policy = _validate_plugin_map(POLICIES, raw, path, "inference.policy")
+        data = {**data, "inference": {**inference, "policy": policy}}
+    return data
+
+
+def _validate_plugin_map(registry: Any, raw: dict, path: Path, key: str) -> BaseModel:
+    from drivers.core.registry import RegistryError
+
+    kind = raw.get("kind")
+    if not isinstance(kind, str):
+        raise ConfigError(path, f"{key}.kind", f"missing: one of {registry.kinds()}")
+    try:
+        plugin = registry.get(kind)
+    except RegistryError as exc:
+        raise ConfigError(path, f"{key}.kind", str(exc)) from None
+    return _validate(plugin.config_model, raw, path, prefix=f"{key}.")
 
 
 def _check_backend_embodiment(cell: CellConfig, i: int, path: Path) -> None:

@@ -42,7 +42,7 @@ from drivers.cameras.source import Captured, SourceError, resolve
 from drivers.cameras.timing import wall_from_monotonic_ns
 
 if TYPE_CHECKING:
-    from runtime.config import OpenCVCameraConfig
+    from drivers.cameras.plugins import OpenCVCameraConfig
 
 log = logging.getLogger("armada.camera.opencv")
 

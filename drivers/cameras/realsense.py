@@ -37,7 +37,7 @@ from drivers.cameras.source import Captured, SourceError, resolve
 from drivers.cameras.timing import ClockMapper
 
 if TYPE_CHECKING:
-    from runtime.config import RealSenseCameraConfig
+    from drivers.cameras.plugins import RealSenseCameraConfig
 
 log = logging.getLogger("armada.camera.realsense")
 

@@ -15,7 +15,7 @@ import numpy as np
 from drivers.cameras.source import Captured
 
 if TYPE_CHECKING:
-    from runtime.config import SyntheticCameraConfig
+    from drivers.cameras.plugins import SyntheticCameraConfig
 
 
 class SyntheticCamera:

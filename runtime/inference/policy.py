@@ -10,10 +10,17 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from pydantic import Field
 
+from runtime.config import StrictModel
 from runtime.inference.observation import Observation
+from runtime.inference.registry import PolicyPlugin
+
+if TYPE_CHECKING:
+    from runtime.config import CellConfig
 
 
 class PolicyError(Exception):
@@ -115,3 +122,19 @@ class ScriptedPolicy(Policy):
         t = (obs.mono_ns - self._start_ns) * 1e-9 + self.dt * np.arange(1, self.chunk_size + 1)
         profile = (1.0 - np.cos(2 * math.pi * self.frequency * t))[:, None]
         return Chunk(self._center + self._swing * profile, self.dt)
+
+
+class ScriptedPolicyConfig(StrictModel):
+    kind: Literal["scripted"] = "scripted"
+    amplitude: float = Field(default=0.2, ge=0)
+    frequency_hz: float = Field(default=0.25, gt=0)
+    latency_s: float = Field(default=0.0, ge=0)  # simulated inference time
+
+
+def _build_scripted(cell: "CellConfig") -> ScriptedPolicy:
+    p, c = cell.inference.policy, cell.inference.chunking
+    return ScriptedPolicy(p.amplitude, p.frequency_hz, c.size, c.dt, p.latency_s)
+
+
+# Registered under ``armada.policies`` in pyproject.toml.
+PLUGIN = PolicyPlugin(kind="scripted", config_model=ScriptedPolicyConfig, build=_build_scripted)

@@ -27,7 +27,8 @@ from runtime.inference.deadline import PolicyCaller
 from runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
 from runtime.inference.link import DriverLink
 from runtime.inference.observation import ObservationBuilder
-from runtime.inference.policy import Policy, ScriptedPolicy
+from runtime.inference.policy import Policy
+from runtime.inference.registry import POLICIES
 from runtime.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, check_hello_version
 from runtime.transport import CommandServer, FrameSubscriber, Publisher, RemoteError, Request, start_authenticator
 
@@ -39,20 +40,9 @@ SHUTDOWN_JOIN_S = 3.0
 FALLBACK_REASON = "the reply could not be encoded; the request was refused"
 
 
-def make_policy(cell: CellConfig, cell_path: Path | None = None) -> Policy:
-    p, c = cell.inference.policy, cell.inference.chunking
-    if p.kind == "scripted":
-        return ScriptedPolicy(p.amplitude, p.frequency_hz, c.size, c.dt, p.latency_s)
-    if p.kind == "mergevla":
-        from runtime.model.policy import MergedVLAPolicy  # torch is imported only for a real model
-
-        onnx_dir = None
-        if p.onnx_dir:
-            onnx_dir = Path(p.onnx_dir).expanduser()
-            if not onnx_dir.is_absolute() and cell_path is not None:
-                onnx_dir = Path(cell_path).parent / onnx_dir
-        return MergedVLAPolicy(resolve_bundle(p, cell_path), verify=p.verify, onnx_dir=onnx_dir)
-    raise ValueError(f"unknown policy kind {p.kind!r}")
+def make_policy(cell: CellConfig) -> Policy:
+    """The cell's policy, built by its kind's plugin (runtime/inference/registry.py)."""
+    return POLICIES.get(cell.inference.policy.kind).build(cell)
 
 
 def deadlines(cell: CellConfig) -> Deadlines:
@@ -60,24 +50,10 @@ def deadlines(cell: CellConfig) -> Deadlines:
     the first call of a model (it may load weights or warm up) gets a minute."""
     inf, c = cell.inference, cell.inference.chunking
     policy_s = inf.policy_timeout_s or max(2.0, 2 * c.size * c.dt)
-    first_s = inf.first_policy_timeout_s or (max(60.0, policy_s) if inf.policy.kind == "mergevla" else policy_s)
+    needs_model = POLICIES.get(inf.policy.kind).needs_model
+    first_s = inf.first_policy_timeout_s or (max(60.0, policy_s) if needs_model else policy_s)
     return Deadlines(policy_s=policy_s, first_policy_s=first_s, driver_silence_s=inf.driver_silence_s,
                      progress_s=max(3 * inf.heartbeat_s, 0.15))
-
-
-def resolve_bundle(p, cell_path: Path | None) -> Path:
-    """The bundle directory of a mergevla policy; "tiny" builds the tiny bundle once, locally."""
-    if p.bundle != "tiny":
-        path = Path(p.bundle).expanduser()
-        return path if path.is_absolute() or cell_path is None else Path(cell_path).parent / path
-    path = Path(p.tiny_dir).expanduser() / f"tasks-{p.tiny_tasks}"
-    if not (path / "manifest.json").exists():
-        from runtime.model.tiny import make_tiny_bundle
-
-        log.info("building the tiny merged bundle in %s (first use)", path)
-        make_tiny_bundle(path, num_tasks=p.tiny_tasks, overwrite=True,
-                         progress=lambda step: log.info("tiny bundle: %s", step))
-    return path
 
 
 class InferenceProcess:
@@ -262,7 +238,7 @@ def _exit_now(code: int) -> None:
 
 def run_inference(cell_path: str | Path | None, run_dir: str | Path | None) -> None:
     cell = load_cell(cell_path, run_dir)
-    process = InferenceProcess(cell, make_policy(cell, Path(cell_path) if cell_path else None))
+    process = InferenceProcess(cell, make_policy(cell))
     signal.signal(signal.SIGTERM, process.request_stop)
     signal.signal(signal.SIGINT, process.request_stop)
     threading.excepthook = process.thread_died

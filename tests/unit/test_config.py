@@ -560,7 +560,7 @@ def test_cell_rate_override_and_relative_embodiment(tmp_path):
     (lambda d: d["drivers"][0].update(lease_ttl_s=0), "drivers.0.lease_ttl_s", "greater than or equal to 0.01"),
     (lambda d: d["drivers"][0].update(control_rate_hz=0.001), "drivers.0.control_rate_hz",
      "greater than or equal to 1"),
-    (lambda d: d["cameras"][0].update(fps=0.001), "cameras.0.synthetic.fps", "greater than or equal to 1"),
+    (lambda d: d["cameras"][0].update(fps=0.001), "cameras.0.fps", "greater than or equal to 1"),
     (lambda d: d["inference"].update(chunking={"dt": 5e-324}), "inference.chunking.dt", "greater than or equal"),
     (lambda d: d["inference"].update(heartbeat_s=0.3), "inference.heartbeat_s", "drivers.0.lease_ttl_s"),
     (lambda d: d["inference"].update(heartbeat_s=0.16), "inference.heartbeat_s", "at most half"),
