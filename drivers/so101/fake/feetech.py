@@ -64,15 +64,11 @@ prints the pty path and serves until interrupted.
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-import select
 import signal
-import termios
 import threading
-import time
-import tty
 from dataclasses import dataclass, field
+
+from drivers.core.fake.pty_bus import PtyServoBus
 
 STS3215_MODEL = 777
 BROADCAST_ID = 0xFE
@@ -159,29 +155,6 @@ def status_packet(servo_id: int, error: int, data: bytes = b"", *, corrupt: bool
     if corrupt:
         chk ^= 0x5A
     return b"\xff\xff" + body + bytes([chk])
-
-
-def _speed_names() -> dict[int, int]:
-    import termios
-
-    names = {}
-    for name in dir(termios):
-        if name.startswith("B") and name[1:].isdigit():
-            names.setdefault(getattr(termios, name), int(name[1:]))
-    return names
-
-
-_SPEEDS = _speed_names()
-
-
-def _termios_speed(fd: int) -> int | None:
-    """The port speed pyserial set on the pty (bits/s), or None when it cannot be told."""
-    import termios
-
-    try:
-        return _SPEEDS.get(termios.tcgetattr(fd)[5])
-    except termios.error:
-        return None
 
 
 @dataclass
@@ -320,8 +293,11 @@ class _Servo:
         return self.faults & 0x7F
 
 
-class FeetechBusFake:
-    """STS3215 servos answering the Feetech protocol (end 0) on a pty. See the module docstring."""
+class FeetechBusFake(PtyServoBus["_Servo"]):
+    """STS3215 servos answering the Feetech protocol (end 0) on a pty. See the module docstring;
+    the pty, its thread and the common control API are drivers/core/fake/pty_bus.py's."""
+
+    thread_name = "feetech-fake"
 
     def __init__(
         self,
@@ -333,73 +309,16 @@ class FeetechBusFake:
         max_speed: float = 3000.0,
         tick_s: float = 0.005,
     ) -> None:
-        self.max_speed = float(max_speed)
-        self.tick_s = tick_s
-        self._lock = threading.RLock()
-        self._servos: dict[int, _Servo] = {}
         # ids: an iterable of ids (all `model`), or {id: model number} to mix models (a wrong servo)
         models = dict(ids) if isinstance(ids, dict) else {i: model for i in ids}
+        servos = {}
         for i, m in models.items():
             s = _Servo(id=i, model=m, firmware=firmware, actual=float((positions or {}).get(i, 2048)))
             s.power_on()
-            self._servos[i] = s
-        self.received_goals: list[tuple[int, int]] = []
-        self.packets_in = 0
-        self.bytes_dropped = 0
-        self.port: str | None = None
-        self._master = self._slave = -1
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._last = time.monotonic()
-
-    # --- lifecycle -------------------------------------------------------------------------
-    def start(self) -> str:
-        self._master, self._slave = os.openpty()
-        tty.setraw(self._slave)
-        os.set_blocking(self._master, False)
-        self.port = os.ttyname(self._slave)
-        self._stop.clear()
-        self._last = time.monotonic()
-        self._thread = threading.Thread(target=self._serve, name="feetech-fake", daemon=True)
-        self._thread.start()
-        return self.port
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-
-    def unplug(self) -> None:
-        """The USB adapter goes away: the pty closes, the SDK's next read/write fails."""
-        self.stop()
-
-    def __enter__(self) -> FeetechBusFake:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+            servos[i] = s
+        super().__init__(servos, max_speed=max_speed, tick_s=tick_s)
 
     # --- control API -----------------------------------------------------------------------
-    def ids(self) -> list[int]:
-        with self._lock:
-            return sorted(self._servos)
-
-    def _servo(self, servo_id: int) -> _Servo:
-        try:
-            return self._servos[servo_id]
-        except KeyError:
-            raise KeyError(f"no fake servo with id {servo_id}; ids are {sorted(self._servos)}") from None
-
-    def set_missing(self, servo_id: int, missing: bool = True) -> None:
-        with self._lock:
-            self._servo(servo_id).missing = missing
-
     def set_bad_checksum(self, servo_id: int, bad: bool = True) -> None:
         with self._lock:
             self._servo(servo_id).bad_checksum = bad
@@ -448,11 +367,6 @@ class FeetechBusFake:
             s = self._servo(servo_id)
             return int.from_bytes(s.mem[address : address + size], "little")
 
-    def present_position(self, servo_id: int) -> int:
-        with self._lock:
-            self._advance()
-            return self._servo(servo_id).present()
-
     def power_cycle(self) -> None:
         with self._lock:
             servos = list(self._servos.values())
@@ -461,62 +375,8 @@ class FeetechBusFake:
             self._servos = {s.mem[ID]: s for s in servos}
 
     # --- the bus ---------------------------------------------------------------------------
-    def _advance(self) -> None:
-        now = time.monotonic()
-        dt = now - self._last
-        self._last = now
-        if dt > 0:
-            for s in self._servos.values():
-                s.advance(dt, self.max_speed)
-
-    def _serve(self) -> None:
-        buf = bytearray()
-        try:
-            while not self._stop.is_set():
-                try:
-                    ready, _, _ = select.select([self._master], [], [], self.tick_s)
-                except (OSError, ValueError):
-                    break
-                with self._lock:
-                    self._advance()
-                if not ready:
-                    continue
-                try:
-                    data = os.read(self._master, 4096)
-                except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.EINTR):
-                        continue
-                    break
-                if not data:
-                    break
-                buf += data
-                out = bytearray()
-                with self._lock:
-                    for packet in self._packets(buf):
-                        out += self._handle(packet)
-                if out and not self._send(bytes(out)):
-                    break
-        finally:
-            for fd in (self._master, self._slave):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._master = self._slave = -1
-
-    def _send(self, data: bytes) -> bool:
-        """Write replies; bytes the host leaves unread past the pty's buffer are lost, as on a
-        real adapter, instead of blocking the bus. False when the port is gone."""
-        while data:
-            try:
-                n = os.write(self._master, data)
-            except BlockingIOError:
-                self.bytes_dropped += len(data)
-                return True
-            except OSError:
-                return False
-            data = data[n:]
-        return True
+    def _respond(self, buf: bytearray) -> bytes:
+        return b"".join(self._handle(packet) for packet in self._packets(buf))
 
     @staticmethod
     def _packets(buf: bytearray):
@@ -548,7 +408,7 @@ class FeetechBusFake:
     def _answers(self, s: _Servo) -> bool:
         if s.missing:
             return False
-        port_baud = _termios_speed(self._master) if self._master >= 0 else None
+        port_baud = self._port_speed()
         want = BAUD_TABLE.get(s.mem[BAUD_RATE])
         return port_baud is None or want is None or port_baud == want
 

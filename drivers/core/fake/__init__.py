@@ -1,0 +1,1 @@
+"""Shared equipment of the protocol-level fakes (never imported by production code)."""
