@@ -240,3 +240,156 @@ def test_cli_choices_come_from_the_registry(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["calibrate", "joints", command, "--help"])
         assert "--out" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- cameras and policies
+
+from drivers.cameras.registry import CAMERAS, CameraPlugin  # noqa: E402
+from drivers.cameras.source import Captured  # noqa: E402
+from runtime.config import CameraBaseConfig  # noqa: E402
+from runtime.inference.registry import POLICIES, PolicyPlugin  # noqa: E402
+
+
+def _plain_cell(tmp_path: Path, **extra) -> Path:
+    path = tmp_path / "cell.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t", "drivers": [{"name": "arm", "embodiment": "mock_arm", "backend": {"kind": "mock"},
+                                  "state": "ipc://{run_dir}/s", "cmd": "ipc://{run_dir}/c"}],
+        "inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev"}, **extra}))
+    return path
+
+
+def test_the_installed_cameras_and_policies_are_registered_through_entry_points():
+    assert {"synthetic", "realsense", "opencv"} <= set(CAMERAS.kinds()) and CAMERAS.broken() == {}
+    assert {"scripted", "mergevla"} <= set(POLICIES.kinds()) and POLICIES.broken() == {}
+    assert POLICIES.get("mergevla").needs_model and not POLICIES.get("scripted").needs_model
+
+
+def test_validating_cells_imports_no_camera_or_model_stack():
+    code = ("import sys, json\n"
+            "from runtime.config import load_cell\n"
+            "load_cell('configs/cells/cameras_fake.yaml', '/tmp')\n"
+            "load_cell(None, '/tmp')\n"  # the default cell: the merged VLA over synthetic cameras
+            f"print(json.dumps([m for m in {VENDOR_MODULES!r} if m in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize("extra, key, words", [
+    ({"cameras": [{"name": "c", "frames": "ipc://{run_dir}/f", "kind": "webcam"}]}, "cameras.0.kind",
+     "unknown camera kind 'webcam'; known: opencv, realsense, synthetic"),
+    ({"cameras": [{"name": "c", "frames": "ipc://{run_dir}/f", "kind": "realsense", "serial": [1]}]},
+     "cameras.0.serial", "valid string"),
+    ({"inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev", "policy": {"kind": "gpt"}}},
+     "inference.policy.kind", "unknown policy kind 'gpt'; known: mergevla, scripted"),
+    ({"inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev", "policy": {"amplitude": 1}}},
+     "inference.policy.kind", "missing: one of ['mergevla', 'scripted']"),
+    ({"inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev", "policy": "scripted"}},
+     "inference.policy", "must be a mapping with a kind"),
+    ({"inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev",
+                    "policy": {"kind": "mergevla", "bundle": "b", "tiny_tasks": 0}}},
+     "inference.policy.tiny_tasks", "greater than or equal to 1"),
+])
+def test_camera_and_policy_errors_name_the_key_and_list_the_known_kinds(tmp_path, short_tmp, extra, key, words):
+    err = _error(_plain_cell(tmp_path, **extra), short_tmp)
+    assert err.key == key and words in err.reason, err
+
+
+def test_a_camera_without_kind_is_synthetic_and_no_policy_is_scripted(tmp_path, short_tmp):
+    from pydantic import TypeAdapter
+
+    from drivers.cameras.plugins import SyntheticCameraConfig
+    from runtime.config import CameraConfig
+    from runtime.inference.policy import ScriptedPolicy, ScriptedPolicyConfig
+    from runtime.inference.process import make_policy
+
+    cell = load_cell(_plain_cell(tmp_path, cameras=[{"name": "c", "frames": "ipc://{run_dir}/f"}]), short_tmp)
+    assert type(cell.cameras[0]) is SyntheticCameraConfig and cell.cameras[0].kind == "synthetic"
+    assert type(cell.inference.policy) is ScriptedPolicyConfig
+    assert isinstance(make_policy(cell), ScriptedPolicy)
+    # Built in code, the same rule: no kind is synthetic; a model of the wrong kind is refused.
+    built = TypeAdapter(CameraConfig).validate_python({"name": "c", "frames": "ipc:///tmp/f"})
+    assert type(built) is SyntheticCameraConfig
+    with pytest.raises(ValueError, match="unknown camera kind 'webcam'"):
+        TypeAdapter(CameraConfig).validate_python({"name": "c", "frames": "ipc:///tmp/f", "kind": "webcam"})
+
+
+class GreyCameraConfig(CameraBaseConfig):
+    kind: Literal["grey"] = "grey"
+    level: int = 128
+
+
+class GreySource:
+    """A test camera: flat grey frames, counting what the camera process asked of it."""
+
+    def __init__(self, cfg: GreyCameraConfig, folder: Path | None):
+        self.cfg, self.folder, self.reads, self.closed = cfg, folder, 0, False
+
+    def open(self) -> dict:
+        return {"grey": self.cfg.level}
+
+    def read(self, timeout_s: float) -> Captured:
+        self.reads += 1
+        rgb = np.full((self.cfg.height, self.cfg.width, 3), self.cfg.level, np.uint8)
+        return Captured(rgb=rgb, capture_ns=1_000_000 * self.reads, clock="test")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+OPENED: list[GreySource] = []
+
+
+def _grey(cfg: GreyCameraConfig, folder: Path | None) -> GreySource:
+    OPENED.append(GreySource(cfg, folder))
+    return OPENED[-1]
+
+
+def test_an_extra_camera_plugin_is_validated_and_run_by_a_cell_in_process(tmp_path, short_tmp):
+    from drivers.cameras.process import CameraProcess
+
+    grey = CameraPlugin(kind="grey", config_model=GreyCameraConfig, build=_grey)
+    cam = {"name": "g", "frames": "ipc://{run_dir}/g", "kind": "grey", "width": 8, "height": 4}
+    with CAMERAS.extra(grey):
+        err = _error(_plain_cell(tmp_path, cameras=[cam | {"level": "dark"}]), short_tmp)
+        assert err.key == "cameras.0.level", err
+        cell = load_cell(_plain_cell(tmp_path, cameras=[cam | {"level": 7}]), short_tmp)
+        cfg = cell.camera("g")
+        assert type(cfg) is GreyCameraConfig and cfg.level == 7
+        process = CameraProcess(cfg, base_dir=cell.folder)
+        process.run(max_frames=3)
+    source = OPENED[-1]
+    assert process.source is source and source.folder == tmp_path
+    assert (process.frames_sent, source.reads, source.closed) == (3, 3, True)
+    assert "grey" not in CAMERAS.kinds()
+    err = _error(_plain_cell(tmp_path, cameras=[cam]), short_tmp)  # gone with the block
+    assert err.key == "cameras.0.kind" and "unknown camera kind 'grey'" in err.reason
+
+
+class FixedPolicyConfig(StrictModel):
+    kind: Literal["fixed"] = "fixed"
+    note: str
+
+
+def test_an_extra_policy_plugin_is_validated_and_built_from_the_cell(tmp_path, short_tmp):
+    from runtime.inference.policy import ScriptedPolicy
+    from runtime.inference.process import deadlines, make_policy
+
+    built: list = []
+
+    def build(cell):
+        built.append(cell)
+        return ScriptedPolicy(0.1, 1.0, cell.inference.chunking.size, cell.inference.chunking.dt)
+
+    fixed = PolicyPlugin(kind="fixed", config_model=FixedPolicyConfig, build=build, needs_model=True)
+    inference = {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev", "policy": {"kind": "fixed"}}
+    with POLICIES.extra(fixed):
+        err = _error(_plain_cell(tmp_path, inference=inference), short_tmp)
+        assert err.key == "inference.policy.note" and "required" in err.reason.lower(), err
+        inference["policy"]["note"] = "hello"
+        cell = load_cell(_plain_cell(tmp_path, inference=inference), short_tmp)
+        assert isinstance(make_policy(cell), ScriptedPolicy) and built == [cell]
+        assert deadlines(cell).first_policy_s >= 60.0  # needs_model: the first call may load weights
+    assert "fixed" not in POLICIES.kinds()
