@@ -192,6 +192,7 @@ class _Arm:
 
     # --- connect steps ---------------------------------------------------------------------
     def read_raw(self, register: str) -> dict[str, int]:
+        self._drain()
         return self.bus.sync_read(register, normalize=False, num_retry=2)
 
     def ensure_calibrated(self) -> None:
@@ -247,13 +248,29 @@ class _Arm:
             raise BackendError(f"{self.name}: torque did not come on for {still_off}", transient=False)
 
     # --- per tick ------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Drop unread input before a transaction: scservo_sdk's GroupSyncRead takes the next bytes
+        of the right length as each servo's reply, so the late replies of a transaction that timed out
+        (a starved host) would be read as this one's: a position's low byte as Status error bits."""
+        self.bus.port_handler.ser.reset_input_buffer()
+
     def positions(self) -> np.ndarray:
         """JOINTS order, our units (rad, gripper 0..1), through lerobot's normalisation."""
+        self._drain()
         norm = self.bus.sync_read("Present_Position")
         return np.array([norm[n] / DEG for n in ARM_JOINTS] + [norm["gripper"] / 100.0])
 
     def status(self) -> dict[str, int]:
-        return {n: v for n, v in self.bus.sync_read("Status", normalize=False).items() if v}
+        """Servos whose Status register (65) has bits set. Bits are confirmed by a second read at once
+        (one more transaction, only when there are bits): a fault stops the arm, so one reply garbled
+        into plausible bits must not."""
+        self._drain()
+        bits = {n: v for n, v in self.bus.sync_read("Status", normalize=False).items() if v}
+        if bits:
+            self._drain()
+            again = self.bus.sync_read("Status", normalize=False)
+            bits = {n: again[n] for n in bits if again[n]}
+        return bits
 
     def goal_ticks(self, q: np.ndarray) -> dict[str, int]:
         """Raw goals as lerobot's _unnormalize computes them, checked within each calibrated range."""

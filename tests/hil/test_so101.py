@@ -248,3 +248,25 @@ def test_the_leader_is_read_in_the_followers_units_and_never_written():
             assert all(leader.register(i, TORQUE_ENABLE) == 0 for i in leader.ids())
         finally:
             b.close()
+
+
+def test_late_replies_of_a_timed_out_transaction_are_not_read_as_the_next_ones():
+    """scservo_sdk's sync read takes the next bytes as each servo's reply: late position replies (a
+    host starved past the timeout) read as Status would be error bits, a false fault."""
+    from drivers.so101.fake.feetech import status_packet
+
+    with FeetechBusFake(range(1, 7)) as fake:
+        b = backend(fake.port)
+        b.connect(5.0)
+        try:
+            b.read()
+            for _ in range(3):
+                late = b"".join(status_packet(i, 0, bytes([0x03, 0x08])) for i in range(1, 7))
+                with fake._lock:
+                    fake._send(late)  # Present_Position replies arriving after their transaction gave up
+                time.sleep(0.01)
+                r = b.read()
+                assert r.fault is None, r.fault
+                assert np.allclose(r.position[:5], b.read().position[:5], atol=0.01)
+        finally:
+            b.close()
