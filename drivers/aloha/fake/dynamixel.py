@@ -73,14 +73,12 @@ serves until interrupted; the whole ALOHA (four buses, a control socket to injec
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-import select
 import signal
 import threading
 import time
-import tty
 from dataclasses import dataclass, field
+
+from drivers.core.fake.pty_bus import PtyServoBus
 
 BROADCAST_ID = 0xFE
 
@@ -249,29 +247,6 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value & (1 << (bits - 1)) else value
 
 
-def _speed_names() -> dict[int, int]:
-    import termios
-
-    names = {}
-    for name in dir(termios):
-        if name.startswith("B") and name[1:].isdigit():
-            names.setdefault(getattr(termios, name), int(name[1:]))
-    return names
-
-
-_SPEEDS = _speed_names()
-
-
-def _termios_speed(fd: int) -> int | None:
-    """The port speed pyserial set on the pty (bits/s), or None when it cannot be told."""
-    import termios
-
-    try:
-        return _SPEEDS.get(termios.tcgetattr(fd)[5])
-    except termios.error:
-        return None
-
-
 @dataclass
 class _Servo:
     id: int
@@ -415,8 +390,11 @@ class _Servo:
         return ERR_ALERT if self.mem[HARDWARE_ERROR_STATUS] else 0
 
 
-class DynamixelBusFake:
-    """X-series servos answering Dynamixel Protocol 2.0 on a pty. See the module docstring."""
+class DynamixelBusFake(PtyServoBus["_Servo"]):
+    """X-series servos answering Dynamixel Protocol 2.0 on a pty. See the module docstring; the
+    pty, its thread and the common control API are drivers/core/fake/pty_bus.py's."""
+
+    thread_name = "dynamixel-fake"
 
     def __init__(
         self,
@@ -435,72 +413,15 @@ class DynamixelBusFake:
         for sid, model in servos.items():
             if model not in MODELS:
                 raise ValueError(f"unknown model {model!r} for id {sid}; known: {sorted(MODELS)}")
-        self.max_speed = float(max_speed)
         self.goal_out_of_limit = goal_out_of_limit
-        self.tick_s = tick_s
-        self._lock = threading.RLock()
-        self._servos: dict[int, _Servo] = {}
+        servo_objs = {}
         for sid, model in servos.items():
             s = _Servo(id=sid, model=model, firmware=firmware, actual=float((positions or {}).get(sid, 2048)))
             s.power_on()
-            self._servos[sid] = s
-        self.received_goals: list[tuple[int, int]] = []
-        self.packets_in = 0
-        self.bytes_dropped = 0
-        self.port: str | None = None
-        self._master = self._slave = -1
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._last = time.monotonic()
-
-    # --- lifecycle -------------------------------------------------------------------------
-    def start(self) -> str:
-        self._master, self._slave = os.openpty()
-        tty.setraw(self._slave)
-        os.set_blocking(self._master, False)
-        self.port = os.ttyname(self._slave)
-        self._stop.clear()
-        self._last = time.monotonic()
-        self._thread = threading.Thread(target=self._serve, name="dynamixel-fake", daemon=True)
-        self._thread.start()
-        return self.port
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-
-    def unplug(self) -> None:
-        """The USB adapter goes away: the pty closes, the SDK's next read/write fails."""
-        self.stop()
-
-    def __enter__(self) -> DynamixelBusFake:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+            servo_objs[sid] = s
+        super().__init__(servo_objs, max_speed=max_speed, tick_s=tick_s)
 
     # --- control API -----------------------------------------------------------------------
-    def ids(self) -> list[int]:
-        with self._lock:
-            return sorted(self._servos)
-
-    def _servo(self, servo_id: int) -> _Servo:
-        try:
-            return self._servos[servo_id]
-        except KeyError:
-            raise KeyError(f"no fake servo with id {servo_id}; ids are {sorted(self._servos)}") from None
-
-    def set_missing(self, servo_id: int, missing: bool = True) -> None:
-        with self._lock:
-            self._servo(servo_id).missing = missing
-
     def set_bad_crc(self, servo_id: int, bad: bool = True) -> None:
         with self._lock:
             self._servo(servo_id).bad_crc = bad
@@ -558,11 +479,6 @@ class DynamixelBusFake:
             self._advance()
             return self._servo(servo_id).get(address, size, signed)
 
-    def present_position(self, servo_id: int) -> int:
-        with self._lock:
-            self._advance()
-            return self._servo(servo_id).present()
-
     def link_shadow(self, shadow_id: int, primary_id: int) -> None:
         """Set a servo's Secondary_ID (EEPROM): it then executes writes addressed to `primary_id`."""
         with self._lock:
@@ -579,62 +495,8 @@ class DynamixelBusFake:
             self._servos = {s.mem[ID]: s for s in servos}
 
     # --- the bus ---------------------------------------------------------------------------
-    def _advance(self) -> None:
-        now = time.monotonic()
-        dt = now - self._last
-        self._last = now
-        if dt > 0:
-            for s in self._servos.values():
-                s.advance(dt, self.max_speed)
-
-    def _serve(self) -> None:
-        buf = bytearray()
-        try:
-            while not self._stop.is_set():
-                try:
-                    ready, _, _ = select.select([self._master], [], [], self.tick_s)
-                except (OSError, ValueError):
-                    break
-                with self._lock:
-                    self._advance()
-                if not ready:
-                    continue
-                try:
-                    data = os.read(self._master, 4096)
-                except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.EINTR):
-                        continue
-                    break
-                if not data:
-                    break
-                buf += data
-                out = bytearray()
-                with self._lock:
-                    for sid, inst, params in self._packets(buf):
-                        out += self._handle(sid, inst, params)
-                if out and not self._send(bytes(out)):
-                    break
-        finally:
-            for fd in (self._master, self._slave):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._master = self._slave = -1
-
-    def _send(self, data: bytes) -> bool:
-        """Write replies; bytes the host leaves unread past the pty's buffer are lost, as on a
-        real adapter, instead of blocking the bus. False when the port is gone."""
-        while data:
-            try:
-                n = os.write(self._master, data)
-            except BlockingIOError:
-                self.bytes_dropped += len(data)
-                return True
-            except OSError:
-                return False
-            data = data[n:]
-        return True
+    def _respond(self, buf: bytearray) -> bytes:
+        return b"".join(self._handle(sid, inst, params) for sid, inst, params in self._packets(buf))
 
     @staticmethod
     def _packets(buf: bytearray):
@@ -667,7 +529,7 @@ class DynamixelBusFake:
     def _answers(self, s: _Servo) -> bool:
         if s.missing:
             return False
-        port_baud = _termios_speed(self._master) if self._master >= 0 else None
+        port_baud = self._port_speed()
         want = BAUD_TABLE.get(s.mem[BAUD_RATE])
         return port_baud is None or want is None or port_baud == want
 
