@@ -241,7 +241,8 @@ class _Arm:
                     self.bus.write("Overload_Torque", n, 25)
         present = self.read_raw("Present_Position")
         self.bus.sync_write("Goal_Position", present, normalize=False)  # hold where it is: nothing jumps
-        self.bus.enable_torque(off, num_retry=2) if off else None
+        if off:
+            self.bus.enable_torque(off, num_retry=2)  # Torque_Enable 1 and Lock 1, lerobot's way
         torque = self.read_raw("Torque_Enable")
         still_off = [n for n in JOINTS if torque[n] != 1]
         if still_off:
