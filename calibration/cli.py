@@ -115,7 +115,7 @@ def out_args(p: argparse.ArgumentParser) -> None:
 
 
 def _joints_parser(sub: Any) -> None:
-    from calibration.joint_kinds import JOINT_CALIBRATIONS
+    from armada.calibration.joint_kinds import JOINT_CALIBRATIONS
 
     joints = sub.add_parser("joints", help="joint offsets and ranges (each kind from its device's plugin)")
     jsub = joints.add_subparsers(dest="joints_command", required=True)
@@ -155,13 +155,13 @@ def _latency_parser(sub: Any) -> None:
 
 def run_calibrate(args: argparse.Namespace, out: Callable[[str], None] | None = None) -> int:
     """Run one `calibrate` subcommand: 0 on success, 2 when refused or impossible (why on stderr)."""
-    from calibration.handeye import HandEyeRefused
-    from calibration.intrinsics import CalibrationRefused
-    from calibration.joints import JointCalibrationError
-    from calibration.latency import LatencyError
-    from calibration.live import LiveError
-    from calibration.results import ResultRefused
-    from runtime.config import ConfigError
+    from armada.calibration.handeye import HandEyeRefused
+    from armada.calibration.intrinsics import CalibrationRefused
+    from armada.calibration.joints import JointCalibrationError
+    from armada.calibration.latency import LatencyError
+    from armada.calibration.live import LiveError
+    from armada.calibration.results import ResultRefused
+    from armada.runtime.config import ConfigError
 
     say = out or (lambda line: print(line, flush=True))
     handlers = {"board": _board, "intrinsics": _intrinsics, "hand-eye": _hand_eye, "joints": _joints,
@@ -179,7 +179,7 @@ def run_calibrate(args: argparse.Namespace, out: Callable[[str], None] | None = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (`python -m calibration.cli calibrate ...`) until runtime.cli wires it."""
+    """Stand-alone entry point (`python -m armada.calibration.cli calibrate ...`) until runtime.cli wires it."""
     parser = argparse.ArgumentParser(prog="armada")
     add_calibrate_parser(parser.add_subparsers(dest="command", required=True))
     return run_calibrate(parser.parse_args(argv))
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def make_board(args: argparse.Namespace):
-    from calibration.boards import Board, CharucoBoardSpec, CheckerboardSpec, parse_squares
+    from armada.calibration.boards import Board, CharucoBoardSpec, CheckerboardSpec, parse_squares
 
     cols, rows = parse_squares(args.squares)
     if args.board == "checkerboard":
@@ -201,7 +201,7 @@ def make_board(args: argparse.Namespace):
 def _board(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     import cv2
 
-    from calibration.boards import render_for_print
+    from armada.calibration.boards import render_for_print
 
     board = make_board(args)
     img = render_for_print(board, args.dpi)
@@ -220,7 +220,7 @@ def _board(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
 
 def _intrinsics(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.intrinsics import CalibrationRefused, IntrinsicsLimits, calibrate_intrinsics
+    from armada.calibration.intrinsics import CalibrationRefused, IntrinsicsLimits, calibrate_intrinsics
 
     board = make_board(args)
     limits = IntrinsicsLimits(args.max_rms, args.min_views, args.min_coverage, args.min_tilt)
@@ -273,8 +273,8 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _capture_intrinsics_live(args, board, limits, say: Callable[[str], None]) -> list:
-    from calibration.intrinsics import CaptureTargets, GuidedCapture
-    from calibration.live import CellStreams
+    from armada.calibration.intrinsics import CaptureTargets, GuidedCapture
+    from armada.calibration.live import CellStreams
 
     targets = CaptureTargets(views=max(args.views, limits.min_views),
                              coverage=max(args.target_coverage, limits.min_coverage),
@@ -315,8 +315,8 @@ def _intrinsics_summary(r, labels: list[str]) -> str:
 
 
 def _intrinsics_record(r, board, limits, name, args, refusals: list[str]):
-    from calibration.boards import board_to_dict
-    from calibration.results import CalibrationRecord, Residual, intrinsics_values
+    from armada.calibration.boards import board_to_dict
+    from armada.calibration.results import CalibrationRecord, Residual, intrinsics_values
 
     kind = "ChArUco" if board.spec.kind == "charuco" else "checkerboard"
     method = (f"{kind} board, cv2.calibrateCameraExtended, {r.model} distortion"
@@ -335,8 +335,8 @@ def _intrinsics_record(r, board, limits, name, args, refusals: list[str]):
 
 
 def _hand_eye(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.handeye import ALL_METHODS, HandEyeLimits, HandEyeRefused, calibrate_hand_eye
-    from calibration.results import load_intrinsics
+    from armada.calibration.handeye import ALL_METHODS, HandEyeLimits, HandEyeRefused, calibrate_hand_eye
+    from armada.calibration.results import load_intrinsics
 
     board = make_board(args)
     intr = load_intrinsics(args.intrinsics)
@@ -365,7 +365,7 @@ def _hand_eye(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 def _hand_eye_from_files(args, board, intr, say: Callable[[str], None]) -> tuple[list, list]:
     import cv2
 
-    from calibration.intrinsics import board_pose
+    from armada.calibration.intrinsics import board_pose
 
     folder = require(args.images, "--images (with --poses) or --live")
     poses = read_poses(require(args.poses, "--poses"))
@@ -392,7 +392,7 @@ def _hand_eye_from_files(args, board, intr, say: Callable[[str], None]) -> tuple
 def read_poses(path: Path) -> dict[str, np.ndarray]:
     """Image name -> base_T_gripper from a CSV (image,x,y,z,rx,ry,rz) or a YAML/JSON list of
     {image, base_T_gripper: 4x4} or {image, tcp_pose: [x,y,z,rx,ry,rz]}."""
-    from calibration.handeye import pose_from_ur
+    from armada.calibration.handeye import pose_from_ur
 
     if path.suffix.lower() == ".csv":
         rows = _csv_rows(path)
@@ -425,7 +425,7 @@ def read_poses(path: Path) -> dict[str, np.ndarray]:
 
 
 def _capture_hand_eye_live(args, board, intr, say: Callable[[str], None]) -> tuple[list, list]:
-    from calibration.live import CellStreams, HandEyeCollector, state_pose
+    from armada.calibration.live import CellStreams, HandEyeCollector, state_pose
 
     collector = HandEyeCollector(board, intr, on_progress=say)
     say(f"move the arm to a pose ({args.views} wanted), let it rest half a second: the view is taken when the arm is "
@@ -446,7 +446,7 @@ def _capture_hand_eye_live(args, board, intr, say: Callable[[str], None]) -> tup
 
 
 def _hand_eye_summary(r) -> str:
-    from calibration.handeye import pose_to_ur
+    from armada.calibration.handeye import pose_to_ur
 
     what = "gripper_T_camera" if r.mode == "eye_in_hand" else "base_T_camera"
     p = pose_to_ur(r.transform)
@@ -460,8 +460,8 @@ def _hand_eye_summary(r) -> str:
 
 
 def _hand_eye_record(r, board, limits, intr, args, refusals: list[str]):
-    from calibration.boards import board_to_dict
-    from calibration.results import CalibrationRecord, Residual, hand_eye_values
+    from armada.calibration.boards import board_to_dict
+    from armada.calibration.results import CalibrationRecord, Residual, hand_eye_values
 
     method = f"cv2 hand-eye, best of {len(r.methods)} methods: {r.best.method}"
     inputs = {"views": r.views, "image_size": list(intr.image_size), "board": board_to_dict(board.spec),
@@ -479,7 +479,7 @@ def _hand_eye_record(r, board, limits, intr, args, refusals: list[str]):
 
 
 def _joints(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.joint_kinds import JOINT_CALIBRATIONS
+    from armada.calibration.joint_kinds import JOINT_CALIBRATIONS
 
     kinds = {k.command: k for k in JOINT_CALIBRATIONS.all().values()}
     return kinds[args.joints_command].run(args, say)
@@ -489,8 +489,8 @@ def record_hold(args, names: list[str], prompt: str, say: Callable[[str], None])
     """Ask the operator to hold a pose, then record the driver's measured joints for a while."""
     import zmq
 
-    from runtime.config import load_cell
-    from runtime.transport import Subscriber
+    from armada.runtime.config import load_cell
+    from armada.runtime.transport import Subscriber
 
     cell = load_cell(args.live, args.run_dir)
     drv = cell.driver(args.driver)
@@ -517,8 +517,8 @@ def record_hold(args, names: list[str], prompt: str, say: Callable[[str], None])
 
 
 def _latency(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.latency import estimate_delay_steps, estimate_delay_xcorr
-    from calibration.results import CalibrationRecord, Residual
+    from armada.calibration.latency import estimate_delay_steps, estimate_delay_xcorr
+    from armada.calibration.results import CalibrationRecord, Residual
 
     search = _pair(args.search, "--search")
     if args.steps is not None:
@@ -545,8 +545,8 @@ def _latency_series(args, say) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
         _, ref = read_columns(require(args.reference, "--reference and --visual, --steps and --frames, or --live"), 2)
         _, vis = read_columns(require(args.visual, "--visual"), 2)
         return ref[:, 0], ref[:, 1], vis[:, 0], vis[:, 1]
-    from calibration.latency import LatencyError, estimate_delay_xcorr
-    from calibration.live import CellStreams, record_latency
+    from armada.calibration.latency import LatencyError, estimate_delay_xcorr
+    from armada.calibration.live import CellStreams, record_latency
 
     board = make_board(args)
     say(f"move joint {args.joint} back and forth (varied speed, about 1 Hz) so the board sweeps the image, "
@@ -571,7 +571,7 @@ def _latency_series(args, say) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
 
 def write(path: Path, record, force: bool, say: Callable[[str], None]) -> None:
-    from calibration.results import write_result
+    from armada.calibration.results import write_result
 
     written = write_result(path, record, force=force)
     forced = record.refusals or any(r.exceeded for r in record.residual.values())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from calibration.types import HandEyeMode
+from armada.calibration.types import HandEyeMode
 
 HAND_EYE_METHODS: dict[str, int] = {
     "TSAI": cv2.CALIB_HAND_EYE_TSAI,

@@ -15,8 +15,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from calibration.boards import Board, Detection
-from calibration.types import CameraIntrinsics
+from armada.calibration.boards import Board, Detection
+from armada.calibration.types import CameraIntrinsics
 
 DistortionModel = Literal["radial2", "radial3", "rational"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.core.registry import PluginRegistry
+from armada.drivers.core.registry import PluginRegistry
 
 GROUP = "armada.joint_calibrations"
 

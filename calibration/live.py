@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from calibration.boards import Board, Detection
-from calibration.handeye import invert, pose_from_ur, rotation_angle_deg
-from calibration.intrinsics import board_pose
-from calibration.types import CameraIntrinsics
+from armada.calibration.boards import Board, Detection
+from armada.calibration.handeye import invert, pose_from_ur, rotation_angle_deg
+from armada.calibration.intrinsics import board_pose
+from armada.calibration.types import CameraIntrinsics
 
 # Where a driver's state carries the tool pose: ``device.tcp_pose`` (the backend's extras), as
 # x, y, z (m) and a rotation vector (rad) in the base frame, published by backends that know it.
@@ -48,8 +48,8 @@ class CellStreams:
              run_dir: Path | None = None, frame_hwm: int = 8) -> "CellStreams":
         import zmq
 
-        from runtime.config import load_cell
-        from runtime.transport import FrameSubscriber, Subscriber
+        from armada.runtime.config import load_cell
+        from armada.runtime.transport import FrameSubscriber, Subscriber
 
         cell = load_cell(cell_path, run_dir)
         cam = cell.camera(camera)
@@ -219,7 +219,7 @@ def record_latency(streams: CellStreams, board: Board, joint: str, seconds: floa
                    on_progress: Callable[[str], None] | None = None) -> LatencyRecording:
     """Record every frame and every state message for ``seconds`` while someone moves ``joint``
     so the board (held by the arm, or in front of a wrist camera) swings through the image."""
-    from calibration.boards import to_gray
+    from armada.calibration.boards import to_gray
 
     if joint not in streams.joint_names:
         raise LiveError(f"driver {streams.driver_name} has no joint {joint!r}; it has {streams.joint_names}")

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from calibration.joints import JointCalibrationError
-from calibration.types import CameraIntrinsics, CameraLatency, HandEyeCalibration
-from runtime.errors import ConfigError
+from armada.calibration.joints import JointCalibrationError
+from armada.calibration.types import CameraIntrinsics, CameraLatency, HandEyeCalibration
+from armada.runtime.errors import ConfigError
 
 log = logging.getLogger("armada.calibration")
 
@@ -239,7 +239,7 @@ def load_joint_calibration(path: str | Path, expect_kind: str | None = None) -> 
     ``values.embodiment`` names the kind; a file in a device's own format (a vendor's or library's
     JSON, no ``format`` key) is read by the kind that knows it. ``expect_kind``: refuse files of other kinds
     (a backend applies only its own kind)."""
-    from calibration.joint_kinds import JOINT_CALIBRATIONS
+    from armada.calibration.joint_kinds import JOINT_CALIBRATIONS
 
     path = Path(path)
     doc = _read_mapping(path)

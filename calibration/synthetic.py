@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from calibration.boards import Board
+from armada.calibration.boards import Board
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from runtime.config import SCRIPTED_CELL
-from runtime.protocol import PROTOCOL_VERSION
-from runtime.supervisor import CellProcesses, default_run_dir
-from runtime.transport import CommandClient, FrameSubscriber, Subscriber
+from armada.runtime.config import SCRIPTED_CELL
+from armada.runtime.protocol import PROTOCOL_VERSION
+from armada.runtime.supervisor import CellProcesses, default_run_dir
+from armada.runtime.transport import CommandClient, FrameSubscriber, Subscriber
 
 
 def machine() -> str:
@@ -78,7 +78,7 @@ def bench_loop(seconds: float, realtime: bool = False) -> dict[str, Any]:
     run_dir = default_run_dir("bench-loop-rt" if realtime else "bench-loop")
     with CellProcesses(_bench_cell(run_dir, realtime=realtime), run_dir) as procs:
         procs.start_all()
-        from runtime.inference.client import EpisodeClient
+        from armada.runtime.inference.client import EpisodeClient
 
         cmd = CommandClient(procs.ctx, procs.cell.drivers[0].cmd)
         client = EpisodeClient(procs.ctx, procs.cell)
@@ -200,7 +200,7 @@ def bench_frames(seconds: float) -> dict[str, Any]:
 
 def _bench_estop(seconds: float) -> dict[str, Any]:
     """E-stop latency under a flood, with and without real-time priority (which needs the right to it)."""
-    from drivers.core.stop_bench import bench_estop
+    from armada.drivers.core.stop_bench import bench_estop
 
     seconds = min(max(seconds, 2.0), 30.0)  # per N and mode: four Ns, two modes
     out: dict[str, Any] = {}

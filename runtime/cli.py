@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.config import DEFAULT_CELL, ConfigError
-from runtime.rundir import PARENT_PID_ENV, RunDirError
+from armada.runtime.config import DEFAULT_CELL, ConfigError
+from armada.runtime.rundir import PARENT_PID_ENV, RunDirError
 
 _PR_SET_PDEATHSIG = 1
 SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("bundle", type=Path)
     inspect.add_argument("--verify", action="store_true", help="also check every file's sha256")
 
-    from drivers.core.registry import BACKENDS
+    from armada.drivers.core.registry import BACKENDS
 
     plugins = BACKENDS.all()
     device_benches = sorted(k for k, p in plugins.items() if p.bench is not None)
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("device", choices=sorted(k for k, p in plugins.items() if p.fake is not None))
     fake.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the fake (try: armada fake KIND --help)")
 
-    from calibration.cli import add_calibrate_parser
+    from armada.calibration.cli import add_calibrate_parser
 
     add_calibrate_parser(sub)
     return parser
@@ -167,8 +167,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("driver", "camera", "infer"):
         return _run_process(args)
     if args.command == "calibrate" and getattr(args, "live", None) is not None and args.run_dir is None:
-        from runtime.config import load_cell
-        from runtime.rundir import resolve_run_dir
+        from armada.runtime.config import load_cell
+        from armada.runtime.rundir import resolve_run_dir
 
         # Where the cell's processes run; checked private, as we talk to whatever listens there.
         args.run_dir = resolve_run_dir(None, load_cell(args.live).name)
@@ -181,7 +181,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "fake":
         return run_fake(args.device, args.args)
     elif args.command == "calibrate":
-        from calibration.cli import run_calibrate
+        from armada.calibration.cli import run_calibrate
 
         return run_calibrate(args)
     elif args.command == "bench":
@@ -189,7 +189,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _bench_model(args)
         if args.what not in SPINE_BENCHES or args.what == "cameras":
             return _bench_device(args)
-        from runtime.bench import run_bench
+        from armada.runtime.bench import run_bench
 
         return run_bench(args.what, args.seconds, args.json)
     return 0
@@ -198,9 +198,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _run_process(args: argparse.Namespace) -> int:
     """One process of a cell, in its run dir (created private), holding its instance lock until it
     exits; on a clean exit it removes the socket files it bound (they are its own: it holds the lock)."""
-    from runtime.config import load_cell, named
-    from runtime.rundir import InstanceLock, instance_label, remove_ipc_sockets, resolve_run_dir
-    from runtime.supervisor import process_endpoints
+    from armada.runtime.config import load_cell, named
+    from armada.runtime.rundir import InstanceLock, instance_label, remove_ipc_sockets, resolve_run_dir
+    from armada.runtime.supervisor import process_endpoints
 
     cell = load_cell(args.cell)
     name = None
@@ -211,15 +211,15 @@ def _run_process(args: argparse.Namespace) -> int:
     run_dir = resolve_run_dir(args.run_dir, cell.name)
     with InstanceLock(run_dir, instance_label(args.command, name)):
         if args.command == "driver":
-            from drivers.core.process import run_driver
+            from armada.drivers.core.process import run_driver
 
             run_driver(args.cell, name, run_dir)
         elif args.command == "camera":
-            from drivers.cameras.process import run_camera
+            from armada.drivers.cameras.process import run_camera
 
             run_camera(args.cell, name, run_dir)
         else:
-            from runtime.inference.process import run_inference
+            from armada.runtime.inference.process import run_inference
 
             run_inference(args.cell, run_dir)
         remove_ipc_sockets(process_endpoints(load_cell(args.cell, run_dir), args.command, name), run_dir)
@@ -228,7 +228,7 @@ def _run_process(args: argparse.Namespace) -> int:
 
 def _operator_command(args: argparse.Namespace) -> int:
     """status / estop / reset-estop against a running cell; exit 1 when a driver did not comply."""
-    from runtime import operator_commands as operator
+    from armada.runtime import operator_commands as operator
 
     cell = operator.load_running_cell(args.cell, args.run_dir)
     if args.command == "status":
@@ -248,7 +248,7 @@ def _operator_command(args: argparse.Namespace) -> int:
 
 
 def run_fake(device: str, argv: list[str]) -> int:
-    from drivers.core.registry import get
+    from armada.drivers.core.registry import get
 
     fake = get(device).fake
     if fake is None:
@@ -257,15 +257,15 @@ def run_fake(device: str, argv: list[str]) -> int:
 
 
 def _bench_device(args: argparse.Namespace) -> int:
-    from runtime.bench import machine
+    from armada.runtime.bench import machine
 
     print(f"machine: {machine()}", flush=True)
     if args.what == "cameras":
-        from drivers.cameras.bench import run_camera_bench
+        from armada.drivers.cameras.bench import run_camera_bench
 
         result = run_camera_bench(args.seconds, quick=args.quick)
     else:
-        from drivers.core.registry import get
+        from armada.drivers.core.registry import get
 
         result = get(args.what).bench(args.seconds)
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), args.what: result}
@@ -276,8 +276,8 @@ def _bench_device(args: argparse.Namespace) -> int:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    from runtime.bench import machine
-    from runtime.model.bench_model import run_model_bench
+    from armada.runtime.bench import machine
+    from armada.runtime.model.bench_model import run_model_bench
 
     print(f"machine: {machine()}")
     results = {"machine": machine(), "model": run_model_bench(quick=args.quick)}
@@ -291,17 +291,17 @@ def _bench_model(args: argparse.Namespace) -> int:
 
 
 def run_model_command(args: argparse.Namespace) -> int:
-    from runtime.model.bundle import BundleError, inspect_bundle
+    from armada.runtime.model.bundle import BundleError, inspect_bundle
 
     try:
         if args.model_command == "make-tiny":
-            from runtime.model.tiny import make_tiny_bundle
+            from armada.runtime.model.tiny import make_tiny_bundle
 
             make_tiny_bundle(args.out, num_tasks=args.tasks, seed=args.seed, overwrite=args.overwrite,
                              progress=lambda step: print(f"make-tiny: {step} ...", flush=True))
             print(inspect_bundle(args.out))
         elif args.model_command == "export-onnx":
-            from runtime.model.onnx_export import export_bundle
+            from armada.runtime.model.onnx_export import export_bundle
 
             started = time.monotonic()
             written = export_bundle(args.bundle, args.out, args.task, args.instruction,
@@ -318,7 +318,7 @@ def run_model_command(args: argparse.Namespace) -> int:
 
 
 def _architecture(spec: str):
-    from runtime.model.mergevla import MergeVLAConfig
+    from armada.runtime.model.mergevla import MergeVLAConfig
 
     if spec == "real-libero":
         return MergeVLAConfig.real_libero()
@@ -328,8 +328,8 @@ def _architecture(spec: str):
 
 
 def _build_bundle(args: argparse.Namespace) -> None:
-    from runtime.model import build
-    from runtime.model.bundle import inspect_bundle
+    from armada.runtime.model import build
+    from armada.runtime.model.bundle import inspect_bundle
 
     def progress(stage: str, done: int, total: int) -> None:
         print(f"\r{args.model_command}: {stage} {done}/{total}", end="", flush=True)
@@ -407,9 +407,9 @@ def _say(text: str) -> None:
 
 
 def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
-    from runtime.config import load_cell
-    from runtime.rundir import resolve_run_dir
-    from runtime.supervisor import CellProcesses
+    from armada.runtime.config import load_cell
+    from armada.runtime.rundir import resolve_run_dir
+    from armada.runtime.supervisor import CellProcesses
 
     cell_path = args.cell or DEFAULT_CELL
     cell = load_cell(cell_path)  # a bad cell is refused before anything is created
@@ -436,7 +436,7 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
 
 
 def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
-    from runtime.inference.client import EpisodeClient
+    from armada.runtime.inference.client import EpisodeClient
 
     cell = procs.cell
     simulated_only = moves_no_hardware(cell)
@@ -466,14 +466,14 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
 
 def moves_no_hardware(cell) -> bool:
     """Only a cell whose every backend moves nothing real (mocks, simulators) may arm without --arm."""
-    from drivers.core.registry import get
+    from armada.drivers.core.registry import get
 
     return not any(get(d.backend.kind).moves_hardware for d in cell.drivers)
 
 
 def _drivers_armed(procs) -> bool:
     """On a real cell the episode arms nothing unless the operator says --arm: say so up front."""
-    from runtime.transport import CommandClient, RemoteError
+    from armada.runtime.transport import CommandClient, RemoteError
 
     for drv in procs.cell.drivers:
         cmd = CommandClient(procs.ctx, drv.cmd, procs.cell.curve, default_timeout_s=1.0)
@@ -492,7 +492,7 @@ def _drivers_armed(procs) -> bool:
 
 
 def _one_episode(procs, client, args: argparse.Namespace, simulated_only: bool, default_duration: float) -> dict[str, Any]:
-    from runtime.transport import RemoteError
+    from armada.runtime.transport import RemoteError
 
     duration = args.duration or default_duration
     try:
@@ -537,7 +537,7 @@ def _follow_episode(procs, client, episode: int, timeout_s: float, on_event) -> 
 
 
 def _status_report(client, episode: int) -> dict[str, Any] | None:
-    from runtime.transport import RemoteError
+    from armada.runtime.transport import RemoteError
 
     try:
         status = client.ctl.request("status", timeout_s=1.0)
@@ -577,7 +577,7 @@ def _await_report(procs, client, episode: int, timeout_s: float) -> dict[str, An
 
 def _stop_episode(procs, reason: str) -> None:
     """Ask the inference process to end its episode (it releases the leases: drivers hold)."""
-    from runtime.transport import CommandClient, RemoteError
+    from armada.runtime.transport import CommandClient, RemoteError
 
     infer = [c for c in procs.children if c.role == "infer" and c.proc.poll() is None]
     if not infer:

@@ -15,8 +15,8 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError,
                       field_validator, model_validator)
 
-from runtime.endpoints import check_endpoint
-from runtime.errors import ConfigError
+from armada.runtime.endpoints import check_endpoint
+from armada.runtime.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -207,7 +207,7 @@ class DriverConfig(_Strict):
 
 
 def _backend_plugin(kind: Any) -> Any:
-    from drivers.core.registry import BACKENDS, RegistryError  # late: plugins import this module
+    from armada.drivers.core.registry import BACKENDS, RegistryError  # late: plugins import this module
 
     if not isinstance(kind, str):
         raise ValueError(f"needs a kind, one of {BACKENDS.kinds()}")
@@ -250,7 +250,7 @@ class CameraBaseConfig(_Strict):
 
 def _camera_kind(value: Any) -> Any:
     """Cameras without ``kind`` are synthetic, as before kinds existed."""
-    from drivers.cameras.registry import DEFAULT_KIND  # late: a light module, but keep config first
+    from armada.drivers.cameras.registry import DEFAULT_KIND  # late: a light module, but keep config first
 
     return value.get("kind", DEFAULT_KIND) if isinstance(value, dict) else getattr(value, "kind", None)
 
@@ -258,20 +258,20 @@ def _camera_kind(value: Any) -> Any:
 def _camera_of_kind(value: Any) -> Any:
     """A camera map (or model built in code) validated by its kind's plugin; load_cell validates
     the maps first so that errors name file and key, this covers configs built in code."""
-    from drivers.cameras.registry import CAMERAS  # late: plugins import this module
+    from armada.drivers.cameras.registry import CAMERAS  # late: plugins import this module
 
     return _plugin_config(CAMERAS, _camera_kind(value), value, "camera")
 
 
 def _policy_of_kind(value: Any) -> Any:
-    from runtime.inference.registry import POLICIES  # late: plugins import this module
+    from armada.runtime.inference.registry import POLICIES  # late: plugins import this module
 
     kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
     return _plugin_config(POLICIES, kind, value, "policy")
 
 
 def _plugin_config(registry: Any, kind: Any, value: Any, what: str) -> BaseModel:
-    from drivers.core.registry import RegistryError
+    from armada.drivers.core.registry import RegistryError
 
     if not isinstance(kind, str):
         raise ValueError(f"needs a kind, one of {registry.kinds()}")
@@ -517,7 +517,7 @@ def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None)
 def _validate_backends(data: Any, path: Path) -> Any:
     """Each driver's ``backend:`` map validated by its kind's plugin, so an error names the key
     (``drivers.0.backend.can: Field required``); the validated models replace the maps."""
-    from drivers.core.registry import BACKENDS, RegistryError  # late: plugins import this module
+    from armada.drivers.core.registry import BACKENDS, RegistryError  # late: plugins import this module
 
     if not isinstance(data, dict) or not isinstance(data.get("drivers"), list):
         return data  # the cell model reports what is wrong with the shape
@@ -546,8 +546,8 @@ def _validate_backends(data: Any, path: Path) -> Any:
 def _validate_cameras_and_policy(data: Any, path: Path) -> Any:
     """Each camera map and the policy map validated by its kind's plugin, like the backends, so an
     error names the key (``cameras.0.serial: ...``); an unknown kind lists the known ones."""
-    from drivers.cameras.registry import CAMERAS, DEFAULT_KIND
-    from runtime.inference.registry import POLICIES
+    from armada.drivers.cameras.registry import CAMERAS, DEFAULT_KIND
+    from armada.runtime.inference.registry import POLICIES
 
     if not isinstance(data, dict):
         return data
@@ -569,7 +569,7 @@ def _validate_cameras_and_policy(data: Any, path: Path) -> Any:
 
 
 def _validate_plugin_map(registry: Any, raw: dict, path: Path, key: str) -> BaseModel:
-    from drivers.core.registry import RegistryError
+    from armada.drivers.core.registry import RegistryError
 
     kind = raw.get("kind")
     if not isinstance(kind, str):
@@ -583,7 +583,7 @@ def _validate_plugin_map(registry: Any, raw: dict, path: Path, key: str) -> Base
 
 def _check_backend_embodiment(cell: CellConfig, i: int, path: Path) -> None:
     """The plugin's embodiment check, at load: a 7-dof device on a 6-dof embodiment fails here."""
-    from drivers.core.registry import BACKENDS
+    from armada.drivers.core.registry import BACKENDS
 
     drv = cell.drivers[i]
     plugin = BACKENDS.get(drv.backend.kind)
@@ -616,7 +616,7 @@ def resolve_cell_file(cell_path: Path | None, name: str) -> Path:
 
 def _check_calibrations(cell: CellConfig, path: Path) -> None:
     """Load every calibration file a cell names, so a missing or wrong one fails here, not mid-run."""
-    from calibration import results  # late: only cells that name calibration files need it
+    from armada.calibration import results  # late: only cells that name calibration files need it
 
     for i, cam in enumerate(cell.cameras):
         for key, load in (("intrinsics", lambda f: results.load_intrinsics(f, expect_size=(cam.width, cam.height))),
@@ -626,7 +626,7 @@ def _check_calibrations(cell: CellConfig, path: Path) -> None:
                 _load_calibration(load, resolve_cell_file(path, name), path, f"cameras.{i}.{key}")
     for i, drv in enumerate(cell.drivers):
         if drv.joint_calibration is not None:
-            from drivers.core.registry import BACKENDS
+            from armada.drivers.core.registry import BACKENDS
 
             # A backend that applies joint calibrations takes files of its own kind only.
             expect = BACKENDS.get(drv.backend.kind).joint_calibration_kind

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import zmq
 
-from runtime.config import CellConfig, DriverConfig, load_cell
-from runtime.protocol import PROTOCOL_VERSION
-from runtime.rundir import resolve_run_dir
-from runtime.transport import CommandClient, RemoteError
+from armada.runtime.config import CellConfig, DriverConfig, load_cell
+from armada.runtime.protocol import PROTOCOL_VERSION
+from armada.runtime.rundir import resolve_run_dir
+from armada.runtime.transport import CommandClient, RemoteError
 
 TIMEOUT_S = 1.0
 

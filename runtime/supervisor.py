@@ -21,11 +21,11 @@ from pathlib import Path
 
 import zmq
 
-from runtime.config import DEFAULT_CELL, CellConfig, load_cell
-from runtime.protocol import PROTOCOL_VERSION
-from runtime.rundir import (PARENT_PID_ENV, InstanceLock, RunDirError, instance_label, open_log, prepare_run_dir,
+from armada.runtime.config import DEFAULT_CELL, CellConfig, load_cell
+from armada.runtime.protocol import PROTOCOL_VERSION
+from armada.runtime.rundir import (PARENT_PID_ENV, InstanceLock, RunDirError, instance_label, open_log, prepare_run_dir,
                             remove_ipc_sockets, resolve_run_dir)
-from runtime.transport import CommandClient, FrameSubscriber, RemoteError
+from armada.runtime.transport import CommandClient, FrameSubscriber, RemoteError
 
 READY_TIMEOUT_S = 15.0
 # The inference process may import torch and build the tiny bundle on first use.
@@ -108,7 +108,7 @@ class CellProcesses:
     # ------------------------------------------------------------------ starting
 
     def spawn(self, role: str, name: str | None = None) -> Child:
-        args = [sys.executable, "-m", "runtime.cli", role, str(self.cell_path), "--run-dir", str(self.run_dir)]
+        args = [sys.executable, "-m", "armada.runtime.cli", role, str(self.cell_path), "--run-dir", str(self.run_dir)]
         if name is not None:
             args += ["--name", name]
         label = name or role

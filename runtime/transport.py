@@ -24,9 +24,9 @@ import numpy as np
 import zmq
 import zmq.auth
 
-from runtime import protocol
-from runtime.endpoints import check_endpoint, ipc_path, is_loopback  # noqa: F401 (re-exported)
-from runtime.protocol import (
+from armada.runtime import protocol
+from armada.runtime.endpoints import check_endpoint, ipc_path, is_loopback  # noqa: F401 (re-exported)
+from armada.runtime.protocol import (
     COMMAND_LIMITS,
     FRAME_HEADER_LIMITS,
     REPLY_LIMITS,
@@ -40,7 +40,7 @@ from runtime.protocol import (
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
 
-    from runtime.config import CurveConfig
+    from armada.runtime.config import CurveConfig
 
 log = logging.getLogger(__name__)
 

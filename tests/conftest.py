@@ -24,7 +24,7 @@ def ctx():
 @pytest.fixture
 def ur_fake():
     """The loopback UR controller in its own process, on a free 127.x.y.z address."""
-    from drivers.ur3.fake.launch import FakeStartError, FakeUR
+    from armada.drivers.ur3.fake.launch import FakeStartError, FakeUR
 
     try:
         fake = FakeUR.start_anywhere()

@@ -69,8 +69,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from drivers.aloha.calibration import GripperCalibration
-from drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.aloha.calibration import GripperCalibration
+from armada.drivers.core.backend import Backend, BackendError, Reading
 
 log = logging.getLogger("armada.aloha")
 T = TypeVar("T")

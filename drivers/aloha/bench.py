@@ -1,6 +1,6 @@
 """ALOHA bus round trip and loop rate through the real dynamixel_sdk, against the fake buses.
 
-    python -m drivers.aloha.bench [--seconds 10]      (``armada bench aloha``)
+    python -m armada.drivers.aloha.bench [--seconds 10]      (``armada bench aloha``)
 
 What one driver tick costs the backend: ``read()`` (per follower bus a sync read of Present_Position
 and one of Hardware_Error_Status; with ``leaders_in_state`` also a sync read per leader bus) and
@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from drivers.aloha.backend import AlohaBackend, AlohaSettings
-from drivers.aloha.fake.aloha import AlohaFakeProcess
-from drivers.aloha.config import AlohaBackendConfig, settings
-from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
-from runtime.config import load_embodiment
+from armada.drivers.aloha.backend import AlohaBackend, AlohaSettings
+from armada.drivers.aloha.fake.aloha import AlohaFakeProcess
+from armada.drivers.aloha.config import AlohaBackendConfig, settings
+from armada.drivers.core.isolated import IsolatedBackend, WorkerTimeouts
+from armada.runtime.config import load_embodiment
 
 RATE_HZ = 50.0
 CONNECT_TIMEOUT_S = 5.0
@@ -116,7 +116,7 @@ def bench_aloha(seconds: float = 10.0) -> dict[str, Any]:
         for leaders in (False, True):
             key = "followers_and_leaders" if leaders else "followers"
             s = _settings(fake.ports, leaders)
-            worker = IsolatedBackend("drivers.aloha.backend:build_in_worker", s, "ALOHA bench",
+            worker = IsolatedBackend("armada.drivers.aloha.backend:build_in_worker", s, "ALOHA bench",
                                      timeouts=WorkerTimeouts(io_s=0.05))
             worker.connect(CONNECT_TIMEOUT_S)
             try:

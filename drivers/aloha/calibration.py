@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from calibration.cli import CalibrateError, live_driver_args, out_args, read_columns, record_hold, require, write
-from calibration.joint_kinds import JointCalibrationKind
-from calibration.joints import DEFAULT_MAX_HOLD_SPREAD_TICKS, DEFAULT_MIN_RANGE_TICKS, JointCalibrationError, \
+from armada.calibration.cli import CalibrateError, live_driver_args, out_args, read_columns, record_hold, require, write
+from armada.calibration.joint_kinds import JointCalibrationKind
+from armada.calibration.joints import DEFAULT_MAX_HOLD_SPREAD_TICKS, DEFAULT_MIN_RANGE_TICKS, JointCalibrationError, \
     check_hold, column
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def _grippers(path: Path | None, data: Any) -> dict[str, GripperCalibration]:
 
 
 def _file_error(path: Path | None, key: str, reason: str) -> Exception:
-    from calibration.results import CalibrationFileError
+    from armada.calibration.results import CalibrationFileError
 
     return CalibrationFileError(path, key, reason)
 
@@ -109,7 +109,7 @@ def add_arguments(grip: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.results import CalibrationRecord, Residual
+    from armada.calibration.results import CalibrationRecord, Residual
 
     max_spread = args.max_spread if args.max_spread is not None else (
         DEFAULT_MAX_HOLD_SPREAD_TICKS if args.unit == "ticks" else 0.02)
@@ -143,7 +143,7 @@ def _gripper_recordings(args, say) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def _gripper_joints(args) -> list[str]:
-    from runtime.config import load_cell
+    from armada.runtime.config import load_cell
 
     cell = load_cell(args.live, args.run_dir)
     drv = cell.driver(args.driver)

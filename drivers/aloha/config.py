@@ -121,8 +121,8 @@ def gripper_calibrations(ctx: Any) -> dict[str, dict[str, float]]:
     cfg: AlohaBackendConfig = ctx.driver.backend
     named: dict[str, Any] = {}
     if ctx.driver.joint_calibration is not None:
-        from calibration.results import load_joint_calibration
-        from runtime.config import DEFAULT_CELL
+        from armada.calibration.results import load_joint_calibration
+        from armada.runtime.config import DEFAULT_CELL
 
         file = Path(ctx.driver.joint_calibration).expanduser()
         if not file.is_absolute():

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from drivers.aloha.config import ARM_JOINTS, JOINT_CALIBRATION_KIND, AlohaBackendConfig, settings
-from drivers.core.backend import Backend
-from drivers.core.registry import BackendPlugin, BuildContext
+from armada.drivers.aloha.config import ARM_JOINTS, JOINT_CALIBRATION_KIND, AlohaBackendConfig, settings
+from armada.drivers.core.backend import Backend
+from armada.drivers.core.registry import BackendPlugin, BuildContext
 
 
 def check_embodiment(cfg: AlohaBackendConfig, emb: Any) -> None:
@@ -40,7 +40,7 @@ def check_gripper_ranges(grippers: dict[str, dict[str, float]], emb: Any) -> Non
 
 
 def build(ctx: BuildContext) -> Backend:
-    from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
+    from armada.drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 
     check_embodiment(ctx.driver.backend, ctx.embodiment)
     b: AlohaBackendConfig = ctx.driver.backend
@@ -49,20 +49,20 @@ def build(ctx: BuildContext) -> Backend:
     timeouts = WorkerTimeouts(io_s=0.02)
     plain = settings(ctx)
     check_gripper_ranges(plain["grippers"], ctx.embodiment)
-    return IsolatedBackend("drivers.aloha.backend:build_in_worker", plain,
+    return IsolatedBackend("armada.drivers.aloha.backend:build_in_worker", plain,
                            f"ALOHA on {b.left_follower_port}, {b.right_follower_port}", timeouts=timeouts,
                            realtime_priority=ctx.driver.realtime_priority,
                            lost_link_note="; the servos keep their last goal with torque on")
 
 
 def fake(argv: list[str]) -> int:
-    from drivers.aloha.fake.aloha import main
+    from armada.drivers.aloha.fake.aloha import main
 
     return main(argv)
 
 
 def bench(seconds: float) -> dict[str, Any]:
-    from drivers.aloha.bench import bench_aloha
+    from armada.drivers.aloha.bench import bench_aloha
 
     return bench_aloha(seconds)
 

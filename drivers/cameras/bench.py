@@ -25,12 +25,12 @@ import numpy as np
 import yaml
 import zmq
 
-from drivers.cameras.fake.video_file import make_video
-from drivers.cameras.synthetic import SyntheticCamera
-from runtime.bench import _pct, machine
-from runtime.config import SCRIPTED_CELL
-from runtime.supervisor import CellProcesses, default_run_dir
-from runtime.transport import FrameSubscriber
+from armada.drivers.cameras.fake.video_file import make_video
+from armada.drivers.cameras.synthetic import SyntheticCamera
+from armada.runtime.bench import _pct, machine
+from armada.runtime.config import SCRIPTED_CELL
+from armada.runtime.supervisor import CellProcesses, default_run_dir
+from armada.runtime.transport import FrameSubscriber
 
 SIZES = ((640, 480), (1280, 720))
 JPEG_QUALITY = 90

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from drivers.cameras.registry import CAMERAS
-from drivers.cameras.source import CameraSource
+from armada.drivers.cameras.registry import CAMERAS
+from armada.drivers.cameras.source import CameraSource
 
 
 def make_source(cfg: Any, base_dir: Path | None = None) -> CameraSource:

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 
-from drivers.cameras.source import Captured, SourceError, resolve
-from drivers.cameras.timing import wall_from_monotonic_ns
+from armada.drivers.cameras.source import Captured, SourceError, resolve
+from armada.drivers.cameras.timing import wall_from_monotonic_ns
 
 if TYPE_CHECKING:
-    from drivers.cameras.plugins import OpenCVCameraConfig
+    from armada.drivers.cameras.plugins import OpenCVCameraConfig
 
 log = logging.getLogger("armada.camera.opencv")
 

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from drivers.cameras.registry import CameraPlugin
-from runtime.config import CameraBaseConfig
+from armada.drivers.cameras.registry import CameraPlugin
+from armada.runtime.config import CameraBaseConfig
 
 if TYPE_CHECKING:
-    from drivers.cameras.source import CameraSource
+    from armada.drivers.cameras.source import CameraSource
 
 
 class SyntheticCameraConfig(CameraBaseConfig):
@@ -73,19 +73,19 @@ class OpenCVCameraConfig(CameraBaseConfig):
 
 
 def _synthetic(cfg: SyntheticCameraConfig, cell_folder: Path | None) -> "CameraSource":
-    from drivers.cameras.synthetic import SyntheticSource  # cv2 draws the frame number
+    from armada.drivers.cameras.synthetic import SyntheticSource  # cv2 draws the frame number
 
     return SyntheticSource(cfg)
 
 
 def _realsense(cfg: RealSenseCameraConfig, cell_folder: Path | None) -> "CameraSource":
-    from drivers.cameras.realsense import RealSenseSource  # pyrealsense2 is imported when it opens
+    from armada.drivers.cameras.realsense import RealSenseSource  # pyrealsense2 is imported when it opens
 
     return RealSenseSource(cfg, cell_folder)
 
 
 def _opencv(cfg: OpenCVCameraConfig, cell_folder: Path | None) -> "CameraSource":
-    from drivers.cameras.opencv_camera import OpenCVSource  # imports cv2
+    from armada.drivers.cameras.opencv_camera import OpenCVSource  # imports cv2
 
     return OpenCVSource(cfg, cell_folder)
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import zmq
 
-from drivers.cameras.factory import make_source
-from drivers.cameras.source import Captured, CameraSource, SourceError
-from drivers.cameras.timing import DropCounter
-from runtime.config import DEFAULT_CELL, CameraConfig, CurveConfig, load_cell, named
-from runtime.transport import FramePublisher, start_authenticator
+from armada.drivers.cameras.factory import make_source
+from armada.drivers.cameras.source import Captured, CameraSource, SourceError
+from armada.drivers.cameras.timing import DropCounter
+from armada.runtime.config import DEFAULT_CELL, CameraConfig, CurveConfig, load_cell, named
+from armada.runtime.transport import FramePublisher, start_authenticator
 
 log = logging.getLogger("armada.camera")
 

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from drivers.cameras.source import Captured, SourceError, resolve
-from drivers.cameras.timing import ClockMapper
+from armada.drivers.cameras.source import Captured, SourceError, resolve
+from armada.drivers.cameras.timing import ClockMapper
 
 if TYPE_CHECKING:
-    from drivers.cameras.plugins import RealSenseCameraConfig
+    from armada.drivers.cameras.plugins import RealSenseCameraConfig
 
 log = logging.getLogger("armada.camera.realsense")
 
@@ -97,7 +97,7 @@ class RealSenseSource:
             path = resolve(cfg.playback, self.base_dir)
             if not path.is_file():
                 raise SourceError(f"camera {cfg.name}: recording {path} does not exist (playback, from the cell's "
-                                  f"`playback` key; make one with `python -m drivers.cameras.fake DIR`)")
+                                  f"`playback` key; make one with `python -m armada.drivers.cameras.fake DIR`)")
             config.enable_device_from_file(str(path), repeat_playback=cfg.repeat_playback)
             return f"recording {path}"
         serials = connected_serials(rs)

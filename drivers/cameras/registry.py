@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from drivers.core.registry import PluginRegistry, RegistryError
+from armada.drivers.core.registry import PluginRegistry, RegistryError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from drivers.cameras.source import CameraSource
+    from armada.drivers.cameras.source import CameraSource
 
 ENTRY_POINT_GROUP = "armada.cameras"
 DEFAULT_KIND = "synthetic"  # a camera map without ``kind``, as cells were written before kinds existed

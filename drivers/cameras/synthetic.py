@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from drivers.cameras.source import Captured
+from armada.drivers.cameras.source import Captured
 
 if TYPE_CHECKING:
-    from drivers.cameras.plugins import SyntheticCameraConfig
+    from armada.drivers.cameras.plugins import SyntheticCameraConfig
 
 
 class SyntheticCamera:

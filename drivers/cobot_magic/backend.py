@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from drivers.core.backend import Backend, BackendError, Reading
-from drivers.piper.backend import MDEG_PER_RAD, N_JOINTS, UM_PER_M, PiperBackend
+from armada.drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.piper.backend import MDEG_PER_RAD, N_JOINTS, UM_PER_M, PiperBackend
 
 ARM_DOF = N_JOINTS + 1
 SIDES = ("left", "right")
@@ -257,8 +257,8 @@ def _master_reason(arm: _Arm) -> str:
 
 def build_in_worker(cfg: dict, emb: dict, follow_masters: bool) -> CobotMagicBackend:
     """What an isolated driver's worker process runs (drivers/core/isolated.py): plain arguments."""
-    from drivers.cobot_magic.config import CobotMagicBackendConfig
-    from runtime.config import EmbodimentConfig
+    from armada.drivers.cobot_magic.config import CobotMagicBackendConfig
+    from armada.runtime.config import EmbodimentConfig
 
     return CobotMagicBackend(CobotMagicBackendConfig.model_validate(cfg), EmbodimentConfig.model_validate(emb),
                              follow_masters=follow_masters)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from drivers.core.backend import Backend
-from drivers.core.registry import BackendPlugin, BuildContext
-from drivers.cobot_magic.config import CobotMagicBackendConfig
-from drivers.piper.config import refuse_virtual_bus
+from armada.drivers.core.backend import Backend
+from armada.drivers.core.registry import BackendPlugin, BuildContext
+from armada.drivers.cobot_magic.config import CobotMagicBackendConfig
+from armada.drivers.piper.config import refuse_virtual_bus
 
 
 def check_embodiment(cfg: CobotMagicBackendConfig, emb: Any) -> None:
-    from drivers.cobot_magic.backend import check_layout  # numpy and the PiPer backend, no vendor SDK
+    from armada.drivers.cobot_magic.backend import check_layout  # numpy and the PiPer backend, no vendor SDK
 
     check_layout(emb)
     refuse_virtual_bus(cfg.bustype)
@@ -23,12 +23,12 @@ def check_embodiment(cfg: CobotMagicBackendConfig, emb: Any) -> None:
 
 
 def build(ctx: BuildContext) -> Backend:
-    from drivers.core.isolated import IsolatedBackend
+    from armada.drivers.core.isolated import IsolatedBackend
 
     b = ctx.driver.backend
     check_embodiment(b, ctx.embodiment)
     kwargs = {"cfg": b.model_dump(), "emb": ctx.embodiment.model_dump(), "follow_masters": b.follow_masters}
-    return IsolatedBackend("drivers.cobot_magic.backend:build_in_worker", kwargs, "Cobot Magic",
+    return IsolatedBackend("armada.drivers.cobot_magic.backend:build_in_worker", kwargs, "Cobot Magic",
                            realtime_priority=ctx.driver.realtime_priority)
 
 

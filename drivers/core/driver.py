@@ -32,12 +32,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from drivers.core.backend import Backend, BackendError, Reading
-from drivers.core.lease import LeaseManager
-from drivers.core.safety import SafetyFilter, SafetyLimits
-from drivers.core.trajectory import TrajectoryBuffer, move_duration, plan_move
-from runtime.config import EmbodimentConfig
-from runtime.protocol import ErrorCode, ProtocolError, check_hello_version, PROTOCOL_VERSION
+from armada.drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.core.lease import LeaseManager
+from armada.drivers.core.safety import SafetyFilter, SafetyLimits
+from armada.drivers.core.trajectory import TrajectoryBuffer, move_duration, plan_move
+from armada.runtime.config import EmbodimentConfig
+from armada.runtime.protocol import ErrorCode, ProtocolError, check_hello_version, PROTOCOL_VERSION
 
 # How long the device may fail to answer before a transient error becomes a fault. One bad
 # read must not kill the loop (a lesson from LeRobot users), but a dead bus must not be ignored.

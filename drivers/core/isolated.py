@@ -16,7 +16,7 @@ queued commands, and nothing may reach the device between a fault and the operat
 Each tick costs one round trip: ``write`` is sent without waiting and its answer is checked with
 the next call's. The worker's readings carry ``time.monotonic_ns`` stamps, one clock host-wide.
 
-    python -m drivers.core.isolated FD      (the worker; FD is its end of a socket pair)
+    python -m armada.drivers.core.isolated FD      (the worker; FD is its end of a socket pair)
 
 The worker builds its backend with ``factory(**kwargs)``: ``factory`` is "module:function" and
 the kwargs are plain msgpack data (no pickle), so each backend module provides a small factory.
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from drivers.core.backend import Backend, BackendError, Reading
-from drivers.core.ipc import recv_message, send_message
+from armada.drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.core.ipc import recv_message, send_message
 
 log = logging.getLogger("armada.isolated")
 
@@ -102,7 +102,7 @@ class IsolatedBackend(Backend):
         ours, theirs = socket.socketpair()
         path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         try:
-            self._worker = subprocess.Popen([sys.executable, "-m", "drivers.core.isolated", str(theirs.fileno())],
+            self._worker = subprocess.Popen([sys.executable, "-m", "armada.drivers.core.isolated", str(theirs.fileno())],
                                             pass_fds=(theirs.fileno(),), env=dict(os.environ, PYTHONPATH=path),
                                             stdin=subprocess.DEVNULL)
         except OSError as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from runtime.protocol import ErrorCode, ProtocolError
+from armada.runtime.protocol import ErrorCode, ProtocolError
 
 
 @dataclass

@@ -40,13 +40,13 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from drivers.core import registry
-from drivers.core.backend import Backend, BackendError
-from drivers.core.driver import Driver, Mode, SlowJob, TickResult
-from runtime import protocol
-from runtime.config import CellConfig, DriverConfig, EmbodimentConfig, load_cell
-from runtime.protocol import ErrorCode, ProtocolError
-from runtime.transport import CommandServer, Publisher, Request, start_authenticator
+from armada.drivers.core import registry
+from armada.drivers.core.backend import Backend, BackendError
+from armada.drivers.core.driver import Driver, Mode, SlowJob, TickResult
+from armada.runtime import protocol
+from armada.runtime.config import CellConfig, DriverConfig, EmbodimentConfig, load_cell
+from armada.runtime.protocol import ErrorCode, ProtocolError
+from armada.runtime.transport import CommandServer, Publisher, Request, start_authenticator
 
 log = logging.getLogger("armada.driver")
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from drivers.core.backend import Backend
-    from runtime.config import DriverConfig, EmbodimentConfig
+    from armada.drivers.core.backend import Backend
+    from armada.runtime.config import DriverConfig, EmbodimentConfig
 
 ENTRY_POINT_GROUP = "armada.backends"
 T = TypeVar("T")

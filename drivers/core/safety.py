@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from runtime.config import EmbodimentConfig
+    from armada.runtime.config import EmbodimentConfig
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: a generated == on arrays would raise, not compare

@@ -34,11 +34,11 @@ import msgpack
 import numpy as np
 import zmq
 
-from drivers.core.backend import Reading
-from drivers.mock.arm import MockArm
-from runtime import protocol
-from runtime.config import SCRIPTED_CELL, driver_embodiment, load_cell
-from runtime.transport import CommandClient, RemoteError, Subscriber
+from armada.drivers.core.backend import Reading
+from armada.drivers.mock.arm import MockArm
+from armada.runtime import protocol
+from armada.runtime.config import SCRIPTED_CELL, driver_embodiment, load_cell
+from armada.runtime.transport import CommandClient, RemoteError, Subscriber
 
 F = protocol.MessageFactory()
 PR_SET_PDEATHSIG = 1
@@ -186,7 +186,7 @@ def start_flooders(endpoint: str, dof: int, n: int, seconds: float, seed: int = 
 
 def serve(cell_path: str, run_dir: str) -> None:
     """Run the cell's first driver over a TimedMockArm, until SIGTERM (the bench's driver process)."""
-    from drivers.core.process import DriverProcess
+    from armada.drivers.core.process import DriverProcess
 
     cell = load_cell(cell_path, run_dir)
     cfg = cell.drivers[0]
@@ -222,7 +222,7 @@ class DriverUnderTest:
         self.cell = load_cell(cell_path, self.run_dir)
         self.cfg = self.cell.drivers[0]
         self.emb = driver_embodiment(Path(cell_path), self.cfg)
-        self._argv = [*(wrapper or []), sys.executable, "-m", "drivers.core.stop_bench", "serve", str(cell_path),
+        self._argv = [*(wrapper or []), sys.executable, "-m", "armada.drivers.core.stop_bench", "serve", str(cell_path),
                       str(self.run_dir)]
         self.proc = subprocess.Popen(self._argv)
         self.ctx = zmq.Context()
@@ -379,7 +379,7 @@ def bench_estop(seconds: float, connections: tuple[int, ...] = (0, 1, 3, 8), rea
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drivers.core.stop_bench")
+    parser = argparse.ArgumentParser(prog="python -m armada.drivers.core.stop_bench")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run a driver over a TimedMockArm (used by the bench and the tests)")
     s.add_argument("cell")

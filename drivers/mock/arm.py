@@ -12,7 +12,7 @@ from collections import deque
 
 import numpy as np
 
-from drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.core.backend import Backend, BackendError, Reading
 
 
 class MockArm(Backend):

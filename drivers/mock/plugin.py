@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from drivers.core.backend import Backend
-from drivers.core.registry import BackendPlugin, BuildContext
-from runtime.config import StrictModel
+from armada.drivers.core.backend import Backend
+from armada.drivers.core.registry import BackendPlugin, BuildContext
+from armada.runtime.config import StrictModel
 
 
 class MockBackendConfig(StrictModel):
@@ -20,7 +20,7 @@ class MockBackendConfig(StrictModel):
 
 
 def build(ctx: BuildContext) -> Backend:
-    from drivers.mock.arm import MockArm
+    from armada.drivers.mock.arm import MockArm
 
     b = ctx.driver.backend
     return MockArm(ctx.embodiment.home, b.tracking_time_constant_s, b.latency_s, b.noise_std, b.seed)

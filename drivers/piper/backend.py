@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.core.backend import Backend, BackendError, Reading
 
 N_JOINTS = 6
 STALE_S = 0.05  # feedback older than this is a read error
@@ -184,7 +184,7 @@ class PiperBackend(Backend):
     def _open_bus(self, sdk_class):
         real = self.bustype == "socketcan"
         if self.bustype == "udp_multicast":
-            from drivers.piper.multicast import check_multicast_group
+            from armada.drivers.piper.multicast import check_multicast_group
 
             try:
                 check_multicast_group(self.can_name)
@@ -205,7 +205,7 @@ class PiperBackend(Backend):
             raise BackendError(f"PiPer on {self.can_name}: CAN bus ({self.bustype}) did not open", transient=False)
         if self.bustype == "udp_multicast":
             # Other multicast groups on the same UDP port would leak in (see drivers/piper/fake/bus.py).
-            from drivers.piper.multicast import isolate
+            from armada.drivers.piper.multicast import isolate
 
             for name in ("recv_bus", "send_bus"):
                 bus = getattr(can_port, name, None)

@@ -1,6 +1,6 @@
 """PiPer command-to-feedback latency through the real PiperBackend and piper_sdk, against the fake.
 
-    python -m drivers.piper.bench [--seconds 10]      (``armada bench piper``)
+    python -m armada.drivers.piper.bench [--seconds 10]      (``armada bench piper``)
 
 Method. The fake runs with ``time_constant_s=0``: at each 200 Hz cycle its joints jump to the
 last target received, so the first feedback frame sent after a JointCtrl arrives carries exactly
@@ -33,11 +33,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from drivers.core.backend import BackendError
-from drivers.piper.backend import PiperBackend
-from drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group
-from drivers.piper.fake.firmware import PiperFirmware
-from runtime.config import load_embodiment
+from armada.drivers.core.backend import BackendError
+from armada.drivers.piper.backend import PiperBackend
+from armada.drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group
+from armada.drivers.piper.fake.firmware import PiperFirmware
+from armada.runtime.config import load_embodiment
 
 STEP_RAD = 0.02
 STEP_TIMEOUT_S = 0.1  # a step not seen by then is counted lost

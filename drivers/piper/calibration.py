@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from calibration.joint_kinds import JointCalibrationKind
-from calibration.joints import JointCalibrationError, check_hold
-from calibration.joints import samples as checked_samples
+from armada.calibration.joint_kinds import JointCalibrationKind
+from armada.calibration.joints import JointCalibrationError, check_hold
+from armada.calibration.joints import samples as checked_samples
 
 KIND = "piper_zero"
 
@@ -81,13 +81,13 @@ def _zero(path: Path | None, v: dict[str, Any], spread: Any) -> PiperZero:
 
 
 def _offsets(path: Path | None, key: str, data: Any, shape: None) -> np.ndarray:
-    from calibration.results import matrix
+    from armada.calibration.results import matrix
 
     return matrix(path, key, data, shape)
 
 
 def _file_error(path: Path | None, key: str, reason: str) -> Exception:
-    from calibration.results import CalibrationFileError
+    from armada.calibration.results import CalibrationFileError
 
     return CalibrationFileError(path, key, reason)
 
@@ -97,8 +97,8 @@ def zero_offsets(driver: Any, cell_dir: Path | None) -> np.ndarray | None:
     relative to the cell's folder), or None without one."""
     if driver.joint_calibration is None:
         return None
-    from calibration.results import load_joint_calibration
-    from runtime.config import DEFAULT_CELL
+    from armada.calibration.results import load_joint_calibration
+    from armada.runtime.config import DEFAULT_CELL
 
     file = Path(driver.joint_calibration).expanduser()
     if not file.is_absolute():
@@ -107,7 +107,7 @@ def zero_offsets(driver: Any, cell_dir: Path | None) -> np.ndarray | None:
 
 
 def add_arguments(zero: argparse.ArgumentParser) -> None:
-    from calibration.cli import live_driver_args, out_args
+    from armada.calibration.cli import live_driver_args, out_args
 
     zero.add_argument("--zero", type=Path, help="CSV of joint readings (rad), one column per joint")
     live_driver_args(zero)
@@ -115,11 +115,11 @@ def add_arguments(zero: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.cli import read_columns, record_hold, require, write
-    from calibration.results import CalibrationRecord, Residual
+    from armada.calibration.cli import read_columns, record_hold, require, write
+    from armada.calibration.results import CalibrationRecord, Residual
 
     if args.live is not None:
-        from runtime.config import load_cell
+        from armada.runtime.config import load_cell
 
         cell = load_cell(args.live, args.run_dir)
         drv = cell.driver(args.driver)

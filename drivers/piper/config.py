@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from runtime.config import StrictModel
+from armada.runtime.config import StrictModel
 
 
 class PiperBackendConfig(StrictModel):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from drivers.core.backend import Backend
-from drivers.core.registry import BackendPlugin, BuildContext
-from drivers.piper.config import PiperBackendConfig, refuse_virtual_bus
+from armada.drivers.core.backend import Backend
+from armada.drivers.core.registry import BackendPlugin, BuildContext
+from armada.drivers.piper.config import PiperBackendConfig, refuse_virtual_bus
 
 N_JOINTS = 6  # plus the gripper
 JOINT_CALIBRATION_KIND = "piper_zero"
@@ -19,8 +19,8 @@ def check_embodiment(cfg: PiperBackendConfig, emb: Any) -> None:
 
 
 def build(ctx: BuildContext) -> Backend:
-    from drivers.core.isolated import IsolatedBackend
-    from drivers.piper.calibration import zero_offsets
+    from armada.drivers.core.isolated import IsolatedBackend
+    from armada.drivers.piper.calibration import zero_offsets
 
     b = ctx.driver.backend
     check_embodiment(b, ctx.embodiment)
@@ -28,18 +28,18 @@ def build(ctx: BuildContext) -> Backend:
     kwargs = {"can_name": b.can, "bustype": b.bustype, "speed_pct": b.speed_pct, "gripper_effort": b.gripper_effort,
               "stale_s": b.stale_s, "allow_reset_on_resume": b.allow_reset_on_resume,
               "zero_offsets_rad": None if offsets is None else [float(v) for v in offsets]}
-    return IsolatedBackend("drivers.piper.backend:build_in_worker", kwargs, f"PiPer on {b.can}",
+    return IsolatedBackend("armada.drivers.piper.backend:build_in_worker", kwargs, f"PiPer on {b.can}",
                            realtime_priority=ctx.driver.realtime_priority)
 
 
 def fake(argv: list[str]) -> int:
-    from drivers.piper.fake.serve import main
+    from armada.drivers.piper.fake.serve import main
 
     return main(argv)
 
 
 def bench(seconds: float) -> dict[str, Any]:
-    from drivers.piper.bench import bench_piper
+    from armada.drivers.piper.bench import bench_piper
 
     return bench_piper(seconds)
 

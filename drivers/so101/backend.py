@@ -58,8 +58,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from drivers.core.backend import Backend, BackendError, Reading
-from drivers.so101.config import ARM_JOINTS, JOINTS
+from armada.drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.so101.config import ARM_JOINTS, JOINTS
 
 log = logging.getLogger("armada.so101")
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """SO-101 bus round trip and loop rate through lerobot's Feetech bus, against the fake buses.
 
-    python -m drivers.so101.bench [--seconds 10]      (``armada bench so101``)
+    python -m armada.drivers.so101.bench [--seconds 10]      (``armada bench so101``)
 
 What one driver tick costs the backend: ``read()`` (a sync read of Present_Position and one of Status
 from the six follower servos; with ``leader_in_state`` also a sync read of the leader's positions)
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
-from drivers.so101.backend import So101Backend, So101Settings
-from drivers.so101.config import JOINTS
-from drivers.so101.fake.so101 import So101FakeProcess
+from armada.drivers.core.isolated import IsolatedBackend, WorkerTimeouts
+from armada.drivers.so101.backend import So101Backend, So101Settings
+from armada.drivers.so101.config import JOINTS
+from armada.drivers.so101.fake.so101 import So101FakeProcess
 
 RATE_HZ = 50.0
 CONNECT_TIMEOUT_S = 5.0
@@ -111,7 +111,7 @@ def bench_so101(seconds: float = 10.0) -> dict[str, Any]:
                                          "the fake buses in their own process"}
         for leader in (False, True):
             s = _settings(fake.ports, leader)
-            worker = IsolatedBackend("drivers.so101.backend:build_in_worker", s, "SO-101 bench",
+            worker = IsolatedBackend("armada.drivers.so101.backend:build_in_worker", s, "SO-101 bench",
                                      timeouts=WorkerTimeouts(io_s=0.05, connect_extra_s=10.0))
             t = time.monotonic()
             worker.connect(CONNECT_TIMEOUT_S)

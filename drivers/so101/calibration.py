@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.joint_kinds import JointCalibrationKind
-from calibration.joints import DEFAULT_MAX_HOLD_SPREAD_TICKS, DEFAULT_MIN_RANGE_TICKS, JointCalibrationError, \
+from armada.calibration.joint_kinds import JointCalibrationKind
+from armada.calibration.joints import DEFAULT_MAX_HOLD_SPREAD_TICKS, DEFAULT_MIN_RANGE_TICKS, JointCalibrationError, \
     check_hold, samples
 
 SO101_MOTORS: dict[str, int] = {  # name -> bus id, as lerobot's SO follower/leader declare them
@@ -132,7 +132,7 @@ def _load_native(path: Path, doc: dict[str, Any]) -> dict[str, MotorCalibration]
 
 
 def add_arguments(so: argparse.ArgumentParser) -> None:
-    from calibration.cli import out_args
+    from armada.calibration.cli import out_args
 
     so.add_argument("--middle", type=Path, required=True, help="CSV of raw positions held at the middle of the range")
     so.add_argument("--sweep", type=Path, required=True, help="CSV of raw positions while moving every joint")
@@ -142,8 +142,8 @@ def add_arguments(so: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from calibration.cli import CalibrateError, read_columns, write
-    from calibration.results import CalibrationRecord, Residual
+    from armada.calibration.cli import CalibrateError, read_columns, write
+    from armada.calibration.results import CalibrationRecord, Residual
 
     names, middle = read_columns(args.middle)
     names2, sweep = read_columns(args.sweep)

@@ -46,7 +46,7 @@ class So101BackendConfig(_Strict):
 
 
 def _resolve(path: str, ctx: Any) -> Path:
-    from runtime.config import DEFAULT_CELL
+    from armada.runtime.config import DEFAULT_CELL
 
     file = Path(path).expanduser()
     if not file.is_absolute():
@@ -59,7 +59,7 @@ def load_calibration(path: str, ctx: Any, what: str) -> dict[str, dict[str, int]
     lerobot JSON or an armada so101 file; ValueError naming the file and what is wrong."""
     from dataclasses import asdict
 
-    from calibration.results import load_joint_calibration
+    from armada.calibration.results import load_joint_calibration
 
     motors = load_joint_calibration(_resolve(path, ctx), expect_kind=JOINT_CALIBRATION_KIND)
     names = sorted(motors)

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from drivers.core.backend import Backend
-from drivers.core.registry import BackendPlugin, BuildContext
-from drivers.so101.config import JOINT_CALIBRATION_KIND, JOINTS, So101BackendConfig, calibrated_ranges, settings
+from armada.drivers.core.backend import Backend
+from armada.drivers.core.registry import BackendPlugin, BuildContext
+from armada.drivers.so101.config import JOINT_CALIBRATION_KIND, JOINTS, So101BackendConfig, calibrated_ranges, settings
 
 
 def check_embodiment(cfg: So101BackendConfig, emb: Any) -> None:
@@ -38,7 +38,7 @@ def check_ranges(calibration: dict[str, dict[str, int]], emb: Any, what: str = "
 
 
 def build(ctx: BuildContext) -> Backend:
-    from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
+    from armada.drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 
     check_embodiment(ctx.driver.backend, ctx.embodiment)
     b: So101BackendConfig = ctx.driver.backend
@@ -48,19 +48,19 @@ def build(ctx: BuildContext) -> Backend:
     # bus (`armada bench so101`). io_s: 1.5 ticks at 50 Hz before an answer counts as late. Importing
     # lerobot's motor modules imports torch (about 1.5 s): connect_extra_s covers it.
     timeouts = WorkerTimeouts(io_s=0.03, connect_extra_s=10.0)
-    return IsolatedBackend("drivers.so101.backend:build_in_worker", plain, f"SO-101 on {b.port}", timeouts=timeouts,
+    return IsolatedBackend("armada.drivers.so101.backend:build_in_worker", plain, f"SO-101 on {b.port}", timeouts=timeouts,
                            realtime_priority=ctx.driver.realtime_priority,
                            lost_link_note="; the servos keep their last goal with torque on")
 
 
 def fake(argv: list[str]) -> int:
-    from drivers.so101.fake.so101 import main
+    from armada.drivers.so101.fake.so101 import main
 
     return main(argv)
 
 
 def bench(seconds: float) -> dict[str, Any]:
-    from drivers.so101.bench import bench_so101
+    from armada.drivers.so101.bench import bench_so101
 
     return bench_so101(seconds)
 

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from drivers.core.isolated import IsolatedBackend, WorkerTimeouts
-from drivers.ur3.rtde_backend import UR3RtdeBackend
-from drivers.ur3.config import N_JOINTS, UR3BackendConfig, check_embodiment  # noqa: F401 (N_JOINTS re-exported)
-from runtime.config import EmbodimentConfig
+from armada.drivers.core.isolated import IsolatedBackend, WorkerTimeouts
+from armada.drivers.ur3.rtde_backend import UR3RtdeBackend
+from armada.drivers.ur3.config import N_JOINTS, UR3BackendConfig, check_embodiment  # noqa: F401 (N_JOINTS re-exported)
+from armada.runtime.config import EmbodimentConfig
 
 # Probe 3 s + ur-rtde's own 5 s wait for the control script to start, on top of the driver's budget.
 UR3_TIMEOUTS = WorkerTimeouts(io_s=0.02, stop_s=0.25, connect_extra_s=8.0, recover_s=8.0)
@@ -50,7 +50,7 @@ def make_ur3_backend(cfg: UR3BackendConfig, emb: EmbodimentConfig,
               "stop_deceleration": float(np.min(emb.max_acceleration)),
               "lookahead_s": cfg.servo_lookahead_s, "gain": cfg.servo_gain}
     note = f"; the controller's RTDE watchdog stops the arm within {1e3 / cfg.watchdog_min_hz:.0f} ms"
-    return IsolatedBackend("drivers.ur3.backend:build_in_worker", kwargs, f"UR3 at {cfg.host}", UR3_TIMEOUTS,
+    return IsolatedBackend("armada.drivers.ur3.backend:build_in_worker", kwargs, f"UR3 at {cfg.host}", UR3_TIMEOUTS,
                            realtime_priority=realtime_priority, lost_link_note=note)
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from drivers.ur3.fake.launch import FakeUR
-from runtime.config import CONFIG_DIR, DEFAULT_CELL
-from runtime.inference.client import EpisodeClient
-from runtime.supervisor import CellProcesses, default_run_dir
-from runtime.transport import CommandClient
+from armada.drivers.ur3.fake.launch import FakeUR
+from armada.runtime.config import CONFIG_DIR, DEFAULT_CELL
+from armada.runtime.inference.client import EpisodeClient
+from armada.runtime.supervisor import CellProcesses, default_run_dir
+from armada.runtime.transport import CommandClient
 
 
 def _ur3_cell(run_dir: Path, host: str, realtime: bool, seconds: float) -> Path:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from runtime.config import StrictModel
+from armada.runtime.config import StrictModel
 
 
 class UR3BackendConfig(StrictModel):

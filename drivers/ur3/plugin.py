@@ -4,25 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from drivers.core.backend import Backend
-from drivers.core.registry import BackendPlugin, BuildContext
-from drivers.ur3.config import UR3BackendConfig, check_embodiment
+from armada.drivers.core.backend import Backend
+from armada.drivers.core.registry import BackendPlugin, BuildContext
+from armada.drivers.ur3.config import UR3BackendConfig, check_embodiment
 
 
 def build(ctx: BuildContext) -> Backend:
-    from drivers.ur3.backend import make_ur3_backend
+    from armada.drivers.ur3.backend import make_ur3_backend
 
     return make_ur3_backend(ctx.driver.backend, ctx.embodiment, realtime_priority=ctx.driver.realtime_priority)
 
 
 def fake(argv: list[str]) -> int:
-    from drivers.ur3.fake.controller import main
+    from armada.drivers.ur3.fake.controller import main
 
     return main(argv)
 
 
 def bench(seconds: float) -> dict[str, Any]:
-    from drivers.ur3.bench import bench_ur3
+    from armada.drivers.ur3.bench import bench_ur3
 
     return bench_ur3(max(seconds, 5.0))
 

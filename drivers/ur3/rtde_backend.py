@@ -38,9 +38,9 @@ import time
 
 import numpy as np
 
-from drivers.core.backend import Backend, BackendError, Reading
-from drivers.core.isolated import WORKER_EXIT_LINK_LOST
-from drivers.ur3.probe import ProbeError, probe_controller
+from armada.drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.core.isolated import WORKER_EXIT_LINK_LOST
+from armada.drivers.ur3.probe import ProbeError, probe_controller
 
 log = logging.getLogger("armada.ur3")
 

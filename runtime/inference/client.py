@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import zmq
 
-from runtime.config import CellConfig
-from runtime.transport import CommandClient, Subscriber
+from armada.runtime.config import CellConfig
+from armada.runtime.transport import CommandClient, Subscriber
 
 OnEvent = Callable[[str, dict[str, Any]], None]
 

@@ -27,12 +27,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.config import ChunkingConfig
-from runtime.inference.deadline import PolicyCaller, PolicyTimeout, Stopped
-from runtime.inference.link import DriverLink
-from runtime.inference.observation import ObservationBuilder, StaleObservation
-from runtime.inference.policy import ActionSpace, Policy, PolicyError
-from runtime.transport import RemoteError
+from armada.runtime.config import ChunkingConfig
+from armada.runtime.inference.deadline import PolicyCaller, PolicyTimeout, Stopped
+from armada.runtime.inference.link import DriverLink
+from armada.runtime.inference.observation import ObservationBuilder, StaleObservation
+from armada.runtime.inference.policy import ActionSpace, Policy, PolicyError
+from armada.runtime.transport import RemoteError
 
 log = logging.getLogger("armada.inference")
 

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from runtime.config import CurveConfig, DriverConfig
-from runtime.protocol import PROTOCOL_VERSION
-from runtime.transport import CommandClient, RemoteError, Subscriber
+from armada.runtime.config import CurveConfig, DriverConfig
+from armada.runtime.protocol import PROTOCOL_VERSION
+from armada.runtime.transport import CommandClient, RemoteError, Subscriber
 
 log = logging.getLogger("armada.inference")
 

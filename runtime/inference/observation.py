@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from runtime.transport import Frame, FrameSubscriber, Subscriber
+from armada.runtime.transport import Frame, FrameSubscriber, Subscriber
 
 log = logging.getLogger("armada.inference")
 

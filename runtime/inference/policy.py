@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field
 
-from runtime.config import StrictModel
-from runtime.inference.observation import Observation
-from runtime.inference.registry import PolicyPlugin
+from armada.runtime.config import StrictModel
+from armada.runtime.inference.observation import Observation
+from armada.runtime.inference.registry import PolicyPlugin
 
 if TYPE_CHECKING:
-    from runtime.config import CellConfig
+    from armada.runtime.config import CellConfig
 
 
 class PolicyError(Exception):

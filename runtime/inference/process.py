@@ -22,15 +22,15 @@ from typing import Any
 
 import zmq
 
-from runtime.config import CellConfig, load_cell
-from runtime.inference.deadline import PolicyCaller
-from runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
-from runtime.inference.link import DriverLink
-from runtime.inference.observation import ObservationBuilder
-from runtime.inference.policy import Policy
-from runtime.inference.registry import POLICIES
-from runtime.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, check_hello_version
-from runtime.transport import CommandServer, FrameSubscriber, Publisher, RemoteError, Request, start_authenticator
+from armada.runtime.config import CellConfig, load_cell
+from armada.runtime.inference.deadline import PolicyCaller
+from armada.runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
+from armada.runtime.inference.link import DriverLink
+from armada.runtime.inference.observation import ObservationBuilder
+from armada.runtime.inference.policy import Policy
+from armada.runtime.inference.registry import POLICIES
+from armada.runtime.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, check_hello_version
+from armada.runtime.transport import CommandServer, FrameSubscriber, Publisher, RemoteError, Request, start_authenticator
 
 log = logging.getLogger("armada.inference")
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from drivers.core.registry import PluginRegistry, RegistryError
+from armada.drivers.core.registry import PluginRegistry, RegistryError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from runtime.config import CellConfig
-    from runtime.inference.policy import Policy
+    from armada.runtime.config import CellConfig
+    from armada.runtime.inference.policy import Policy
 
 ENTRY_POINT_GROUP = "armada.policies"
 

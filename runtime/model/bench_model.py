@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bench import _pct
-from runtime.inference.observation import Observation
-from runtime.inference.policy import ActionSpace
+from armada.runtime.bench import _pct
+from armada.runtime.inference.observation import Observation
+from armada.runtime.inference.policy import ActionSpace
 
 
 def mid_config_overrides() -> dict[str, Any]:
-    from runtime.model.mergevla import DinoConfig, LLMConfig, SiglipConfig
+    from armada.runtime.model.mergevla import DinoConfig, LLMConfig, SiglipConfig
 
     return dict(image_size=112, dino=DinoConfig(width=256, depth=6, heads=4),
                 siglip=SiglipConfig(width=256, depth=6, heads=4, mlp=1024),
@@ -28,8 +28,8 @@ def mid_config_overrides() -> dict[str, Any]:
 
 
 def _policy(size: str, tasks: int, folder: Path):
-    from runtime.model.policy import MergedVLAPolicy
-    from runtime.model.tiny import make_tiny_bundle
+    from armada.runtime.model.policy import MergedVLAPolicy
+    from armada.runtime.model.tiny import make_tiny_bundle
 
     path = folder / f"{size}-{tasks}"
     if not (path / "manifest.json").exists():
@@ -39,7 +39,7 @@ def _policy(size: str, tasks: int, folder: Path):
 
 
 def _observation(seed: int = 0) -> Observation:
-    from runtime.config import load_embodiment
+    from armada.runtime.config import load_embodiment
 
     state = load_embodiment("mock_arm").home
     rng = np.random.default_rng(seed)
@@ -48,7 +48,7 @@ def _observation(seed: int = 0) -> Observation:
 
 
 def _space() -> ActionSpace:
-    from runtime.config import load_embodiment
+    from armada.runtime.config import load_embodiment
 
     emb = load_embodiment("mock_arm")
     return ActionSpace(emb.joint_names, emb.lower, emb.upper, emb.gripper_mask())
@@ -61,8 +61,8 @@ def _rss_hwm_mb() -> tuple[float, float]:
 
 def bench_chunk_latency(size: str, repeats: int, folder: Path) -> dict[str, Any]:
     """Per-chunk latency (preprocessing included) of PyTorch eager and of ONNX Runtime, same bundle."""
-    from runtime.model.onnx_export import export_bundle
-    from runtime.model.policy import MergedVLAPolicy
+    from armada.runtime.model.onnx_export import export_bundle
+    from armada.runtime.model.policy import MergedVLAPolicy
 
     torch_policy = _policy(size, 2, folder)
     task = torch_policy.manifest.tasks[0].name

@@ -56,16 +56,16 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from runtime.model import merge
-from runtime.model.bundle import (
+from armada.runtime.model import merge
+from armada.runtime.model.bundle import (
     ActionSpec, BundleError, CenterCrop, JpegRoundtrip, Manifest, NormStats, Normalize, ObservationSpec,
     PreprocessStep, PromptSpec, Resize, Rotate180, RouterSpec, TaskSpec, ToFloat, mask_key, write_bundle,
 )
-from runtime.model.mergevla import (
+from armada.runtime.model.mergevla import (
     EMBED_KEY, LM_HEAD_KEY, ActionHead, MergeVLAConfig, MergeVLAModel, StateDictMismatch, check_state_dict,
     strip_ddp_prefix,
 )
-from runtime.model.tiny import BASE_FILE, DINO_NORM, HEAD_FILE, MASK_FILE, PROPRIO_FILE, SIGLIP_NORM, TAU_FILE
+from armada.runtime.model.tiny import BASE_FILE, DINO_NORM, HEAD_FILE, MASK_FILE, PROPRIO_FILE, SIGLIP_NORM, TAU_FILE
 
 # progress(stage, done, total): called after each unit of a long step (a key, a file, a byte block).
 Progress = Callable[[str, int, int], None]

@@ -13,10 +13,10 @@ import time
 import numpy as np
 import torch
 
-from runtime.model import merge
-from runtime.model.bundle import Bundle
-from runtime.model.mergevla import ActionHead, MergeVLAConfig, MergeVLAModel, check_state_dict
-from runtime.model.tiny import BASE_FILE, HEAD_FILE, PROPRIO_FILE, TAU_FILE
+from armada.runtime.model import merge
+from armada.runtime.model.bundle import Bundle
+from armada.runtime.model.mergevla import ActionHead, MergeVLAConfig, MergeVLAModel, check_state_dict
+from armada.runtime.model.tiny import BASE_FILE, HEAD_FILE, PROPRIO_FILE, TAU_FILE
 
 
 class TorchEngine:

@@ -41,8 +41,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from runtime.model.engine_ort import HOST_TENSORS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
-from runtime.model.mergevla import MergeVLAModel, PrismaticVLA
+from armada.runtime.model.engine_ort import HOST_TENSORS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
+from armada.runtime.model.mergevla import MergeVLAModel, PrismaticVLA
 
 EXPORT_BATCH = 2  # not 1: torch.export would specialize the batch dimension to a constant 1
 BATCH_DIM_NAME = "batch"
@@ -269,9 +269,9 @@ def export_bundle(bundle_dir: str | Path, out_dir: str | Path, tasks: list[str] 
     graphs, built from that task's materialized weights. The prompt length is fixed per export:
     each task's own instruction (or ``instruction``) sets it.
     """
-    from runtime.model.bundle import load_bundle
-    from runtime.model.engine import TorchEngine
-    from runtime.model.policy import PromptTokenizer
+    from armada.runtime.model.bundle import load_bundle
+    from armada.runtime.model.engine import TorchEngine
+    from armada.runtime.model.policy import PromptTokenizer
 
     say = progress or (lambda _: None)
     bundle = load_bundle(bundle_dir)

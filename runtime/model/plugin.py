@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from runtime.config import StrictModel
-from runtime.inference.registry import PolicyPlugin
+from armada.runtime.config import StrictModel
+from armada.runtime.inference.registry import PolicyPlugin
 
 if TYPE_CHECKING:
-    from runtime.config import CellConfig
-    from runtime.inference.policy import Policy
+    from armada.runtime.config import CellConfig
+    from armada.runtime.inference.policy import Policy
 
 log = logging.getLogger("armada.inference")
 
@@ -42,7 +42,7 @@ def resolve_bundle(p: MergedVLAPolicyConfig, cell_folder: Path) -> Path:
         return path if path.is_absolute() else cell_folder / path
     path = Path(p.tiny_dir).expanduser() / f"tasks-{p.tiny_tasks}"
     if not (path / "manifest.json").exists():
-        from runtime.model.tiny import make_tiny_bundle
+        from armada.runtime.model.tiny import make_tiny_bundle
 
         log.info("building the tiny merged bundle in %s (first use)", path)
         make_tiny_bundle(path, num_tasks=p.tiny_tasks, overwrite=True,
@@ -51,7 +51,7 @@ def resolve_bundle(p: MergedVLAPolicyConfig, cell_folder: Path) -> Path:
 
 
 def _build(cell: "CellConfig") -> "Policy":
-    from runtime.model.policy import MergedVLAPolicy  # torch is imported only for a real model
+    from armada.runtime.model.policy import MergedVLAPolicy  # torch is imported only for a real model
 
     p = cell.inference.policy
     onnx_dir = None

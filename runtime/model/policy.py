@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.inference.observation import Observation
-from runtime.inference.policy import ActionSpace, Chunk, Policy, PolicyError, RouteResult
-from runtime.model.bundle import Bundle, PromptSpec, TaskSpec, load_bundle
-from runtime.model.preprocess import PreprocessError, preprocess_cameras
-from runtime.model.router import Router, RouterRefused, RouterSubspaces
+from armada.runtime.inference.observation import Observation
+from armada.runtime.inference.policy import ActionSpace, Chunk, Policy, PolicyError, RouteResult
+from armada.runtime.model.bundle import Bundle, PromptSpec, TaskSpec, load_bundle
+from armada.runtime.model.preprocess import PreprocessError, preprocess_cameras
+from armada.runtime.model.router import Router, RouterRefused, RouterSubspaces
 
 log = logging.getLogger("armada.policy")
 BACKBONES = ["dino", "siglip"]
@@ -27,7 +27,7 @@ class MergedVLAPolicy(Policy):
     def __init__(self, bundle_dir: str | Path, verify: bool = True, onnx_dir: str | Path | None = None):
         """``onnx_dir``: graphs from ``armada model export-onnx``; chunks then run on ONNX Runtime
         (GPU when the created session really has one), routing stays in PyTorch."""
-        from runtime.model.engine import TorchEngine  # torch only where a model is really used
+        from armada.runtime.model.engine import TorchEngine  # torch only where a model is really used
 
         started = time.perf_counter()
         self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
@@ -101,7 +101,7 @@ class MergedVLAPolicy(Policy):
         return result
 
     def _ort_engine(self, task: TaskSpec):
-        from runtime.model.engine_ort import OrtEngine
+        from armada.runtime.model.engine_ort import OrtEngine
 
         folder = self.onnx_dir / task.name
         if not (folder / "onnx_manifest.json").exists():

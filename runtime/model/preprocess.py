@@ -13,7 +13,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from runtime.model.bundle import CenterCrop, JpegRoundtrip, Normalize, Resize, Rotate180, ToFloat
+from armada.runtime.model.bundle import CenterCrop, JpegRoundtrip, Normalize, Resize, Rotate180, ToFloat
 
 _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "lanczos": cv2.INTER_LANCZOS4}
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from runtime.inference.policy import RouteResult
+    from armada.runtime.inference.policy import RouteResult
 
 log = logging.getLogger("armada.router")
 
@@ -51,7 +51,7 @@ class RouteDecision:
 
     def as_route_result(self) -> "RouteResult":
         """The Policy interface's result type."""
-        from runtime.inference.policy import RouteResult
+        from armada.runtime.inference.policy import RouteResult
 
         return RouteResult(task=self.task, scores=dict(self.scores), probabilities=dict(self.probabilities),
                            margin=self.margin)

@@ -14,12 +14,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runtime.model import merge
-from runtime.model.bundle import (
+from armada.runtime.model import merge
+from armada.runtime.model.bundle import (
     ActionSpec, Manifest, NormStats, Normalize, ObservationSpec, PromptSpec, Resize, RouterSpec, TaskSpec,
     ToFloat, mask_key, write_bundle,
 )
-from runtime.model.mergevla import ActionHead, MergeVLAConfig, MergeVLAModel, ProprioProjector, randomize_
+from armada.runtime.model.mergevla import ActionHead, MergeVLAConfig, MergeVLAModel, ProprioProjector, randomize_
 
 # The files of a merged bundle (the engine reads these names).
 BASE_FILE, TAU_FILE, MASK_FILE = "vla_base.safetensors", "vla_tau.safetensors", "masks.safetensors"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from runtime.transport import Subscriber
+from armada.runtime.transport import Subscriber
 
 
 class StateRecorder:
@@ -61,7 +61,7 @@ def variant_cell(folder, **overrides) -> Path:
     """The default cell with some sections replaced, written to ``folder``/cell.yaml."""
     import yaml
 
-    from runtime.config import SCRIPTED_CELL
+    from armada.runtime.config import SCRIPTED_CELL
 
     data = yaml.safe_load(SCRIPTED_CELL.read_text())
     for dotted, value in overrides.items():

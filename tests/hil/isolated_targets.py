@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from drivers.core.backend import BackendError
-from drivers.mock.arm import MockArm
+from armada.drivers.core.backend import BackendError
+from armada.drivers.mock.arm import MockArm
 
 
 class PickyArm(MockArm):

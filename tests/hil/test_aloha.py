@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("dynamixel_sdk", reason="dynamixel-sdk is in the `devices` extra")
 
-from drivers.aloha.backend import (  # noqa: E402
+from armada.drivers.aloha.backend import (  # noqa: E402
     ADDR_GOAL_CURRENT,
     ADDR_OPERATING_MODE,
     ADDR_TORQUE_ENABLE,
@@ -22,13 +22,13 @@ from drivers.aloha.backend import (  # noqa: E402
     AlohaSettings,
     ticks_to_rad,
 )
-from drivers.aloha.calibration import GripperCalibration  # noqa: E402
-from drivers.aloha.fake.aloha import AlohaFake  # noqa: E402
-from drivers.aloha.config import AlohaBackendConfig, settings  # noqa: E402
-from drivers.core.backend import BackendError  # noqa: E402
-from drivers.core.driver import Driver, Mode  # noqa: E402
-from runtime.config import load_embodiment  # noqa: E402
-from runtime.protocol import MessageFactory  # noqa: E402
+from armada.drivers.aloha.calibration import GripperCalibration  # noqa: E402
+from armada.drivers.aloha.fake.aloha import AlohaFake  # noqa: E402
+from armada.drivers.aloha.config import AlohaBackendConfig, settings  # noqa: E402
+from armada.drivers.core.backend import BackendError  # noqa: E402
+from armada.drivers.core.driver import Driver, Mode  # noqa: E402
+from armada.runtime.config import load_embodiment  # noqa: E402
+from armada.runtime.protocol import MessageFactory  # noqa: E402
 
 pytestmark = pytest.mark.hil
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivers.core.backend import Backend, BackendError, Reading
-from drivers.core.registry import BACKENDS, BuildContext
-from runtime.config import DriverConfig, EmbodimentConfig, load_embodiment
+from armada.drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.core.registry import BACKENDS, BuildContext
+from armada.runtime.config import DriverConfig, EmbodimentConfig, load_embodiment
 
 pytestmark = pytest.mark.hil
 
@@ -73,7 +73,7 @@ def _mock(tmp: Path, monkeypatch) -> Iterator[Rig]:
 @contextlib.contextmanager
 def _ur3(tmp: Path, monkeypatch) -> Iterator[Rig]:
     pytest.importorskip("rtde_control")
-    from drivers.ur3.fake.launch import FakeStartError, FakeUR, free_loopback_host
+    from armada.drivers.ur3.fake.launch import FakeStartError, FakeUR, free_loopback_host
 
     try:
         fake = FakeUR.start_anywhere()
@@ -102,7 +102,7 @@ def _ur3(tmp: Path, monkeypatch) -> Iterator[Rig]:
 @contextlib.contextmanager
 def _piper_fake(channels: int, monkeypatch) -> Iterator:
     pytest.importorskip("piper_sdk")
-    from drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group
+    from armada.drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group
 
     port = free_udp_port()
     monkeypatch.setenv("CAN_CONFIG", f'{{"port": {port}}}')  # the worker process inherits it
@@ -124,7 +124,7 @@ def _piper_probes(fake, groups: list[str]):
 
 
 def _nowhere_groups(count: int) -> list[str]:
-    from drivers.piper.fake.client import random_group
+    from armada.drivers.piper.fake.client import random_group
 
     return [random_group() for _ in range(count)]
 
@@ -153,7 +153,7 @@ def _cobot_magic(tmp: Path, monkeypatch) -> Iterator[Rig]:
 @contextlib.contextmanager
 def _aloha(tmp: Path, monkeypatch) -> Iterator[Rig]:
     pytest.importorskip("dynamixel_sdk")
-    from drivers.aloha.fake.aloha import AlohaFake
+    from armada.drivers.aloha.fake.aloha import AlohaFake
 
     with AlohaFake(leaders=False) as fake:
         followers = ("puppet_left", "puppet_right")
@@ -180,8 +180,8 @@ def _aloha(tmp: Path, monkeypatch) -> Iterator[Rig]:
 @contextlib.contextmanager
 def _so101(tmp: Path, monkeypatch) -> Iterator[Rig]:
     pytest.importorskip("lerobot.motors.feetech")
-    from drivers.so101.bench import BENCH_CALIBRATION
-    from drivers.so101.fake.so101 import So101Fake
+    from armada.drivers.so101.bench import BENCH_CALIBRATION
+    from armada.drivers.so101.fake.so101 import So101Fake
 
     (tmp / "so101.json").write_text(json.dumps(BENCH_CALIBRATION))  # lerobot's calibration JSON
 

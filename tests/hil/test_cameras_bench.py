@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.cameras.bench import run_camera_bench
+from armada.drivers.cameras.bench import run_camera_bench
 
 pytestmark = pytest.mark.hil
 

@@ -16,10 +16,10 @@ import pytest
 import yaml
 import zmq
 
-from runtime.config import CONFIG_DIR
-from runtime.inference.client import EpisodeClient
-from runtime.supervisor import CellProcesses
-from runtime.transport import FrameSubscriber
+from armada.runtime.config import CONFIG_DIR
+from armada.runtime.inference.client import EpisodeClient
+from armada.runtime.supervisor import CellProcesses
+from armada.runtime.transport import FrameSubscriber
 
 pytestmark = pytest.mark.hil
 
@@ -28,7 +28,7 @@ try:
 except ImportError as exc:  # the wheel needs the system's libusb-1.0 (Debian: libusb-1.0-0)
     pytest.skip(f"pyrealsense2 does not import: {exc}", allow_module_level=True)
 
-from drivers.cameras.fake.__main__ import RECORDING, VIDEO, make_all
+from armada.drivers.cameras.fake.__main__ import RECORDING, VIDEO, make_all
 
 FAKE_CELL = CONFIG_DIR / "cells" / "cameras_fake.yaml"
 RECORDING_S = 2.0

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from runtime.config import CONFIG_DIR, DEFAULT_CELL, REPO_ROOT
+from armada.runtime.config import CONFIG_DIR, DEFAULT_CELL, REPO_ROOT
 
 pytestmark = pytest.mark.hil
 
@@ -17,7 +17,7 @@ BIMANUAL = CONFIG_DIR / "cells" / "bimanual.yaml"
 
 
 def _armada(*args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "armada.runtime.cli", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 

@@ -17,15 +17,15 @@ import pytest
 pytest.importorskip("piper_sdk")
 pytest.importorskip("can")
 
-from drivers.cobot_magic.backend import CobotMagicBackend  # noqa: E402
-from drivers.core.backend import BackendError, Reading  # noqa: E402
-from drivers.core.driver import Driver, Mode  # noqa: E402
-from drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group  # noqa: E402
-from drivers.piper.fake.firmware import PiperFirmware  # noqa: E402
-from drivers.piper.fake.master import PiperMaster  # noqa: E402
-from drivers.cobot_magic.config import CobotMagicBackendConfig  # noqa: E402
-from runtime.config import load_embodiment  # noqa: E402
-from runtime.protocol import MessageFactory, ProtocolError  # noqa: E402
+from armada.drivers.cobot_magic.backend import CobotMagicBackend  # noqa: E402
+from armada.drivers.core.backend import BackendError, Reading  # noqa: E402
+from armada.drivers.core.driver import Driver, Mode  # noqa: E402
+from armada.drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group  # noqa: E402
+from armada.drivers.piper.fake.firmware import PiperFirmware  # noqa: E402
+from armada.drivers.piper.fake.master import PiperMaster  # noqa: E402
+from armada.drivers.cobot_magic.config import CobotMagicBackendConfig  # noqa: E402
+from armada.runtime.config import load_embodiment  # noqa: E402
+from armada.runtime.protocol import MessageFactory, ProtocolError  # noqa: E402
 
 pytestmark = pytest.mark.hil
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.config import SCRIPTED_CELL, load_embodiment
-from runtime.inference.client import EpisodeClient
-from runtime.supervisor import CellProcesses
+from armada.runtime.config import SCRIPTED_CELL, load_embodiment
+from armada.runtime.inference.client import EpisodeClient
+from armada.runtime.supervisor import CellProcesses
 from tests.hil.helpers import StateRecorder, variant_cell
 
 pytestmark = pytest.mark.hil

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime.config import REPO_ROOT, SCRIPTED_CELL, load_cell
+from armada.runtime.config import REPO_ROOT, SCRIPTED_CELL, load_cell
 from tests.hil.helpers import StateRecorder
 
 pytestmark = [pytest.mark.hil, pytest.mark.slow]
@@ -97,9 +97,9 @@ def _children(ppid: int) -> dict[str, int]:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if int(stat.rsplit(") ", 1)[1].split()[1]) != ppid or "runtime.cli" not in argv:
+        if int(stat.rsplit(") ", 1)[1].split()[1]) != ppid or "armada.runtime.cli" not in argv:
             continue
-        role = argv[argv.index("runtime.cli") + 1]
+        role = argv[argv.index("armada.runtime.cli") + 1]
         name = argv[argv.index("--name") + 1] if "--name" in argv else role
         out[role if role == "infer" else f"{role} {name}"] = int(entry.name)
     return out
@@ -148,7 +148,7 @@ def _last_motion_s(states: list[dict], after_ns: int) -> float:
 def test_fault_matrix(short_tmp, row):
     cell = load_cell(SCRIPTED_CELL, short_tmp)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    run = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run", str(SCRIPTED_CELL), "--duration",
+    run = subprocess.Popen([sys.executable, "-m", "armada.runtime.cli", "run", str(SCRIPTED_CELL), "--duration",
                             str(EPISODE_S), "--run-dir", str(short_tmp)], cwd=REPO_ROOT, env=env, text=True,
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            start_new_session=True)  # a group of its own, as a shell gives a job

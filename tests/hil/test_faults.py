@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime import protocol
-from runtime.config import SCRIPTED_CELL, load_embodiment
-from runtime.inference.client import EpisodeClient
-from runtime.protocol import PROTOCOL_VERSION
-from runtime.supervisor import CellProcesses
-from runtime.transport import CommandClient, RemoteError
+from armada.runtime import protocol
+from armada.runtime.config import SCRIPTED_CELL, load_embodiment
+from armada.runtime.inference.client import EpisodeClient
+from armada.runtime.protocol import PROTOCOL_VERSION
+from armada.runtime.supervisor import CellProcesses
+from armada.runtime.transport import CommandClient, RemoteError
 from tests.hil.helpers import StateRecorder, commanded_kinematics
 
 pytestmark = pytest.mark.hil

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from runtime.config import load_cell
-from runtime.inference.client import EpisodeClient
+from armada.runtime.config import load_cell
+from armada.runtime.inference.client import EpisodeClient
 from tests.hil.helpers import variant_cell
 from tests.unit.test_inference_fakes import FakeDriver
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.hil
 HANG = """
     import logging, threading
     logging.basicConfig(level=logging.INFO)
-    from runtime.inference.policy import ScriptedPolicy
+    from armada.runtime.inference.policy import ScriptedPolicy
     real_infer, calls = ScriptedPolicy.infer, []
     def infer(self, obs):
         calls.append(1)
@@ -30,7 +30,7 @@ HANG = """
             threading.Event().wait()  # hung for good: a model stuck in a driver call, a dead server
         return real_infer(self, obs)
     ScriptedPolicy.infer = infer
-    from runtime.inference.process import run_inference
+    from armada.runtime.inference.process import run_inference
     run_inference({cell!r}, {run_dir!r})
 """
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from runtime.config import SCRIPTED_CELL
-from runtime.inference.link import DriverLink
-from runtime.supervisor import CellProcesses
-from runtime.transport import RemoteError
+from armada.runtime.config import SCRIPTED_CELL
+from armada.runtime.inference.link import DriverLink
+from armada.runtime.supervisor import CellProcesses
+from armada.runtime.transport import RemoteError
 
 pytestmark = pytest.mark.hil
 

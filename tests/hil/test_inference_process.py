@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime.config import SCRIPTED_CELL
-from runtime.inference.client import EpisodeClient
-from runtime.protocol import PROTOCOL_MAJOR
-from runtime.supervisor import CellProcesses
-from runtime.transport import CommandClient, FramePublisher
+from armada.runtime.config import SCRIPTED_CELL
+from armada.runtime.inference.client import EpisodeClient
+from armada.runtime.protocol import PROTOCOL_MAJOR
+from armada.runtime.supervisor import CellProcesses
+from armada.runtime.transport import CommandClient, FramePublisher
 from tests.unit.test_inference_fakes import FakeDriver
 
 pytestmark = pytest.mark.hil

@@ -11,8 +11,8 @@ import time
 import pytest
 import yaml
 
-from runtime.config import CONFIG_DIR, SCRIPTED_CELL, load_cell
-from runtime.inference.client import EpisodeClient
+from armada.runtime.config import CONFIG_DIR, SCRIPTED_CELL, load_cell
+from armada.runtime.inference.client import EpisodeClient
 from tests.unit.test_inference_fakes import FakeDriver
 
 pytestmark = pytest.mark.hil
@@ -32,11 +32,11 @@ def test_a_dead_heartbeat_thread_takes_the_inference_process_down(ctx, short_tmp
     proc = _start(f"""
         import logging
         logging.basicConfig(level=logging.INFO)
-        from runtime.inference.link import DriverLink
+        from armada.runtime.inference.link import DriverLink
         def beat(self, period_s, alive):
             raise RuntimeError("heartbeat exploded")
         DriverLink._beat = beat
-        from runtime.inference.process import run_inference
+        from armada.runtime.inference.process import run_inference
         run_inference({str(SCRIPTED_CELL)!r}, {str(short_tmp)!r})
     """, log_path)
     try:
@@ -57,7 +57,7 @@ def test_a_dead_heartbeat_thread_takes_the_inference_process_down(ctx, short_tmp
 
 
 def test_a_dead_grab_thread_takes_the_camera_process_down(short_tmp):
-    from drivers.cameras.fake.video_file import make_video
+    from armada.drivers.cameras.fake.video_file import make_video
 
     make_video(short_tmp / "fake_uvc.avi", frames=30)
     data = yaml.safe_load((CONFIG_DIR / "cells" / "cameras_fake.yaml").read_text())
@@ -68,11 +68,11 @@ def test_a_dead_grab_thread_takes_the_camera_process_down(short_tmp):
     proc = _start(f"""
         import logging
         logging.basicConfig(level=logging.INFO)
-        from drivers.cameras import opencv_camera
+        from armada.drivers.cameras import opencv_camera
         def run(self):
             raise RuntimeError("the capture SDK blew up")
         opencv_camera._Grabber._run = run
-        from drivers.cameras.process import run_camera
+        from armada.drivers.cameras.process import run_camera
         run_camera({str(cell_path)!r}, "wrist", {str(short_tmp)!r})
     """, log_path)
     try:

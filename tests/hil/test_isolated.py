@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from drivers.core.backend import BackendError
-from drivers.core.isolated import IsolatedBackend
+from armada.drivers.core.backend import BackendError
+from armada.drivers.core.isolated import IsolatedBackend
 
 pytestmark = pytest.mark.hil
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import REPO_ROOT, SCRIPTED_CELL
-from runtime.protocol import PROTOCOL_VERSION
-from runtime.supervisor import PARENT_PID_ENV, CellProcesses
-from runtime.transport import CommandClient
+from armada.runtime.config import REPO_ROOT, SCRIPTED_CELL
+from armada.runtime.protocol import PROTOCOL_VERSION
+from armada.runtime.supervisor import PARENT_PID_ENV, CellProcesses
+from armada.runtime.transport import CommandClient
 
 pytestmark = pytest.mark.hil
 
 
 def _armada(*args: str, env: dict | None = None, cwd: Path = REPO_ROOT, timeout_s: float = 30.0):
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "armada.runtime.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout_s, stdin=subprocess.DEVNULL, env=env)
 
 
@@ -88,7 +88,7 @@ def test_a_driver_without_run_dir_uses_the_private_default_not_the_current_folde
     env = os.environ | {"XDG_RUNTIME_DIR": str(short_tmp)}
     env.pop(PARENT_PID_ENV, None)
     run_dir = short_tmp / f"armada-{os.geteuid()}" / "scripted"
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "driver", str(SCRIPTED_CELL), "--name", "arm"],
+    proc = subprocess.Popen([sys.executable, "-m", "armada.runtime.cli", "driver", str(SCRIPTED_CELL), "--name", "arm"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 15
@@ -130,8 +130,8 @@ def test_a_child_whose_supervisor_is_already_gone_does_not_start(short_tmp):
 
 _PARENT = """
 import sys, time
-from runtime.config import SCRIPTED_CELL
-from runtime.supervisor import CellProcesses
+from armada.runtime.config import SCRIPTED_CELL
+from armada.runtime.supervisor import CellProcesses
 procs = CellProcesses(SCRIPTED_CELL, sys.argv[1])
 procs.spawn("driver", "arm")
 procs.wait_ready()

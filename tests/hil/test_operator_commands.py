@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from runtime.config import REPO_ROOT, SCRIPTED_CELL
-from runtime.supervisor import CellProcesses
+from armada.runtime.config import REPO_ROOT, SCRIPTED_CELL
+from armada.runtime.supervisor import CellProcesses
 
 pytestmark = pytest.mark.hil
 
 
 def _armada(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "armada.runtime.cli", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 

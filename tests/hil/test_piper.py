@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("piper_sdk")
 pytest.importorskip("can")
 
-from drivers.core.backend import BackendError  # noqa: E402
-from drivers.core.driver import Driver, Mode  # noqa: E402
-from drivers.piper.backend import PiperBackend  # noqa: E402
-from drivers.piper.fake.firmware import PiperFirmware  # noqa: E402
-from runtime.config import load_embodiment  # noqa: E402
-from runtime.protocol import MessageFactory, ProtocolError  # noqa: E402
+from armada.drivers.core.backend import BackendError  # noqa: E402
+from armada.drivers.core.driver import Driver, Mode  # noqa: E402
+from armada.drivers.piper.backend import PiperBackend  # noqa: E402
+from armada.drivers.piper.fake.firmware import PiperFirmware  # noqa: E402
+from armada.runtime.config import load_embodiment  # noqa: E402
+from armada.runtime.protocol import MessageFactory, ProtocolError  # noqa: E402
 
 pytestmark = pytest.mark.hil
 
@@ -207,9 +207,9 @@ def _gripper_targets(fw) -> list[int]:
 
 
 def test_a_zero_calibration_from_the_cell_corrects_readings_and_shifts_targets(channel, fw, tmp_path):
-    from calibration.results import CalibrationRecord, Residual, write_result
-    from drivers.piper.calibration import PiperZero, piper_zero_values, zero_offsets
-    from runtime.config import DriverConfig
+    from armada.calibration.results import CalibrationRecord, Residual, write_result
+    from armada.drivers.piper.calibration import PiperZero, piper_zero_values, zero_offsets
+    from armada.runtime.config import DriverConfig
 
     offsets = np.radians([1.0, -0.5, 0.0, 0.25, 0.0, -2.0])
     zero = PiperZero([f"joint_{i + 1}" for i in range(6)], offsets, 0.0)

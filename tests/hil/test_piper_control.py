@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("piper_sdk")
 pytest.importorskip("can")
 
-from drivers.core.backend import BackendError  # noqa: E402
-from drivers.piper.backend import PiperBackend  # noqa: E402
-from drivers.piper.fake.firmware import PiperFirmware  # noqa: E402
-from runtime.config import load_embodiment  # noqa: E402
+from armada.drivers.core.backend import BackendError  # noqa: E402
+from armada.drivers.piper.backend import PiperBackend  # noqa: E402
+from armada.drivers.piper.fake.firmware import PiperFirmware  # noqa: E402
+from armada.runtime.config import load_embodiment  # noqa: E402
 
 pytestmark = pytest.mark.hil
 

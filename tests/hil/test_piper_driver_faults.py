@@ -16,10 +16,10 @@ import yaml
 pytest.importorskip("piper_sdk")
 pytest.importorskip("can")
 
-from drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group  # noqa: E402
-from runtime.config import CONFIG_DIR, load_embodiment  # noqa: E402
-from runtime.supervisor import CellProcesses  # noqa: E402
-from runtime.transport import CommandClient  # noqa: E402
+from armada.drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group  # noqa: E402
+from armada.runtime.config import CONFIG_DIR, load_embodiment  # noqa: E402
+from armada.runtime.supervisor import CellProcesses  # noqa: E402
+from armada.runtime.transport import CommandClient  # noqa: E402
 from tests.hil.helpers import StateRecorder  # noqa: E402
 
 pytestmark = pytest.mark.hil

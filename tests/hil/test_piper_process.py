@@ -21,10 +21,10 @@ import yaml
 pytest.importorskip("piper_sdk")
 pytest.importorskip("can")
 
-from drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group  # noqa: E402
-from runtime.config import CONFIG_DIR, load_embodiment  # noqa: E402
-from runtime.supervisor import CellProcesses  # noqa: E402
-from runtime.transport import CommandClient  # noqa: E402
+from armada.drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group  # noqa: E402
+from armada.runtime.config import CONFIG_DIR, load_embodiment  # noqa: E402
+from armada.runtime.supervisor import CellProcesses  # noqa: E402
+from armada.runtime.transport import CommandClient  # noqa: E402
 from tests.hil.helpers import StateRecorder  # noqa: E402
 
 pytestmark = pytest.mark.hil
@@ -109,7 +109,7 @@ def test_driver_process_runs_a_trajectory_within_limits_and_faults_when_the_fake
 
 def test_an_episode_of_chunks_from_the_inference_process_stays_within_limits(bus, short_tmp):
     """The whole cell: camera, inference (scripted chunks of 50 at 50 Hz) and the driver, over the fake."""
-    from runtime.inference.client import EpisodeClient
+    from armada.runtime.inference.client import EpisodeClient
 
     group, port = bus
     with FakePiperProcess([group], port, "--home") as fake, CellProcesses(fake_cell(short_tmp, group), short_tmp) as procs:
@@ -179,7 +179,7 @@ def test_a_driver_with_no_arm_on_its_bus_exits_with_a_clear_error(bus, short_tmp
 
 
 def test_latency_bench_sees_every_step_within_a_few_cycles():
-    from drivers.piper.bench import bench_piper
+    from armada.drivers.piper.bench import bench_piper
 
     result = bench_piper(1.0)
     period_ms = 1e3 / result["fake_rate_hz"]
@@ -197,6 +197,6 @@ def test_a_driver_on_a_virtual_bus_is_refused_with_the_reason(short_tmp):
     data["drivers"][0]["backend"]["bustype"] = "virtual"
     path = short_tmp / "cell.yaml"
     path.write_text(yaml.safe_dump(data))
-    out = subprocess.run([sys.executable, "-m", "runtime.cli", "driver", str(path), "--name", "arm", "--run-dir",
+    out = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "driver", str(path), "--name", "arm", "--run-dir",
                           str(short_tmp)], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "bustype virtual only connects buses inside one process" in out.stderr

@@ -24,7 +24,7 @@ def _end(proc: subprocess.Popen) -> None:
 
 def test_feetech_fake_process_answers_scservo_sdk():
     scs = pytest.importorskip("scservo_sdk")
-    proc, port = _serve("drivers.so101.fake.feetech", "--ids", "1", "2", "3")
+    proc, port = _serve("armada.drivers.so101.fake.feetech", "--ids", "1", "2", "3")
     try:
         ph = scs.PortHandler(port)
         assert ph.openPort()
@@ -38,7 +38,7 @@ def test_feetech_fake_process_answers_scservo_sdk():
 
 def test_dynamixel_fake_process_answers_dynamixel_sdk():
     dx = pytest.importorskip("dynamixel_sdk")
-    proc, port = _serve("drivers.aloha.fake.dynamixel", "--ids", "1", "2", "--model", "xm540-w270")
+    proc, port = _serve("armada.drivers.aloha.fake.dynamixel", "--ids", "1", "2", "--model", "xm540-w270")
     try:
         ph = dx.PortHandler(port)
         assert ph.openPort()

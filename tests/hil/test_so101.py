@@ -16,14 +16,14 @@ import pytest
 
 pytest.importorskip("lerobot.motors.feetech", reason="lerobot is installed without dependencies (README)")
 
-from drivers.core.backend import BackendError  # noqa: E402
-from drivers.so101.backend import So101Backend, So101Settings  # noqa: E402
-from drivers.so101.bench import BENCH_CALIBRATION  # noqa: E402
-from drivers.so101.config import JOINTS, So101BackendConfig, settings  # noqa: E402
-from drivers.so101.fake.feetech import (  # noqa: E402
+from armada.drivers.core.backend import BackendError  # noqa: E402
+from armada.drivers.so101.backend import So101Backend, So101Settings  # noqa: E402
+from armada.drivers.so101.bench import BENCH_CALIBRATION  # noqa: E402
+from armada.drivers.so101.config import JOINTS, So101BackendConfig, settings  # noqa: E402
+from armada.drivers.so101.fake.feetech import (  # noqa: E402
     HOMING_OFFSET, MAX_POSITION_LIMIT, MIN_POSITION_LIMIT, TORQUE_ENABLE, FeetechBusFake)
-from drivers.so101.fake.so101 import So101Fake  # noqa: E402
-from runtime.config import load_embodiment  # noqa: E402
+from armada.drivers.so101.fake.so101 import So101Fake  # noqa: E402
+from armada.runtime.config import load_embodiment  # noqa: E402
 
 pytestmark = pytest.mark.hil
 
@@ -253,7 +253,7 @@ def test_the_leader_is_read_in_the_followers_units_and_never_written():
 def test_late_replies_of_a_timed_out_transaction_are_not_read_as_the_next_ones():
     """scservo_sdk's sync read takes the next bytes as each servo's reply: late position replies (a
     host starved past the timeout) read as Status would be error bits, a false fault."""
-    from drivers.so101.fake.feetech import status_packet
+    from armada.drivers.so101.fake.feetech import status_packet
 
     with FeetechBusFake(range(1, 7)) as fake:
         b = backend(fake.port)

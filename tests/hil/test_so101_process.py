@@ -19,11 +19,11 @@ import yaml
 
 pytest.importorskip("lerobot.motors.feetech", reason="lerobot is installed without dependencies (README)")
 
-from drivers.so101.config import JOINTS  # noqa: E402
-from drivers.so101.fake.so101 import So101FakeProcess  # noqa: E402
-from runtime.config import CONFIG_DIR, REPO_ROOT, load_embodiment  # noqa: E402
-from runtime.supervisor import CellProcesses  # noqa: E402
-from runtime.transport import CommandClient  # noqa: E402
+from armada.drivers.so101.config import JOINTS  # noqa: E402
+from armada.drivers.so101.fake.so101 import So101FakeProcess  # noqa: E402
+from armada.runtime.config import CONFIG_DIR, REPO_ROOT, load_embodiment  # noqa: E402
+from armada.runtime.supervisor import CellProcesses  # noqa: E402
+from armada.runtime.transport import CommandClient  # noqa: E402
 from tests.hil.helpers import StateRecorder  # noqa: E402
 
 pytestmark = pytest.mark.hil
@@ -58,7 +58,7 @@ def goal_in_si(sid: int, ticks: int) -> tuple[int, float]:
 def test_an_episode_through_armada_run_keeps_every_goal_inside_the_limits(short_tmp):
     with So101FakeProcess(short_tmp) as fake:
         cell = fake_cell(short_tmp)
-        result = subprocess.run([sys.executable, "-m", "runtime.cli", "run", str(cell), "--arm", "--duration", "3",
+        result = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "run", str(cell), "--arm", "--duration", "3",
                                  "--run-dir", str(short_tmp)], cwd=REPO_ROOT, capture_output=True, text=True,
                                 timeout=120, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import zmq
 
-from drivers.core.backend import BackendError, Reading
-from drivers.core.process import DriverProcess
-from drivers.core.stop_bench import DriverUnderTest, measure_estops, start_flooders
-from drivers.mock.arm import MockArm
-from runtime.config import SCRIPTED_CELL, driver_embodiment, load_cell
-from runtime.transport import CommandClient, RemoteError
+from armada.drivers.core.backend import BackendError, Reading
+from armada.drivers.core.process import DriverProcess
+from armada.drivers.core.stop_bench import DriverUnderTest, measure_estops, start_flooders
+from armada.drivers.mock.arm import MockArm
+from armada.runtime.config import SCRIPTED_CELL, driver_embodiment, load_cell
+from armada.runtime.transport import CommandClient, RemoteError
 from tests.hil.helpers import StateRecorder
 
 pytestmark = pytest.mark.hil
@@ -68,7 +68,7 @@ def test_estop_takes_effect_during_and_after_a_flood_of_the_worst_messages(dut):
 
 def test_armada_driver_itself_keeps_its_stop_path_under_the_flood(short_tmp):
     """The production entry point (``armada driver`` under the supervisor), not the bench's."""
-    from runtime.supervisor import CellProcesses
+    from armada.runtime.supervisor import CellProcesses
 
     with CellProcesses(SCRIPTED_CELL, short_tmp) as procs:
         procs.spawn("driver", "arm")

@@ -20,11 +20,11 @@ import yaml
 
 pytest.importorskip("rtde_control")
 
-from drivers.ur3.fake.launch import free_loopback_host  # noqa: E402
-from runtime.config import CONFIG_DIR, load_embodiment  # noqa: E402
-from runtime.inference.client import EpisodeClient  # noqa: E402
-from runtime.supervisor import CellProcesses  # noqa: E402
-from runtime.transport import CommandClient, RemoteError  # noqa: E402
+from armada.drivers.ur3.fake.launch import free_loopback_host  # noqa: E402
+from armada.runtime.config import CONFIG_DIR, load_embodiment  # noqa: E402
+from armada.runtime.inference.client import EpisodeClient  # noqa: E402
+from armada.runtime.supervisor import CellProcesses  # noqa: E402
+from armada.runtime.transport import CommandClient, RemoteError  # noqa: E402
 from tests.hil.helpers import StateRecorder  # noqa: E402
 
 pytestmark = pytest.mark.hil
@@ -347,7 +347,7 @@ def test_frozen_driver_is_stopped_by_the_controllers_watchdog(driver):
 
 
 def _worker_pid(driver_pid: int) -> int:
-    out = subprocess.run(["pgrep", "-P", str(driver_pid), "-f", "drivers.core.isolated"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-P", str(driver_pid), "-f", "armada.drivers.core.isolated"], capture_output=True, text=True)
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 1, out
     return pids[0]
@@ -359,7 +359,7 @@ def _worker_pid(driver_pid: int) -> int:
 def _start_driver_expecting_failure(short_tmp: Path, host: str) -> tuple[float, str]:
     cell = ur3_cell(short_tmp, host)
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "runtime.cli", "driver", str(cell), "--name", "arm",
+    out = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "driver", str(cell), "--name", "arm",
                           "--run-dir", str(short_tmp)], capture_output=True, text=True, timeout=30)
     took = time.monotonic() - t0
     assert out.returncode != 0

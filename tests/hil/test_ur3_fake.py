@@ -20,7 +20,7 @@ rtde_receive = pytest.importorskip("rtde_receive")
 rtde_control = pytest.importorskip("rtde_control")
 dashboard_client = pytest.importorskip("dashboard_client")
 
-from drivers.ur3.fake.launch import UR_PORTS, free_loopback_host
+from armada.drivers.ur3.fake.launch import UR_PORTS, free_loopback_host
 
 pytestmark = pytest.mark.hil
 
@@ -207,7 +207,7 @@ def test_silent_peer_is_abandoned_at_deadline():
 @pytest.mark.parametrize("version,cycle_s", [("5.11.1.0", 0.002), ("3.15.7.0", 0.008)])
 def test_the_control_script_runs_once_per_controller_cycle(version, cycle_s):
     """e-Series 500 Hz, CB3 125 Hz: each cycle reads the command register once and is logged."""
-    from drivers.ur3.fake.launch import FakeUR
+    from armada.drivers.ur3.fake.launch import FakeUR
 
     host = free_loopback_host()
     if host is None:

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("rtde_control")
 
-from drivers.core.backend import BackendError  # noqa: E402
-from drivers.ur3.rtde_backend import RTDE_PORT, UR3RtdeBackend, _socket_fds  # noqa: E402
+from armada.drivers.core.backend import BackendError  # noqa: E402
+from armada.drivers.ur3.rtde_backend import RTDE_PORT, UR3RtdeBackend, _socket_fds  # noqa: E402
 
 pytestmark = pytest.mark.hil
 

@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("torch", reason="needs the model extra: pip install -e '.[model]'")
 pytest.importorskip("timm", reason="needs the model extra")
 
-from runtime.config import CONFIG_DIR  # noqa: E402
-from runtime.inference.client import EpisodeClient  # noqa: E402
-from runtime.supervisor import CellProcesses  # noqa: E402
+from armada.runtime.config import CONFIG_DIR  # noqa: E402
+from armada.runtime.inference.client import EpisodeClient  # noqa: E402
+from armada.runtime.supervisor import CellProcesses  # noqa: E402
 from tests.hil.helpers import StateRecorder  # noqa: E402
 
 pytestmark = [pytest.mark.hil, pytest.mark.slow]

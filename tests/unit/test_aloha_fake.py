@@ -9,8 +9,8 @@ import pytest
 
 dx = pytest.importorskip("dynamixel_sdk", reason="dynamixel-sdk is in the `devices` extra")
 
-from drivers.aloha.fake.aloha import AlohaFake  # noqa: E402
-from drivers.aloha.fake.dynamixel import GOAL_POSITION, SECONDARY_ID, TORQUE_ENABLE  # noqa: E402
+from armada.drivers.aloha.fake.aloha import AlohaFake  # noqa: E402
+from armada.drivers.aloha.fake.dynamixel import GOAL_POSITION, SECONDARY_ID, TORQUE_ENABLE  # noqa: E402
 
 
 @pytest.fixture

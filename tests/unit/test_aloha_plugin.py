@@ -12,12 +12,12 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from drivers.aloha.backend import FOLLOWER_MODELS, arm_servos, rad_to_ticks, ticks_to_rad
-from drivers.aloha.calibration import GripperCalibration, gripper_values
-from drivers.aloha.config import ACT_FOLLOWER_GRIPPER, ACT_LEADER_GRIPPER, AlohaBackendConfig, gripper_calibrations
-from drivers.aloha.plugin import PLUGIN, check_embodiment, check_gripper_ranges
-from drivers.core.registry import get
-from runtime.config import CONFIG_DIR, ConfigError, load_cell, load_embodiment
+from armada.drivers.aloha.backend import FOLLOWER_MODELS, arm_servos, rad_to_ticks, ticks_to_rad
+from armada.drivers.aloha.calibration import GripperCalibration, gripper_values
+from armada.drivers.aloha.config import ACT_FOLLOWER_GRIPPER, ACT_LEADER_GRIPPER, AlohaBackendConfig, gripper_calibrations
+from armada.drivers.aloha.plugin import PLUGIN, check_embodiment, check_gripper_ranges
+from armada.drivers.core.registry import get
+from armada.runtime.config import CONFIG_DIR, ConfigError, load_cell, load_embodiment
 
 EMB = load_embodiment("aloha")
 PORTS = {"left_follower_port": "/dev/ttyDXL_puppet_left", "right_follower_port": "/dev/ttyDXL_puppet_right"}
@@ -103,7 +103,7 @@ def _ctx(cfg: AlohaBackendConfig, calibration: str | None, cell_dir: Path):
 
 
 def test_gripper_calibrations_come_from_the_drivers_file_where_it_names_them(tmp_path):
-    from calibration.results import CalibrationRecord, Residual, write_result
+    from armada.calibration.results import CalibrationRecord, Residual, write_result
 
     measured = GripperCalibration(raw_open=3100.0, raw_closed=1500.0, open_m=0.07, closed_m=0.0)
     write_result(tmp_path / "grippers.yaml", CalibrationRecord(
@@ -116,7 +116,7 @@ def test_gripper_calibrations_come_from_the_drivers_file_where_it_names_them(tmp
 
 
 def test_a_calibration_of_another_kind_is_refused(tmp_path):
-    from calibration.results import CalibrationRecord, Residual, write_result
+    from armada.calibration.results import CalibrationRecord, Residual, write_result
 
     path = tmp_path / "zero.yaml"
     write_result(path, CalibrationRecord("joint_calibration", "test", {"hold_spread": Residual(0.0, "rad", 0.01)},

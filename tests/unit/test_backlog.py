@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drivers.core.process import Backlog
+from armada.drivers.core.process import Backlog
 
 
 def test_one_flooding_connection_cannot_starve_another():

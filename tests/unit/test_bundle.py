@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 from pydantic import ValidationError
 
-from runtime.model.bundle import (
+from armada.runtime.model.bundle import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     BundleError,

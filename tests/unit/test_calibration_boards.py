@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from calibration.boards import Board, CharucoBoardSpec, CheckerboardSpec, board_from_dict, board_to_dict, \
+from armada.calibration.boards import Board, CharucoBoardSpec, CheckerboardSpec, board_from_dict, board_to_dict, \
     parse_squares, render_for_print
 
 CHARUCO = CharucoBoardSpec(7, 5, 0.03, 0.022)

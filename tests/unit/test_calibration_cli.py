@@ -11,14 +11,14 @@ import pytest
 import yaml
 import zmq
 
-from calibration.boards import Board, CharucoBoardSpec
-from calibration.cli import add_calibrate_parser, run_calibrate
-from calibration.handeye import invert, pose_to_ur
-from calibration.live import HandEyeCollector, LiveError, StillnessLimits, state_pose
-from calibration.results import intrinsics_values, load_hand_eye, load_intrinsics, load_joint_calibration, \
+from armada.calibration.boards import Board, CharucoBoardSpec
+from armada.calibration.cli import add_calibrate_parser, run_calibrate
+from armada.calibration.handeye import invert, pose_to_ur
+from armada.calibration.live import HandEyeCollector, LiveError, StillnessLimits, state_pose
+from armada.calibration.results import intrinsics_values, load_hand_eye, load_intrinsics, load_joint_calibration, \
     load_latency, write_result, CalibrationRecord, Residual
-from calibration.synthetic import default_camera, render_view, sample_board_poses
-from calibration.types import CameraIntrinsics
+from armada.calibration.synthetic import default_camera, render_view, sample_board_poses
+from armada.calibration.types import CameraIntrinsics
 from tests.unit.test_calibration_handeye import make_scene
 
 CAM = default_camera()
@@ -191,7 +191,7 @@ class _FakeCell(threading.Thread):
         self.ready = threading.Event()
 
     def run(self) -> None:
-        from runtime.transport import FramePublisher, Publisher
+        from armada.runtime.transport import FramePublisher, Publisher
 
         ctx = zmq.Context()
         frames = FramePublisher(ctx, f"ipc://{self.run_dir}/cam")
@@ -300,7 +300,7 @@ class _FakeSwing(threading.Thread):
         self.stop, self.ready = threading.Event(), threading.Event()
 
     def run(self) -> None:
-        from runtime.transport import FramePublisher, Publisher
+        from armada.runtime.transport import FramePublisher, Publisher
 
         ctx = zmq.Context()
         frames = FramePublisher(ctx, f"ipc://{self.run_dir}/cam")

@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.boards import Board, CharucoBoardSpec
-from calibration.handeye import ALL_METHODS, HandEyeLimits, HandEyeRefused, calibrate_hand_eye, fixed_poses, \
+from armada.calibration.boards import Board, CharucoBoardSpec
+from armada.calibration.handeye import ALL_METHODS, HandEyeLimits, HandEyeRefused, calibrate_hand_eye, fixed_poses, \
     invert, make_pose, pose_from_ur, pose_to_ur, rotation_angle_deg
-from calibration.intrinsics import board_pose
-from calibration.synthetic import default_camera, render_view, sample_board_poses
-from calibration.types import CameraIntrinsics
+from armada.calibration.intrinsics import board_pose
+from armada.calibration.synthetic import default_camera, render_view, sample_board_poses
+from armada.calibration.types import CameraIntrinsics
 
 MM_TOL, DEG_TOL = 3.0, 0.5
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.results import CalibrationRecord, Residual, intrinsics_values, write_result
-from calibration.types import CameraIntrinsics
-from runtime.config import SCRIPTED_CELL, ConfigError, load_cell
+from armada.calibration.results import CalibrationRecord, Residual, intrinsics_values, write_result
+from armada.calibration.types import CameraIntrinsics
+from armada.runtime.config import SCRIPTED_CELL, ConfigError, load_cell
 
 K = np.array([[610.5, 0.0, 321.2], [0.0, 606.25, 236.8], [0.0, 0.0, 1.0]])
 

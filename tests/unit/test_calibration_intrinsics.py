@@ -8,10 +8,10 @@ real calibration.
 import numpy as np
 import pytest
 
-from calibration.boards import Board, CharucoBoardSpec, CheckerboardSpec, Detection
-from calibration.intrinsics import CalibrationRefused, CaptureTargets, GuidedCapture, IntrinsicsLimits, \
+from armada.calibration.boards import Board, CharucoBoardSpec, CheckerboardSpec, Detection
+from armada.calibration.intrinsics import CalibrationRefused, CaptureTargets, GuidedCapture, IntrinsicsLimits, \
     calibrate_images, calibrate_intrinsics, measure_coverage
-from calibration.synthetic import default_camera, project, render_view, sample_board_poses
+from armada.calibration.synthetic import default_camera, project, render_view, sample_board_poses
 
 CAM = default_camera()
 CHARUCO = Board(CharucoBoardSpec(7, 5, 0.04, 0.03))

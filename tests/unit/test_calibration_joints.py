@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from calibration.joints import JointCalibrationError
-from drivers.aloha.calibration import GripperCalibration, calibrate_gripper, dynamixel_ticks_to_rad
-from drivers.piper.calibration import calibrate_piper_zero
-from drivers.so101.calibration import SO101_MOTORS, calibrate_so101, read_lerobot_calibration, \
+from armada.calibration.joints import JointCalibrationError
+from armada.drivers.aloha.calibration import GripperCalibration, calibrate_gripper, dynamixel_ticks_to_rad
+from armada.drivers.piper.calibration import calibrate_piper_zero
+from armada.drivers.so101.calibration import SO101_MOTORS, calibrate_so101, read_lerobot_calibration, \
     write_lerobot_calibration
 
 NAMES = list(SO101_MOTORS)

@@ -8,7 +8,7 @@ here; 1.3 ms standard deviation over seeds).
 import numpy as np
 import pytest
 
-from calibration.latency import LatencyError, estimate_delay_steps, estimate_delay_xcorr
+from armada.calibration.latency import LatencyError, estimate_delay_steps, estimate_delay_xcorr
 
 FPS = 30.0
 

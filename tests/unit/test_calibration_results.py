@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.results import CalibrationFileError, CalibrationRecord, Residual, ResultRefused, \
+from armada.calibration.results import CalibrationFileError, CalibrationRecord, Residual, ResultRefused, \
     hand_eye_values, intrinsics_values, load_hand_eye, load_intrinsics, load_joint_calibration, load_latency, \
     load_result, write_result
-from drivers.aloha.calibration import GripperCalibration, gripper_values
-from drivers.piper.calibration import PiperZero, piper_zero_values
-from drivers.so101.calibration import MotorCalibration
-from calibration.types import CameraIntrinsics
-from runtime.config import ConfigError
+from armada.drivers.aloha.calibration import GripperCalibration, gripper_values
+from armada.drivers.piper.calibration import PiperZero, piper_zero_values
+from armada.drivers.so101.calibration import MotorCalibration
+from armada.calibration.types import CameraIntrinsics
+from armada.runtime.config import ConfigError
 
 K = np.array([[610.5, 0.0, 321.2], [0.0, 606.25, 236.8], [0.0, 0.0, 1.0]])
 DIST = np.array([-0.221, 0.0812, 0.00101, -0.0015, 0.0123])

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drivers.cameras.plugins import OpenCVCameraConfig, RealSenseCameraConfig, SyntheticCameraConfig
-from runtime.config import CONFIG_DIR, ConfigError, load_cell
+from armada.drivers.cameras.plugins import OpenCVCameraConfig, RealSenseCameraConfig, SyntheticCameraConfig
+from armada.runtime.config import CONFIG_DIR, ConfigError, load_cell
 
 BASE = {
     "name": "cams",

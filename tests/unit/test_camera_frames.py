@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime import protocol
-from runtime.transport import FramePublisher, FrameSubscriber
+from armada.runtime import protocol
+from armada.runtime.transport import FramePublisher, FrameSubscriber
 
 cv2 = pytest.importorskip("cv2")
 

@@ -10,13 +10,13 @@ import pytest
 import zmq
 from pydantic import TypeAdapter
 
-from drivers.cameras.fake.video_file import make_video
-from drivers.cameras.opencv_camera import OpenCVSource
-from drivers.cameras.process import CameraProcess
-from drivers.cameras.source import SourceError
-from drivers.cameras.synthetic import SyntheticCamera
-from runtime.config import CameraConfig
-from runtime.transport import FrameSubscriber
+from armada.drivers.cameras.fake.video_file import make_video
+from armada.drivers.cameras.opencv_camera import OpenCVSource
+from armada.drivers.cameras.process import CameraProcess
+from armada.drivers.cameras.source import SourceError
+from armada.drivers.cameras.synthetic import SyntheticCamera
+from armada.runtime.config import CameraConfig
+from armada.runtime.transport import FrameSubscriber
 
 W, H, FPS = 320, 240, 30.0
 

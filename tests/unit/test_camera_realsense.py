@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
-from drivers.cameras.source import SourceError
-from drivers.cameras.synthetic import SyntheticCamera
-from drivers.cameras.timing import DropCounter
-from runtime.config import CameraConfig
+from armada.drivers.cameras.source import SourceError
+from armada.drivers.cameras.synthetic import SyntheticCamera
+from armada.drivers.cameras.timing import DropCounter
+from armada.runtime.config import CameraConfig
 
 try:
     import pyrealsense2  # noqa: F401
 except ImportError as exc:  # the wheel needs the system's libusb-1.0 (Debian: libusb-1.0-0)
     pytest.skip(f"pyrealsense2 does not import: {exc}", allow_module_level=True)
 
-from drivers.cameras.fake.realsense_recording import BASELINE_M, DEPTH_UNITS_M, make_recording
-from drivers.cameras.realsense import RealSenseSource
+from armada.drivers.cameras.fake.realsense_recording import BASELINE_M, DEPTH_UNITS_M, make_recording
+from armada.drivers.cameras.realsense import RealSenseSource
 
 W, H = 320, 240
 SKIPPED = (110, 111)

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.cameras.timing import ClockMapper, DropCounter
+from armada.drivers.cameras.timing import ClockMapper, DropCounter
 
 PERIOD_NS = 33_333_333
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from runtime import protocol
-from runtime.config import (
+from armada.runtime import protocol
+from armada.runtime.config import (
     CONFIG_DIR,
     ConfigError,
     EmbodimentConfig,
@@ -325,7 +325,7 @@ def _billion_laughs(levels: int = 9) -> str:
 def test_billion_laughs_is_refused_at_once_without_expanding(tmp_path):
     import time
 
-    from runtime.config import load_cell
+    from armada.runtime.config import load_cell
 
     path = write(tmp_path, text=_billion_laughs(), name="cell.yaml")
     t = time.monotonic()
@@ -345,7 +345,7 @@ def test_deep_nesting_is_a_config_error_not_a_recursion_error(tmp_path, text):
 
 
 def test_a_file_too_large_to_be_a_config_is_refused_unread(tmp_path):
-    from runtime.config import MAX_CONFIG_BYTES
+    from armada.runtime.config import MAX_CONFIG_BYTES
 
     path = write(tmp_path, text="# padding\n" * (MAX_CONFIG_BYTES // 10 + 1) + yaml.safe_dump(BASE))
     err = load_error(path)
@@ -497,8 +497,8 @@ def _cell(tmp_path: Path, edit: Callable[[dict], Any] | None = None, name: str =
 
 
 def test_load_cell(tmp_path):
-    pytest.importorskip("runtime.transport")
-    from runtime.config import driver_embodiment, load_cell
+    pytest.importorskip("armada.runtime.transport")
+    from armada.runtime.config import driver_embodiment, load_cell
 
     run_dir = tmp_path / "run"
     path = _cell(tmp_path)
@@ -523,8 +523,8 @@ def test_load_cell(tmp_path):
 
 @pytest.mark.parametrize("name", ["default", "bimanual"])
 def test_shipped_cells_load(tmp_path, name):
-    pytest.importorskip("runtime.transport")
-    from runtime.config import driver_embodiment, load_cell
+    pytest.importorskip("armada.runtime.transport")
+    from armada.runtime.config import driver_embodiment, load_cell
 
     path = CONFIG_DIR / "cells" / f"{name}.yaml"
     if not path.exists():
@@ -537,8 +537,8 @@ def test_shipped_cells_load(tmp_path, name):
 
 
 def test_cell_rate_override_and_relative_embodiment(tmp_path):
-    pytest.importorskip("runtime.transport")
-    from runtime.config import driver_embodiment, load_cell
+    pytest.importorskip("armada.runtime.transport")
+    from armada.runtime.config import driver_embodiment, load_cell
 
     (tmp_path / "robots").mkdir()
     write(tmp_path / "robots", edited(lambda d: d.update(name="custom")), name="custom.yaml")
@@ -574,8 +574,8 @@ def test_cell_rate_override_and_relative_embodiment(tmp_path):
         "milli_hz_driver_rate", "milli_hz_camera", "denormal_chunk_dt", "heartbeat_equals_ttl",
         "heartbeat_over_half_ttl", "extra_key", "bad_merge", "no_drivers", "duplicate_names", "no_inference"])
 def test_bad_cell_names_file_key_and_reason(tmp_path, edit, key, fragment):
-    pytest.importorskip("runtime.transport")
-    from runtime.config import load_cell
+    pytest.importorskip("armada.runtime.transport")
+    from armada.runtime.config import load_cell
 
     path = _cell(tmp_path, edit)
     err = load_error(path, lambda p: load_cell(p, run_dir=tmp_path))
@@ -584,8 +584,8 @@ def test_bad_cell_names_file_key_and_reason(tmp_path, edit, key, fragment):
 
 
 def test_tcp_between_hosts_is_allowed_with_curve(tmp_path):
-    pytest.importorskip("runtime.transport")
-    from runtime.config import load_cell
+    pytest.importorskip("armada.runtime.transport")
+    from armada.runtime.config import load_cell
 
     def edit(d):
         d["drivers"][0].update(state="tcp://10.1.2.3:5555")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from drivers.core.backend import BackendError, Reading
-from drivers.core.driver import Driver, Mode
-from drivers.mock.arm import MockArm
-from runtime.config import load_embodiment
-from runtime.protocol import ErrorCode, MessageFactory, ProtocolError
+from armada.drivers.core.backend import BackendError, Reading
+from armada.drivers.core.driver import Driver, Mode
+from armada.drivers.mock.arm import MockArm
+from armada.runtime.config import load_embodiment
+from armada.runtime.protocol import ErrorCode, MessageFactory, ProtocolError
 
 EMB = load_embodiment("mock_arm")
 DT_NS = int(1e9 / EMB.control_rate_hz)

@@ -12,7 +12,7 @@ import pytest
 dx = pytest.importorskip("dynamixel_sdk", reason="dynamixel-sdk is in the `devices` extra")
 import serial  # noqa: E402  (pyserial comes with the SDK)
 
-from drivers.aloha.fake.dynamixel import (  # noqa: E402
+from armada.drivers.aloha.fake.dynamixel import (  # noqa: E402
     CURRENT_LIMIT,
     GOAL_CURRENT,
     GOAL_POSITION,

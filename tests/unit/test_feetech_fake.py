@@ -12,7 +12,7 @@ import pytest
 scs = pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk is in the `devices` extra")
 import serial  # noqa: E402  (pyserial comes with the SDK)
 
-from drivers.so101.fake.feetech import (  # noqa: E402
+from armada.drivers.so101.fake.feetech import (  # noqa: E402
     ACCELERATION,
     BAUD_RATE,
     GOAL_POSITION,

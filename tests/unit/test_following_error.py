@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from drivers.core.backend import Reading
-from drivers.core.driver import Driver, Mode, following_error_bounds
-from drivers.mock.arm import MockArm
-from runtime.config import load_embodiment
-from runtime.protocol import MessageFactory
+from armada.drivers.core.backend import Reading
+from armada.drivers.core.driver import Driver, Mode, following_error_bounds
+from armada.drivers.mock.arm import MockArm
+from armada.runtime.config import load_embodiment
+from armada.runtime.protocol import MessageFactory
 
 EMB = load_embodiment("mock_arm")
 DT_NS = int(1e9 / EMB.control_rate_hz)

@@ -32,12 +32,12 @@ PACKAGES = ("runtime", "drivers", "calibration")
 
 
 def _module_name(path: Path) -> str:
-    return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+    return "armada." + ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
 
 
 MODULES = {_module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
 # These import torch (seconds each): the same check, in the slow set.
-HEAVY = tuple(m for m in MODULES if m.startswith("runtime.model."))
+HEAVY = tuple(m for m in MODULES if m.startswith("armada.runtime.model."))
 
 
 def _imports(path: Path) -> list[tuple[int, str | None, str]]:
@@ -180,3 +180,22 @@ def test_production_code_never_imports_a_fake():
             if "fake" in imported.split(".") and not (path.name == "plugin.py" and fn == "fake"):
                 hits.append(f"{path.relative_to(REPO)}:{line}: imports {imported}")
     assert hits == [], "\n".join(sorted(set(hits)))
+
+
+def test_installed_the_folders_import_only_under_the_armada_namespace(tmp_path):
+    """Installing armada must not put packages named runtime, drivers or calibration at the top of
+    site-packages, where they would shadow anything else of that name (issue 10)."""
+    code = ("import importlib.util as u, armada.runtime.cli, armada.drivers.core.driver, armada.calibration.results; "
+            "print([n for n in ('runtime', 'drivers', 'calibration') if u.find_spec(n)])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_file_imports_the_old_top_level_names():
+    """Inside the repository the folders also import as top-level names (they are on sys.path);
+    code that relied on that would break once installed."""
+    files = [*MODULES.values(), *sorted((REPO / "tests").rglob("*.py"))]
+    hits = [f"{p.relative_to(REPO)}:{line}: {imported}" for p in files for line, _, imported in _imports(p)
+            if imported.split(".")[0] in PACKAGES]
+    assert hits == [], "\n".join(hits)

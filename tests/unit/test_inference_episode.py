@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from runtime.config import ChunkingConfig, DriverConfig
-from runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
-from runtime.inference.link import DriverLink
-from runtime.inference.observation import ObservationBuilder
-from runtime.inference.policy import ScriptedPolicy
+from armada.runtime.config import ChunkingConfig, DriverConfig
+from armada.runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
+from armada.runtime.inference.link import DriverLink
+from armada.runtime.inference.observation import ObservationBuilder
+from armada.runtime.inference.policy import ScriptedPolicy
 from tests.unit.test_inference_fakes import FakeDriver
 
 CHUNKING = ChunkingConfig(size=10, dt=0.02, mode="async", execute=5)

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from runtime.config import load_embodiment
-from runtime.protocol import PROTOCOL_VERSION, ErrorCode
-from runtime.transport import CommandServer, Publisher
+from armada.runtime.config import load_embodiment
+from armada.runtime.protocol import PROTOCOL_VERSION, ErrorCode
+from armada.runtime.transport import CommandServer, Publisher
 
 
 class FakeDriver:

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from runtime.inference.observation import ObservationBuilder, StaleObservation
-from runtime.transport import FramePublisher, FrameSubscriber, Publisher, Subscriber
+from armada.runtime.inference.observation import ObservationBuilder, StaleObservation
+from armada.runtime.transport import FramePublisher, FrameSubscriber, Publisher, Subscriber
 
 SHAPE = (4, 6, 3)
 

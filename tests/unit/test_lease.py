@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.core.driver import Driver, Mode
-from drivers.core.lease import LeaseManager
-from drivers.mock.arm import MockArm
-from runtime.config import load_embodiment
-from runtime.protocol import ErrorCode, MessageFactory, ProtocolError
+from armada.drivers.core.driver import Driver, Mode
+from armada.drivers.core.lease import LeaseManager
+from armada.drivers.mock.arm import MockArm
+from armada.runtime.config import load_embodiment
+from armada.runtime.protocol import ErrorCode, MessageFactory, ProtocolError
 
 EMB = load_embodiment("mock_arm")
 F = MessageFactory()

@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime.model.merge import (  # noqa: E402
+from armada.runtime.model.merge import (  # noqa: E402
     MergeError,
     average_heads,
     build_moe_head,

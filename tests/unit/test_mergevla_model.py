@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from runtime.model.mergevla import (
+from armada.runtime.model.mergevla import (
     BLOCK_LINEARS,
     ActionHead,
     MergeVLAConfig,

@@ -17,8 +17,8 @@ pytest.importorskip("timm", reason="needs the model extra")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from runtime.model import merge  # noqa: E402
-from runtime.model.build import (  # noqa: E402
+from armada.runtime.model import merge  # noqa: E402
+from armada.runtime.model.build import (  # noqa: E402
     BuildError,
     Serving,
     capvector_bundle,
@@ -27,12 +27,12 @@ from runtime.model.build import (  # noqa: E402
     load_torch_pickle,
     merge_bundle,
 )
-from runtime.model.bundle import load_bundle  # noqa: E402
-from runtime.model.engine import TorchEngine  # noqa: E402
-from runtime.model.mergevla import (  # noqa: E402
+from armada.runtime.model.bundle import load_bundle  # noqa: E402
+from armada.runtime.model.engine import TorchEngine  # noqa: E402
+from armada.runtime.model.mergevla import (  # noqa: E402
     EMBED_KEY, LM_HEAD_KEY, ActionHead, MergeVLAConfig, MergeVLAModel, ProprioProjector, randomize_,
 )
-from runtime.model.tiny import BASE_FILE, HEAD_FILE, PROPRIO_FILE, TAU_FILE  # noqa: E402
+from armada.runtime.model.tiny import BASE_FILE, HEAD_FILE, PROPRIO_FILE, TAU_FILE  # noqa: E402
 
 CONFIG = MergeVLAConfig.tiny(num_tasks=2)
 LAST = CONFIG.llm.layers - 1  # the single-task head's last block = the expert block
@@ -271,7 +271,7 @@ def test_capvector_arithmetic_and_single_layout(ckpt, tmp_path):
     MergeVLAModel(single).load_vla_state_dict({k: torch.from_numpy(v) for k, v in theta.items()})
 
     # and the engine serves it: no router, no swaps, the plain head
-    from runtime.model.engine import TorchEngine
+    from armada.runtime.model.engine import TorchEngine
 
     engine = TorchEngine(bundle)
     assert engine.single and engine.use_task(0) == 0.0

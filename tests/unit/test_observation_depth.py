@@ -4,8 +4,8 @@ import time
 
 import numpy as np
 
-from runtime.inference.observation import ObservationBuilder
-from runtime.transport import FramePublisher, FrameSubscriber, Publisher, Subscriber
+from armada.runtime.inference.observation import ObservationBuilder
+from armada.runtime.transport import FramePublisher, FrameSubscriber, Publisher, Subscriber
 
 
 def _wait_build(builder, timeout_s=2.0):

@@ -23,10 +23,10 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from runtime.model import engine_ort  # noqa: E402
-from runtime.model.engine_ort import OrtEngine, OrtEngineError, device_of_session_providers  # noqa: E402
-from runtime.model.mergevla import MergeVLAConfig, MergeVLAModel, randomize_  # noqa: E402
-from runtime.model.onnx_export import export_onnx  # noqa: E402
+from armada.runtime.model import engine_ort  # noqa: E402
+from armada.runtime.model.engine_ort import OrtEngine, OrtEngineError, device_of_session_providers  # noqa: E402
+from armada.runtime.model.mergevla import MergeVLAConfig, MergeVLAModel, randomize_  # noqa: E402
+from armada.runtime.model.onnx_export import export_onnx  # noqa: E402
 
 C = MergeVLAConfig.tiny(num_tasks=2)
 PROMPT_LEN = 5

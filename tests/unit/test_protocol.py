@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from runtime import protocol as P
-from runtime.protocol import (
+from armada.runtime import protocol as P
+from armada.runtime.protocol import (
     ALLOWED_DTYPES,
     COMMON,
     KINDS,

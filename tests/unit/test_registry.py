@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.joint_kinds import JOINT_CALIBRATIONS
-from calibration.results import CalibrationRecord, Residual, write_result
-from drivers.core.registry import BACKENDS, ENTRY_POINT_GROUP, BackendPlugin, BuildContext, PluginRegistry, \
+from armada.calibration.joint_kinds import JOINT_CALIBRATIONS
+from armada.calibration.results import CalibrationRecord, Residual, write_result
+from armada.drivers.core.registry import BACKENDS, ENTRY_POINT_GROUP, BackendPlugin, BuildContext, PluginRegistry, \
     RegistryError, get
-from drivers.mock.arm import MockArm
-from drivers.piper.calibration import PiperZero, piper_zero_values
-from runtime.config import ConfigError, StrictModel, load_cell
-from runtime.cli import build_parser, moves_no_hardware
+from armada.drivers.mock.arm import MockArm
+from armada.drivers.piper.calibration import PiperZero, piper_zero_values
+from armada.runtime.config import ConfigError, StrictModel, load_cell
+from armada.runtime.cli import build_parser, moves_no_hardware
 
 INSTALLED = {"mock", "ur3", "piper", "cobot_magic", "aloha"}
 VENDOR_MODULES = ("piper_sdk", "rtde_control", "rtde_receive", "can", "dynamixel_sdk", "scservo_sdk", "lerobot",
@@ -96,10 +96,10 @@ def _eps(*pairs: tuple[str, str]) -> list[EntryPoint]:
 
 def test_a_plugin_that_fails_to_import_is_named_with_its_error_and_the_others_still_load():
     reg = PluginRegistry(ENTRY_POINT_GROUP, BackendPlugin, "backend kind",
-                         entry_points=lambda: _eps(("mock", "drivers.mock.plugin:PLUGIN"),
+                         entry_points=lambda: _eps(("mock", "armada.drivers.mock.plugin:PLUGIN"),
                                                    ("broken", "no_such_package.plugin:PLUGIN"),
-                                                   ("notaplugin", "drivers.mock.plugin:build"),
-                                                   ("misnamed", "drivers.ur3.plugin:PLUGIN")))
+                                                   ("notaplugin", "armada.drivers.mock.plugin:build"),
+                                                   ("misnamed", "armada.drivers.ur3.plugin:PLUGIN")))
     assert reg.kinds() == ["mock"]
     broken = reg.broken()
     assert set(broken) == {"broken", "notaplugin", "misnamed"}
@@ -115,10 +115,10 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_error_and_the_others_st
 
 def test_a_kind_registered_twice_is_refused_not_guessed():
     reg = PluginRegistry(ENTRY_POINT_GROUP, BackendPlugin, "backend kind",
-                         entry_points=lambda: _eps(("mock", "drivers.mock.plugin:PLUGIN"),
-                                                   ("mock", "drivers.mock.plugin:PLUGIN"),
-                                                   ("mock", "drivers.mock.plugin:PLUGIN"),
-                                                   ("ur3", "drivers.ur3.plugin:PLUGIN")))
+                         entry_points=lambda: _eps(("mock", "armada.drivers.mock.plugin:PLUGIN"),
+                                                   ("mock", "armada.drivers.mock.plugin:PLUGIN"),
+                                                   ("mock", "armada.drivers.mock.plugin:PLUGIN"),
+                                                   ("ur3", "armada.drivers.ur3.plugin:PLUGIN")))
     assert reg.kinds() == ["ur3"]
     with pytest.raises(RegistryError, match="registered twice"):
         reg.get("mock")
@@ -141,12 +141,12 @@ def test_extra_plugins_live_only_inside_their_with_block():
 
 def test_loading_every_plugin_imports_no_vendor_sdk():
     code = ("import sys, json\n"
-            "from drivers.core.registry import BACKENDS\n"
-            "from calibration.joint_kinds import JOINT_CALIBRATIONS\n"
+            "from armada.drivers.core.registry import BACKENDS\n"
+            "from armada.calibration.joint_kinds import JOINT_CALIBRATIONS\n"
             "assert BACKENDS.all() and JOINT_CALIBRATIONS.all(), 'no plugins'\n"
             "assert not BACKENDS.broken() and not JOINT_CALIBRATIONS.broken(), (BACKENDS.broken(), "
             "JOINT_CALIBRATIONS.broken())\n"
-            "from runtime.cli import build_parser\n"
+            "from armada.runtime.cli import build_parser\n"
             "build_parser()\n"  # what every `armada driver` process does first
             f"print(json.dumps([m for m in {VENDOR_MODULES!r} if m in sys.modules]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -208,8 +208,8 @@ def test_a_backend_takes_only_its_own_joint_calibration_kind(tmp_path, short_tmp
 
 
 def test_a_registered_test_plugin_validates_builds_and_decides_arming(tmp_path, short_tmp):
-    from drivers.core.process import make_backend
-    from runtime.config import driver_embodiment
+    from armada.drivers.core.process import make_backend
+    from armada.runtime.config import driver_embodiment
 
     with BACKENDS.extra(TEST_PLUGIN):
         err = _error(_cell(tmp_path, {"kind": "test_arm", "needs_dof": 6}), short_tmp)
@@ -221,7 +221,7 @@ def test_a_registered_test_plugin_validates_builds_and_decides_arming(tmp_path, 
         assert isinstance(backend, MockArm) and BUILT[-1].cell_dir == tmp_path
         assert not moves_no_hardware(cell)
         args = build_parser().parse_args(["fake", "test_arm", "--ok"])
-        from runtime.cli import run_fake
+        from armada.runtime.cli import run_fake
 
         assert run_fake(args.device, args.args) == 7
         assert build_parser().parse_args(["bench", "test_arm"]).what == "test_arm"
@@ -244,10 +244,10 @@ def test_cli_choices_come_from_the_registry(capsys):
 
 # --------------------------------------------------------------------------- cameras and policies
 
-from drivers.cameras.registry import CAMERAS, CameraPlugin  # noqa: E402
-from drivers.cameras.source import Captured  # noqa: E402
-from runtime.config import CameraBaseConfig  # noqa: E402
-from runtime.inference.registry import POLICIES, PolicyPlugin  # noqa: E402
+from armada.drivers.cameras.registry import CAMERAS, CameraPlugin  # noqa: E402
+from armada.drivers.cameras.source import Captured  # noqa: E402
+from armada.runtime.config import CameraBaseConfig  # noqa: E402
+from armada.runtime.inference.registry import POLICIES, PolicyPlugin  # noqa: E402
 
 
 def _plain_cell(tmp_path: Path, **extra) -> Path:
@@ -267,7 +267,7 @@ def test_the_installed_cameras_and_policies_are_registered_through_entry_points(
 
 def test_validating_cells_imports_no_camera_or_model_stack():
     code = ("import sys, json\n"
-            "from runtime.config import load_cell\n"
+            "from armada.runtime.config import load_cell\n"
             "load_cell('configs/cells/cameras_fake.yaml', '/tmp')\n"
             "load_cell(None, '/tmp')\n"  # the default cell: the merged VLA over synthetic cameras
             f"print(json.dumps([m for m in {VENDOR_MODULES!r} if m in sys.modules]))\n")
@@ -300,10 +300,10 @@ def test_camera_and_policy_errors_name_the_key_and_list_the_known_kinds(tmp_path
 def test_a_camera_without_kind_is_synthetic_and_no_policy_is_scripted(tmp_path, short_tmp):
     from pydantic import TypeAdapter
 
-    from drivers.cameras.plugins import SyntheticCameraConfig
-    from runtime.config import CameraConfig
-    from runtime.inference.policy import ScriptedPolicy, ScriptedPolicyConfig
-    from runtime.inference.process import make_policy
+    from armada.drivers.cameras.plugins import SyntheticCameraConfig
+    from armada.runtime.config import CameraConfig
+    from armada.runtime.inference.policy import ScriptedPolicy, ScriptedPolicyConfig
+    from armada.runtime.inference.process import make_policy
 
     cell = load_cell(_plain_cell(tmp_path, cameras=[{"name": "c", "frames": "ipc://{run_dir}/f"}]), short_tmp)
     assert type(cell.cameras[0]) is SyntheticCameraConfig and cell.cameras[0].kind == "synthetic"
@@ -348,7 +348,7 @@ def _grey(cfg: GreyCameraConfig, folder: Path | None) -> GreySource:
 
 
 def test_an_extra_camera_plugin_is_validated_and_run_by_a_cell_in_process(tmp_path, short_tmp):
-    from drivers.cameras.process import CameraProcess
+    from armada.drivers.cameras.process import CameraProcess
 
     grey = CameraPlugin(kind="grey", config_model=GreyCameraConfig, build=_grey)
     cam = {"name": "g", "frames": "ipc://{run_dir}/g", "kind": "grey", "width": 8, "height": 4}
@@ -374,8 +374,8 @@ class FixedPolicyConfig(StrictModel):
 
 
 def test_an_extra_policy_plugin_is_validated_and_built_from_the_cell(tmp_path, short_tmp):
-    from runtime.inference.policy import ScriptedPolicy
-    from runtime.inference.process import deadlines, make_policy
+    from armada.runtime.inference.policy import ScriptedPolicy
+    from armada.runtime.inference.process import deadlines, make_policy
 
     built: list = []
 

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime.model.merge import materialize, tall_masks, task_arithmetic  # noqa: E402
-from runtime.model.router import Router, RouterRefused, RouterSubspaces, route, score_task  # noqa: E402
+from armada.runtime.model.merge import materialize, tall_masks, task_arithmetic  # noqa: E402
+from armada.runtime.model.router import Router, RouterRefused, RouterSubspaces, route, score_task  # noqa: E402
 
 
 def t(values):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import rundir
-from runtime.rundir import (InstanceLock, RunDirError, default_run_dir, open_log, prepare_run_dir, remove_ipc_sockets,
+from armada.runtime import rundir
+from armada.runtime.rundir import (InstanceLock, RunDirError, default_run_dir, open_log, prepare_run_dir, remove_ipc_sockets,
                             resolve_run_dir)
 
 OTHER_UID = 65534  # nobody
@@ -163,7 +163,7 @@ def test_a_second_instance_is_refused_naming_the_pid_holding_the_lock(tmp_path):
 
 def test_a_lock_held_by_another_process_names_it_and_dies_with_it(tmp_path):
     run = prepare_run_dir(tmp_path / "run")
-    code = ("import sys, time; from runtime.rundir import InstanceLock; "
+    code = ("import sys, time; from armada.runtime.rundir import InstanceLock; "
             f"lock = InstanceLock({str(run)!r}, 'run'); print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -218,8 +218,8 @@ def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouched(tm
 
 
 def test_a_symlinked_logs_folder_is_refused_by_the_supervisor(tmp_path):
-    from runtime.config import SCRIPTED_CELL
-    from runtime.supervisor import CellProcesses
+    from armada.runtime.config import SCRIPTED_CELL
+    from armada.runtime.supervisor import CellProcesses
 
     run = prepare_run_dir(tmp_path / "run")
     elsewhere = prepare_run_dir(tmp_path / "elsewhere")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from drivers.core.safety import ClampCounters, SafetyFilter, SafetyLimits
+from armada.drivers.core.safety import ClampCounters, SafetyFilter, SafetyLimits
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEWER = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -348,7 +348,7 @@ def test_limits_are_read_only_copies() -> None:
 
 
 def test_from_embodiment() -> None:
-    from runtime.config import load_embodiment
+    from armada.runtime.config import load_embodiment
 
     emb = load_embodiment("mock_arm")
     lim = SafetyLimits.from_embodiment(emb)

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from drivers.core.registry import BACKENDS
-from drivers.so101.bench import BENCH_CALIBRATION
-from drivers.so101.config import So101BackendConfig, calibrated_ranges, settings
-from drivers.so101.plugin import check_embodiment, check_ranges
-from runtime.config import load_embodiment
+from armada.drivers.core.registry import BACKENDS
+from armada.drivers.so101.bench import BENCH_CALIBRATION
+from armada.drivers.so101.config import So101BackendConfig, calibrated_ranges, settings
+from armada.drivers.so101.plugin import check_embodiment, check_ranges
+from armada.runtime.config import load_embodiment
 
 EMB = load_embodiment("so101")
 

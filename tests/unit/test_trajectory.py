@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from drivers.core.trajectory import MERGE_MODES, Sample, TrajectoryBuffer, move_duration, plan_move
+from armada.drivers.core.trajectory import MERGE_MODES, Sample, TrajectoryBuffer, move_duration, plan_move
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MS = 1_000_000

@@ -18,10 +18,10 @@ import yaml
 import zmq
 import zmq.auth
 
-from runtime import protocol
-from runtime.config import DEFAULT_CELL, ConfigError, CurveConfig, load_cell
-from runtime.protocol import PROTOCOL_MAJOR, ErrorCode
-from runtime.transport import (
+from armada.runtime import protocol
+from armada.runtime.config import DEFAULT_CELL, ConfigError, CurveConfig, load_cell
+from armada.runtime.protocol import PROTOCOL_MAJOR, ErrorCode
+from armada.runtime.transport import (
     CommandClient,
     CommandServer,
     FramePublisher,

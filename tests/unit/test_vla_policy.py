@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("torch", reason="needs the model extra: pip install -e '.[model]'")
 pytest.importorskip("timm", reason="needs the model extra")
 
-from runtime.config import load_embodiment  # noqa: E402
-from runtime.inference.observation import Observation  # noqa: E402
-from runtime.inference.policy import ActionSpace, PolicyError  # noqa: E402
-from runtime.model.bundle import load_bundle  # noqa: E402
-from runtime.model.policy import MergedVLAPolicy  # noqa: E402
-from runtime.model.tiny import make_tiny_bundle  # noqa: E402
+from armada.runtime.config import load_embodiment  # noqa: E402
+from armada.runtime.inference.observation import Observation  # noqa: E402
+from armada.runtime.inference.policy import ActionSpace, PolicyError  # noqa: E402
+from armada.runtime.model.bundle import load_bundle  # noqa: E402
+from armada.runtime.model.policy import MergedVLAPolicy  # noqa: E402
+from armada.runtime.model.tiny import make_tiny_bundle  # noqa: E402
 
 EMB = load_embodiment("mock_arm")
 SPACE = ActionSpace(EMB.joint_names, EMB.lower, EMB.upper, EMB.gripper_mask())
@@ -102,7 +102,7 @@ def test_routing_keeps_at_most_one_materialized_weight_set(bundle_dir):
 def test_onnx_runtime_chunks_match_pytorch_for_the_routed_task(bundle_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from runtime.model.onnx_export import export_bundle
+    from armada.runtime.model.onnx_export import export_bundle
 
     export_bundle(bundle_dir, tmp_path / "onnx", tasks=["open_drawer"])
     torch_policy = MergedVLAPolicy(bundle_dir)

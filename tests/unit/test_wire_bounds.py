@@ -15,8 +15,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from runtime import protocol as P
-from runtime.protocol import (
+from armada.runtime import protocol as P
+from armada.runtime.protocol import (
     COMMAND_LIMITS,
     FRAME_HEADER_LIMITS,
     KINDS,
@@ -210,7 +210,7 @@ def test_command_limits_fit_the_largest_legitimate_trajectory():
 
 
 def test_hello_reply_and_state_fit_their_limits():
-    from runtime.config import load_embodiment
+    from armada.runtime.config import load_embodiment
 
     description = load_embodiment("mock_arm").describe()
     reply = MessageFactory().ok({"seq": 1}, version=P.PROTOCOL_VERSION, mode="idle", description=description)

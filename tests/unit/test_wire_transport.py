@@ -20,10 +20,10 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from runtime import protocol
-from runtime.config import CurveConfig
-from runtime.protocol import COMMAND_LIMITS, MAX_REASON_CHARS, MessageFactory
-from runtime.transport import (
+from armada.runtime import protocol
+from armada.runtime.config import CurveConfig
+from armada.runtime.protocol import COMMAND_LIMITS, MAX_REASON_CHARS, MessageFactory
+from armada.runtime.transport import (
     DRAIN_BUDGET_S,
     DRAIN_SLACK,
     CommandClient,
@@ -365,7 +365,7 @@ def test_a_secret_key_readable_by_others_is_refused_naming_the_file_and_the_fix(
 
 
 def test_a_refused_curve_client_is_logged(ctx, curve_keys, caplog):
-    caplog.set_level(logging.WARNING, logger="runtime.transport")
+    caplog.set_level(logging.WARNING, logger="armada.runtime.transport")
     auth = start_authenticator(ctx, curve_keys["server"])
     try:
         server = CommandServer(ctx, "tcp://127.0.0.1:*", curve=curve_keys["server"])

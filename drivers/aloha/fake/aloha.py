@@ -5,7 +5,7 @@ In-process (tests): ``fake = AlohaFake(); ports = fake.start()`` -> {"puppet_lef
 
 As its own process (a cell, `armada fake aloha`):
 
-    python -m drivers.aloha.fake.aloha --link-dir DIR [--control SOCK] [--no-leaders]
+    python -m armada.drivers.aloha.fake.aloha --link-dir DIR [--control SOCK] [--no-leaders]
 
 creates ``DIR/ttyDXL_puppet_left`` etc. (ALOHA's udev names) as symlinks to the ptys, so a cell names
 fixed paths (``{run_dir}/ttyDXL_puppet_left``), prints ``ready`` with the paths as one JSON line, and
@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from drivers.aloha.fake.dynamixel import TORQUE_ENABLE, DynamixelBusFake
+from armada.drivers.aloha.fake.dynamixel import TORQUE_ENABLE, DynamixelBusFake
 
 BUSES = ("puppet_left", "puppet_right", "master_left", "master_right")
 # id -> model, as on the arms (vx300s / wx250s; shadows 3 and 5 are linked to 2 and 4).
@@ -111,7 +111,7 @@ class AlohaFake:
 
 
 class AlohaFakeProcess:
-    """`python -m drivers.aloha.fake.aloha` as a child process, with a client for its control socket
+    """`python -m armada.drivers.aloha.fake.aloha` as a child process, with a client for its control socket
     (tests and `armada bench aloha`)."""
 
     def __init__(self, link_dir: Path, *extra: str, ready_timeout_s: float = 10.0):
@@ -123,7 +123,7 @@ class AlohaFakeProcess:
         self.control = self.link_dir / "aloha-fake.sock"
         root = Path(__file__).resolve().parents[3]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "drivers.aloha.fake.aloha", "--link-dir", str(link_dir),
+        self.proc = subprocess.Popen([sys.executable, "-m", "armada.drivers.aloha.fake.aloha", "--link-dir", str(link_dir),
                                       "--control", str(self.control), *extra], stdout=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=env, text=True)
         end = time.monotonic() + ready_timeout_s

@@ -65,7 +65,7 @@ In-process: ``fake = DynamixelBusFake({1: "xm540-w270", 2: "xm430-w350"}); port 
 ``goal_out_of_limit="clamp"`` clamps such goals instead of refusing them. Test helpers:
 ``set_position``, ``move_by_hand``, ``block_at``, ``register(id, address, size, signed)``,
 ``present_position``, ``power_cycle``.
-As its own process: ``python -m drivers.aloha.fake.dynamixel --ids 1 2 3`` prints the pty path and
+As its own process: ``python -m armada.drivers.aloha.fake.dynamixel --ids 1 2 3`` prints the pty path and
 serves until interrupted; the whole ALOHA (four buses, a control socket to inject faults) is
 ``drivers/aloha/fake/aloha.py`` (``armada fake aloha``).
 """
@@ -78,7 +78,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from drivers.core.fake.pty_bus import PtyServoBus
+from armada.drivers.core.fake.pty_bus import PtyServoBus
 
 BROADCAST_ID = 0xFE
 

@@ -6,5 +6,5 @@
 - ``video_file.make_video``: an MJPG .avi with the frame number drawn in, opened through the
   real ``cv2.VideoCapture`` by the same code path as a V4L2 device.
 
-``python -m drivers.cameras.fake OUT_DIR`` writes both (what configs/cells/cameras_fake.yaml plays).
+``python -m armada.drivers.cameras.fake OUT_DIR`` writes both (what configs/cells/cameras_fake.yaml plays).
 """

@@ -1,11 +1,11 @@
-"""``python -m drivers.cameras.fake OUT_DIR``: the fakes that configs/cells/cameras_fake.yaml plays."""
+"""``python -m armada.drivers.cameras.fake OUT_DIR``: the fakes that configs/cells/cameras_fake.yaml plays."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from drivers.cameras.fake.video_file import make_video
+from armada.drivers.cameras.fake.video_file import make_video
 
 RECORDING = "fake_realsense.db3"
 VIDEO = "fake_uvc.avi"
@@ -13,7 +13,7 @@ VIDEO = "fake_uvc.avi"
 
 def make_all(out: Path, seconds: float = 2.0) -> dict[str, Path]:
     """Both fakes at 320x240, 30 fps (about ``seconds`` to record the RealSense one)."""
-    from drivers.cameras.fake.realsense_recording import make_recording
+    from armada.drivers.cameras.fake.realsense_recording import make_recording
 
     out.mkdir(parents=True, exist_ok=True)
     rec = make_recording(out / RECORDING, seconds=seconds, depth_size=(160, 120))

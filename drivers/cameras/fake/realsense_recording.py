@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drivers.cameras.synthetic import SyntheticCamera
+from armada.drivers.cameras.synthetic import SyntheticCamera
 
 DEPTH_UNITS_M = 0.001
 BASELINE_M = 0.015  # colour camera 15 mm to the side of the depth camera, as on a D435

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import cv2
 
-from drivers.cameras.synthetic import SyntheticCamera
+from armada.drivers.cameras.synthetic import SyntheticCamera
 
 
 def make_video(path: str | Path, *, width: int = 320, height: int = 240, fps: float = 30.0, frames: int = 60) -> Path:

@@ -1,5 +1,5 @@
 """A fake PiPer controller on a python-can virtual bus, for tests without hardware."""
 
-from drivers.piper.fake.firmware import PiperFirmware
+from armada.drivers.piper.fake.firmware import PiperFirmware
 
 __all__ = ["PiperFirmware"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import can
 
-from drivers.piper.multicast import _socket_of, check_multicast_group, isolate  # noqa: F401 (re-exported)
+from armada.drivers.piper.multicast import _socket_of, check_multicast_group, isolate  # noqa: F401 (re-exported)
 
 FAKE_RCVBUF_BYTES = 4 * 1024 * 1024  # ~10k frames: a fake stalled by a busy CPU must not drop commands
 

@@ -42,11 +42,11 @@ def can_env(port: int) -> dict[str, str]:
 
 
 class FakePiperProcess:
-    """``python -m drivers.piper.fake.serve`` on ``channels`` (udp_multicast on ``port``)."""
+    """``python -m armada.drivers.piper.fake.serve`` on ``channels`` (udp_multicast on ``port``)."""
 
     def __init__(self, channels: list[str], port: int, *extra: str, timeout_s: float = START_TIMEOUT_S):
         self.channels, self.port = channels, port
-        args = [sys.executable, "-m", "drivers.piper.fake.serve", "--port", str(port)]
+        args = [sys.executable, "-m", "armada.drivers.piper.fake.serve", "--port", str(port)]
         for ch in channels:
             args += ["--channel", ch]
         # stderr goes to a file (a pipe nobody reads could fill and block the child), read on failure.

@@ -50,7 +50,7 @@ import time
 import can
 import numpy as np
 
-from drivers.piper.fake.bus import open_bus
+from armada.drivers.piper.fake.bus import open_bus
 
 ENABLE_BIT = 1 << 6
 DRIVER_ERROR_BIT = 1 << 5

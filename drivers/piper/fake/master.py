@@ -22,7 +22,7 @@ import time
 import can
 import numpy as np
 
-from drivers.piper.fake.bus import open_bus
+from armada.drivers.piper.fake.bus import open_bus
 
 MDEG_PER_RAD = math.degrees(1.0) * 1000.0
 UM_PER_M = 1e6

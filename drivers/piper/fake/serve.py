@@ -1,6 +1,6 @@
 """Fake PiPer arms in their own process, so a real cell's driver process can talk to them.
 
-    python -m drivers.piper.fake.serve --channel 239.74.163.2 [--channel 239.74.163.3 ...]
+    python -m armada.drivers.piper.fake.serve --channel 239.74.163.2 [--channel 239.74.163.3 ...]
         [--bustype udp_multicast] [--port 43113] [--rate-hz 200] [--home | --initial-deg J1 .. J6]
         [--initial-gripper-mm MM] [--time-constant-s 0.03] [--master [on|off]]
 
@@ -50,9 +50,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from drivers.piper.fake.bus import bus_port
-from drivers.piper.fake.firmware import PiperFirmware
-from drivers.piper.fake.master import PiperMaster
+from armada.drivers.piper.fake.bus import bus_port
+from armada.drivers.piper.fake.firmware import PiperFirmware
+from armada.drivers.piper.fake.master import PiperMaster
 
 READY_TIMEOUT_S = 5.0
 ACCEPT_POLL_S = 0.2  # how often the control server looks at the stop flag
@@ -103,7 +103,7 @@ def _initial_pose(args: argparse.Namespace) -> tuple[np.ndarray | None, float]:
     """Joint angles (deg, None: all zero, the folded rest pose) and gripper opening (mm)."""
     deg, mm = (None if args.initial_deg is None else np.asarray(args.initial_deg, dtype=np.float64)), 0.0
     if args.home:
-        from runtime.config import load_embodiment
+        from armada.runtime.config import load_embodiment
 
         home = load_embodiment("piper").home
         deg, mm = np.degrees(home[:6]), float(home[6] * 1e3)

@@ -57,7 +57,7 @@ In-process: ``fake = FeetechBusFake(ids=range(1, 7)); port = fake.start(); ...; 
 (``ids`` may be ``{id: model_number}`` to put a servo of the wrong model on the bus). Test helpers:
 ``set_position``, ``move_by_hand``, ``register(id, address, size)``, ``present_position``,
 ``power_cycle``.
-One bus as its own process: ``python -m drivers.so101.fake.feetech --ids 1 2 3 4 5 6`` prints the
+One bus as its own process: ``python -m armada.drivers.so101.fake.feetech --ids 1 2 3 4 5 6`` prints the
 pty path and serves until interrupted; a whole arm (follower and leader, symlinks, a control socket)
 is drivers/so101/fake/so101.py (`armada fake so101`).
 """
@@ -69,7 +69,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
-from drivers.core.fake.pty_bus import PtyServoBus
+from armada.drivers.core.fake.pty_bus import PtyServoBus
 
 STS3215_MODEL = 777
 BROADCAST_ID = 0xFE

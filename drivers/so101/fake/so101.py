@@ -5,7 +5,7 @@ In-process (tests): ``fake = So101Fake(); ports = fake.start()`` -> {"follower":
 
 As its own process (a cell, `armada fake so101`):
 
-    python -m drivers.so101.fake.so101 --link-dir DIR [--control SOCK] [--no-leader]
+    python -m armada.drivers.so101.fake.so101 --link-dir DIR [--control SOCK] [--no-leader]
 
 creates ``DIR/ttySO101_follower`` and ``DIR/ttySO101_leader`` as symlinks to the ptys, prints
 ``ready`` with the paths as one JSON line, and serves until SIGTERM/SIGINT. ``--control SOCK``
@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from drivers.so101.fake.feetech import TORQUE_ENABLE, FeetechBusFake
+from armada.drivers.so101.fake.feetech import TORQUE_ENABLE, FeetechBusFake
 
 BUSES = ("follower", "leader")
 IDS = (1, 2, 3, 4, 5, 6)
@@ -92,7 +92,7 @@ class So101Fake:
 
 
 class So101FakeProcess:
-    """`python -m drivers.so101.fake.so101` as a child process, with a client for its control socket."""
+    """`python -m armada.drivers.so101.fake.so101` as a child process, with a client for its control socket."""
 
     def __init__(self, link_dir: Path, *extra: str, ready_timeout_s: float = 10.0):
         import subprocess
@@ -103,7 +103,7 @@ class So101FakeProcess:
         self.control = self.link_dir / "so101-fake.sock"
         root = Path(__file__).resolve().parents[3]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "drivers.so101.fake.so101", "--link-dir", str(link_dir),
+        self.proc = subprocess.Popen([sys.executable, "-m", "armada.drivers.so101.fake.so101", "--link-dir", str(link_dir),
                                       "--control", str(self.control), *extra], stdout=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=env, text=True)
         self._sock: socket.socket | None = None

@@ -1,6 +1,6 @@
 """A loopback Universal Robots controller for tests, in its own process.
 
-    python -m drivers.ur3.fake.controller --host 127.0.0.1 [--dashboard-port 29999]
+    python -m armada.drivers.ur3.fake.controller --host 127.0.0.1 [--dashboard-port 29999]
         [--script-port 30003] [--rtde-port 30004] [--control-port 0] [--version 5.11.1.0]
 
 ur-rtde hard-codes 30004 (RTDE) and 30003 (script) and only lets the dashboard port be chosen, so

@@ -50,7 +50,7 @@ class FakeUR:
     def __init__(self, host: str, extra_args: list[str] | None = None, start_timeout_s: float = 10.0):
         self.host = host
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "drivers.ur3.fake.controller", "--host", host, *(extra_args or [])],
+            [sys.executable, "-m", "armada.drivers.ur3.fake.controller", "--host", host, *(extra_args or [])],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         ready, _, _ = select.select([self.proc.stdout], [], [], start_timeout_s)
