@@ -24,13 +24,10 @@ listens on a Unix socket for fault injection: one JSON object per line in, one r
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import socket
-import threading
 from pathlib import Path
 from typing import Any
+
+from armada.drivers.core.fake.bus_process import FakeProcess, serve
 
 from armada.drivers.so101.fake.feetech import TORQUE_ENABLE, FeetechBusFake
 
@@ -91,96 +88,12 @@ class So101Fake:
         return {}
 
 
-class So101FakeProcess:
+class So101FakeProcess(FakeProcess):
     """`python -m armada.drivers.so101.fake.so101` as a child process, with a client for its control socket."""
 
     def __init__(self, link_dir: Path, *extra: str, ready_timeout_s: float = 10.0):
-        import subprocess
-        import sys
-        import time
-
-        self.link_dir = Path(link_dir)
-        self.control = self.link_dir / "so101-fake.sock"
-        root = Path(__file__).resolve().parents[3]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "armada.drivers.so101.fake.so101", "--link-dir", str(link_dir),
-                                      "--control", str(self.control), *extra], stdout=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, env=env, text=True)
-        self._sock: socket.socket | None = None
-        end = time.monotonic() + ready_timeout_s
-        line = ""
-        while time.monotonic() < end and not line:
-            line = self.proc.stdout.readline()
-            if self.proc.poll() is not None:
-                break
-        if not line:
-            self.close()
-            raise RuntimeError("the SO-101 fake did not start")
-        self.ports: dict[str, str] = json.loads(line)["ports"]
-
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.settimeout(5.0)
-            self._sock.connect(str(self.control))
-            self._file = self._sock.makefile("rwb")
-        self._file.write((json.dumps({"op": op, **fields}) + "\n").encode())
-        self._file.flush()
-        reply = json.loads(self._file.readline())
-        if not reply.pop("ok"):
-            raise RuntimeError(f"SO-101 fake: {op}: {reply['error']}")
-        return reply
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5.0)
-            except Exception:  # noqa: BLE001
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> So101FakeProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _serve_control(fake: So101Fake, path: Path, done: threading.Event) -> socket.socket:
-    path.unlink(missing_ok=True)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    os.chmod(path, 0o600)
-    server.listen(4)
-    server.settimeout(0.2)
-
-    def handle(conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as f:
-            for line in f:
-                try:
-                    reply = {"ok": True, **fake.command(json.loads(line))}
-                except Exception as exc:  # noqa: BLE001 (a bad command gets an error reply, the fake stays up)
-                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                f.write((json.dumps(reply) + "\n").encode())
-                f.flush()
-
-    def accept() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, name="so101-fake-control", daemon=True).start()
-    return server
+        super().__init__("armada.drivers.so101.fake.so101", "SO-101", link_dir, "so101-fake.sock", *extra,
+                         ready_timeout_s=ready_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,29 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-speed", type=float, default=3000.0, help="servo speed, steps/s at Goal_Velocity 0")
     args = parser.parse_args(argv)
     fake = So101Fake(leader=not args.no_leader, max_speed=args.max_speed)
-    ports = fake.start()
-    args.link_dir.mkdir(parents=True, exist_ok=True)
-    links = {}
-    for name, port in ports.items():
-        link = args.link_dir / f"ttySO101_{name}"
-        link.unlink(missing_ok=True)
-        link.symlink_to(port)
-        links[name] = str(link)
-    done = threading.Event()
-    server = _serve_control(fake, args.control, done) if args.control is not None else None
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    print(json.dumps({"ready": True, "ports": links, "control": str(args.control) if args.control else None}),
-          flush=True)
-    while not done.wait(0.5):
-        pass
-    if server is not None:
-        server.close()
-        args.control.unlink(missing_ok=True)
-    fake.stop()
-    for link in links.values():
-        Path(link).unlink(missing_ok=True)
-    return 0
+    return serve(fake, fake.start(), args.link_dir, "ttySO101_", args.control, "so101")
 
 
 if __name__ == "__main__":
