@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 
+from armada.drivers.core.tick_bench import measure_ticks
 from armada.drivers.aloha.backend import AlohaBackend, AlohaSettings
 from armada.drivers.aloha.fake.aloha import AlohaFakeProcess
 from armada.drivers.aloha.config import AlohaBackendConfig, settings
@@ -47,46 +46,6 @@ def _settings(ports: dict[str, str], leaders_in_state: bool) -> dict[str, Any]:
     ctx = SimpleNamespace(driver=SimpleNamespace(backend=cfg, joint_calibration=None),
                           embodiment=load_embodiment("aloha"), cell_dir=None)
     return settings(ctx)
-
-
-def _stats_ms(samples_s: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_s) * 1e3
-    return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3), "max_ms": round(float(a.max()), 3)}
-
-
-def _ticks(backend, seconds: float, paced: bool) -> dict[str, Any]:
-    """read()+write() per tick (the write holds the measured pose: nothing moves)."""
-    period = 1.0 / RATE_HZ
-    round_trips, errors, overruns, first_error = [], 0, 0, None
-    start = time.monotonic()
-    deadline = start
-    n = 0
-    while time.monotonic() - start < seconds:
-        t = time.monotonic()
-        try:
-            r = backend.read()
-            backend.write(r.position)
-        except Exception as exc:  # noqa: BLE001 (counted: a bench reports, it does not stop)
-            errors += 1
-            first_error = first_error or str(exc)[:200]
-        round_trips.append(time.monotonic() - t)
-        n += 1
-        if paced:
-            deadline += period
-            left = deadline - time.monotonic()
-            if left < 0:
-                overruns += 1
-                deadline = time.monotonic()
-            else:
-                time.sleep(left)
-    elapsed = time.monotonic() - start
-    out = {"round_trip": _stats_ms(round_trips), "rate_hz": round(n / elapsed, 1), "errors": errors}
-    if first_error:
-        out["first_error"] = first_error
-    if paced:
-        out["overruns"] = overruns
-    return out
 
 
 def real_bus_estimate(leaders: bool) -> dict[str, Any]:
@@ -120,14 +79,14 @@ def bench_aloha(seconds: float = 10.0) -> dict[str, Any]:
                                      timeouts=WorkerTimeouts(io_s=0.05))
             worker.connect(CONNECT_TIMEOUT_S)
             try:
-                res = {"worker_paced_50hz": _ticks(worker, per, paced=True),
-                       "worker_unpaced": _ticks(worker, per, paced=False)}
+                res = {"worker_paced_50hz": measure_ticks(worker, per, RATE_HZ, paced=True),
+                       "worker_unpaced": measure_ticks(worker, per, RATE_HZ, paced=False)}
             finally:
                 worker.close()
             direct = AlohaBackend(AlohaSettings(**s))
             direct.connect(CONNECT_TIMEOUT_S)
             try:
-                res["in_process_unpaced"] = _ticks(direct, per / 2, paced=False)
+                res["in_process_unpaced"] = measure_ticks(direct, per / 2, RATE_HZ, paced=False)
             finally:
                 direct.close()
             res["real_bus_estimate"] = real_bus_estimate(leaders)

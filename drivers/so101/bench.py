@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
+from armada.drivers.core.tick_bench import measure_ticks
 from armada.drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 from armada.drivers.so101.backend import So101Backend, So101Settings
 from armada.drivers.so101.config import JOINTS
@@ -42,46 +42,6 @@ BENCH_CALIBRATION = {n: {"id": i + 1, "drive_mode": 0, "homing_offset": 0, "rang
 def _settings(ports: dict[str, str], leader_in_state: bool) -> dict[str, Any]:
     return {"port": ports["follower"], "calibration": BENCH_CALIBRATION, "leader_port": ports["leader"],
             "leader_calibration": BENCH_CALIBRATION, "leader_in_state": leader_in_state}
-
-
-def _stats_ms(samples_s: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_s) * 1e3
-    return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3), "max_ms": round(float(a.max()), 3)}
-
-
-def _ticks(backend, seconds: float, paced: bool) -> dict[str, Any]:
-    """read()+write() per tick (the write holds the measured pose: nothing moves)."""
-    period = 1.0 / RATE_HZ
-    round_trips, errors, overruns, first_error = [], 0, 0, None
-    start = time.monotonic()
-    deadline = start
-    n = 0
-    while time.monotonic() - start < seconds:
-        t = time.monotonic()
-        try:
-            r = backend.read()
-            backend.write(r.position)
-        except Exception as exc:  # noqa: BLE001 (counted: a bench reports, it does not stop)
-            errors += 1
-            first_error = first_error or str(exc)[:200]
-        round_trips.append(time.monotonic() - t)
-        n += 1
-        if paced:
-            deadline += period
-            left = deadline - time.monotonic()
-            if left < 0:
-                overruns += 1
-                deadline = time.monotonic()
-            else:
-                time.sleep(left)
-    elapsed = time.monotonic() - start
-    out = {"round_trip": _stats_ms(round_trips), "rate_hz": round(n / elapsed, 1), "errors": errors}
-    if first_error:
-        out["first_error"] = first_error
-    if paced:
-        out["overruns"] = overruns
-    return out
 
 
 def real_bus_estimate(leader: bool, usb_ms: float = 1.0) -> dict[str, Any]:
@@ -117,14 +77,14 @@ def bench_so101(seconds: float = 10.0) -> dict[str, Any]:
             worker.connect(CONNECT_TIMEOUT_S)
             res: dict[str, Any] = {"worker_connect_s": round(time.monotonic() - t, 2)}
             try:
-                res["worker_paced_50hz"] = _ticks(worker, per, paced=True)
-                res["worker_unpaced"] = _ticks(worker, per, paced=False)
+                res["worker_paced_50hz"] = measure_ticks(worker, per, RATE_HZ, paced=True)
+                res["worker_unpaced"] = measure_ticks(worker, per, RATE_HZ, paced=False)
             finally:
                 worker.close()
             direct = So101Backend(So101Settings(**s))
             direct.connect(CONNECT_TIMEOUT_S)
             try:
-                res["in_process_unpaced"] = _ticks(direct, per / 2, paced=False)
+                res["in_process_unpaced"] = measure_ticks(direct, per / 2, RATE_HZ, paced=False)
             finally:
                 direct.close()
             res["real_bus_estimate"] = real_bus_estimate(leader)

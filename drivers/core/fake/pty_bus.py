@@ -20,6 +20,7 @@ import termios
 import threading
 import time
 import tty
+from abc import ABC, abstractmethod
 from typing import Any, Generic, TypeVar
 
 S = TypeVar("S")
@@ -44,7 +45,7 @@ def termios_speed(fd: int) -> int | None:
         return None
 
 
-class PtyServoBus(Generic[S]):
+class PtyServoBus(ABC, Generic[S]):
     thread_name = "servo-bus-fake"
 
     def __init__(self, servos: dict[int, S], *, max_speed: float, tick_s: float) -> None:
@@ -116,9 +117,9 @@ class PtyServoBus(Generic[S]):
             return self._servo(servo_id).present()
 
     # --- the bus ---------------------------------------------------------------------------
+    @abstractmethod
     def _respond(self, buf: bytearray) -> bytes:
         """Consume the complete instruction packets in ``buf``; the replies (called under the lock)."""
-        raise NotImplementedError
 
     def _port_speed(self) -> int | None:
         return termios_speed(self._master) if self._master >= 0 else None
