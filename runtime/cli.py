@@ -199,6 +199,7 @@ def _run_process(args: argparse.Namespace) -> int:
     """One process of a cell, in its run dir (created private), holding its instance lock until it
     exits; on a clean exit it removes the socket files it bound (they are its own: it holds the lock)."""
     from armada.runtime.config import load_cell, named
+    from armada.runtime.exit_deadline import ExitDeadline
     from armada.runtime.rundir import InstanceLock, instance_label, remove_ipc_sockets, resolve_run_dir
     from armada.runtime.supervisor import process_endpoints
 
@@ -209,20 +210,29 @@ def _run_process(args: argparse.Namespace) -> int:
     elif args.command == "camera":
         name = named(cell.camera, args.name, args.cell).name
     run_dir = resolve_run_dir(args.run_dir, cell.name)
-    with InstanceLock(run_dir, instance_label(args.command, name)):
+    label = instance_label(args.command, name)
+    with InstanceLock(run_dir, label) as lock:
+        endpoints = process_endpoints(load_cell(args.cell, run_dir), args.command, name)
+
+        def clean_up() -> None:  # for a stop that hangs, even after run_* returned (exit waits on a thread)
+            if lock.held:  # once released, the sockets may be another instance's
+                remove_ipc_sockets(endpoints, run_dir)
+                lock.release()
+
+        deadline = ExitDeadline(label, clean_up)
         if args.command == "driver":
             from armada.drivers.core.process import run_driver
 
-            run_driver(args.cell, name, run_dir)
+            run_driver(args.cell, name, run_dir, deadline)
         elif args.command == "camera":
             from armada.drivers.cameras.process import run_camera
 
-            run_camera(args.cell, name, run_dir)
+            run_camera(args.cell, name, run_dir, deadline)
         else:
             from armada.runtime.inference.process import run_inference
 
-            run_inference(args.cell, run_dir)
-        remove_ipc_sockets(process_endpoints(load_cell(args.cell, run_dir), args.command, name), run_dir)
+            run_inference(args.cell, run_dir, deadline)
+        remove_ipc_sockets(endpoints, run_dir)
     return 0
 
 

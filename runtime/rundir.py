@@ -210,6 +210,10 @@ class InstanceLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is None:
             return

@@ -20,7 +20,6 @@ otherwise stall, reopen and stall again for ever while its supervisor sees it al
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from armada.drivers.cameras.factory import make_source
 from armada.drivers.cameras.source import Captured, CameraSource, SourceError
 from armada.drivers.cameras.timing import DropCounter
 from armada.runtime.config import DEFAULT_CELL, CameraConfig, CurveConfig, load_cell, named
+from armada.runtime.exit_deadline import ExitDeadline, on_stop_signals
 from armada.runtime.transport import FramePublisher, start_authenticator
 
 log = logging.getLogger("armada.camera")
@@ -142,13 +142,13 @@ class CameraProcess:
         self.request_stop()
 
 
-def run_camera(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None) -> None:
+def run_camera(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None,
+               deadline: ExitDeadline | None = None) -> None:
     cell = load_cell(cell_path, run_dir)
     cfg = named(cell.camera, name, cell_path)
     base_dir = Path(cell_path).resolve().parent if cell_path is not None else DEFAULT_CELL.parent
     process = CameraProcess(cfg, cell.curve, base_dir)
-    signal.signal(signal.SIGTERM, process.request_stop)
-    signal.signal(signal.SIGINT, process.request_stop)
+    on_stop_signals(process.request_stop, deadline)
     threading.excepthook = process.thread_died
     try:
         process.run()

@@ -29,7 +29,6 @@ import collections
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -45,6 +44,7 @@ from armada.drivers.core.backend import Backend, BackendError
 from armada.drivers.core.driver import Driver, Mode, SlowJob, TickResult
 from armada.runtime import protocol
 from armada.runtime.config import CellConfig, DriverConfig, EmbodimentConfig, load_cell
+from armada.runtime.exit_deadline import ExitDeadline, on_stop_signals
 from armada.runtime.protocol import ErrorCode, ProtocolError
 from armada.runtime.transport import CommandServer, Publisher, Request, start_authenticator
 
@@ -476,9 +476,10 @@ def _sleep_until(deadline_ns: int) -> None:
         time.sleep(remaining * 1e-9)
 
 
-def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None) -> None:
+def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None,
+               deadline: ExitDeadline | None = None) -> None:
     """Run one driver of a cell until SIGTERM/SIGINT; ``run_dir`` (resolved and locked by the CLI)
-    keeps the e-stop latch across restarts."""
+    keeps the e-stop latch across restarts; ``deadline`` bounds the stop once asked for."""
     cell = load_cell(cell_path, run_dir)
     cfg = cell.driver(name)
     emb = cell.embodiment(cfg)
@@ -487,6 +488,5 @@ def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
     except ValueError as exc:  # a backend that cannot work with this embodiment or bus: say so, no traceback
         raise SystemExit(f"driver {cfg.name}: {exc}") from None
     process = DriverProcess(cfg, emb, backend, cell, Path(run_dir) if run_dir is not None else None)
-    signal.signal(signal.SIGTERM, process.request_stop)
-    signal.signal(signal.SIGINT, process.request_stop)
+    on_stop_signals(process.request_stop, deadline)
     process.run()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import zmq
 
 from armada.runtime.config import CellConfig, load_cell
+from armada.runtime.exit_deadline import ExitDeadline, on_stop_signals
 from armada.runtime.inference.deadline import PolicyCaller
 from armada.runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
 from armada.runtime.inference.link import DriverLink
@@ -236,11 +236,11 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def run_inference(cell_path: str | Path | None, run_dir: str | Path | None) -> None:
+def run_inference(cell_path: str | Path | None, run_dir: str | Path | None,
+                  deadline: ExitDeadline | None = None) -> None:
     cell = load_cell(cell_path, run_dir)
     process = InferenceProcess(cell, make_policy(cell))
-    signal.signal(signal.SIGTERM, process.request_stop)
-    signal.signal(signal.SIGINT, process.request_stop)
+    on_stop_signals(process.request_stop, deadline)
     threading.excepthook = process.thread_died
     process.run()
     if process.fatal:
