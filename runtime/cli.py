@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arm", action="store_true",
                      help="let the episode arm disarmed drivers (always on for cells that move no real hardware)")
     run.add_argument("--json", action="store_true", help="print the reports as JSON")
+    run.add_argument("--record", type=Path, default=None, metavar="DIR",
+                     help="record every episode to a LeRobotDataset v3 in DIR (created, or resumed)")
+    run.add_argument("--repo-id", default=None, help="the dataset's repo id (default: local/<DIR name>)")
+    run.add_argument("--view", default=None, metavar="MODE",
+                     help="a live rerun view: spawn (a viewer window), serve (web viewer), or save:FILE.rrd")
 
     for role in ("driver", "camera"):
         _add_process_args(sub.add_parser(role, help=f"run one {role} process of a cell"), named=True)
@@ -124,8 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the fake (try: armada fake KIND --help)")
 
     from armada.calibration.cli import add_calibrate_parser
+    from armada.runtime.record.cli import add_record_parser
+    from armada.runtime.teleop.cli import add_teleop_parser
+    from armada.runtime.view import add_view_parser
 
     add_calibrate_parser(sub)
+    add_teleop_parser(sub)
+    add_record_parser(sub)
+    add_view_parser(sub)
     return parser
 
 
@@ -176,6 +187,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _operator_command(args)
     if args.command == "run":
         return run_cell(args)
+    if args.command == "teleop":
+        from armada.runtime.teleop.cli import run_teleop
+
+        return run_teleop(args)
+    if args.command == "record":
+        from armada.runtime.record.cli import run_record
+
+        return run_record(args)
+    if args.command == "view":
+        from armada.runtime.view import run_view
+
+        return run_view(args)
     elif args.command == "model":
         return run_model_command(args)
     elif args.command == "fake":
@@ -461,7 +484,16 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
         return 1
     print(f"armada: all processes answer ({time.monotonic() - t:.1f} s); logs in {procs.run_dir / 'logs'}")
     client = EpisodeClient(procs.ctx, cell)
+    recorder = viewer = None
     try:
+        if args.view:
+            from armada.runtime.view import start_view
+
+            viewer = start_view(procs.cell_path, procs.run_dir, args.view)
+        if args.record is not None:
+            from armada.runtime.record.autonomous import AutonomousRecorder
+
+            recorder = AutonomousRecorder.start(procs, args.record, args.repo_id)
         if not (args.arm or simulated_only) and not _drivers_armed(procs):
             return 1
         for _ in range(args.episodes):
@@ -471,6 +503,10 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
                 break  # the episode failed for it; no more episodes on a broken cell
     finally:
         client.close()
+        if recorder is not None:
+            recorder.close()  # waits for the last episode to be written; prints where
+        if viewer is not None:
+            viewer.close()
     return 0 if all(r["outcome"] == "completed" for r in reports) else 1
 
 

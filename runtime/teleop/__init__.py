@@ -1,0 +1,1 @@
+"""Teleoperation: a leader arm (or keyboard, gamepad) drives a follower through its driver's safety filter."""
