@@ -31,7 +31,7 @@ from armada.runtime.config import DEFAULT_CELL, ConfigError
 from armada.runtime.rundir import PARENT_PID_ENV, RunDirError
 
 _PR_SET_PDEATHSIG = 1
-SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop")
+SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record")
 RUN_DIR_HELP = ("private folder for ipc sockets, locks and logs ({run_dir} in the cell); default "
                 "$XDG_RUNTIME_DIR/armada-UID/CELL, or /tmp/armada-UID/CELL without XDG_RUNTIME_DIR")
 
@@ -210,6 +210,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         if args.what == "model":
             return _bench_model(args)
+        if args.what == "record":
+            from armada.runtime.record.bench import run_record_bench
+
+            return run_record_bench(args)
         if args.what not in SPINE_BENCHES or args.what == "cameras":
             return _bench_device(args)
         from armada.runtime.bench import run_bench
