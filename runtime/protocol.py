@@ -24,7 +24,7 @@ import msgpack
 import numpy as np
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1.1: intervene/resume on the inference ctl socket
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 NDARRAY_EXT = 1
@@ -541,6 +541,8 @@ KINDS: dict[str, dict[str, Field]] = {
                       "task": Field(STR, required=False), "arm": Field(BOOL, required=False),
                       "min_margin": Field(NUM, required=False, check=MARGIN)},
     "episode_stop": {"reason": Field(STR, required=False)},
+    "intervene": {},  # the operator takes over the running episode; the inference side releases its leases
+    "resume": {},  # the operator hands back; the inference side takes its leases again
     "status": {},
     "shutdown": {},
 }

@@ -14,6 +14,16 @@ recent, so a loop stuck anywhere loses the lease within the driver's TTL and the
 driver whose state goes silent, or that stops answering, ends the episode as failed by name.
 Anything unexpected that the loop raises ends the episode as failed with the exception in the
 report: the episode thread never vanishes.
+
+Intervention (``intervene`` / ``resume`` on ctl, called from the ctl thread): the runner stops
+sending chunks and releases its lease on every driver, which decelerates to a hold; a teleop
+client may then take the lease. The episode stays open and its clock runs on: intervened time
+counts toward ``duration_s`` (the episode is a window of wall-clock time, as the operator sees
+it; the report says how much of it was intervened, so an evaluation can subtract it). On resume
+the leases are taken back (refused, naming the holder, while anyone else holds one), the policy
+is told to ``resume``, and the next chunk comes from an observation made after the resume. If
+that chunk starts further from the commanded pose than the filter should catch up with, a ramped
+``move_to`` brings the arm to the chunk first, and the chunk after it is sent from where it ends.
 """
 
 from __future__ import annotations
@@ -41,6 +51,11 @@ Emit = Callable[[str, dict[str, Any]], None]
 LATENCY_WINDOW = 20  # chunks in the rolling latency estimate
 STATE_POLL_S = 0.005
 FIRST_OBSERVATION_S = 3.0
+# After a resume, a chunk whose first point is further from the commanded pose than a joint
+# covers in this long at its velocity limit is reached with a ramped move_to first: the driver
+# refuses a far first point anyway (max_engage_distance), and a nearer one is still a lurch.
+REALIGN_AT_FULL_SPEED_S = 0.05
+REALIGN_ATTEMPTS = 3  # move_to and re-infer at most this often before the chunk goes as it is
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,10 @@ class Deadlines:
 
 class EpisodeError(Exception):
     """The episode could not start or had to end early; the message tells the operator why."""
+
+
+class InterventionError(Exception):
+    """An intervene or resume that cannot happen now; the message says why (ctl: BAD_STATE)."""
 
 
 @dataclass
@@ -85,6 +104,9 @@ class EpisodeReport:
     lease_lost: int = 0
     dropped_points: int = 0
     paused_s: float = 0.0
+    interventions: int = 0  # times the operator took over (intervene)
+    intervened_s: float = 0.0  # seconds under the operator's control, part of duration_s
+    realign_moves: int = 0  # ramped move_to's after a resume, to reach a chunk that started too far
     chunk_latency_p50_ms: float = 0.0
     chunk_latency_p99_ms: float = 0.0
     chunk_latency_max_ms: float = 0.0
@@ -113,6 +135,19 @@ class EpisodeRunner:
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._tracking: list[float] = []
         self._all_latencies: list[float] = []
+        # Intervention state, shared with the ctl thread. The lock is held only around lease
+        # changes and chunk sends (each bounded by its request timeout), so a chunk never goes
+        # out after the lease was given away.
+        self._control = threading.Lock()
+        self._in_loop = False  # intervene/resume only while the chunk loop runs
+        self._intervened_since: float | None = None
+        self._resumed_ns: int | None = None  # the next chunk needs an observation newer than this
+        self._realign_left = 0
+        self._episode = 0
+        self._arm_allowed = False
+        self.interventions = 0
+        self.intervened_s = 0.0
+        self.realign_moves = 0
 
     # ------------------------------------------------------------------ the episode
 
@@ -121,21 +156,27 @@ class EpisodeRunner:
         armed_by_us: list[DriverLink] = []
         stats_before: dict[str, dict] = {}
         started = time.monotonic()
+        self._episode, self._arm_allowed = req.episode, req.arm
         try:
             self._take_control(req, armed_by_us)
             space = self._action_space()
             self._call("reset", self.policy.reset, space)
             obs = self._first_observation()
             route = self._call("route", self.policy.route, obs, req.instruction, req.task)
-            self.emit("route", {"task": route.task, "scores": route.scores, "probabilities": route.probabilities,
-                                "margin": route.margin})
+            self.emit("route", {"episode": req.episode, "task": route.task, "scores": route.scores,
+                                "probabilities": route.probabilities, "margin": route.margin})
             if route.margin < req.min_margin:
                 raise EpisodeError(f"router margin {route.margin:.3f} is below the required {req.min_margin:.3f}; "
                                    "pin a task or lower min_margin")
             report.task = route.task
             stats_before = {n: link.stats() for n, link in self.links.items()}
             started = time.monotonic()
-            self._chunk_loop(req, report, started)
+            with self._control:
+                self._in_loop = True
+            try:
+                self._chunk_loop(req, report, started)
+            finally:
+                self._leave_loop()
             if self.stop_event.is_set():
                 report.outcome = "stopped"
         except Stopped:
@@ -147,6 +188,8 @@ class EpisodeRunner:
             report.outcome = f"failed: unexpected {type(exc).__name__} in the episode: {exc}"
         finally:
             report.duration_s = time.monotonic() - started
+            report.interventions, report.intervened_s = self.interventions, self.intervened_s
+            report.realign_moves = self.realign_moves
             self._hand_back(armed_by_us)
             self._fill_report(report, stats_before)
         return report
@@ -164,6 +207,9 @@ class EpisodeRunner:
         """Work done whenever the loop waits: stamp progress, take inputs, watch the drivers."""
         self._stamp()
         self.builder.poll()
+        if self._intervened_since is not None:
+            self._check_drivers()
+            return  # the operator is moving the arm: not the policy's tracking error
         for msg in self.builder.latest_states.values():
             if msg["mode"] == "running":
                 self._tracking.append(float(np.max(np.abs(msg["commanded"] - msg["measured"]))))
@@ -209,6 +255,11 @@ class EpisodeRunner:
                 link.stop_heartbeat()
                 link.lease = None
                 continue  # each request would only time out; its lease watchdog holds the arm
+            if link.lease is None:
+                # Given to the operator by an intervention that the episode's end overtook: whoever
+                # holds it now keeps the arm as it is (armed, holding or moving under their control).
+                link.stop_heartbeat()
+                continue
             try:
                 if link in armed_by_us:
                     link.command("disarm")  # decelerates to a hold, then idle; torque stays on
@@ -253,8 +304,12 @@ class EpisodeRunner:
         chunk_id = 0
         while not self.stop_event.is_set() and time.monotonic() < end:
             self._stamp()
+            if self._intervened_since is not None:
+                self._wait(min(0.02, end - time.monotonic()))  # the clock runs on; drivers still watched
+                continue
             self._check_heartbeats()
             self._check_drivers()
+            resumed_ns = self._resumed_ns
             try:
                 obs = self.builder.build()
             except StaleObservation as exc:
@@ -263,11 +318,16 @@ class EpisodeRunner:
                     self.emit("paused", {"reason": str(exc)})
                 self._wait(min(0.02, end - time.monotonic()))
                 continue
+            if resumed_ns is not None and not self._fresh_since(resumed_ns):
+                self._wait(min(STATE_POLL_S, end - time.monotonic()))  # the next chunk needs inputs from after the resume
+                continue
             if paused_since is not None:
                 report.paused_s += time.monotonic() - paused_since
                 self.emit("resumed", {"paused_s": time.monotonic() - paused_since})
                 paused_since = None
                 self._call("resume", self.policy.resume, obs)
+            elif resumed_ns is not None:
+                self._call("resume", self.policy.resume, obs)  # the operator moved the arm: any history is stale
             chunk = self._call("infer", self.policy.infer, obs)
             sent_local = time.monotonic_ns()
             latency_s = (sent_local - obs.mono_ns) * 1e-9
@@ -275,7 +335,18 @@ class EpisodeRunner:
                 actions, t0_local = chunk.actions[:execute], sent_local + int(c.lead_s * 1e9)
             else:
                 actions, t0_local = chunk.actions, obs.mono_ns + int(chunk.dt * 1e9)
-            dropped = self._send(actions, t0_local, chunk.dt, req.episode, chunk_id)
+            with self._control:
+                if self._intervened_since is not None or self._resumed_ns != resumed_ns:
+                    continue  # the operator took over while this chunk was computed: it is not sent
+                if resumed_ns is not None:
+                    moves = self._realign(actions, t0_local, chunk.dt)
+                    if not moves:
+                        self._resumed_ns = None
+                if resumed_ns is None or not moves:
+                    dropped = self._send(actions, t0_local, chunk.dt, req.episode, chunk_id)
+            if resumed_ns is not None and moves:
+                self._wait_for_moves(moves, end)
+                continue
             self._latencies.append(latency_s)
             self._all_latencies.append(latency_s)
             report.chunks += 1
@@ -293,6 +364,161 @@ class EpisodeRunner:
             self._wait(min(wake, end) - time.monotonic_ns() * 1e-9)
         if paused_since is not None:
             report.paused_s += time.monotonic() - paused_since
+
+    # ------------------------------------------------------------------ intervention
+
+    def intervene(self) -> int:
+        """The operator takes over (ctl thread): no more chunks, every lease released, the
+        drivers decelerate to a hold. Returns the episode; raises InterventionError if it cannot."""
+        with self._control:
+            if not self._in_loop:
+                raise InterventionError(f"episode {self._episode} is not running chunks now (starting or ending); "
+                                        "intervene once it runs")
+            if self._intervened_since is not None:
+                raise InterventionError(f"episode {self._episode} is already intervened; resume it first")
+            self._intervened_since = time.monotonic()
+            self.interventions += 1
+            for link in self.links.values():
+                if link.name in self._dead or link.lease is None:
+                    continue
+                token, link.lease = link.lease, None  # heartbeats stop with it
+                try:
+                    link.request("release", lease=token)  # the driver stops following chunks and holds
+                except (TimeoutError, RemoteError) as exc:
+                    # Without heartbeats the lease lapses within its TTL and the driver holds anyway.
+                    log.warning("driver %s: release for the intervention failed (%s); its lease lapses instead",
+                                link.name, exc)
+        self.emit("intervention_started", {"episode": self._episode})
+        return self._episode
+
+    def resume(self) -> dict[str, Any]:
+        """The operator hands back (ctl thread): take every lease again and go on. If any driver's
+        lease is still held (the teleop has not released it), or a driver is not armed, nothing is
+        taken and InterventionError says which and by whom; the episode stays intervened."""
+        with self._control:
+            if not self._in_loop:
+                raise InterventionError(f"episode {self._episode} is not running chunks now; nothing to resume")
+            if self._intervened_since is None:
+                raise InterventionError(f"episode {self._episode} is not intervened")
+            taken: list[DriverLink] = []
+            try:
+                for link in self.links.values():
+                    if link.name not in self._dead:
+                        self._take_back(link)
+                        taken.append(link)
+            except InterventionError:
+                for link in taken:
+                    self._give_up(link)
+                raise
+            for link in taken:
+                link.heartbeat_error = None  # refusals of the old token while intervened are not news
+            intervened_s = time.monotonic() - self._intervened_since
+            self.intervened_s += intervened_s
+            self._intervened_since = None
+            self._resumed_ns = time.monotonic_ns()
+            self._realign_left = REALIGN_ATTEMPTS
+            self._stamp()
+        data = {"episode": self._episode, "intervened_s": intervened_s}
+        self.emit("intervention_ended", data | {"resumed": True})
+        return data
+
+    def _take_back(self, link: DriverLink) -> None:
+        try:
+            link.acquire(self.client_name)
+        except RemoteError as exc:  # LEASE_HELD names the holder
+            raise InterventionError(f"driver {link.name}: {exc.reason}") from None
+        except TimeoutError as exc:
+            raise InterventionError(f"driver {link.name} did not answer acquire: {exc}") from None
+        try:
+            status = link.ping()
+        except TimeoutError as exc:
+            self._give_up(link)
+            raise InterventionError(f"driver {link.name} did not answer ping: {exc}") from None
+        if status["mode"] not in ("armed", "running") or status.get("disarming"):
+            self._give_up(link)
+            state = "disarming" if status.get("disarming") else status["mode"]
+            # Never armed here: whoever disarmed it during the intervention decides when it arms again.
+            raise InterventionError(f"driver {link.name} is {state} after the intervention; arm it, then resume")
+
+    def _give_up(self, link: DriverLink) -> None:
+        token, link.lease = link.lease, None
+        if token is None:
+            return
+        try:
+            link.request("release", lease=token)
+        except (TimeoutError, RemoteError) as exc:
+            log.warning("driver %s: release after a refused resume failed (%s); its lease lapses", link.name, exc)
+
+    def _leave_loop(self) -> None:
+        """The chunk loop is over: no intervene/resume from now on; an open intervention ends here
+        (the operator keeps whatever leases they hold)."""
+        with self._control:
+            self._in_loop = False
+            since, self._intervened_since = self._intervened_since, None
+            if since is not None:
+                self.intervened_s += time.monotonic() - since
+        if since is not None:
+            self.emit("intervention_ended", {"episode": self._episode, "intervened_s": time.monotonic() - since,
+                                             "resumed": False})
+
+    @property
+    def intervened(self) -> bool:
+        return self._intervened_since is not None
+
+    def _fresh_since(self, since_ns: int) -> bool:
+        """Whether every camera frame and driver state the observation uses arrived after ``since_ns``."""
+        arrivals = [self.builder.frame_arrivals.get(n) for n in self.builder.cameras]
+        arrivals += [self.builder.state_arrivals.get(n) for n in self.builder.states]
+        return all(a is not None and a.mono_ns > since_ns for a in arrivals)
+
+    def _realign(self, actions: np.ndarray, t0_local_ns: int, dt: float) -> dict[str, float]:
+        """Right after a resume: for each driver whose part of the chunk starts too far from where it
+        is commanded, a ramped move_to that point instead of the chunk. Returns {driver: move seconds};
+        empty when the chunk can go as it is. Called under the control lock."""
+        if self._realign_left <= 0:
+            return {}  # the policy keeps starting far away: send it; the driver refuses a far start, by name
+        first = max(0, int(np.ceil((time.monotonic_ns() - t0_local_ns) / (dt * 1e9))))
+        first = min(first, len(actions) - 1)
+        moves: dict[str, float] = {}
+        offset = 0
+        for link in self.links.values():
+            part = actions[first, offset:offset + link.dof]
+            offset += link.dof
+            state = self.builder.latest_states.get(link.name)
+            if state is None:
+                continue
+            bound = np.asarray(link.description["max_velocity"]) * REALIGN_AT_FULL_SPEED_S
+            gap = np.abs(part - state["commanded"])
+            if np.all(gap <= bound):
+                continue
+            worst = int(np.argmax(gap / bound))
+            log.info("driver %s: the chunk after the resume starts %.3g from the commanded pose at %s; "
+                     "moving there with move_to first", link.name, gap[worst], link.description["joint_names"][worst])
+            try:
+                reply = link.command("move_to", target=np.ascontiguousarray(part, dtype=np.float64))
+            except TimeoutError as exc:
+                self._dead.add(link.name)
+                raise EpisodeError(f"driver {link.name} did not answer move_to: {exc}") from None
+            except RemoteError as exc:
+                raise EpisodeError(f"driver {link.name} refused the move_to the chunk after the resume: {exc}") from None
+            moves[link.name] = float(reply.get("duration_s", 0.0))
+        if moves:
+            self._realign_left -= 1
+            self.realign_moves += len(moves)
+        return moves
+
+    def _wait_for_moves(self, moves: dict[str, float], end: float) -> None:
+        """Until the move_to's have ended (the drivers leave running), an intervention, or the end."""
+        deadline = time.monotonic() + max(moves.values()) + 1.0
+        self._wait(min(max(moves.values()), end - time.monotonic()))
+        while time.monotonic() < min(deadline, end) and not self.intervened and not self.stop_event.is_set():
+            states = self.builder.latest_states
+            if all(states.get(n, {}).get("mode") != "running" for n in moves):
+                break
+            self._wait(STATE_POLL_S)
+        with self._control:
+            if self._resumed_ns is not None and not self.intervened:
+                self._resumed_ns = time.monotonic_ns()  # the next chunk from an observation after the move
 
     def _send(self, actions: np.ndarray, t0_local_ns: int, dt: float, episode: int, chunk_id: int) -> int:
         dropped, offset = 0, 0

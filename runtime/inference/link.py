@@ -131,7 +131,8 @@ class DriverLink:
             try:
                 self.request("heartbeat", timeout_s=timeout_s, lease=lease)
             except (TimeoutError, RemoteError) as exc:
-                self.heartbeat_error = str(exc)
+                if self.lease == lease:  # a refusal of a token given up meanwhile (intervention) is no news
+                    self.heartbeat_error = str(exc)
 
     def stop_heartbeat(self) -> None:
         self._heartbeat_stop.set()

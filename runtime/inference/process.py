@@ -1,6 +1,7 @@
 """The inference process: subscribes to cameras and drivers, runs episodes on request.
 
-The main thread serves the ``ctl`` socket (episode_start, episode_stop, status, shutdown);
+The main thread serves the ``ctl`` socket (episode_start, episode_stop, intervene, resume, status,
+shutdown);
 an episode runs in a thread of its own. Telemetry goes out on ``events``.
 
 Bad input on ctl gets an error reply and changes nothing; the serving loop takes a bounded
@@ -24,7 +25,8 @@ import zmq
 from armada.runtime.config import CellConfig, load_cell
 from armada.runtime.exit_deadline import ExitDeadline, on_stop_signals
 from armada.runtime.inference.deadline import PolicyCaller
-from armada.runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
+from armada.runtime.inference.episode import (Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner,
+                                              InterventionError)
 from armada.runtime.inference.link import DriverLink
 from armada.runtime.inference.observation import ObservationBuilder
 from armada.runtime.inference.policy import Policy
@@ -142,7 +144,8 @@ class InferenceProcess:
     def _ctl_status(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"running": self._episode_running(), "episode": self.episode_counter,
                 "last_report": self.last_report.as_dict() if self.last_report else None,
-                "policy_busy": self.caller.busy()}
+                "policy_busy": self.caller.busy(),
+                "intervened": bool(self.runner is not None and self._episode_running() and self.runner.intervened)}
 
     def _ctl_episode_start(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self._episode_running():
@@ -171,6 +174,26 @@ class InferenceProcess:
         if self.runner is not None:
             self.runner.stop_event.set()
         return {"running": self._episode_running()}
+
+    def _ctl_intervene(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The operator takes over: see EpisodeRunner.intervene (bounded: one release per driver)."""
+        runner = self._running_runner("intervene")
+        try:
+            return {"episode": runner.intervene()}
+        except InterventionError as exc:
+            raise ProtocolError(ErrorCode.BAD_STATE, str(exc)[:500]) from None
+
+    def _ctl_resume(self, msg: dict[str, Any]) -> dict[str, Any]:
+        runner = self._running_runner("resume")
+        try:
+            return runner.resume()
+        except InterventionError as exc:
+            raise ProtocolError(ErrorCode.BAD_STATE, str(exc)[:500]) from None
+
+    def _running_runner(self, what: str) -> EpisodeRunner:
+        if not self._episode_running() or self.runner is None:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"{what}: no episode is running")
+        return self.runner
 
     def _ctl_shutdown(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.request_stop()
