@@ -13,11 +13,12 @@ from collections import deque
 import numpy as np
 
 from armada.drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.mock.leader import ScriptedLeader
 
 
 class MockArm(Backend):
     def __init__(self, initial: np.ndarray, time_constant_s: float = 0.02, latency_s: float = 0.0,
-                 noise_std: float = 0.0, seed: int = 0):
+                 noise_std: float = 0.0, seed: int = 0, leader: ScriptedLeader | None = None):
         self._q = np.array(initial, dtype=np.float64)
         self._target = self._q.copy()
         self._tau = time_constant_s
@@ -30,10 +31,13 @@ class MockArm(Backend):
         self.button_pressed = False  # the arm's own e-stop button, for tests to press
         self._connected = False
         self.writes = 0  # how many targets reached the arm (tests use it)
+        self.leader = leader  # a scripted leader arm published in the state (teleop tests)
 
     def connect(self, timeout_s: float) -> None:
         self._connected = True
         self._last_ns = time.monotonic_ns()
+        if self.leader is not None:
+            self.leader.t0_ns = self._last_ns
 
     def read(self) -> Reading:
         if not self._connected:
@@ -41,11 +45,19 @@ class MockArm(Backend):
         now = time.monotonic_ns()
         self._advance(now)
         measured = self._q + (self._rng.normal(0.0, self._noise, self._q.shape) if self._noise else 0.0)
-        return Reading(position=measured, mono_ns=now, estopped=self.button_pressed)
+        extras = None
+        if self.leader is not None:
+            extras = self.leader.extras(now)
+            if self.leader.follows_in_hardware and extras["leader"] is not None and not self._halted:
+                # Like Cobot Magic's puppet arms: the arm obeys its leader by itself, nothing is written.
+                self._target = np.array(extras["leader"], dtype=np.float64)
+        return Reading(position=measured, mono_ns=now, estopped=self.button_pressed, extras=extras)
 
     def write(self, position: np.ndarray) -> None:
         if self._halted or self.button_pressed:
             return  # a real controller ignores motion while e-stopped; so does the mock
+        if self.leader is not None and self.leader.follows_in_hardware:
+            return  # the arm obeys its leader arm, not the bus (Cobot Magic's puppets)
         self.writes += 1
         self._pending.append((time.monotonic_ns() + self._latency_ns, np.array(position, dtype=np.float64)))
 
