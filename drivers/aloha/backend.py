@@ -25,7 +25,10 @@ Modes: arm joints in position mode (3), grippers in current-based position mode 
 Current set to the configured limit, so a gripper closing on an object squeezes with bounded
 current instead of stalling at full current. Leaders are only read, never written: no torque or
 mode change (ALOHA's setup puts the leaders in PWM mode with torque off; that is the operator's
-setup, not this driver's business).
+setup, not this driver's business). With ``leaders_in_state`` each read adds one sync read of
+Present_Position per leader bus and publishes ``device["leader"]`` (the followers' 14-value layout)
+or None and ``device["leader_error"]``; a leader lost (unplugged, silent) never faults the followers
+and comes back by itself when it is plugged in again (drivers/aloha/leader.py).
 
 Safety:
 - connect pings every configured ID and fails naming the IDs found, the ones missing and any wrong
@@ -70,6 +73,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from armada.drivers.aloha.calibration import GripperCalibration
+from armada.drivers.aloha.leader import LeaderPoll
 from armada.drivers.core.backend import Backend, BackendError, Reading
 
 log = logging.getLogger("armada.aloha")
@@ -498,6 +502,9 @@ class AlohaBackend(Backend):
                         for side in SIDES if side in settings.leader_ports]
         if self.leaders and len(self.leaders) != 2:
             raise ValueError("ALOHA: give both leader ports or neither")
+        self._leader_poll = (LeaderPoll("ALOHA leaders", self.read_leaders, self._leaders_dead, self._reopen_leaders,
+                                        self._close_leaders)
+                             if settings.leaders_in_state and self.leaders else None)
 
     def _bus(self, name: str, port: str, ids: dict[str, int | None], models: dict[str, int],
              grip: dict[str, float]) -> _Bus:
@@ -517,12 +524,13 @@ class AlohaBackend(Backend):
         self.close()
         self._in_control = False
         try:
-            for bus in self.followers + self.leaders:
+            for bus in self.followers:
                 bus.open()
                 bus.check_servos(self.s.check_models)
                 if time.monotonic() > deadline:
                     raise BackendError(f"ALOHA: connect took longer than its deadline (at the {bus.name})",
                                        transient=False)
+            self._open_leaders()
             for side, bus in zip(SIDES, self.followers):
                 bus.check_shadows()
                 if self.s.arm_ranges:
@@ -556,8 +564,43 @@ class AlohaBackend(Backend):
         self._in_control = True
         self._last_ok = time.monotonic()
 
+    def _open_leaders(self) -> None:
+        """With ``leaders_in_state`` the leaders are optional for the followers: they are opened and
+        checked in the background (drivers/aloha/leader.py), and one that cannot be is reported in the
+        state (``leader_error``) and retried; it fails neither connect nor clear_fault. Without it
+        (``read_leaders`` only) they are opened here, and a missing one fails connect."""
+        if self._leader_poll is not None:
+            self._leader_poll.start()
+            return
+        for bus in self.leaders:
+            bus.open()
+            bus.check_servos(self.s.check_models)
+
+    def _leaders_dead(self) -> bool:
+        return any(bus.port is None or bus.dead is not None for bus in self.leaders)
+
+    def _reopen_leaders(self) -> None:
+        """Open and check each leader whose port is not usable (at connect, or in the background after
+        it failed: an unplugged adapter plugged in again). Pings every ID, checks the models."""
+        for bus in self.leaders:
+            if bus.port is not None and bus.dead is None:
+                continue
+            bus.close()
+            try:
+                bus.open()
+                _on(bus, lambda: bus.check_servos(self.s.check_models))
+            except BackendError:
+                bus.close()
+                raise
+
+    def _close_leaders(self) -> None:
+        for bus in self.leaders:
+            bus.close()
+
     def close(self) -> None:
         """Close the ports. Never disables torque: a raised arm must not fall."""
+        if self._leader_poll is not None:
+            self._leader_poll.stop()
         for bus in self.followers + self.leaders:
             bus.close()
 
@@ -573,12 +616,8 @@ class AlohaBackend(Backend):
         self._last_ok = time.monotonic()
         faults = [f"{bus.name}: {bus.label(s)} hardware error: {describe_hw_error(bits)}"
                   for bus, errs in errors for s, bits in errs.items()]
-        extras: dict[str, Any] = {}
-        if self.s.leaders_in_state and self.leaders:
-            try:
-                extras["leaders"] = self.read_leaders().tolist()
-            except BackendError as exc:
-                extras["leaders"], extras["leader_error"] = None, str(exc)
+        # The leaders' pose (or None and why) for teleop and the recorder; never fails this read.
+        extras = self._leader_poll.extras() if self._leader_poll is not None else {}
         return Reading(position=np.concatenate([bus.to_si(tk) for bus, tk in zip(self.followers, ticks)]),
                        mono_ns=t, fault="; ".join(faults) or None, extras=extras or None)
 

@@ -93,7 +93,10 @@ class AlohaBackendConfig(_Strict):
     # The USB adapters' latency timer the packet timeouts assume (ALOHA's udev rule sets 1 ms); an
     # adapter set higher is refused at connect.
     latency_timer_ms: float = Field(default=1.0, ge=0.5, le=16)
-    # Teleop: read the leaders every tick and publish them in the state's extras ("leaders").
+    # Teleop and recording: read the leaders every tick and publish them in the state's device map:
+    # "leader" (14 values in the followers' layout and units, each gripper mapped through the two
+    # grippers' calibrations) or None and "leader_error". The leaders are then optional: one that is
+    # missing or unplugged is reported there and reopened when it is back; the followers run on.
     leaders_in_state: bool = False
     # clear_fault reboots servos whose hardware error made them cut their own torque (never others).
     reboot_on_recover: bool = False

@@ -8,7 +8,13 @@ names the arm in every error.
 Masters and puppets. Each master PiPer shares its puppet's CAN bus; configured as a teaching arm it
 broadcasts joint/gripper command frames (0x155-0x157, 0x159) and the puppet follows them in
 hardware. piper_sdk decodes those frames on the puppet's interface (GetArmJointCtrl /
-GetArmGripperCtrl), which is what ``read_masters`` returns for teleop and recording.
+GetArmGripperCtrl), which is what ``read_masters`` returns for teleop and recording. With
+``masters_in_state`` every reading carries them in the state's ``device`` map (the interface teleop
+and the recorder read): ``leader`` (14 values, the action's layout and units: rad, gripper m), or
+None and ``leader_error`` naming the arm whose master is quiet (no frames for MASTER_STALE_S: off,
+not in teaching mode, cable out), and ``leader_follows_in_hardware`` (True with ``follow_masters``:
+the puppets obey the masters in hardware, so teleop only watches and the recorder's action is the
+leader; the driver refuses every write then).
 
 Each puppet's motors and control mode are checked on every read (``PiperBackend``): a disabled
 motor or a puppet out of CAN command mode faults the driver naming the arm; ``recover`` takes both
@@ -170,14 +176,17 @@ class CobotMagicBackend(Backend):
         masters = [] if self.follow_masters else [arm for arm in self.arms if arm.master_present()]
         faults += [_master_reason(arm) for arm in masters]
         velocities = [r.velocity for r in readings]
+        extras = {"estopped_arms": [a.side for a, r in zip(self.arms, readings) if r.estopped],
+                  "master_arms": [a.side for a in masters]}
+        if self.cfg.masters_in_state:
+            extras.update(self._leader_extras())
         return Reading(
             position=np.concatenate([r.position for r in readings]),
             mono_ns=min(r.mono_ns for r in readings),  # the older of the two measurements
             velocity=None if any(v is None for v in velocities) else np.concatenate(velocities),
             estopped=any(r.estopped for r in readings),
             fault="; ".join(faults) or None,
-            extras={"estopped_arms": [a.side for a, r in zip(self.arms, readings) if r.estopped],
-                    "master_arms": [a.side for a in masters]},
+            extras=extras,
         )
 
     def write(self, position: np.ndarray) -> None:
@@ -199,16 +208,30 @@ class CobotMagicBackend(Backend):
     def read_masters(self) -> np.ndarray | None:
         """The two masters' commanded poses (14 values, action layout, rad and m), or None when either
         master's frames are stale (master off, not in teaching mode, or bus silent)."""
-        values = []
+        values, _ = self._masters()
+        return values
+
+    def _masters(self) -> tuple[np.ndarray | None, str | None]:
+        """The masters' poses, or None and why (naming each quiet arm)."""
+        values, quiet = [], []
         for arm in self.arms:
-            ctrl = arm.joint_ctrl()
-            grip = arm.backend.sdk.GetArmGripperCtrl()
-            if ctrl is None or arm.is_own(ctrl) or not _fresh(grip.time_stamp, MASTER_STALE_S):
-                return None
-            jc = ctrl.joint_ctrl
-            q = np.array([jc.joint_1, jc.joint_2, jc.joint_3, jc.joint_4, jc.joint_5, jc.joint_6], dtype=np.float64)
-            values.append(np.append(q / MDEG_PER_RAD, grip.gripper_ctrl.grippers_angle / UM_PER_M))
-        return np.concatenate(values)
+            pose, why = _master_pose(arm)
+            if pose is None:
+                quiet.append(f"Cobot Magic {arm.name}: {why}")
+            else:
+                values.append(pose)
+        if quiet:
+            return None, "; ".join(quiet)
+        return np.concatenate(values), None
+
+    def _leader_extras(self) -> dict:
+        """The state's leader fields (module notes); the masters' poses never fail a read."""
+        values, why = self._masters()
+        out = {"leader": None if values is None else [float(v) for v in values],
+               "leader_follows_in_hardware": self.follow_masters}
+        if why is not None:
+            out["leader_error"] = why
+        return out
 
     # ------------------------------------------------------------------ stops
 
@@ -247,6 +270,22 @@ class CobotMagicBackend(Backend):
                 errors.append(f"{arm.name}: {exc}")
         if errors:
             raise BackendError(f"Cobot Magic {what} failed on {'; '.join(errors)}", transient=False)
+
+
+def _master_pose(arm: _Arm) -> tuple[np.ndarray | None, str | None]:
+    """One master's last commanded pose (6 joints rad, gripper m), or None and why."""
+    sdk = arm.backend.sdk
+    ctrl, grip = sdk.GetArmJointCtrl(), sdk.GetArmGripperCtrl()
+    stamp = min(ctrl.time_stamp, grip.time_stamp)
+    if not _fresh(stamp, MASTER_STALE_S):
+        age = "none heard" if stamp <= 0 else f"the last {(time.time() - stamp) * 1e3:.0f} ms ago"
+        return None, (f"no master command frames ({age}, bound {MASTER_STALE_S * 1e3:.0f} ms): is the master arm "
+                      "on, in teaching mode, on this CAN bus?")
+    if arm.is_own(ctrl):
+        return None, "the command frames on the bus are this driver's own, not a master's"
+    jc = ctrl.joint_ctrl
+    q = np.array([jc.joint_1, jc.joint_2, jc.joint_3, jc.joint_4, jc.joint_5, jc.joint_6], dtype=np.float64)
+    return np.append(q / MDEG_PER_RAD, grip.gripper_ctrl.grippers_angle / UM_PER_M), None
 
 
 def _master_reason(arm: _Arm) -> str:

@@ -12,6 +12,9 @@ the user to hold); the gripper as lerobot's RANGE_0_100 / 100: 0 at the calibrat
 1 at ``range_max`` (a fraction, not metres: the SO-101 jaw is a rotating finger, and lerobot's
 datasets record it this way, so policies trained on them apply unchanged). The leader's reading is
 in the same units through its own calibration: lerobot's teleop sends it to the follower as is.
+With ``leader_in_state`` each read adds one sync read of the leader's Present_Position and publishes
+``device["leader"]`` or None and ``device["leader_error"]``; a leader lost (unplugged, silent) never
+faults the follower and comes back by itself when it is plugged in again (drivers/aloha/leader.py).
 
 Calibration: lerobot's format (see drivers/so101/calibration.py). At connect the servos' Homing_Offset
 and Min/Max_Position_Limit are compared with the file (lerobot's ``is_calibrated``); on a mismatch it
@@ -58,6 +61,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from armada.drivers.aloha.leader import LeaderPoll
 from armada.drivers.core.backend import Backend, BackendError, Reading
 from armada.drivers.so101.config import ARM_JOINTS, JOINTS
 
@@ -69,6 +73,16 @@ STATUS_BITS = {0x01: "input voltage", 0x02: "angle sensor", 0x04: "overheat", 0x
 STS3215_MAX_RES = 4095  # lerobot's model_resolution_table["sts3215"] - 1
 ESTOP_READ_ATTEMPTS = 3
 DEG = 180.0 / math.pi
+# The leader's reply timeout, instead of the 50 ms lerobot adds to every packet timeout: a leader
+# that stops answering (unpowered) would otherwise cost 51 ms a read, every tick for LEADER_STALE_S,
+# past the worker's 30 ms read bound: the follower would fault for want of its leader. A real bus
+# answers a 6-servo sync read in about 1 ms plus the adapter's latency.
+LEADER_REPLY_TIMEOUT_MS = 15.0
+
+
+def _leader_packet_timeout(self, packet_length):  # noqa: N802 (replaces scservo_sdk's PortHandler method)
+    self.packet_start_time = self.getCurrentTime()
+    self.packet_timeout = self.tx_time_per_byte * (packet_length + 3.0) + LEADER_REPLY_TIMEOUT_MS
 
 
 def describe_status(bits: int) -> str:
@@ -125,6 +139,8 @@ class _Arm:
                                                               use_degrees=True, disable_torque_on_disconnect=False))
         finally:
             shutil.rmtree(empty, ignore_errors=True)
+        if self.leader:
+            self.bus.port_handler.setPacketTimeout = _leader_packet_timeout.__get__(self.bus.port_handler)
         cal = {name: MotorCalibration(**self.calibration[name]) for name in JOINTS}
         wrong_ids = {n: (cal[n].id, m.id) for n, m in self.bus.motors.items() if cal[n].id != m.id}
         if wrong_ids:
@@ -309,6 +325,9 @@ class So101Backend(Backend):
         self.follower = _Arm("SO-101 follower", settings.port, settings.calibration, leader=False)
         self.leader = (_Arm("SO-101 leader", settings.leader_port, settings.leader_calibration, leader=True)
                        if settings.leader_port is not None and settings.leader_calibration is not None else None)
+        self._leader_poll = (LeaderPoll("SO-101 leader", self.read_leader, self._leader_dead, self._reopen_leader,
+                                        self.leader.close)
+                             if settings.leader_in_state and self.leader is not None else None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -320,8 +339,12 @@ class So101Backend(Backend):
     def _take_control(self, deadline: float, defer_errors: bool) -> None:
         self.close()
         self._in_control = False
+        if self._leader_poll is not None:
+            # The leader is optional for the follower: opened and checked in the background, reported in
+            # the state while it cannot be (drivers/aloha/leader.py); it fails neither connect nor recover.
+            self._leader_poll.start()
         try:
-            for arm in [self.follower] + ([self.leader] if self.leader else []):
+            for arm in [self.follower] + (self._strict_leader()):
                 arm.open()
                 if time.monotonic() > deadline:
                     raise BackendError(f"SO-101: connect took longer than its deadline (at the {arm.name})",
@@ -340,7 +363,7 @@ class So101Backend(Backend):
                 self._faulted = "servo errors at connect"
                 self._last_ok = time.monotonic()
                 return
-            for arm in [self.follower] + ([self.leader] if self.leader else []):
+            for arm in [self.follower] + (self._strict_leader()):
                 _on(arm, arm.ensure_calibrated)
             _on(self.follower, lambda: self.follower.take_control(list(self.s.pid)))
         except BackendError:
@@ -350,8 +373,32 @@ class So101Backend(Backend):
         self._in_control = True
         self._last_ok = time.monotonic()
 
+    def _strict_leader(self) -> list[_Arm]:
+        """The leader when it is opened with the follower (no leader_in_state: read_leader only)."""
+        return [self.leader] if self.leader is not None and self._leader_poll is None else []
+
+    def _leader_dead(self) -> bool:
+        arm = self.leader
+        return arm.robot is None or arm.dead is not None or not arm.bus.port_handler.is_open
+
+    def _reopen_leader(self) -> None:
+        """Open the leader (lerobot's handshake: every ID, same model and firmware) and bring its servos'
+        calibration in line with the file, as connect does; at connect and in the background after its
+        port failed (the adapter plugged in again)."""
+        arm = self.leader
+        arm.close()
+        try:
+            arm.open()
+            _on(arm, arm.ensure_calibrated)
+        except BackendError:
+            arm.close()
+            arm.robot = None
+            raise
+
     def close(self) -> None:
         """Close the ports. Never disables torque: a raised arm must not fall."""
+        if self._leader_poll is not None:
+            self._leader_poll.stop()
         for arm in [self.follower] + ([self.leader] if self.leader else []):
             arm.close()
 
@@ -367,12 +414,8 @@ class So101Backend(Backend):
         self._last_ok = time.monotonic()
         fault = "; ".join(f"{self.follower.name}: {n} (ID {self.follower.calibration[n]['id']}) status: "
                           f"{describe_status(b)}" for n, b in errors.items()) or None
-        extras: dict[str, Any] = {}
-        if self.s.leader_in_state and self.leader is not None:
-            try:
-                extras["leader"] = self.read_leader().tolist()
-            except BackendError as exc:
-                extras["leader"], extras["leader_error"] = None, str(exc)
+        # The leader's pose (or None and why) for teleop and the recorder; never fails this read.
+        extras = self._leader_poll.extras() if self._leader_poll is not None else {}
         return Reading(position=q, mono_ns=t, fault=fault, extras=extras or None)
 
     def _stale(self, why: str) -> BackendError:

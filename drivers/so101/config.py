@@ -36,7 +36,9 @@ class So101BackendConfig(_Strict):
     leader_calibration: str | None = None  # lerobot's teleoperators/so_leader/<id>.json, or armada's
     # No complete reading (positions and status of every servo) for this long: a fault.
     stale_s: float = Field(default=0.2, gt=0, le=1)
-    # Teleop: read the leader every tick and publish it in the state's extras ("leader").
+    # Teleop and recording: read the leader every tick and publish it in the state's device map:
+    # "leader" (the follower's units) or None and "leader_error". The leader is then optional: one
+    # missing, silent or unplugged is reported there and reopened when it is back; the follower runs on.
     leader_in_state: bool = False
     # Position-loop gains written at connect to servos found with torque off (lerobot's SO follower
     # defaults: P 16, I 0, D 32, where the servos' own default P is 32 and shakes).

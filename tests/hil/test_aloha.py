@@ -406,9 +406,10 @@ def test_leaders_read_in_si_with_alohas_gripper_mapping(fake, backend):
 def test_leaders_in_state_travel_in_the_readings_extras(fake):
     b = AlohaBackend(make_settings(fake.ports, leaders_in_state=True))
     b.connect(5.0)
+    assert wait_for(lambda: b.read().extras["leader"] is not None, 3.0)  # opened in the background
     r = b.read()
-    assert len(r.extras["leaders"]) == 14
+    assert len(r.extras["leader"]) == 14 and r.extras["leader_follows_in_hardware"] is False
     fake.bus("master_right").unplug()
     r = b.read()  # a leader gone: no leader pose, the followers still read
-    assert r.extras["leaders"] is None and "right leader" in r.extras["leader_error"] and r.fault is None
+    assert r.extras["leader"] is None and "right leader" in r.extras["leader_error"] and r.fault is None
     b.close()

@@ -231,6 +231,9 @@ def test_the_leader_is_read_in_the_followers_units_and_never_written():
                     leader_in_state=True)
         b.connect(5.0)
         try:
+            deadline = time.monotonic() + 3.0  # with leader_in_state the leader is opened in the background
+            while b.read().extras["leader"] is None and time.monotonic() < deadline:
+                time.sleep(0.02)
             leader = fake.bus("leader")
             leader.move_by_hand(1, 2048 + 300)  # the operator turns the leader's shoulder_pan
             leader.move_by_hand(6, 3400)  # and opens its gripper

@@ -16,6 +16,8 @@ JSON object per line in, one JSON reply per line out, e.g.
     {"op": "set_missing", "bus": "puppet_right", "id": 9}
     {"op": "set_bad_crc", "bus": "puppet_left", "id": 1}
     {"op": "unplug", "bus": "puppet_left"}          (its pty closes; the symlink stays, dangling)
+    {"op": "replug", "bus": "master_left"}          (a new pty, the symlink points at it again; the
+                                                     servos keep their state, as on USB re-enumeration)
     {"op": "goals", "bus": "puppet_left"}           -> {"goals": [[id, ticks], ...]} (every goal received)
     {"op": "torque", "bus": "puppet_left"}          -> {"torque": {id: 0|1}}
     {"op": "move_by_hand", "bus": "master_left", "id": 1, "position": 2300}
@@ -57,6 +59,8 @@ class AlohaFake:
                 bus.link_shadow(shadow, primary)
             self.buses[name] = bus
         self.ports: dict[str, str] = {}
+        self.link_dir: Path | None = None  # where `main` made the udev-like symlinks, for replug
+        self.link_prefix = ""
 
     def start(self) -> dict[str, str]:
         self.ports = {name: bus.start() for name, bus in self.buses.items()}
@@ -79,6 +83,22 @@ class AlohaFake:
         except KeyError:
             raise KeyError(f"no bus {name!r}; buses are {list(self.buses)}") from None
 
+    def replug(self, name: str) -> str:
+        """The adapter is plugged in again after ``unplug``: the bus serves on a new pty (the servos keep
+        their state) and the symlink, if any, points at it, as a udev rule re-creates its name."""
+        bus = self.bus(name)
+        if bus.alive:
+            raise ValueError(f"bus {name!r} is plugged in")
+        port = bus.start()
+        self.ports[name] = port
+        if self.link_dir is not None:
+            link = self.link_dir / f"{self.link_prefix}{name}"
+            tmp = link.with_name(link.name + ".new")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(port)
+            tmp.replace(link)  # atomic: the name never points nowhere
+        return port
+
     # --- the control socket's commands ----------------------------------------------------------
     def command(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
@@ -94,6 +114,8 @@ class AlohaFake:
             bus.set_bad_crc(int(sid), bool(msg.get("bad", True)))
         elif op == "unplug":
             bus.unplug()
+        elif op == "replug":
+            return {"port": self.replug(str(msg.get("bus")))}
         elif op == "goals":
             return {"goals": [list(g) for g in bus.received_goals]}
         elif op == "torque":
@@ -126,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-speed", type=float, default=3000.0, help="servo speed, ticks/s at Profile Velocity 0")
     args = parser.parse_args(argv)
     fake = AlohaFake(leaders=not args.no_leaders, max_speed=args.max_speed)
+    fake.link_dir, fake.link_prefix = args.link_dir, "ttyDXL_"
     return serve(fake, fake.start(), args.link_dir, "ttyDXL_", args.control, "aloha")
 
 

@@ -15,6 +15,8 @@ listens on a Unix socket for fault injection: one JSON object per line in, one r
     {"op": "set_missing", "bus": "follower", "id": 6}
     {"op": "set_bad_checksum", "bus": "follower", "id": 1}
     {"op": "unplug", "bus": "follower"}          (its pty closes; the symlink stays, dangling)
+    {"op": "replug", "bus": "leader"}            (a new pty, the symlink points at it again; the servos
+                                                  keep their state, as on USB re-enumeration)
     {"op": "goals", "bus": "follower"}           -> {"goals": [[id, ticks], ...]} (every goal received)
     {"op": "torque", "bus": "follower"}          -> {"torque": {id: 0|1}}
     {"op": "move_by_hand", "bus": "leader", "id": 1, "position": 2300}
@@ -41,6 +43,8 @@ class So101Fake:
         self.buses = {name: FeetechBusFake(IDS, max_speed=max_speed, tick_s=tick_s)
                       for name in (BUSES if leader else BUSES[:1])}
         self.ports: dict[str, str] = {}
+        self.link_dir: Path | None = None  # where `main` made the udev-like symlinks, for replug
+        self.link_prefix = ""
 
     def start(self) -> dict[str, str]:
         self.ports = {name: bus.start() for name, bus in self.buses.items()}
@@ -63,6 +67,22 @@ class So101Fake:
         except KeyError:
             raise KeyError(f"no bus {name!r}; buses are {list(self.buses)}") from None
 
+    def replug(self, name: str) -> str:
+        """The adapter is plugged in again after ``unplug``: the bus serves on a new pty (the servos keep
+        their state) and the symlink, if any, points at it, as a udev rule re-creates its name."""
+        bus = self.bus(name)
+        if bus.alive:
+            raise ValueError(f"bus {name!r} is plugged in")
+        port = bus.start()
+        self.ports[name] = port
+        if self.link_dir is not None:
+            link = self.link_dir / f"{self.link_prefix}{name}"
+            tmp = link.with_name(link.name + ".new")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(port)
+            tmp.replace(link)  # atomic: the name never points nowhere
+        return port
+
     def command(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
         bus = self.bus(str(msg.get("bus")))
@@ -75,6 +95,8 @@ class So101Fake:
             bus.set_bad_checksum(int(sid), bool(msg.get("bad", True)))
         elif op == "unplug":
             bus.unplug()
+        elif op == "replug":
+            return {"port": self.replug(str(msg.get("bus")))}
         elif op == "goals":
             return {"goals": [list(g) for g in bus.received_goals]}
         elif op == "torque":
@@ -106,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-speed", type=float, default=3000.0, help="servo speed, steps/s at Goal_Velocity 0")
     args = parser.parse_args(argv)
     fake = So101Fake(leader=not args.no_leader, max_speed=args.max_speed)
+    fake.link_dir, fake.link_prefix = args.link_dir, "ttySO101_"
     return serve(fake, fake.start(), args.link_dir, "ttySO101_", args.control, "so101")
 
 
