@@ -46,6 +46,8 @@ FRAME_QUEUE = 2  # frames queued per camera; older ones are dropped by ZeroMQ
 STOP_TIMEOUT_S = 5.0  # close(): SIGTERM, then this long before SIGKILL
 VIEW_NICE = 10  # how much lower than the cell the view runs
 PIP_HINT = "rerun-sdk is not installed: .venv/bin/pip install rerun-sdk"
+READY_LINE = "armada view: ready"  # start_view waits for this in the child's log
+READY_TIMEOUT_S = 15.0  # importing rerun and starting its sink takes a second or two
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,15 @@ def run_view(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    rec = rr.RecordingStream(f"armada/{cell.name}")
+    rec = rr.RecordingStream("armada-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in cell.name))
     try:
         _connect(rr, rec, mode, args.web_port)
     except Exception as exc:  # no display for spawn, a port in use for serve, an unwritable file for save
         print(f"armada view: cannot start the {mode.kind} view: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     view = LiveView(cell, Path(args.cell), rec, camera_hz=args.camera_hz, state_hz=args.state_hz)
+    time.sleep(0.2)  # let the subscriptions connect: a PUB drops what it sends before they do
+    print(READY_LINE, flush=True)
     try:
         view.run(stop, args.seconds)
     finally:
@@ -392,5 +396,21 @@ def start_view(cell_path: Path, run_dir: Path, mode: str) -> ViewHandle:
         # Its own process group, as the cell's processes: Ctrl-C reaches us, and we stop it.
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 process_group=0)
-    print(f"armada: live view ({mode}) started, pid {proc.pid}, log {log_path}", flush=True)
-    return ViewHandle(proc, log_path)
+    handle = ViewHandle(proc, log_path)
+    _wait_ready(handle)
+    print(f"armada: live view ({mode}) running, pid {proc.pid}, log {log_path}", flush=True)
+    return handle
+
+
+def _wait_ready(handle: ViewHandle, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Until the view has subscribed (so the first episode's events are in it), it exits, or the
+    timeout: a view that is slow to start is not worth failing a run for, only saying so."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if READY_LINE in handle.log_path.read_text(errors="replace"):
+            return
+        if not handle.alive:
+            tail = handle.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise SystemExit(f"--view: the view exited ({handle.proc.returncode}): {' | '.join(tail)}")
+        time.sleep(0.05)
+    log.warning("the view is not ready after %.0f s; going on without waiting (log: %s)", timeout_s, handle.log_path)
