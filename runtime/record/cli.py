@@ -30,7 +30,7 @@ def add_record_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("record", help="record demonstrations to a LeRobotDataset v3")
     p.add_argument("cell", type=Path, help="cell YAML")
     p.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="dataset folder (created, or --resume)")
-    p.add_argument("--repo-id", default=None, help="dataset repo id (default: armada/<folder name>)")
+    p.add_argument("--repo-id", default=None, help="dataset repo id (default: local/<folder name>)")
     p.add_argument("--task", required=True, help="the task string stored with every frame")
     p.add_argument("--episodes", type=int, default=10, help="episodes to record (default 10)")
     p.add_argument("--episode-time", type=float, default=60.0, metavar="S", help="seconds per episode (default 60)")
@@ -168,7 +168,7 @@ class RecordSession:
             return 2
         cell = load_cell(a.cell)
         run_dir = resolve_run_dir(a.run_dir, cell.name)
-        repo_id = a.repo_id or f"armada/{dataset.name}"
+        repo_id = a.repo_id or f"local/{dataset.name}"
         if not self._start_processes(a.cell, run_dir, cell):
             return 1
         cell = load_cell(a.cell, run_dir)
@@ -279,7 +279,7 @@ class RecordSession:
         while done < a.episodes and self.failed is None:
             _say(f"\narmada record: recording episode {done + 1}/{a.episodes}: {a.task!r}")
             try:
-                self.recorder.send("start", task=a.task, meta={"source": "armada record"})
+                self.recorder.send("start", task=a.task, t0_ns=time.time_ns(), meta={"source": "armada record"})
             except Exception as exc:  # noqa: BLE001 - the recorder is gone
                 self.failed = str(exc)
                 break
@@ -292,7 +292,7 @@ class RecordSession:
                 continue
             if self.failed is not None:
                 break
-            self.recorder.send("save", meta={"teleop": a.teleop})
+            self.recorder.send("save", t_end_ns=time.time_ns(), meta={"teleop": a.teleop})
             done += 1
             if key == KEY_STOP:
                 _say("armada record: stopping after this episode")

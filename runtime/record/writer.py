@@ -168,6 +168,7 @@ class RecorderProcess:
         self.add_ms: list[float] = []
         self.fatal: str | None = None
         self.closing = False
+        self.deferred: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ receiver thread
 
@@ -227,12 +228,21 @@ class RecorderProcess:
                 self.aligner.add_state(name, msg)
 
     def _handle_control(self) -> None:
+        pending, self.deferred = self.deferred, []
         while True:
             try:
-                cmd = self.ctl.get_nowait()
+                pending.append(self.ctl.get_nowait())
             except queue.Empty:
                 break
+        for cmd in pending:
             kind = cmd.get("cmd")
+            if self.closing:
+                continue  # after close nothing starts; an episode never told to save would be discarded
+            if self.episode is not None and self.aligner.t_end_ns is not None and kind != "close":
+                # The episode before is still being cut (its last rows wait for late frames): what
+                # follows belongs to the next one, whose start carries its own t0_ns.
+                self.deferred.append(cmd)
+                continue
             if kind == "start":
                 if self.episode is not None:
                     self.events.emit("error", error="start: an episode is already being recorded", fatal=False)
