@@ -11,7 +11,7 @@ import pytest
 from armada.runtime.config import SCRIPTED_CELL
 from armada.runtime.inference.client import EpisodeClient
 from armada.runtime.supervisor import CellProcesses
-from armada.runtime.view import read_rrd
+from armada.runtime.view import READY_LINE, read_rrd
 
 pytestmark = pytest.mark.hil
 
@@ -29,12 +29,14 @@ def test_view_saves_cameras_joints_and_episode_events_to_an_rrd(short_tmp):
     with CellProcesses(SCRIPTED_CELL, short_tmp) as procs:
         procs.start_all()
         view = _view(procs, rrd, 3.5)
-        time.sleep(1.0)  # the view subscribes before the episode's first events
+        seen = [view.stdout.readline() for _ in range(2)]  # the sink line, then ready (or EOF if it died)
+        assert READY_LINE in seen[-1], seen  # subscribed: the episode's first events will be in it
         client = EpisodeClient(procs.ctx, procs.cell)
         episode = client.start("wave", duration_s=1.5, arm=True)
         report = client.wait_report(episode, timeout_s=20)
         client.close()
         out, _ = view.communicate(timeout=20)
+        out = "".join(seen) + out
     assert view.returncode == 0, out
     assert report["outcome"] == "completed", report
 
