@@ -190,7 +190,7 @@ class DatasetStore:
                     shutil.rmtree(s.root)  # an empty folder, or a dataset created but never given an episode
                 self.ds = LeRobotDataset.create(s.repo_id, s.fps, s.features, root=s.root, robot_type=s.robot_type,
                                                 use_videos=True, image_writer_threads=s.image_writer_threads)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - lerobot and datasets wrap OS errors in their own
             self.ds = None
             raise self._disk_error(exc, "opening the dataset") from exc
         return self.ds.meta.total_episodes
@@ -202,7 +202,7 @@ class DatasetStore:
             frame[f"observation.images.{cam}"] = row.images[cam]
         try:
             self.ds.add_frame(frame)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - see _disk_error
             raise self._disk_error(exc, "staging a frame") from exc
 
     def frames(self) -> int:
@@ -232,9 +232,7 @@ class DatasetStore:
         except Exception as exc:
             self._drop_writer()
             recover(root)
-            if isinstance(exc, OSError):
-                raise self._disk_error(exc, f"saving episode {index}") from exc
-            raise
+            raise self._disk_error(exc, f"saving episode {index}") from exc
         self.ds = None
         (root / PENDING).unlink()
         shutil.rmtree(root / BACKUP_DIR, ignore_errors=True)
@@ -281,11 +279,31 @@ class DatasetStore:
             ds.meta._metadata_buffer = []
         ds._is_finalized = True
 
-    def _disk_error(self, exc: OSError, doing: str) -> RecordError:
-        why = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file grew past the size limit",
-               errno.EDQUOT: "the disk quota is used up"}.get(exc.errno, str(exc))
-        return RecordError(f"{doing} in {self.spec.root}: {why} ({exc}); recording stopped, the dataset holds "
-                           f"{self.episodes_on_disk()} finished episode(s) and loads")
+    def _disk_error(self, exc: BaseException, doing: str) -> RecordError:
+        """A RecordError naming the cause; an OS error anywhere in the chain (lerobot, datasets and
+        PyAV wrap them) is named by its errno: a full disk reads as one, whoever hit it."""
+        os_error = _os_error_in(exc)
+        why = repr(exc)
+        if os_error is not None:
+            why = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file grew past the size limit",
+                   errno.EDQUOT: "the disk quota is used up"}.get(os_error.errno or 0, str(os_error))
+            why = f"{why} ({os_error})"
+        try:
+            held = f"{self.episodes_on_disk()} finished episode(s)"
+        except (OSError, ValueError, KeyError):
+            held = "its finished episodes"
+        return RecordError(f"{doing} in {self.spec.root}: {why}; recording stopped, the dataset holds {held} "
+                           "and loads")
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
 
 
 def _jsonable(value: Any) -> Any:
