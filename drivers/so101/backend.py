@@ -75,9 +75,11 @@ ESTOP_READ_ATTEMPTS = 3
 DEG = 180.0 / math.pi
 # The leader's reply timeout, instead of the 50 ms lerobot adds to every packet timeout: a leader
 # that stops answering (unpowered) would otherwise cost 51 ms a read, every tick for LEADER_STALE_S,
-# past the worker's 30 ms read bound: the follower would fault for want of its leader. A real bus
-# answers a 6-servo sync read in about 1 ms plus the adapter's latency.
-LEADER_REPLY_TIMEOUT_MS = 15.0
+# past the worker's 30 ms read bound: the follower would fault for want of its leader (measured:
+# 51 ms a read). A real bus answers a 6-servo sync read in under 1 ms plus the adapter's latency
+# (1 ms set by udev); 5 ms, like ALOHA's 2 x latency + 2 ms, keeps a silent leader's reads inside the
+# 20 ms tick (15 ms made the loop overrun to 40 ms ticks while it was being declared lost).
+LEADER_REPLY_TIMEOUT_MS = 5.0
 
 
 def _leader_packet_timeout(self, packet_length):  # noqa: N802 (replaces scservo_sdk's PortHandler method)

@@ -9,7 +9,9 @@ follows them in hardware:
 
 piper_sdk on the puppet's bus decodes them as GetArmJointCtrl / GetArmGripperCtrl, which is how
 recording reads the master. Here the motion is scripted (a slow sine per joint around ``center``)
-so a test can compare what the SDK decoded with ``pose_at``.
+so a test can compare what the SDK decoded with ``pose_at``; ``move_by_hand(pose)`` stops the sine
+and holds the master at that pose (the operator's hand), ``set_broadcasting(False)`` switches it
+off (no frames: a master powered off or out of teaching mode).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class PiperMaster:
         self.amplitude = DEFAULT_AMPLITUDE.copy() if amplitude is None else np.asarray(amplitude, dtype=np.float64)
         self.frequency_hz = frequency_hz
         self.broadcasting = broadcasting
+        self.held: np.ndarray | None = None  # move_by_hand's pose, replacing the scripted motion
         self.t0 = time.monotonic()
         self.frames_sent = 0
         self._stop = threading.Event()
@@ -52,7 +55,10 @@ class PiperMaster:
         self._thread.start()
 
     def pose_at(self, t_mono: float) -> np.ndarray:
-        """The scripted master pose (6 joints rad, gripper m) at monotonic time ``t_mono``."""
+        """The master pose (6 joints rad, gripper m) at monotonic time ``t_mono``: scripted, or held by hand."""
+        held = self.held
+        if held is not None:
+            return held
         phase = 2 * math.pi * self.frequency_hz * (t_mono - self.t0) + np.arange(7) * 0.7
         return self.center + self.amplitude * np.sin(phase)
 
@@ -62,6 +68,13 @@ class PiperMaster:
 
     def set_broadcasting(self, on: bool) -> None:
         self.broadcasting = on
+
+    def move_by_hand(self, pose: np.ndarray) -> None:
+        """Hold the master at ``pose`` (6 joints rad, gripper m) from the next frame on: no more sine."""
+        pose = np.asarray(pose, dtype=np.float64)
+        if pose.shape != (7,) or not np.all(np.isfinite(pose)):
+            raise ValueError(f"a master pose is 6 joints (rad) and the gripper (m), got {pose!r}")
+        self.held = pose.copy()  # one attribute: the sending thread sees the old pose or the new, never a mix
 
     def close(self) -> None:
         self._stop.set()

@@ -30,6 +30,8 @@ command per line, one answer line each (``ok``, JSON, or ``error ...``):
                                are somewhere else afterwards (sagged, moved by hand)
   ``hand CH J1 .. J6``         the joints (deg) are moved by hand, with no command
   ``master CH 0|1``            stop/resume the master arm's broadcast (needs ``--master``)
+  ``masterhand CH J1 .. J6 MM`` the master is held by hand at these joints (deg) and gripper (mm): its
+                               scripted motion stops (needs ``--master``)
   ``state CH``                 JSON snapshot of the firmware (SI units)
   ``targets CH [SINCE]``       JSON list of [monotonic s, 6 joint targets rad] received after SINCE
   ``ping``                     ``ok``
@@ -150,6 +152,7 @@ class Control:
             "estop": self._estop, "error": self._error, "clear": self._clear, "silent": self._silent,
             "disable": self._disable, "master": self._master, "state": self._state, "targets": self._targets,
             "release": self._release, "mode": self._mode, "powercycle": self._powercycle, "hand": self._hand,
+            "masterhand": self._master_hand,
         }
 
     def execute(self, line: str) -> str:
@@ -222,6 +225,16 @@ class Control:
         if master is None:
             raise ValueError("no master arm on this channel: start the fake with --master")
         master.set_broadcasting(_on(a[1]))
+        return "ok"
+
+    def _master_hand(self, a: list[str]) -> str:
+        self._fw(a[0])
+        master = self.arms.masters.get(a[0])
+        if master is None:
+            raise ValueError("no master arm on this channel: start the fake with --master")
+        if len(a) != 8:
+            raise ValueError("masterhand CH J1 .. J6 GRIPPER_MM")
+        master.move_by_hand(np.append(np.radians(_joints_deg(a[1:7])), float(a[7]) / 1e3))
         return "ok"
 
     def _state(self, a: list[str]) -> str:
