@@ -236,6 +236,9 @@ class DatasetStore:
         self.ds = None
         (root / PENDING).unlink()
         shutil.rmtree(root / BACKUP_DIR, ignore_errors=True)
+        staging = root / "images"
+        if staging.is_dir() and not any(p.is_file() for p in staging.rglob("*")):
+            shutil.rmtree(staging, ignore_errors=True)  # lerobot leaves the empty folders of its staging
         return index
 
     def close(self) -> None:

@@ -1,0 +1,223 @@
+"""Recording with real processes: the mock arm, two small synthetic cameras, the recorder process,
+`armada record` under a pseudo-terminal (keys), `armada run --record`; every dataset is loaded
+back with lerobot's LeRobotDataset, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.hil.helpers import variant_cell
+
+pytestmark = pytest.mark.hil
+
+pytest.importorskip("lerobot", reason="lerobot is not installed")
+pytest.importorskip("datasets", reason="lerobot's dataset extra (datasets, pandas, pyarrow, av) is not installed")
+pytest.importorskip("av", reason="PyAV is not installed")
+
+FPS = 15
+W, H = 96, 64
+CAMERAS = [{"name": n, "width": W, "height": H, "fps": FPS, "frames": f"ipc://{{run_dir}}/cam-{n}"}
+           for n in ("front", "wrist")]
+
+
+@pytest.fixture(scope="module")
+def cell_dir():
+    path = Path(tempfile.mkdtemp(prefix="armada-rec-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cell(cell_dir):
+    return variant_cell(cell_dir, cameras=CAMERAS, inference__episode_duration_s=2)
+
+
+@pytest.fixture(scope="module")
+def procs(cell, cell_dir):
+    """The driver and both cameras, shared by the tests that do not start their own."""
+    from armada.runtime.supervisor import CellProcesses
+
+    with CellProcesses(cell, cell_dir / "run") as p:
+        p.spawn("driver", "arm")
+        for c in ("front", "wrist"):
+            p.spawn("camera", c)
+        p.wait_ready()
+        yield p
+
+
+def _load(root: Path, repo_id: str):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    return LeRobotDataset(repo_id, root=root)
+
+
+def _check_dataset(root: Path, repo_id: str, lengths: list[int]) -> None:
+    """Shapes, fps, monotone timestamps on the grid, every video frame decodes, lengths as reported."""
+    ds = _load(root, repo_id)
+    assert ds.num_episodes == len(lengths) and ds.fps == FPS
+    assert ds.meta.robot_type == "mock_arm"
+    assert ds.features["observation.state"]["names"][:2] == ["arm.shoulder_pan", "arm.shoulder_lift"]
+    assert ds.features["observation.state"]["names"][-1] == "gripper.gripper"
+    ep_len = [int(e["length"]) for e in ds.meta.episodes]
+    assert ep_len == lengths
+    i = 0
+    for ep, n in enumerate(lengths):
+        stamps = []
+        for k in range(n):
+            item = ds[i]
+            assert int(item["episode_index"]) == ep and int(item["frame_index"]) == k
+            for cam in ("front", "wrist"):
+                img = item[f"observation.images.{cam}"]
+                assert tuple(img.shape) == (3, H, W) and float(img.float().mean()) > 0  # decoded, not black
+            assert tuple(item["observation.state"].shape) == (7,) and tuple(item["action"].shape) == (7,)
+            stamps.append(float(item["timestamp"]))
+            i += 1
+        assert np.allclose(np.diff(stamps), 1 / FPS, atol=1e-4)  # monotone, on the grid
+
+
+def _sidecar(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "meta" / "armada_episodes.jsonl").read_text().splitlines()]
+
+
+def test_record_three_episodes_re_record_one_and_load(procs, cell, cell_dir) -> None:
+    """`armada record` under a pty: episode 2 is discarded with 'r' and recorded again."""
+    root = cell_dir / "three"
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "armada.runtime.cli", "record", str(cell), "--dataset", str(root),
+           "--repo-id", "local/three", "--task", "pick the cube", "--episodes", "3", "--episode-time", "1.5",
+           "--reset-time", "0.3", "--warmup", "0", "--run-dir", str(procs.run_dir)]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    os.close(slave)
+    out = b""
+    pressed = False
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    out += os.read(master, 4096)
+                except OSError:
+                    break
+            if not pressed and b"recording episode 2/3" in out:
+                time.sleep(0.5)
+                os.write(master, b"r")  # re-record episode 2
+                pressed = True
+        proc.wait(timeout=max(1, deadline - time.monotonic()))
+        while select.select([master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "keys: right arrow/n next" in text  # it saw a terminal
+    assert "episode 2 discarded" in text
+    assert text.count("recording episode 2/3") == 2
+    assert "3 episode(s) saved this session, 3 in" in text
+    side = _sidecar(root)
+    assert [e["episode_index"] for e in side] == [0, 1, 2]
+    lengths = [e["report"]["frames"] for e in side]
+    assert all(18 <= n <= 26 for n in lengths), lengths  # 1.5 s at 15 fps
+    for e in side:
+        rep = e["report"]
+        assert sum(rep["frames_lost"].values()) == 0 and sum(rep["states_lost"].values()) == 0, rep
+    _check_dataset(root, "local/three", lengths)
+    ds = _load(root, "local/three")
+    assert ds[0]["task"] == "pick the cube"
+
+
+def test_kill_9_mid_episode_keeps_earlier_episodes_and_resume_adds(procs, cell, cell_dir) -> None:
+    from armada.runtime.record.client import RecorderClient
+
+    root = cell_dir / "killed"
+    rec = RecorderClient(cell, procs.run_dir, root, "local/killed")
+    try:
+        rec.wait_ready()
+        rec.send("start", task="first")
+        rec.wait_for(("started",), 30)
+        time.sleep(1.0)
+        rec.send("save")
+        first = rec.wait_for(("saved",), 60)
+        rec.send("start", task="doomed")
+        rec.wait_for(("started",), 30)
+        time.sleep(1.0)  # frames of the doomed episode are being staged
+        os.kill(rec.pid, signal.SIGKILL)
+        rec.proc.wait(timeout=5)
+    finally:
+        rec.kill()
+    assert (root / "images").exists()  # the doomed episode's staging is left behind
+    ds = _load(root, "local/killed")
+    assert ds.num_episodes == 1 and len(ds) == first["frames"]
+
+    rec = RecorderClient(cell, procs.run_dir, root, "local/killed")
+    try:
+        assert rec.wait_ready()["episodes"] == 1
+        rec.send("start", task="after")
+        started = rec.wait_for(("started",), 30)
+        assert started["index"] == 1 and any("interrupted episode" in r for r in started["recovered"])
+        time.sleep(1.0)
+        rec.send("save")
+        second = rec.wait_for(("saved",), 60)
+        assert rec.close() == 0
+    finally:
+        rec.kill()
+    assert not (root / "images").exists()
+    _check_dataset(root, "local/killed", [first["frames"], second["frames"]])
+    assert [e["task"] for e in _sidecar(root)] == ["first", "after"]
+
+
+def test_too_little_disk_space_refuses_with_a_clear_error(procs, cell, cell_dir) -> None:
+    root = cell_dir / "full"
+    proc = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "record", str(cell), "--dataset", str(root),
+                           "--task", "t", "--episodes", "1", "--episode-time", "1", "--warmup", "0",
+                           "--min-free-mb", "1e12", "--run-dir", str(procs.run_dir)],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "disk nearly full" in proc.stdout and "(--min-free-mb)" in proc.stdout
+
+
+def test_run_record_writes_the_routed_task_and_scores(cell, cell_dir) -> None:
+    """`armada run --record` on the scripted cell (its own processes, inference included)."""
+    root = cell_dir / "auto"
+    run_dir = cell_dir / "run-auto"
+    proc = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "run", str(cell), "--run-dir", str(run_dir),
+                           "--episodes", "2", "--duration", "1.5", "--instruction", "wave hello",
+                           "--record", str(root), "--repo-id", "local/auto"],
+                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 of 2 episode(s) recorded" in proc.stdout
+    side = _sidecar(root)
+    assert [e["episode_index"] for e in side] == [0, 1]
+    for e in side:
+        assert e["task"] == "wave hello" and e["routed_task"] == "scripted"
+        assert e["router"]["scores"] == {"scripted": pytest.approx(1.0)}
+        assert e["inference_report"]["outcome"] == "completed"
+    _check_dataset(root, "local/auto", [e["report"]["frames"] for e in side])
+    ds = _load(root, "local/auto")
+    assert ds[0]["task"] == "wave hello"
+    # the arm moved under the scripted policy: the recorded action is not constant
+    actions = np.stack([ds[i]["action"].numpy() for i in range(len(ds))])
+    assert float(actions[:, 0].std()) > 1e-3
