@@ -141,8 +141,6 @@ class _Arm:
                                                               use_degrees=True, disable_torque_on_disconnect=False))
         finally:
             shutil.rmtree(empty, ignore_errors=True)
-        if self.leader:
-            self.bus.port_handler.setPacketTimeout = _leader_packet_timeout.__get__(self.bus.port_handler)
         cal = {name: MotorCalibration(**self.calibration[name]) for name in JOINTS}
         wrong_ids = {n: (cal[n].id, m.id) for n, m in self.bus.motors.items() if cal[n].id != m.id}
         if wrong_ids:
@@ -207,6 +205,10 @@ class _Arm:
                 self.bus.port_handler.is_open = False
             except Exception:  # noqa: BLE001
                 pass
+
+    def use_leader_timeout(self) -> None:
+        """From now on (the per-tick reads, after connect's) a reply is waited for LEADER_REPLY_TIMEOUT_MS."""
+        self.bus.port_handler.setPacketTimeout = _leader_packet_timeout.__get__(self.bus.port_handler)
 
     # --- connect steps ---------------------------------------------------------------------
     def read_raw(self, register: str) -> dict[str, int]:
@@ -367,6 +369,8 @@ class So101Backend(Backend):
                 return
             for arm in [self.follower] + (self._strict_leader()):
                 _on(arm, arm.ensure_calibrated)
+            for arm in self._strict_leader():
+                arm.use_leader_timeout()
             _on(self.follower, lambda: self.follower.take_control(list(self.s.pid)))
         except BackendError:
             self.close()
@@ -392,6 +396,7 @@ class So101Backend(Backend):
         try:
             arm.open()
             _on(arm, arm.ensure_calibrated)
+            arm.use_leader_timeout()
         except BackendError:
             arm.close()
             arm.robot = None
