@@ -7,8 +7,12 @@ pauses, interventions). It never sends a command.
 
 It must never slow the cell down. Publishers never block on a subscriber (ZeroMQ PUB drops at
 its high-water mark), the view reads on a fixed tick of its own with small queues (two frames
-per camera: older frames are dropped, the newest wins), and it lowers its own CPU priority
-before rerun starts its threads, so on a busy host the drivers' loops go first.
+per camera: older frames are dropped, the newest wins), decodes only the newest state message
+per driver per tick (a driver publishes at its control rate, 500 Hz for the mock arm; decoding
+them all cost more than the rest of the view), subsamples images to 320 pixels wide before
+compressing them, and lowers its own CPU priority before rerun starts its threads, so on a busy
+host the drivers' loops go first. A driver mode or lease holder that lasts less than a tick
+(20 ms) can be missed by the view's log lines; the joints are sampled at the tick rate.
 
 Modes: ``spawn`` (a rerun viewer window), ``serve`` (a gRPC server plus rerun's web viewer,
 for a headless robot PC: open the printed address), ``save:FILE.rrd`` (a recording to open
@@ -43,6 +47,8 @@ STATE_HZ = 50.0
 TICK_S = 0.02  # the view's own loop period: everything queued is read once per tick
 FLUSH_S = 0.1  # joint samples are sent to rerun in columns this often
 FRAME_QUEUE = 2  # frames queued per camera; older ones are dropped by ZeroMQ
+MAX_IMAGE_WIDTH = 320  # images are subsampled (every n-th pixel) to at most this wide: a view, not a dataset
+MAX_STATES_PER_TICK = 2000  # raw state messages read per driver per tick, at most (a flood stays bounded)
 STOP_TIMEOUT_S = 5.0  # close(): SIGTERM, then this long before SIGKILL
 VIEW_NICE = 10  # how much lower than the cell the view runs
 PIP_HINT = "rerun-sdk is not installed: .venv/bin/pip install rerun-sdk"
@@ -76,6 +82,8 @@ def add_view_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
     p.add_argument("--camera-hz", type=float, default=CAMERA_HZ, help=f"images per camera per second ({CAMERA_HZ:g})")
     p.add_argument("--state-hz", type=float, default=STATE_HZ, help=f"joint samples per driver per second ({STATE_HZ:g})")
+    p.add_argument("--max-image-width", type=int, default=MAX_IMAGE_WIDTH,
+                   help=f"subsample images to at most this wide ({MAX_IMAGE_WIDTH}; 0: full size)")
     p.add_argument("--web-port", type=int, default=None, help="serve: the web viewer's port (rerun's default 9090)")
 
 
@@ -109,7 +117,8 @@ def run_view(args: argparse.Namespace) -> int:
     except Exception as exc:  # no display for spawn, a port in use for serve, an unwritable file for save
         print(f"armada view: cannot start the {mode.kind} view: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    view = LiveView(cell, Path(args.cell), rec, camera_hz=args.camera_hz, state_hz=args.state_hz)
+    view = LiveView(cell, Path(args.cell), rec, camera_hz=args.camera_hz, state_hz=args.state_hz,
+                    max_image_width=args.max_image_width)
     time.sleep(0.2)  # let the subscriptions connect: a PUB drops what it sends before they do
     print(READY_LINE, flush=True)
     try:
@@ -166,7 +175,7 @@ class LiveView:
     """Reads the cell's streams on a fixed tick and logs them to a rerun recording stream."""
 
     def __init__(self, cell: Any, cell_path: Path | None, rec: Any, camera_hz: float = CAMERA_HZ,
-                 state_hz: float = STATE_HZ):
+                 state_hz: float = STATE_HZ, max_image_width: int = MAX_IMAGE_WIDTH):
         import rerun as rr
         import zmq
 
@@ -183,24 +192,30 @@ class LiveView:
         self.camera_period_ns = int(1e9 / camera_hz)
         self.state_period_ns = int(1e9 / state_hz)
         self._camera_due = {name: 0 for name in self.frames}
+        self.max_image_width = max_image_width
         self.counts = Counts()
 
     def run(self, stop: threading.Event, seconds: float | None = None) -> None:
         end = None if seconds is None else time.monotonic() + seconds
-        next_flush = time.monotonic() + FLUSH_S
+        next_flush = next_tick = time.monotonic()
         while not stop.is_set() and (end is None or time.monotonic() < end):
             self.tick()
-            if time.monotonic() >= next_flush:
+            now = time.monotonic()
+            if now >= next_flush:
                 self.flush_joints()
-                next_flush += FLUSH_S
-            stop.wait(TICK_S)
+                next_flush = now + FLUSH_S
+            # A fixed rate, not a fixed pause: work done in a tick does not stretch the period;
+            # a view starved of CPU (it is niced) skips ticks rather than catching up.
+            next_tick = max(next_tick + TICK_S, now)
+            stop.wait(next_tick - now)
         self.tick()
         self.flush_joints()
 
     def tick(self) -> None:
         now = time.monotonic_ns()
         for name, sub in self.states.items():
-            for msg in sub.drain():
+            msg = _newest(sub)
+            if msg is not None:
                 self._take_state(name, msg)
         for msg in self.events.drain():
             self._take_event(msg)
@@ -216,6 +231,9 @@ class LiveView:
     def _log_frame(self, name: str, frame: Any) -> None:
         rr = self.rr
         pixels = frame.pixels
+        if self.max_image_width and pixels.shape[1] > self.max_image_width:
+            step = -(-pixels.shape[1] // self.max_image_width)  # ceil
+            pixels = np.ascontiguousarray(pixels[::step, ::step])
         color = "L" if pixels.ndim == 2 or pixels.shape[-1] == 1 else "RGB"
         self.rec.set_time("wall", timestamp=frame.header["capture_ns"] * 1e-9)
         self.rec.log(f"cameras/{name}", rr.Image(pixels, color_model=color).compress(jpeg_quality=75))
@@ -330,6 +348,28 @@ class LiveView:
             self.rec.disconnect()
         except Exception as exc:
             log.warning("the rerun stream did not close cleanly: %s", exc)
+
+
+def _newest(sub: Any) -> dict[str, Any] | None:
+    """The newest valid message queued on a Subscriber, decoding only that one (and older ones
+    only if it does not decode); what it skips is read and dropped. Bounded per call."""
+    import zmq
+
+    from armada.runtime import protocol
+    from armada.runtime.protocol import ProtocolError
+
+    raws = []
+    for _ in range(MAX_STATES_PER_TICK):
+        if not sub.socket.poll(0, zmq.POLLIN):
+            break
+        raws = [*raws[-3:], sub.socket.recv(zmq.NOBLOCK, copy=False)]
+        sub.counters.received += 1
+    for raw in reversed(raws):
+        try:
+            return protocol.decode_valid(raw.buffer, sub.limits)
+        except ProtocolError as err:
+            sub.counters.reject(err)
+    return None
 
 
 def read_rrd(path: str | Path) -> dict[str, dict[str, list]]:
