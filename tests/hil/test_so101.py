@@ -239,7 +239,11 @@ def test_the_leader_is_read_in_the_followers_units_and_never_written():
             leader.move_by_hand(6, 3400)  # and opens its gripper
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline:
-                q = b.read_leader()
+                try:
+                    q = b.read_leader()
+                except BackendError as exc:  # the leader's 5 ms reply bound, the fake a thread of a loaded host
+                    assert exc.transient, exc
+                    continue
                 if abs(q[0] - 298 * 2 * math.pi / 4095) < 1e-6 and q[5] > 0.9999:
                     break
                 time.sleep(0.02)
