@@ -33,6 +33,16 @@ class EpisodeClient:
     def stop(self, reason: str = "operator") -> None:
         self.ctl.request("episode_stop", reason=reason)
 
+    def intervene(self) -> int:
+        """Take over the running episode: the inference side stops sending chunks and releases
+        every driver's lease (the drivers hold). Returns the episode; RemoteError BAD_STATE if none runs."""
+        return self.ctl.request("intervene")["episode"]
+
+    def resume(self) -> float:
+        """Hand the episode back; returns the seconds it was intervened. RemoteError BAD_STATE,
+        naming the holder, while anyone else still holds a driver's lease."""
+        return self.ctl.request("resume")["intervened_s"]
+
     def wait_report(self, episode: int, timeout_s: float, on_event: OnEvent | None = None) -> dict[str, Any]:
         """Follow events until this episode's report arrives; raises TimeoutError otherwise."""
         deadline = time.monotonic() + timeout_s
