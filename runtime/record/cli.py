@@ -151,7 +151,7 @@ class RecordSession:
 
     def main(self) -> int:
         from armada.runtime.config import load_cell
-        from armada.runtime.record.store import is_dataset
+        from armada.runtime.record.store import DEFAULT_MIN_FREE_MB, disk_free_mb, is_dataset
         from armada.runtime.rundir import resolve_run_dir
 
         a = self.args
@@ -166,6 +166,12 @@ class RecordSession:
         if dataset.exists() and not is_dataset(dataset) and any(dataset.iterdir()):
             _say(f"armada record: {dataset} exists and is not a LeRobot dataset: choose a new folder")
             return 2
+        min_free = a.min_free_mb if a.min_free_mb is not None else DEFAULT_MIN_FREE_MB
+        free = disk_free_mb(dataset)
+        if free < min_free:  # before starting anything; the recorder checks again before and during episodes
+            _say(f"armada record: disk nearly full: {free:.0f} MB free under {dataset}, the minimum is "
+                 f"{min_free:.0f} MB (--min-free-mb); nothing recorded")
+            return 1
         cell = load_cell(a.cell)
         run_dir = resolve_run_dir(a.run_dir, cell.name)
         repo_id = a.repo_id or f"local/{dataset.name}"

@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,7 @@ SIDECAR = "meta/armada_episodes.jsonl"
 BACKED_UP = ("meta/info.json", "meta/stats.json", "meta/tasks.parquet")
 EPISODE_FILE_DIRS = ("data", "videos", "meta/episodes")
 DEFAULT_MIN_FREE_MB = 1024
+MAX_PENDING_IMAGES_PER_CAMERA = 16  # about half a second at 30 fps
 
 
 class RecordError(RuntimeError):
@@ -204,6 +206,18 @@ class DatasetStore:
             self.ds.add_frame(frame)
         except Exception as exc:  # noqa: BLE001 - see _disk_error
             raise self._disk_error(exc, "staging a frame") from exc
+        self._wait_for_image_writer()
+
+    def _wait_for_image_writer(self) -> None:
+        """Backpressure: lerobot's image writer queues images in RAM without a bound. Waiting here
+        when it lags makes our own queue grow instead, which spills to disk past its budget."""
+        writer = self.ds.writer.image_writer
+        q = getattr(writer, "queue", None)
+        if q is None:
+            return
+        limit = MAX_PENDING_IMAGES_PER_CAMERA * max(1, len(self.spec.cameras))
+        while q.qsize() > limit:
+            time.sleep(0.005)
 
     def frames(self) -> int:
         return 0 if self.ds is None else int(self.ds.writer.episode_buffer["size"])

@@ -45,7 +45,7 @@ log = logging.getLogger("armada.record")
 # A row is settled this long after its instant plus half a period: frames arrive a few ms after
 # capture (ipc), state messages within a tick; generous, since it only delays writing.
 ARRIVAL_SLACK_NS = 150_000_000
-DEFAULT_RAM_BUDGET_MB = 512
+DEFAULT_RAM_BUDGET_MB = 256
 FRAME_HWM = 10_000  # messages; the receiver drains continuously, this only bounds a stall
 STATE_HWM = 200_000
 
