@@ -35,68 +35,22 @@ the puppet's bus can only come from a master (or another program on the bus). On
 (``virtual``, ``udp_multicast``) the SDK hears its own commands (see ``drivers.piper.fake.bus``);
 frames that match what this backend sent recently are therefore not counted as a master. A torn
 read (the SDK thread updates two joints non-atomically) could look foreign once, so a master
-counts as present only after several foreign observations within a short window.
+counts as present only after several foreign observations within a short window. (Each arm's
+watch, ``MasterWatch``, lives in drivers/piper/master.py: a single PiPer with a master uses it too.)
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from armada.drivers.core.backend import Backend, BackendError, Reading
-from armada.drivers.piper.backend import MDEG_PER_RAD, N_JOINTS, UM_PER_M, PiperBackend
+from armada.drivers.piper.backend import N_JOINTS, PiperBackend
+from armada.drivers.piper.master import MasterWatch
 
 ARM_DOF = N_JOINTS + 1
 SIDES = ("left", "right")
-MASTER_STALE_S = 0.1  # master frames older than this: the master is off (it sends at ~200 Hz)
-MASTER_CONFIRM_COUNT = 3  # foreign command observations within MASTER_CONFIRM_S mean a master is on
-MASTER_CONFIRM_S = 0.1
-OWN_HISTORY = 64  # writes remembered per arm (0.3 s at 200 Hz) to recognise our own echoed frames
-
-
-@dataclass
-class _Arm:
-    side: str
-    can: str
-    backend: PiperBackend
-    sent: deque = field(default_factory=lambda: deque(maxlen=OWN_HISTORY * 3))  # (pair, a, b), 0.001 deg
-    foreign_seen: deque = field(default_factory=lambda: deque(maxlen=MASTER_CONFIRM_COUNT))  # monotonic s
-
-    @property
-    def name(self) -> str:
-        return f"{self.side} arm ({self.can})"
-
-    def remember(self, mdeg: list[int]) -> None:
-        """Every joint frame the backend sends (targets and its anchoring at the measured pose), as
-        sent, so its echo matches exactly."""
-        self.sent.extend((k, int(mdeg[2 * k]), int(mdeg[2 * k + 1])) for k in range(3))
-
-    def joint_ctrl(self):
-        """The last joint command frames heard on this arm's bus (SDK object), or None if stale."""
-        ctrl = self.backend.sdk.GetArmJointCtrl()
-        return ctrl if _fresh(ctrl.time_stamp, MASTER_STALE_S) else None
-
-    def is_own(self, ctrl) -> bool:
-        jc = ctrl.joint_ctrl
-        pairs = ((0, jc.joint_1, jc.joint_2), (1, jc.joint_3, jc.joint_4), (2, jc.joint_5, jc.joint_6))
-        return all(p in self.sent for p in pairs)
-
-    def master_present(self) -> bool:
-        """Fresh command frames that this backend did not send, seen repeatedly just now."""
-        ctrl = self.joint_ctrl()
-        now = time.monotonic()
-        if ctrl is not None and not self.is_own(ctrl):
-            self.foreign_seen.append(now)
-        seen = self.foreign_seen
-        return (ctrl is not None and len(seen) == MASTER_CONFIRM_COUNT and now - seen[0] <= MASTER_CONFIRM_S)
-
-
-def _fresh(stamp: float, max_age_s: float) -> bool:
-    return stamp > 0 and time.time() - stamp <= max_age_s
-
 
 def check_layout(emb) -> None:
     """The embodiment must be 2 x (6 joints + gripper) in this order."""
@@ -120,7 +74,8 @@ class CobotMagicBackend(Backend):
                              "own CAN bus")
         self.cfg = cfg
         self.follow_masters = follow_masters
-        self.arms = [_Arm(side, can, self._piper(can, cfg)) for side, can in zip(SIDES, (cfg.left_can, cfg.right_can))]
+        self.arms = [MasterWatch(side, can, self._piper(can, cfg))
+                     for side, can in zip(SIDES, (cfg.left_can, cfg.right_can))]
         for arm in self.arms:
             arm.backend.on_joint_frame = arm.remember  # before sending, so its echo is recognised as ours
 
@@ -134,7 +89,7 @@ class CobotMagicBackend(Backend):
     def connect(self, timeout_s: float) -> None:
         """Connect both puppets within one deadline; if the second fails, the first is closed again."""
         deadline = time.monotonic() + timeout_s
-        connected: list[_Arm] = []
+        connected: list[MasterWatch] = []
         try:
             for arm in self.arms:
                 self._connect_arm(arm, deadline - time.monotonic())
@@ -144,12 +99,11 @@ class CobotMagicBackend(Backend):
                 arm.backend.close()
             raise
 
-    def _connect_arm(self, arm: _Arm, remaining_s: float) -> None:
+    def _connect_arm(self, arm: MasterWatch, remaining_s: float) -> None:
         if remaining_s <= 0:
             raise BackendError(f"Cobot Magic {arm.name}: no time left of the connect deadline", transient=False)
         arm.backend.close()  # a reconnect: PiperBackend.connect would drop the SDK instance prepared below
-        arm.sent.clear()
-        arm.foreign_seen.clear()
+        arm.reset()
         try:
             arm.backend.connect(remaining_s)
         except BackendError as exc:
@@ -174,7 +128,7 @@ class CobotMagicBackend(Backend):
                                transient=all(exc.transient for _, exc in errors))
         faults = [f"{arm.name}: {r.fault}" for arm, r in zip(self.arms, readings) if r.fault]
         masters = [] if self.follow_masters else [arm for arm in self.arms if arm.master_present()]
-        faults += [_master_reason(arm) for arm in masters]
+        faults += [arm.reason() for arm in masters]
         velocities = [r.velocity for r in readings]
         extras = {"estopped_arms": [a.side for a, r in zip(self.arms, readings) if r.estopped],
                   "master_arms": [a.side for a in masters]}
@@ -198,7 +152,7 @@ class CobotMagicBackend(Backend):
                                "their masters, and this backend does not command them", transient=False)
         for arm in self.arms:
             if arm.master_present():
-                raise BackendError(_master_reason(arm), transient=False)
+                raise BackendError(arm.reason(), transient=False)
         for arm, part in zip(self.arms, (p[:ARM_DOF], p[ARM_DOF:])):
             try:
                 arm.backend.write(part)
@@ -215,7 +169,7 @@ class CobotMagicBackend(Backend):
         """The masters' poses, or None and why (naming each quiet arm)."""
         values, quiet = [], []
         for arm in self.arms:
-            pose, why = _master_pose(arm)
+            pose, why = arm.pose()
             if pose is None:
                 quiet.append(f"Cobot Magic {arm.name}: {why}")
             else:
@@ -249,7 +203,7 @@ class CobotMagicBackend(Backend):
         deadline = time.monotonic() + timeout_s
         for arm in self.arms:
             if not self.follow_masters and arm.master_present():
-                raise BackendError(_master_reason(arm), transient=False)
+                raise BackendError(arm.reason(), transient=False)
             # Off now: its past frames must not count once our anchoring frames make the bus fresh again.
             arm.foreign_seen.clear()
         for arm in self.arms:
@@ -270,28 +224,6 @@ class CobotMagicBackend(Backend):
                 errors.append(f"{arm.name}: {exc}")
         if errors:
             raise BackendError(f"Cobot Magic {what} failed on {'; '.join(errors)}", transient=False)
-
-
-def _master_pose(arm: _Arm) -> tuple[np.ndarray | None, str | None]:
-    """One master's last commanded pose (6 joints rad, gripper m), or None and why."""
-    sdk = arm.backend.sdk
-    ctrl, grip = sdk.GetArmJointCtrl(), sdk.GetArmGripperCtrl()
-    stamp = min(ctrl.time_stamp, grip.time_stamp)
-    if not _fresh(stamp, MASTER_STALE_S):
-        age = "none heard" if stamp <= 0 else f"the last {(time.time() - stamp) * 1e3:.0f} ms ago"
-        return None, (f"no master command frames ({age}, bound {MASTER_STALE_S * 1e3:.0f} ms): is the master arm "
-                      "on, in teaching mode, on this CAN bus?")
-    if arm.is_own(ctrl):
-        return None, "the command frames on the bus are this driver's own, not a master's"
-    jc = ctrl.joint_ctrl
-    q = np.array([jc.joint_1, jc.joint_2, jc.joint_3, jc.joint_4, jc.joint_5, jc.joint_6], dtype=np.float64)
-    return np.append(q / MDEG_PER_RAD, grip.gripper_ctrl.grippers_angle / UM_PER_M), None
-
-
-def _master_reason(arm: _Arm) -> str:
-    return (f"{arm.name}: its master arm is broadcasting joint commands (teaching mode), so the puppet would "
-            "follow both the master and this driver; switch the master off or out of teaching mode "
-            "(or use teleop to record with it)")
 
 
 def build_in_worker(cfg: dict, emb: dict, follow_masters: bool) -> CobotMagicBackend:

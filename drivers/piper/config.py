@@ -22,6 +22,13 @@ class PiperBackendConfig(StrictModel):
     stale_s: float = Field(default=0.05, gt=0, le=1)  # feedback older than this is a read error
     # piper_sdk's resume frame is its reset frame, which cuts motor power: refused unless set.
     allow_reset_on_resume: bool = False
+    # A master (teaching) arm on this arm's bus (drivers/piper/master.py). follow_master: teleop and
+    # recording, where the master moves the arm in hardware and the driver refuses every write.
+    # master_in_state: the master's commanded pose in every state message (device["leader"], the
+    # arm's units, or None and "leader_error" when the master is quiet). With either set, a master
+    # broadcasting while the driver commands (follow_master off) faults the driver.
+    follow_master: bool = False
+    master_in_state: bool = False
 
 
 def refuse_virtual_bus(bustype: str) -> None:

@@ -28,8 +28,11 @@ def build(ctx: BuildContext) -> Backend:
     kwargs = {"can_name": b.can, "bustype": b.bustype, "speed_pct": b.speed_pct, "gripper_effort": b.gripper_effort,
               "stale_s": b.stale_s, "allow_reset_on_resume": b.allow_reset_on_resume,
               "zero_offsets_rad": None if offsets is None else [float(v) for v in offsets]}
-    return IsolatedBackend("armada.drivers.piper.backend:build_in_worker", kwargs, f"PiPer on {b.can}",
-                           realtime_priority=ctx.driver.realtime_priority)
+    factory = "armada.drivers.piper.backend:build_in_worker"
+    if b.follow_master or b.master_in_state:  # a master arm on the bus: its watch (drivers/piper/master.py)
+        factory = "armada.drivers.piper.master:build_in_worker"
+        kwargs.update(follow_master=b.follow_master, master_in_state=b.master_in_state)
+    return IsolatedBackend(factory, kwargs, f"PiPer on {b.can}", realtime_priority=ctx.driver.realtime_priority)
 
 
 def fake(argv: list[str]) -> int:

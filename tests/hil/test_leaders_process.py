@@ -6,9 +6,10 @@ device["leader"] within two ticks in the follower's units; a leader unplugged or
 with a leader_error within 0.2 s while the follower stays armed (no fault), and the leader comes back
 by itself when it is plugged in again or answers again.
 
-Cobot Magic in follow_masters mode: device["leader"] is the masters' commanded pose, the puppets
-follow it in hardware, leader_follows_in_hardware is True, a master switched off is None with an
-error naming the arm, and the driver still refuses to command the puppets.
+Cobot Magic in follow_masters mode (and a single PiPer in follow_master mode): device["leader"] is
+the masters' commanded pose, the puppets follow it in hardware, leader_follows_in_hardware is True,
+a master switched off is None with an error naming the arm, and the driver still refuses to command
+the puppets.
 """
 
 from __future__ import annotations
@@ -205,25 +206,28 @@ def test_a_silent_leader_is_none_within_0_2_s_never_faults_the_follower_and_come
 # --------------------------------------------------------------------------- Cobot Magic
 
 
-@pytest.fixture
-def cobot(short_tmp, monkeypatch):
+def _piper_cell(short_tmp: Path, monkeypatch, cell_name: str, n_arms: int):
+    """A PiPer-family teleop cell (its masters followed in hardware) against the fake firmwares with
+    their scripted masters in their own process: (fake, client, recorder)."""
     pytest.importorskip("piper_sdk")
     pytest.importorskip("can")
     from armada.drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group
 
     port = free_udp_port()
     monkeypatch.setenv("CAN_CONFIG", json.dumps({"port": port}))  # the driver child inherits it
-    groups = [random_group(), random_group()]
-    while groups[1] == groups[0]:
-        groups[1] = random_group()
-    data = yaml.safe_load((CONFIG_DIR / "cells" / "cobot_magic_leader_fake.yaml").read_text())
+    groups: list[str] = []
+    while len(groups) < n_arms:
+        g = random_group()
+        if g not in groups:
+            groups.append(g)
+    data = yaml.safe_load((CONFIG_DIR / "cells" / cell_name).read_text())
     drv = data["drivers"][0]
-    drv["backend"].update(left_can=groups[0], right_can=groups[1])
+    drv["backend"].update({"can": groups[0]} if n_arms == 1 else {"left_can": groups[0], "right_can": groups[1]})
     drv["lease_ttl_s"] = 10.0
     cell = short_tmp / "cell.yaml"
     cell.write_text(yaml.safe_dump(data))
     with FakePiperProcess(groups, port, "--home", "--master") as fake, CellProcesses(cell, short_tmp) as procs:
-        procs.spawn("driver", "robot")
+        procs.spawn("driver", drv["name"])
         procs.wait_ready(30.0)
         client = CommandClient(procs.ctx, procs.cell.drivers[0].cmd, default_timeout_s=10.0)
         rec = StateRecorder(procs.ctx, procs.cell.drivers[0].state)
@@ -232,6 +236,35 @@ def cobot(short_tmp, monkeypatch):
         finally:
             rec.stop()
             client.close()
+
+
+@pytest.fixture
+def cobot(short_tmp, monkeypatch):
+    yield from _piper_cell(short_tmp, monkeypatch, "cobot_magic_leader_fake.yaml", 2)
+
+
+@pytest.fixture
+def piper(short_tmp, monkeypatch):
+    yield from _piper_cell(short_tmp, monkeypatch, "piper_leader_fake.yaml", 1)
+
+
+def test_a_piper_follows_its_master_in_hardware_and_publishes_it_as_the_leader(piper):
+    fake, client, rec = piper
+    rig = Rig(fake, client, rec, "", [], lambda s, t: (0, 0.0), {})
+    pose = np.array([0.2, 0.9, -0.8, 0.1, 0.3, -0.2, 0.04])
+    t0 = time.monotonic_ns()
+    fake.cmd(f"masterhand {fake.channels[0]} {' '.join(f'{v:.6f}' for v in np.degrees(pose[:6]))} {pose[6] * 1e3:.4f}")
+    m = wait_state(rig, lambda m: m["device"].get("leader") is not None
+                   and np.allclose(m["device"]["leader"], pose, atol=2e-5), t0, 2.0)
+    assert m["device"]["leader_follows_in_hardware"] is True and m["mode"] == "idle"
+    wait_state(rig, lambda m: np.allclose(m["measured"], pose, atol=2e-3), t0, 3.0)
+    t1 = time.monotonic_ns()
+    fake.cmd(f"master {fake.channels[0]} 0")
+    m = wait_state(rig, lambda m: m["device"].get("leader") is None, t1, 2.0)
+    assert (m["mono_ns"] - t1) * 1e-9 < LOST_BOUND_S + 0.05
+    assert "no master command frames" in m["device"]["leader_error"]
+    time.sleep(0.2)
+    assert modes_since(rig, t0) == {"idle"}
 
 
 def test_cobot_magic_publishes_its_masters_as_the_leader_and_never_commands_the_puppets(cobot):
