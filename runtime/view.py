@@ -136,6 +136,11 @@ def _connect(rr: Any, rec: Any, mode: ViewMode, web_port: int | None) -> None:
         rec.save(mode.path)
         print(f"armada view: recording to {mode.path} (open with: rerun {mode.path})", flush=True)
     elif mode.kind == "spawn":
+        # rerun-sdk installs the viewer (`rerun`) next to this interpreter; a venv run without
+        # activating it does not have that folder on PATH, and spawn looks for it there.
+        here = str(Path(sys.executable).parent)
+        if (Path(here) / "rerun").exists() and here not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
         rec.spawn(memory_limit="25%")
     else:
         url = rec.serve_grpc(server_memory_limit="512MiB")
@@ -156,7 +161,7 @@ class Counts:
 
     def summary(self) -> str:
         bad = f", rejected {self.rejected}" if self.rejected else ""
-        return (f"{self.images} images, {self.state_samples} joint samples (of {self.states_seen} states), "
+        return (f"{self.images} images, {self.state_samples} joint samples (of {self.states_seen} states received), "
                 f"{self.events} events{bad}")
 
 
@@ -190,7 +195,9 @@ class LiveView:
         self.events = Subscriber(self.ctx, cell.inference.events, cell.curve, hwm=1000)
         self.joints = {d.name: _Joints(driver_embodiment(cell_path, d).joint_names) for d in cell.drivers}
         self.camera_period_ns = int(1e9 / camera_hz)
-        self.state_period_ns = int(1e9 / state_hz)
+        # The tick already samples each driver's newest state: keep a sample unless it comes
+        # sooner than the asked period less half a tick (tick jitter must not halve the rate).
+        self.state_period_ns = max(0, int(1e9 / state_hz - TICK_S * 1e9 / 2))
         self._camera_due = {name: 0 for name in self.frames}
         self.max_image_width = max_image_width
         self.counts = Counts()
@@ -243,7 +250,6 @@ class LiveView:
 
     def _take_state(self, driver: str, msg: dict[str, Any]) -> None:
         j = self.joints[driver]
-        self.counts.states_seen += 1
         self._transitions(driver, j, msg)
         if msg["t_ns"] - j.last_ns < self.state_period_ns:
             return
@@ -341,6 +347,8 @@ class LiveView:
         for name, sub in [*self.frames.items(), *self.states.items(), ("events", self.events)]:
             if sub.counters.rejected:
                 self.counts.rejected[name] = sub.counters.rejected
+            if name in self.states:
+                self.counts.states_seen += sub.counters.received
             sub.close()
         self.ctx.term()
         try:
