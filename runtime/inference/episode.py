@@ -56,6 +56,9 @@ FIRST_OBSERVATION_S = 3.0
 # refuses a far first point anyway (max_engage_distance), and a nearer one is still a lurch.
 REALIGN_AT_FULL_SPEED_S = 0.05
 REALIGN_ATTEMPTS = 3  # move_to and re-infer at most this often before the chunk goes as it is
+# And never more than half the driver's max_engage_distance (beyond it the driver refuses the
+# chunk). Drivers announce it in their description where they do; else the embodiment default.
+DEFAULT_ENGAGE_DISTANCE = 0.2
 
 
 @dataclass(frozen=True)
@@ -487,7 +490,8 @@ class EpisodeRunner:
             state = self.builder.latest_states.get(link.name)
             if state is None:
                 continue
-            bound = np.asarray(link.description["max_velocity"]) * REALIGN_AT_FULL_SPEED_S
+            engage = float(link.description.get("max_engage_distance", DEFAULT_ENGAGE_DISTANCE))
+            bound = np.minimum(np.asarray(link.description["max_velocity"]) * REALIGN_AT_FULL_SPEED_S, engage / 2)
             gap = np.abs(part - state["commanded"])
             if np.all(gap <= bound):
                 continue

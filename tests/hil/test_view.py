@@ -116,3 +116,16 @@ def _running(pid: int) -> bool:
             return not any(line.startswith("State:") and "Z" in line for line in f)
     except FileNotFoundError:
         return False
+
+
+def test_armada_run_with_view_records_the_whole_episode(short_tmp):
+    rrd = short_tmp / "run.rrd"
+    out = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "run", str(SCRIPTED_CELL), "--run-dir",
+                          str(short_tmp / "run"), "--episodes", "1", "--duration", "2", "--view", f"save:{rrd}"],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    data = read_rrd(rrd)
+    texts = [t[0] for t in data["/inference/log"]["TextLog:text"]]
+    # start_view waited for the view to subscribe, so the episode is there from its first event.
+    assert texts[0].startswith("episode 1 started") and texts[-1].startswith("episode 1 ended: completed"), texts
+    assert data["/cameras/front"]["EncodedImage:blob"] and data["/joints/arm/elbow/measured"]["Scalars:scalars"]
