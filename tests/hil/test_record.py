@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hil.helpers import variant_cell
-
 pytestmark = pytest.mark.hil
 
 pytest.importorskip("lerobot", reason="lerobot is not installed")
@@ -42,7 +40,18 @@ def cell_dir():
 
 @pytest.fixture(scope="module")
 def cell(cell_dir):
-    return variant_cell(cell_dir, cameras=CAMERAS, inference__episode_duration_s=2)
+    """The mock arm with its scripted leader (configs/cells/teleop_mock.yaml), two small cameras."""
+    import yaml
+
+    from armada.runtime.config import SCRIPTED_CELL
+
+    data = yaml.safe_load((SCRIPTED_CELL.parent / "teleop_mock.yaml").read_text())
+    data["drivers"][0]["embodiment"] = str(SCRIPTED_CELL.parent.parent / "embodiments" / "mock_arm.yaml")
+    data["cameras"] = CAMERAS
+    data["inference"]["episode_duration_s"] = 2
+    path = cell_dir / "cell.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +103,13 @@ def _sidecar(root: Path) -> list[dict]:
 
 
 def test_record_three_episodes_re_record_one_and_load(procs, cell, cell_dir) -> None:
-    """`armada record` under a pty: episode 2 is discarded with 'r' and recorded again."""
+    """`armada record --teleop leader` under a pty: episode 2 is discarded with 'r' and recorded again."""
     root = cell_dir / "three"
     master, slave = pty.openpty()
     cmd = [sys.executable, "-m", "armada.runtime.cli", "record", str(cell), "--dataset", str(root),
            "--repo-id", "local/three", "--task", "pick the cube", "--episodes", "3", "--episode-time", "1.5",
-           "--reset-time", "0.3", "--warmup", "0", "--run-dir", str(procs.run_dir)]
+           "--reset-time", "0.3", "--warmup", "0", "--teleop", "leader", "--yes",
+           "--run-dir", str(procs.run_dir)]
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     os.close(slave)
     out = b""
@@ -145,6 +155,13 @@ def test_record_three_episodes_re_record_one_and_load(procs, cell, cell_dir) -> 
     _check_dataset(root, "local/three", lengths)
     ds = _load(root, "local/three")
     assert ds[0]["task"] == "pick the cube"
+    assert "following the leader" in text
+    # The follower followed the scripted leader: actions (teleop's servo targets after the safety
+    # filter) move, and the measured pose tracks them.
+    act = np.stack([ds[i]["action"].numpy() for i in range(len(ds))])
+    obs = np.stack([ds[i]["observation.state"].numpy() for i in range(len(ds))])
+    assert float(act[:, :6].std(axis=0).max()) > 0.01
+    assert float(np.abs(act - obs)[:, :6].max()) < 0.1
 
 
 def test_kill_9_mid_episode_keeps_earlier_episodes_and_resume_adds(procs, cell, cell_dir) -> None:
