@@ -219,13 +219,19 @@ def test_run_record_writes_the_routed_task_and_scores(cell, cell_dir) -> None:
     """`armada run --record` on the scripted cell (its own processes, inference included)."""
     root = cell_dir / "auto"
     run_dir = cell_dir / "run-auto"
-    proc = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "run", str(cell), "--run-dir", str(run_dir),
-                           "--episodes", "2", "--duration", "1.5", "--instruction", "wave hello",
-                           "--record", str(root), "--repo-id", "local/auto"],
-                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
-                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 of 2 episode(s) recorded" in proc.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "armada.runtime.cli", "run", str(cell), "--run-dir", str(run_dir),
+                             "--episodes", "2", "--duration", "2", "--instruction", "wave hello",
+                             "--record", str(root), "--repo-id", "local/auto"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    try:
+        _intervene_once(run_dir)  # the operator takes over episode 1 for a moment, then hands back
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "2 of 2 episode(s) recorded" in stdout
     side = _sidecar(root)
     assert [e["episode_index"] for e in side] == [0, 1]
     for e in side:
@@ -238,3 +244,39 @@ def test_run_record_writes_the_routed_task_and_scores(cell, cell_dir) -> None:
     # the arm moved under the scripted policy: the recorded action is not constant
     actions = np.stack([ds[i]["action"].numpy() for i in range(len(ds))])
     assert float(actions[:, 0].std()) > 1e-3
+    # the intervention shows in episode 0's frames, and only there
+    flags = np.array([bool(ds[i]["intervention"]) for i in range(len(ds))])
+    n0 = side[0]["report"]["frames"]
+    assert side[0]["report"]["intervention_frames"] == int(flags[:n0].sum()) > 0
+    assert not flags[n0:].any() and side[1]["report"]["intervention_frames"] == 0
+    assert side[0]["inference_report"]["interventions"] == 1
+
+
+def _intervene_once(run_dir: Path) -> None:
+    import zmq
+
+    from armada.runtime.transport import CommandClient, Subscriber
+
+    ctx = zmq.Context()
+    events = ctl = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "events").exists():  # the run dir's sockets appear once inference binds
+            assert time.monotonic() < deadline, "armada run never started its inference process"
+            time.sleep(0.1)
+        events = Subscriber(ctx, f"ipc://{run_dir}/events")
+        while True:
+            assert time.monotonic() < deadline, "no episode started"
+            msg = events.recv(0.2)
+            if msg is not None and msg.get("event") == "episode_started":
+                break
+        time.sleep(0.6)
+        ctl = CommandClient(ctx, f"ipc://{run_dir}/ctl", default_timeout_s=2.0)
+        ctl.request("intervene")
+        time.sleep(0.5)
+        ctl.request("resume")
+    finally:
+        for sock in (events, ctl):
+            if sock is not None:
+                sock.close()
+        ctx.destroy(linger=0)
