@@ -3,13 +3,22 @@
 Engaging (``engage``): take the driver's control lease (retrying briefly while another holder
 lets go, as during an intervention), arm the driver only where allowed (a cell that moves no real
 hardware, or the operator's --arm), make a ramped ``move_to`` to the source's pose and wait until
-the follower is measured there, ask the operator to confirm, then follow: a thread sends a ``servo``
-target every tick of the follower's control rate. Every servo goes through the driver's safety
-filter (limits, velocity, acceleration) and renews the lease.
+the follower is measured there, ask the operator to confirm, then follow: a thread sends the
+source's pose every period (the follower's control rate, at most 50 Hz) as a one-point timed
+trajectory on a steady time grid, two periods ahead. Every target goes through the driver's safety
+filter (limits, velocity, acceleration), is refused beyond max_engage_distance like a servo target
+(TOO_FAR), and renews the lease.
+
+Why not ``servo``: the driver reaches each servo target over SERVO_INTERPOLATION_S starting again
+from the filter's pose at every new target, so a stream's progress per period depends on where the
+target lands between the driver's ticks. On a 50 Hz driver (SO-101) that made the follower lag a
+1.2 rad/s leader by over 0.3 rad (TOO_FAR, measured on the SO-101 fake); at 500 Hz servos a 1.6
+rad/s leader got about 0.5 rad/s. Timed points on a grid are played at their times whatever the
+phase: the follower runs a constant two periods behind the source.
 
 Holding: whenever following stops (the leader is lost, the driver refuses a target, the operator
-holds) no more servo targets are sent and the driver settles on the last one: it holds there,
-armed. Nothing resumes by itself: following again needs ``engage`` again (a ramped move to where
+holds) no more targets are sent and the driver plays the last one (each is marked final) and holds
+there, armed. Nothing resumes by itself: following again needs ``engage`` again (a ramped move to where
 the source is now, and the operator's confirmation), so the follower never jumps.
 
 The lease while holding is kept alive by heartbeats from the same thread, so no other controller
@@ -18,7 +27,7 @@ this process dies, the heartbeats stop, the lease lapses after the cell's ``leas
 driver decelerates to a hold on its own.
 
 Sources that follow in hardware (Cobot Magic's puppets obey their masters on the CAN bus: state
-``device["leader_follows_in_hardware"]``) are only watched: no lease, no servo.
+``device["leader_follows_in_hardware"]``) are only watched: no lease, no targets.
 """
 
 from __future__ import annotations
@@ -44,11 +53,15 @@ __all__ = ["TeleopError", "TeleopSession", "LeaderSource", "leader_source"]
 # over 100 ms now and then in the HIL tests; a false "lost" holds the arm, safe but annoying.
 SILENCE_TICKS = 5
 MIN_SILENCE_S = 0.25
-# Consecutive servo requests without a reply before following stops.
+# Consecutive targets without a reply (or late) before following stops.
 MAX_SERVO_TIMEOUTS = 3
 SERVO_TIMEOUT_S = 0.2
-# A servo later than this many periods after the previous one: this process stalled.
+# A target later than this many periods after the previous one: this process stalled.
 STALL_PERIODS = 3
+MAX_FOLLOW_RATE_HZ = 100.0
+# Each target is stamped this many periods ahead of now (driver clock): it arrives before its
+# segment starts playing even when the request is a period late.
+LEAD_PERIODS = 2
 # Arrival after a move_to: measured within this many joint units, or 2 % of the joint's range if smaller.
 ARRIVE_TOLERANCE = 0.05
 ARRIVE_RANGE_FRACTION = 0.02
@@ -56,16 +69,10 @@ ARRIVE_RANGE_FRACTION = 0.02
 ARRIVE_SLACK_S = 3.0
 
 
-def servo_rate_hz(control_rate_hz: float) -> float:
-    """The rate teleop sends servo targets at: the follower's control rate, but no faster than one
-    per SERVO_INTERPOLATION_S. The driver reaches each servo target over that time, starting again
-    from where the arm is commanded now at every new target: targets sent every tick of a 500 Hz
-    driver are each sampled barely one tick into their 20 ms ramp, and the follower crawls (measured
-    on the mock arm: about 0.5 rad/s of a 1.6 rad/s leader, then TOO_FAR). Like servoJ, send at the
-    interpolation's period."""
-    from armada.drivers.core.driver import SERVO_INTERPOLATION_S
-
-    return min(float(control_rate_hz), 1.0 / SERVO_INTERPOLATION_S)
+def follow_rate_hz(control_rate_hz: float) -> float:
+    """How often teleop sends a target: the follower's control rate, at most MAX_FOLLOW_RATE_HZ
+    (the driver interpolates between the points; faster buys little latency for much CPU)."""
+    return min(float(control_rate_hz), MAX_FOLLOW_RATE_HZ)
 
 
 class TeleopError(RuntimeError):
@@ -81,14 +88,15 @@ class LoopStats:
     sent: int = 0
     refused: int = 0
     timeouts: int = 0
-    stalls: int = 0  # servo periods missed here (a stalled host): followed by a blend-in
+    stalls: int = 0  # periods missed here (a stalled host): followed by a blend-in
+    late: int = 0  # targets that reached the driver after their time (skipped)
     last_send: float | None = None
 
     def summary(self) -> dict[str, float]:
         iv = np.array(self.intervals_s) * 1e3
         rtt = np.array(self.rtts_s) * 1e3
         out: dict[str, float] = {"sent": self.sent, "refused": self.refused, "timeouts": self.timeouts,
-                                 "stalls": self.stalls}
+                                 "stalls": self.stalls, "late": self.late}
         if len(iv):
             out |= {"interval_median_ms": float(np.median(iv)), "interval_p99_ms": float(np.percentile(iv, 99)),
                     "interval_max_ms": float(iv.max()), "rate_hz": float(1e3 / np.mean(iv))}
@@ -110,7 +118,10 @@ class TeleopSession:
         self.say = say
         self.client = client
         self.allow_arm = arm or moves_no_hardware(cell)
-        self.rate_hz = float(rate_hz or servo_rate_hz(self.emb.control_rate_hz))
+        self.rate_hz = float(rate_hz or follow_rate_hz(self.emb.control_rate_hz))
+        self._period_ns = int(1e9 / self.rate_hz)
+        self._offset_ns = 0  # driver monotonic clock minus ours
+        self._tau: int | None = None  # driver time of the last target sent
         self.acquire_wait_s = acquire_wait_s
         self._own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
@@ -174,6 +185,8 @@ class TeleopSession:
             return
         msg, _ = self.feed.latest()
         self._sent = np.asarray(msg["commanded"], dtype=np.float64) if msg else None
+        self._sync_clock()
+        self._tau = None
         self._blending = True
         self._blend_v = np.zeros(self.emb.dof)
         self._prev_source = None
@@ -255,7 +268,7 @@ class TeleopSession:
     def _watch_only(self) -> None:
         self._set_status("watching: the follower obeys its leader in hardware (teleop sends nothing)")
         self.say(f"teleop {self.drv.name}: this follower follows its leader arm in hardware (Cobot Magic masters): "
-                 "watching only, no lease taken, no servo targets sent")
+                 "watching only, no lease taken, no targets sent")
 
     def _take_lease(self) -> None:
         if self.lease is not None:
@@ -328,6 +341,17 @@ class TeleopSession:
                  f"ramped over {duration:.1f} s")
         self._wait_arrival(target, duration + ARRIVE_SLACK_S)
 
+    def _sync_clock(self, samples: int = 5) -> None:
+        """The driver's clock offset from the ping with the shortest round trip (targets carry
+        driver times)."""
+        best = None
+        for _ in range(samples):
+            sent = time.monotonic_ns()
+            driver_ns = int(self._leased("ping")["mono_ns"])
+            received = time.monotonic_ns()
+            if best is None or received - sent < best:
+                best, self._offset_ns = received - sent, driver_ns - (sent + received) // 2
+
     def _wait_arrival(self, target: np.ndarray, timeout_s: float) -> None:
         tol = np.minimum(ARRIVE_TOLERANCE, ARRIVE_RANGE_FRACTION * (self.emb.upper - self.emb.lower))
         # State published before now (still queued on a loaded host) says nothing about the move.
@@ -367,7 +391,7 @@ class TeleopSession:
             self._keeper = None
 
     def _keep(self) -> None:
-        """Follow (servo every tick) or hold (heartbeats only) until stopped or the lease is lost."""
+        """Follow (a target every period) or hold (heartbeats only) until stopped or the lease is lost."""
         period = 1.0 / self.rate_hz
         beat = min(self._ttl_s / 5.0, 0.05)  # as often as the inference process beats (heartbeat_s)
         last_beat = 0.0
@@ -379,7 +403,7 @@ class TeleopSession:
                 timeouts = self._follow_tick(timeouts)
                 next_tick += period
                 if next_tick < now - period:
-                    next_tick = now  # fell behind (a stall): no burst of catch-up servos
+                    next_tick = now  # fell behind (a stall): no burst of catch-up targets
                 self._stop.wait(max(0.0, next_tick - time.monotonic()))
                 continue
             next_tick = now
@@ -407,7 +431,8 @@ class TeleopSession:
             self._to_hold(f"{self.source.name} lost ({self.source.reason})")
             return 0
         sent = time.monotonic()
-        if self.stats.last_send is not None and sent - self.stats.last_send > STALL_PERIODS / self.rate_hz:
+        stalled = self.stats.last_send is not None and sent - self.stats.last_send > STALL_PERIODS / self.rate_hz
+        if stalled:
             # This process stalled (a loaded host): the follower settled on the last target while the
             # source moved on. Blend in again from where the follower is commanded, rather than
             # sending a target that jumped (the driver would refuse it: TOO_FAR).
@@ -416,15 +441,27 @@ class TeleopSession:
             self._sent = np.asarray(msg["commanded"], dtype=np.float64)
             self._blend_v = np.asarray(msg["velocity"], dtype=np.float64)
         target = self._blend(target)
+        # On a steady grid, LEAD_PERIODS ahead; restarted after a stall or a drift of a period.
+        due = time.monotonic_ns() + self._offset_ns + LEAD_PERIODS * self._period_ns
+        tau = due if self._tau is None or stalled else self._tau + self._period_ns
+        if abs(tau - due) > self._period_ns:
+            tau = due
         try:
-            self._request("servo", timeout_s=SERVO_TIMEOUT_S, lease=self.lease, target=target)
+            self._request("trajectory", timeout_s=SERVO_TIMEOUT_S, lease=self.lease, t0_ns=tau,
+                          dt=self._period_ns * 1e-9, points=target[None, :], merge="replace", final=True)
+            self._tau = tau
         except TimeoutError:
             self.stats.timeouts += 1
             if timeouts + 1 >= MAX_SERVO_TIMEOUTS:
-                self._to_hold(f"driver {self.drv.name} does not answer servo requests")
+                self._to_hold(f"driver {self.drv.name} does not answer (no reply to {MAX_SERVO_TIMEOUTS} targets)")
                 return 0
             return timeouts + 1
         except RemoteError as exc:
+            if exc.code == "bad_value" and "in the past" in exc.reason and timeouts + 1 < MAX_SERVO_TIMEOUTS:
+                # Reached the driver after its time (a loaded host): skipped; the grid starts again.
+                self.stats.late += 1
+                self._tau = None
+                return timeouts + 1
             self.stats.refused += 1
             if exc.code == "too_far":
                 self._to_hold(f"the {self.source.name} jumped beyond the driver's engage distance ({exc.reason}); "
@@ -433,7 +470,7 @@ class TeleopSession:
                 self.lease = None
                 self._to_hold(f"lease lost ({exc.reason})")
             else:
-                self._to_hold(f"servo refused: {exc.code}: {exc.reason}")
+                self._to_hold(f"target refused: {exc.code}: {exc.reason}")
             return 0
         done = time.monotonic()
         self._sent = target

@@ -16,7 +16,7 @@ import yaml
 
 from armada.runtime.config import CONFIG_DIR, REPO_ROOT, load_embodiment
 from armada.runtime.supervisor import CellProcesses
-from armada.runtime.teleop.session import TeleopError, TeleopSession, servo_rate_hz
+from armada.runtime.teleop.session import TeleopError, TeleopSession, follow_rate_hz
 from armada.runtime.teleop.sources import KeyboardSource, LeaderSource
 from tests.hil.helpers import StateRecorder, commanded_kinematics
 
@@ -114,7 +114,8 @@ def test_follows_the_scripted_leader_within_limits_and_measures_rate_and_latency
     worst = int(np.argmax(err.max(axis=1)))
     assert np.percentile(err, 95) < 0.06 and err.max() < 0.2, \
         (err.max(axis=0), window[worst]["mono_ns"] * 1e-9 - t0, s.stats.summary())
-    assert window[-1]["counters"]["refused_commands"] == 0
+    # The driver refused nothing but targets that reached it after their time (a loaded host; skipped).
+    assert window[-1]["counters"]["refused_commands"] == stats["late"], (window[-1]["counters"], stats)
     assert window[-1]["counters"]["lease_lost"] == 0
     period_s = np.median(np.diff([m["mono_ns"] for m in window])) * 1e-9
     lag_cmd = lag_ticks(leader, commanded) * period_s * 1e3
@@ -122,7 +123,7 @@ def test_follows_the_scripted_leader_within_limits_and_measures_rate_and_latency
     print(f"mock teleop: servo {stats['rate_hz']:.1f} Hz, interval median {stats['interval_median_ms']:.2f} ms, "
           f"p99 {stats['interval_p99_ms']:.2f} ms, rtt median {stats['rtt_median_ms']:.2f} ms; leader->commanded "
           f"{lag_cmd:.1f} ms, leader->measured {lag_meas:.1f} ms; max |measured-leader| {err[:, :6].max():.4f} rad")
-    assert abs(stats["rate_hz"] - servo_rate_hz(EMB.control_rate_hz)) < 2.0, stats
+    assert abs(stats["interval_median_ms"] - 1e3 / follow_rate_hz(EMB.control_rate_hz)) < 1.0, stats
 
 
 def test_unplugging_the_leader_holds_and_plugging_it_back_needs_engage_again(start_cell, short_tmp):
@@ -245,7 +246,7 @@ def test_armada_teleop_cli_starts_the_driver_follows_and_stops(short_tmp):
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    for line in ("starting them", "moving to the leader's pose", "yes (--yes)", "following the leader at 50 Hz",
+    for line in ("starting them", "moving to the leader's pose", "yes (--yes)", "following the leader at 100 Hz",
                  "stopping the drivers it started"):
         assert line in out, out
     import json
