@@ -698,6 +698,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"max {r['chunk_latency_max_ms']:.1f} ms",
         f"  tracking error     mean {r['tracking_error_mean']:.4f}, max {r['tracking_error_max']:.4f}",
         f"  paused             {r['paused_s']:.2f} s, lease lost {r['lease_lost']}",
+        *([f"  interventions      {r['interventions']} ({r.get('intervened_s', 0.0):.1f} s by the operator)"]
+          if r.get("interventions") else []),
     ])
 
 

@@ -153,6 +153,7 @@ class EmbodimentConfig(_Strict):
             "action_dim": self.dof,
             "lower": self.lower, "upper": self.upper,
             "max_velocity": self.max_velocity, "max_acceleration": self.max_acceleration,
+            "max_engage_distance": self.max_engage_distance,
         }
 
 

@@ -502,8 +502,7 @@ class AlohaBackend(Backend):
                         for side in SIDES if side in settings.leader_ports]
         if self.leaders and len(self.leaders) != 2:
             raise ValueError("ALOHA: give both leader ports or neither")
-        self._leader_poll = (LeaderPoll("ALOHA leaders", self.read_leaders, self._leaders_dead, self._reopen_leaders,
-                                        self._close_leaders)
+        self._leader_poll = (LeaderPoll("ALOHA leaders", self.read_leaders, self._leaders_dead, self._reopen_leaders)
                              if settings.leaders_in_state and self.leaders else None)
 
     def _bus(self, name: str, port: str, ids: dict[str, int | None], models: dict[str, int],
@@ -565,33 +564,36 @@ class AlohaBackend(Backend):
         self._last_ok = time.monotonic()
 
     def _open_leaders(self) -> None:
-        """With ``leaders_in_state`` the leaders are optional for the followers: they are opened and
-        checked in the background (drivers/aloha/leader.py), and one that cannot be is reported in the
-        state (``leader_error``) and retried; it fails neither connect nor clear_fault. Without it
-        (``read_leaders`` only) they are opened here, and a missing one fails connect."""
+        """Open the leaders and check them (every ID pinged, models). Without ``leaders_in_state``
+        (``read_leaders`` only) a missing leader fails connect. With it the leaders are optional for
+        the followers: one that cannot be opened is reported in the state (``leader_error``) and its
+        port reopened every 0.25 s (drivers/aloha/leader.py); it fails neither connect nor clear_fault."""
+        try:
+            for bus in self.leaders:
+                bus.open()
+                _on(bus, lambda: bus.check_servos(self.s.check_models))
+        except BackendError as exc:
+            if self._leader_poll is None:
+                raise
+            log.warning("the leaders are not read for now: %s", exc)
+            self._close_leaders()
+            self._leader_poll.start(error=str(exc))
+            return
         if self._leader_poll is not None:
             self._leader_poll.start()
-            return
-        for bus in self.leaders:
-            bus.open()
-            bus.check_servos(self.s.check_models)
 
     def _leaders_dead(self) -> bool:
         return any(bus.port is None or bus.dead is not None for bus in self.leaders)
 
     def _reopen_leaders(self) -> None:
-        """Open and check each leader whose port is not usable (at connect, or in the background after
-        it failed: an unplugged adapter plugged in again). Pings every ID, checks the models."""
+        """Reopen the port of each leader whose port failed or never opened (an unplugged adapter
+        plugged in again), in the tick, so cheaply: no pings; the position read that follows checks
+        that every ID answers (connect checked the models)."""
         for bus in self.leaders:
             if bus.port is not None and bus.dead is None:
                 continue
             bus.close()
-            try:
-                bus.open()
-                _on(bus, lambda: bus.check_servos(self.s.check_models))
-            except BackendError:
-                bus.close()
-                raise
+            bus.open()
 
     def _close_leaders(self) -> None:
         for bus in self.leaders:
@@ -599,8 +601,6 @@ class AlohaBackend(Backend):
 
     def close(self) -> None:
         """Close the ports. Never disables torque: a raised arm must not fall."""
-        if self._leader_poll is not None:
-            self._leader_poll.stop()
         for bus in self.followers + self.leaders:
             bus.close()
 

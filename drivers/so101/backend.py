@@ -117,7 +117,7 @@ class _Arm:
     def bus(self) -> Any:
         return self.robot.bus
 
-    def open(self) -> None:
+    def open(self, handshake: bool = True) -> None:
         """Build lerobot's object, open the port and run lerobot's handshake (ping each ID, same firmware)."""
         from lerobot.motors import MotorCalibration
 
@@ -150,7 +150,7 @@ class _Arm:
         self.robot.calibration = cal
         self.bus.calibration = cal
         try:
-            self.bus.connect(handshake=True)
+            self.bus.connect(handshake=handshake)
         except RuntimeError as exc:  # lerobot's handshake: missing IDs / wrong models / mixed firmware
             # lerobot's ping counts a servo whose reply carries an error bit (overload, overheat) as missing;
             # such a servo is there, and the Status check after connect reports it (as a fault, not as a
@@ -329,8 +329,7 @@ class So101Backend(Backend):
         self.follower = _Arm("SO-101 follower", settings.port, settings.calibration, leader=False)
         self.leader = (_Arm("SO-101 leader", settings.leader_port, settings.leader_calibration, leader=True)
                        if settings.leader_port is not None and settings.leader_calibration is not None else None)
-        self._leader_poll = (LeaderPoll("SO-101 leader", self.read_leader, self._leader_dead, self._reopen_leader,
-                                        self.leader.close)
+        self._leader_poll = (LeaderPoll("SO-101 leader", self.read_leader, self._leader_dead, self._reopen_leader)
                              if settings.leader_in_state and self.leader is not None else None)
 
     # ------------------------------------------------------------------ lifecycle
@@ -343,16 +342,13 @@ class So101Backend(Backend):
     def _take_control(self, deadline: float, defer_errors: bool) -> None:
         self.close()
         self._in_control = False
-        if self._leader_poll is not None:
-            # The leader is optional for the follower: opened and checked in the background, reported in
-            # the state while it cannot be (drivers/aloha/leader.py); it fails neither connect nor recover.
-            self._leader_poll.start()
         try:
             for arm in [self.follower] + (self._strict_leader()):
                 arm.open()
                 if time.monotonic() > deadline:
                     raise BackendError(f"SO-101: connect took longer than its deadline (at the {arm.name})",
                                        transient=False)
+            self._open_optional_leader()
             # Status first: lerobot's single reads (the calibration check) raise on a reply's error bits.
             errors = _on(self.follower, self.follower.status)
             if errors:
@@ -383,19 +379,38 @@ class So101Backend(Backend):
         """The leader when it is opened with the follower (no leader_in_state: read_leader only)."""
         return [self.leader] if self.leader is not None and self._leader_poll is None else []
 
+    def _open_optional_leader(self) -> None:
+        """With ``leader_in_state`` the leader is optional for the follower: opened and checked here as
+        lerobot's connect would (handshake, calibration), and one that cannot be is reported in the state
+        (``leader_error``) and its port reopened every 0.25 s (drivers/aloha/leader.py); it fails
+        neither connect nor clear_fault."""
+        if self._leader_poll is None:
+            return
+        arm = self.leader
+        try:
+            arm.open()
+            _on(arm, arm.ensure_calibrated)
+            arm.use_leader_timeout()
+        except BackendError as exc:
+            log.warning("the SO-101 leader is not read for now: %s", exc)
+            arm.close()
+            arm.robot = None
+            self._leader_poll.start(error=str(exc))
+            return
+        self._leader_poll.start()
+
     def _leader_dead(self) -> bool:
         arm = self.leader
         return arm.robot is None or arm.dead is not None or not arm.bus.port_handler.is_open
 
     def _reopen_leader(self) -> None:
-        """Open the leader (lerobot's handshake: every ID, same model and firmware) and bring its servos'
-        calibration in line with the file, as connect does; at connect and in the background after its
-        port failed (the adapter plugged in again)."""
+        """Reopen the leader's port after it failed or never opened (the adapter plugged in again), in
+        the tick, so cheaply: no handshake; the position read that follows checks that every ID answers
+        (connect checked models and calibration)."""
         arm = self.leader
         arm.close()
         try:
-            arm.open()
-            _on(arm, arm.ensure_calibrated)
+            arm.open(handshake=False)
             arm.use_leader_timeout()
         except BackendError:
             arm.close()
@@ -404,8 +419,6 @@ class So101Backend(Backend):
 
     def close(self) -> None:
         """Close the ports. Never disables torque: a raised arm must not fall."""
-        if self._leader_poll is not None:
-            self._leader_poll.stop()
         for arm in [self.follower] + ([self.leader] if self.leader else []):
             arm.close()
 

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import sys
 import tempfile
 import threading
@@ -81,8 +82,9 @@ class SpillQueue:
             self.q.put(("row", row, size))
             return
         if self._file is None:
+            # Unlinked at once (O_TMPFILE or unlink-after-create): nothing is left behind, even after kill -9.
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            self._file = tempfile.NamedTemporaryFile(dir=self.spill_dir, prefix="spill-", delete=True)
+            self._file = tempfile.TemporaryFile(dir=self.spill_dir, prefix="armada-spill-")
         parts = []
         for cam, img in row.images.items():
             offset = self._file.seek(0, os.SEEK_END)
@@ -159,8 +161,8 @@ class RecorderProcess:
         self.layout = record_layout(cell, fps)
         self.aligner = Aligner(list(self.layout.cameras), self.layout.drivers, self.layout.fps)
         self.ctl: queue.Queue = queue.Queue()
-        self.rows = SpillQueue(store.spec.root.parent / f".{store.spec.root.name}.spill",
-                               int(ram_budget_mb * 1e6))
+        # Beside the dataset (its root must not exist before lerobot creates it), on the same disk.
+        self.rows = SpillQueue(store.spec.root.parent, int(ram_budget_mb * 1e6))
         self.stop = threading.Event()
         self.ctx = zmq.Context()
         self.episode: Episode | None = None  # receiver side
@@ -397,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         events.emit("error", error=str(exc), fatal=True)
         return 1
     proc = RecorderProcess(cell, store, layout.fps, events, args.ram_budget_mb)
+
+    def _close_on_signal(signum: int, _frame: Any) -> None:
+        # Our parent died (parent-death signal) or we are asked to stop: episodes already told to
+        # save are written out, the one in progress is discarded; the dataset stays loadable.
+        proc.ctl.put({"cmd": "close", "signal": signum})
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _close_on_signal)
     threading.Thread(target=_read_stdin, args=(proc.ctl,), daemon=True, name="stdin").start()
     receiver = threading.Thread(target=proc.receive, daemon=True, name="receiver")
     receiver.start()

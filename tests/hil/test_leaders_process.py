@@ -56,7 +56,7 @@ def _aloha(short_tmp: Path) -> Iterator[tuple[Any, Path, dict]]:
     pytest.importorskip("dynamixel_sdk", reason="dynamixel-sdk is in the `devices` extra")
     from armada.drivers.aloha.config import ACT_FOLLOWER_GRIPPER, ACT_LEADER_GRIPPER
     from armada.drivers.aloha.fake.aloha import AlohaFakeProcess
-    from tests.hil.test_aloha_process import JOINT_OF_ID, fake_cell
+    from tests.hil.test_aloha_process import JOINT_OF_ID
 
     def to_si(sid: int, ticks: int) -> tuple[int, float]:
         j = JOINT_OF_ID[sid]
@@ -67,8 +67,13 @@ def _aloha(short_tmp: Path) -> Iterator[tuple[Any, Path, dict]]:
         n = (ticks - lead.raw_closed) / (lead.raw_open - lead.raw_closed)
         return j, fol.closed_m + n * (fol.open_m - fol.closed_m)
 
+    data = yaml.safe_load((CONFIG_DIR / "cells" / "aloha_leader_fake.yaml").read_text())
+    drv = data["drivers"][0]
+    drv["lease_ttl_s"] = 10.0  # commands seconds apart, no heartbeats
+    drv["backend"]["latency_timer_ms"] = 4.0  # the fake shares 2 loaded cores with everything else
+    cell = short_tmp / "cell.yaml"
+    cell.write_text(yaml.safe_dump(data))
     with AlohaFakeProcess(short_tmp) as fake:
-        cell = fake_cell(short_tmp, leaders_in_state=True)
         yield fake, cell, {"leader_bus": "master_left", "ids": list(range(1, 10)), "to_si": to_si,
                            "hand": {1: 2048 + 400, 9: round(ACT_LEADER_GRIPPER.raw_open)}}
 
@@ -90,7 +95,8 @@ def _so101(short_tmp: Path) -> Iterator[tuple[Any, Path, dict]]:
     with So101FakeProcess(short_tmp) as fake:
         cell = fake_cell(short_tmp)
         data = yaml.safe_load(cell.read_text())
-        assert data["drivers"][0]["backend"]["leader_in_state"] is True  # the fake cell publishes its leader
+        data["drivers"][0]["backend"]["leader_in_state"] = True
+        cell.write_text(yaml.safe_dump(data))
         yield fake, cell, {"leader_bus": "leader", "ids": list(range(1, 7)), "to_si": to_si,
                            "hand": {1: 2048 + 400, 6: 3300}}
 
@@ -136,12 +142,15 @@ def wait_state(rig: Rig, pred, since_ns: int, timeout_s: float) -> dict:
         if time.monotonic() > deadline:
             last = msgs[-1] if msgs else None
             raise AssertionError(f"no state message within {timeout_s} s satisfied the condition; last: "
-                                 f"mode {last and last['mode']}, device {last and last.get('device')}")
+                                 f"mode {last and last['mode']} ({last and last.get('reason')}), "
+                                 f"device {last and last.get('device')}")
         time.sleep(0.005)
 
 
 def modes_since(rig: Rig, since_ns: int) -> set[str]:
-    return {m["mode"] for m in rig.rec.messages if m["mono_ns"] >= since_ns}
+    """The modes since ``since_ns``, each with the reason it gave (a fault says why)."""
+    return {m["mode"] if m["mode"] in ("armed", "idle") else f"{m['mode']}: {m.get('reason')}"
+            for m in rig.rec.messages if m["mono_ns"] >= since_ns}
 
 
 def test_the_leader_moved_by_hand_shows_within_two_ticks_in_the_followers_units(rig):

@@ -252,3 +252,41 @@ def test_armada_teleop_cli_starts_the_driver_follows_and_stops(short_tmp):
     import json
 
     assert json.loads(stats.read_text())["arm"]["sent"] > 50
+
+
+def test_intervention_takes_the_arm_from_the_policy_and_hands_it_back_without_a_jump(short_tmp):
+    from armada.runtime.inference.client import EpisodeClient
+    from armada.runtime.teleop.intervention import Intervention
+
+    with CellProcesses(teleop_cell(short_tmp), short_tmp) as procs:
+        procs.start_all()
+        rec = StateRecorder(procs.ctx, procs.cell.drivers[0].state)
+        client = EpisodeClient(procs.ctx, procs.cell)
+        s = session(procs)
+        iv = Intervention(procs.cell, [s], procs.ctx, print)
+        try:
+            with pytest.raises(TeleopError, match="intervene refused"):
+                iv.take_over(yes)  # no episode runs
+            episode = client.start("auto", duration_s=6.0, arm=True)
+            time.sleep(1.0)
+            t_take = time.monotonic()
+            iv.take_over(yes)
+            assert s.status == "following"
+            time.sleep(1.0)
+            assert rec.latest()["lease_holder"] == "teleop"
+            t_back = time.monotonic()
+            iv.hand_back()
+            assert s.lease is None
+            report = client.wait_report(episode, 15.0)
+        finally:
+            s.close()
+            iv.close()
+            client.close()
+            msgs = rec.stop()
+    print(f"intervention: episode {report['outcome']}, intervened {report.get('intervened_s', 0):.2f} s")
+    assert report["outcome"] == "completed", report
+    assert report.get("interventions") == 1 and report.get("intervened_s", 0) > 0.5
+    window = [m for m in msgs if t_take - 0.5 <= m["mono_ns"] * 1e-9 <= t_back + 1.0]
+    assert_within_limits(window)  # no jump into teleop, nor back into the policy
+    holders = [m.get("lease_holder", "") for m in window]
+    assert "teleop" in holders and holders[-1] not in ("", "teleop"), sorted(set(holders))

@@ -31,7 +31,7 @@ MOCK_ARM = CONFIG_DIR / "embodiments" / "mock_arm.yaml"
 MOCK_BIMANUAL = CONFIG_DIR / "embodiments" / "mock_bimanual.yaml"
 BASE = yaml.safe_load(MOCK_ARM.read_text())
 DESCRIBE_KEYS = {"embodiment", "control_rate_hz", "joint_names", "groups", "action_dim", "lower", "upper",
-                 "max_velocity", "max_acceleration"}
+                 "max_velocity", "max_acceleration", "max_engage_distance"}
 
 
 def write(tmp_path: Path, data: Any = None, text: str | None = None, name: str = "emb.yaml") -> Path:
