@@ -168,7 +168,8 @@ def test_kill_9_mid_episode_keeps_earlier_episodes_and_resume_adds(procs, cell, 
     from armada.runtime.record.client import RecorderClient
 
     root = cell_dir / "killed"
-    rec = RecorderClient(cell, procs.run_dir, root, "local/killed")
+    # A tiny RAM budget: every row goes through the spill file, as when encoding lags for long.
+    rec = RecorderClient(cell, procs.run_dir, root, "local/killed", ram_budget_mb=0.01)
     try:
         rec.wait_ready()
         rec.send("start", task="first")
@@ -176,6 +177,7 @@ def test_kill_9_mid_episode_keeps_earlier_episodes_and_resume_adds(procs, cell, 
         time.sleep(1.0)
         rec.send("save")
         first = rec.wait_for(("saved",), 60)
+        assert first["spilled"] >= first["frames"] > 0
         rec.send("start", task="doomed")
         rec.wait_for(("started",), 30)
         time.sleep(1.0)  # frames of the doomed episode are being staged
