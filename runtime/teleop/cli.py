@@ -99,6 +99,11 @@ class _TeleopRun:
             _say(f"armada teleop: --source {args.source} drives one arm: name it with --driver ({', '.join(names)})")
             return 2
         self.ctx = zmq.Context()
+        try:
+            self.sessions = [self._session(cell, n) for n in names]
+        except RuntimeError as exc:  # a source that cannot start (no gamepad, no evdev)
+            _say(f"armada teleop: {exc}")
+            return 1
         missing = [n for n in names if not _answers(self.ctx, cell, n)]
         if missing:
             if args.intervene:
@@ -106,11 +111,6 @@ class _TeleopRun:
                 return 1
             if not self._start_drivers(args.cell, run_dir, missing):
                 return 1
-        try:
-            self.sessions = [self._session(cell, n) for n in names]
-        except RuntimeError as exc:  # a source that cannot start (no gamepad, no evdev)
-            _say(f"armada teleop: {exc}")
-            return 1
         if args.intervene:
             from armada.runtime.teleop.intervention import Intervention
 

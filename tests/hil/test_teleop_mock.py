@@ -290,3 +290,27 @@ def test_intervention_takes_the_arm_from_the_policy_and_hands_it_back_without_a_
     assert_within_limits(window)  # no jump into teleop, nor back into the policy
     holders = [m.get("lease_holder", "") for m in window]
     assert "teleop" in holders and holders[-1] not in ("", "teleop"), sorted(set(holders))
+
+
+def test_a_silent_driver_is_a_lost_leader_and_the_follower_holds_when_it_comes_back(start_cell):
+    import signal
+
+    procs, rec = start_cell()
+    driver = procs.child("arm").proc
+    with session(procs) as s:
+        s.engage(yes)
+        time.sleep(0.5)
+        driver.send_signal(signal.SIGSTOP)  # no state, no replies: as good as dead for 0.6 s
+        try:
+            time.sleep(0.6)
+            assert s.status.startswith("holding: leader lost (no state from driver arm"), s.status
+        finally:
+            driver.send_signal(signal.SIGCONT)
+        t_back = time.monotonic()
+        time.sleep(0.8)
+        assert s.status.startswith("holding"), s.status  # no resuming by itself
+        back = since(rec, t_back)
+        assert back[-1]["mode"] == "armed" and "reason" not in back[-1]
+        _, q, _ = commanded_kinematics(back[len(back) // 2:])
+        assert np.ptp(q, axis=0).max() == 0  # settled on the last target
+    assert_within_limits(since(rec, t_back - 1.0))
