@@ -572,12 +572,13 @@ class AlohaBackend(Backend):
             for bus in self.leaders:
                 bus.open()
                 _on(bus, lambda: bus.check_servos(self.s.check_models))
-        except BackendError as exc:
+        except Exception as exc:  # noqa: BLE001 (with leaders_in_state nothing about a leader fails connect)
             if self._leader_poll is None:
                 raise
             log.warning("the leaders are not read for now: %s", exc)
             self._close_leaders()
-            self._leader_poll.start(error=str(exc))
+            self._leader_poll.start(error=str(exc) if isinstance(exc, BackendError) else
+                                    f"ALOHA leaders: {type(exc).__name__}: {exc}")
             return
         if self._leader_poll is not None:
             self._leader_poll.start()

@@ -391,11 +391,12 @@ class So101Backend(Backend):
             arm.open()
             _on(arm, arm.ensure_calibrated)
             arm.use_leader_timeout()
-        except BackendError as exc:
-            log.warning("the SO-101 leader is not read for now: %s", exc)
+        except Exception as exc:  # noqa: BLE001 (lerobot's handshake can trip over a garbled reply: IndexError)
+            log.warning("the SO-101 leader is not read for now: %s: %s", type(exc).__name__, exc)
             arm.close()
             arm.robot = None
-            self._leader_poll.start(error=str(exc))
+            self._leader_poll.start(error=f"{arm.name}: {type(exc).__name__}: {exc}" if not isinstance(
+                exc, BackendError) else str(exc))
             return
         self._leader_poll.start()
 
@@ -412,10 +413,12 @@ class So101Backend(Backend):
         try:
             arm.open(handshake=False)
             arm.use_leader_timeout()
-        except BackendError:
+        except Exception as exc:  # noqa: BLE001 (whatever failed, the leader stays closed and reported)
             arm.close()
             arm.robot = None
-            raise
+            if isinstance(exc, BackendError):
+                raise
+            raise BackendError(f"{arm.name}: reopening failed: {type(exc).__name__}: {exc}", transient=False) from None
 
     def close(self) -> None:
         """Close the ports. Never disables torque: a raised arm must not fall."""
