@@ -15,9 +15,10 @@ Per failure:
   reopened, in the tick, while its device path exists again (the udev name comes back on replug), so
   the leader returns by itself, with no clear_fault or restart (nothing on a leader is ever written,
   so reopening it is safe). The reopen must be cheap (open the port, no pings: the next read checks
-  that every ID answers); the full checks (IDs, models, calibration) are connect's. A reopen in a
-  background thread was tried and measured: its SDK spin-waits starved the follower's reads in the
-  worker past their 30 ms bound (up to 147 ms reopens on a loaded 2-core host, once a fault).
+  that every ID answers); the full checks (IDs, models, calibration) are connect's. A full reopen in
+  a background thread was tried: it took 7-147 ms in the worker on a loaded 2-core host, spin-waiting
+  in the SDK against the follower's reads for the GIL; the cheap one in the tick is bounded by one
+  port open and one reply timeout, every ``retry_s`` at most.
 - a bus that stops answering (leader unpowered, cable off the servos) is read every tick for
   ``stale_s``, publishing the last good pose meanwhile (one lost reply on a loaded host must not make
   teleop drop its leader), then None, and from then on read only every ``retry_s``: each try costs a
