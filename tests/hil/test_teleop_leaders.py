@@ -1,0 +1,52 @@
+"""Teleop on a follower that obeys its leader in hardware (a PiPer in follow_master mode, against the
+fake firmware and its scripted master in their own process): teleop only watches, takes no lease,
+arms nothing, sends nothing, and says so."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from armada.runtime.config import CONFIG_DIR
+from armada.runtime.supervisor import CellProcesses
+from armada.runtime.teleop.session import TeleopSession
+from armada.runtime.teleop.sources import LeaderSource
+from tests.hil.helpers import StateRecorder
+
+pytestmark = pytest.mark.hil
+
+
+def test_a_piper_following_its_master_in_hardware_is_watched_never_commanded(short_tmp, monkeypatch):
+    pytest.importorskip("piper_sdk")
+    pytest.importorskip("can")
+    from armada.drivers.piper.fake.client import FakePiperProcess, free_udp_port, random_group
+
+    port = free_udp_port()
+    monkeypatch.setenv("CAN_CONFIG", json.dumps({"port": port}))  # the driver child inherits it
+    group = random_group()
+    data = yaml.safe_load((CONFIG_DIR / "cells" / "piper_leader_fake.yaml").read_text())
+    data["drivers"][0]["backend"]["can"] = group
+    cell = short_tmp / "cell.yaml"
+    cell.write_text(yaml.safe_dump(data))
+    said: list[str] = []
+    with FakePiperProcess([group], port, "--home", "--master"), CellProcesses(cell, short_tmp) as procs:
+        procs.spawn("driver", "arm")
+        procs.wait_ready(30.0)
+        rec = StateRecorder(procs.ctx, procs.cell.drivers[0].state)
+        try:
+            with TeleopSession(procs.cell, "arm", LeaderSource(), ctx=procs.ctx, say=said.append, arm=True) as s:
+                s.engage(lambda q: pytest.fail(f"asked to confirm: {q}"))
+                assert s.status.startswith("watching"), s.status
+                time.sleep(0.5)
+                assert s.lease is None and s.stats.sent == 0
+            last = rec.latest()
+        finally:
+            rec.stop()
+    assert last["device"]["leader_follows_in_hardware"] is True
+    assert last["mode"] == "idle" and "lease_holder" not in last  # nothing armed, no lease taken
+    assert np.all(np.isfinite(last["device"]["leader"]))
+    assert any("watching only" in line for line in said), said
