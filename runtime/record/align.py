@@ -24,6 +24,7 @@ import numpy as np
 
 # Messages older than this (relative to the next grid instant) are no longer candidates.
 KEEP_NS = 500_000_000
+PHASE_CANDIDATES = 64
 
 
 @dataclass
@@ -166,12 +167,26 @@ class Aligner:
     def recording(self) -> bool:
         return self.t0_ns is not None
 
+    def grid_phase(self) -> int | None:
+        """The grid phase (ns, modulo a period) nearest to every camera's frame phase: the one that
+        minimises the largest offset, so unsynchronised cameras stay clear of the half-period edge."""
+        phases = [f[-1][0] % self.period_ns for f in self.frames.values() if f]
+        if not phases:
+            return None
+        best, best_cost = phases[0], None
+        for k in range(PHASE_CANDIDATES):
+            cand = k * self.period_ns // PHASE_CANDIDATES
+            cost = max(min(abs(cand - p), self.period_ns - abs(cand - p)) for p in phases)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = cand, cost
+        return best
+
     def start(self, t0_ns: int) -> None:
-        """Starts an episode at ``t0_ns``, moved later by less than a period onto the first camera's
-        frame phase, so that camera's frames sit on the grid instead of up to half a period off."""
-        if self.cameras and self.frames[self.cameras[0]]:
-            last = self.frames[self.cameras[0]][-1][0]
-            t0_ns = last + -(-(t0_ns - last) // self.period_ns) * self.period_ns
+        """Starts an episode at ``t0_ns``, moved later by less than a period onto the cameras' frame
+        phase (see grid_phase), so frames sit near grid instants instead of up to half a period off."""
+        phase = self.grid_phase()
+        if phase is not None:
+            t0_ns += (phase - t0_ns) % self.period_ns
         self.t0_ns, self.t_end_ns, self.next_index = t0_ns, None, 0
         self.report = EpisodeReport(fps=self.fps)
         self._used = {c: set() for c in self.cameras}

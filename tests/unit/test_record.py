@@ -47,8 +47,9 @@ def test_rows_sit_on_the_grid_with_the_nearest_frame_and_the_state_at_the_instan
     al = Aligner(["cam"], ["arm"], 30)
     t0 = 10**18
     al.add_frame("cam", *_frame(0, t0 - PERIOD))  # before the episode: sets the frame phase
-    al.start(t0 - PERIOD // 3)  # moved onto the camera's phase: t0
-    assert al.t0_ns == t0
+    al.start(t0 - PERIOD // 3)  # moved onto the camera's phase: t0 (within a 64th of a period)
+    assert 0 <= al.t0_ns - t0 < PERIOD // 64 + 1 or 0 <= t0 - al.t0_ns < PERIOD // 64 + 1
+    al.t0_ns = t0
     _feed(al, t0, 1.0, jitter_ns=3 * MS)
     al.stop(t0 + 20 * PERIOD)
     rows = al.due_rows(t0 + 10**10, 150 * MS)
@@ -62,6 +63,18 @@ def test_rows_sit_on_the_grid_with_the_nearest_frame_and_the_state_at_the_instan
         assert r.action[0] == pytest.approx(1 + j * 0.001, abs=1e-6)
     rep = al.close_episode()
     assert rep.frames == 20 and rep.total_gaps() == 0 and rep.total_lost() == 0
+
+
+def test_the_grid_phase_keeps_unsynchronised_cameras_away_from_the_half_period_edge() -> None:
+    al = Aligner(["a", "b", "c"], ["arm"], 30)
+    t0 = 10**18 - (10**18 % PERIOD)  # phase 0
+    for cam, offset in (("a", 0), ("b", PERIOD // 3), ("c", 2 * PERIOD // 3)):
+        al.add_frame(cam, *_frame(0, t0 + offset))
+    phase = al.grid_phase()
+    worst = max(min(abs(phase - p), PERIOD - abs(phase - p)) for p in (0, PERIOD // 3, 2 * PERIOD // 3))
+    assert worst <= PERIOD // 3 + PERIOD // 64  # the best a grid can do for three evenly spread phases
+    al.start(t0 + 5)
+    assert (al.t0_ns - phase) % PERIOD == 0 and t0 + 5 <= al.t0_ns < t0 + 5 + PERIOD
 
 
 def test_missing_frames_and_lost_messages_are_counted_not_hidden() -> None:
