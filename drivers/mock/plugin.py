@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from armada.drivers.core.backend import Backend
 from armada.drivers.core.registry import BackendPlugin, BuildContext
 from armada.runtime.config import StrictModel
+
+if TYPE_CHECKING:
+    from armada.drivers.mock.leader import ScriptedLeader
 
 
 class MockLeaderConfig(StrictModel):

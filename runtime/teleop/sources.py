@@ -469,10 +469,10 @@ class GamepadSource:
     name = "gamepad"
 
     def __init__(self, device: str | None = None, speed_fraction: float = 0.2, say: Any = print):
-        try:
-            import evdev  # noqa: F401
-        except ImportError:
-            raise RuntimeError("gamepad jogging needs python-evdev: .venv/bin/pip install evdev-binary") from None
+        import importlib.util
+
+        if importlib.util.find_spec("evdev") is None:
+            raise RuntimeError("gamepad jogging needs python-evdev: .venv/bin/pip install evdev-binary")
         self.reason = "not bound to a driver's state yet"
         self._path = device or find_gamepad()
         self._speed = speed_fraction
