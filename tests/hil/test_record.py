@@ -252,6 +252,15 @@ def test_run_record_writes_the_routed_task_and_scores(cell, cell_dir) -> None:
     assert side[0]["report"]["intervention_frames"] == int(flags[:n0].sum()) > 0
     assert not flags[n0:].any() and side[1]["report"]["intervention_frames"] == 0
     assert side[0]["inference_report"]["interventions"] == 1
+    # as a training loader sees it: action chunks by delta_timestamps (as ACT asks), batched
+    import torch
+
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    chunked = LeRobotDataset("local/auto", root=root, delta_timestamps={"action": [k / FPS for k in range(5)]})
+    batch = next(iter(torch.utils.data.DataLoader(chunked, batch_size=8, shuffle=True, num_workers=0)))
+    assert tuple(batch["action"].shape) == (8, 5, 7) and tuple(batch["observation.images.front"].shape) == (8, 3, H, W)
+    assert len(batch["task"]) == 8 and set(batch["task"]) == {"wave hello"}
 
 
 def _intervene_once(run_dir: Path) -> None:
