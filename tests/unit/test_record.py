@@ -287,3 +287,35 @@ def test_a_file_size_limit_during_save_leaves_a_loadable_dataset(tmp_path: Path,
     assert ds.num_episodes == 1 and len(ds) == 3
     assert not (root / "meta" / "armada_pending.json").exists()
     json.loads((root / "meta" / "info.json").read_text())  # whole, not torn
+
+
+def test_features_are_named_after_drivers_groups_and_joints(tmp_path: Path) -> None:
+    import copy
+
+    import yaml
+
+    from armada.runtime.config import SCRIPTED_CELL, load_cell
+    from armada.runtime.record.features import record_layout
+
+    data = yaml.safe_load(SCRIPTED_CELL.read_text())
+    emb = SCRIPTED_CELL.parent.parent / "embodiments"
+    left = dict(data["drivers"][0], name="left", embodiment=str(emb / "mock_arm.yaml"),
+                state="ipc://{run_dir}/l-state", cmd="ipc://{run_dir}/l-cmd")
+    right = dict(copy.deepcopy(left), name="right", embodiment=str(emb / "mock_bimanual.yaml"),
+                 state="ipc://{run_dir}/r-state", cmd="ipc://{run_dir}/r-cmd")
+    data["drivers"] = [left, right]
+    data["cameras"][1]["fps"] = 15
+    (tmp_path / "cell.yaml").write_text(yaml.safe_dump(data))
+    cell = load_cell(tmp_path / "cell.yaml", tmp_path)
+    layout = record_layout(cell)
+    assert layout.fps == 15  # the slowest camera: no camera is asked for frames it does not have
+    assert layout.robot_type == "mock_arm+mock_bimanual"
+    assert layout.joint_names[:2] == ["left.arm.shoulder_pan", "left.arm.shoulder_lift"]
+    assert layout.joint_names[7].startswith("right.")
+    n_right = cell.embodiment(cell.drivers[1]).dof
+    feats = layout.features()
+    assert feats["observation.state"]["shape"] == (7 + n_right,) == feats["action"]["shape"]
+    assert feats["observation.images.front"]["shape"] == (480, 640, 3)
+    assert record_layout(cell, fps=10).fps == 10
+    single = record_layout(load_cell(SCRIPTED_CELL, tmp_path))
+    assert single.joint_names[0] == "arm.shoulder_pan" and single.fps == 30
