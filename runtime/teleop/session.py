@@ -497,9 +497,12 @@ class TeleopSession:
         # the blend's velocity limit (so a source moving slower than that is caught up with).
         v_source = np.zeros_like(gap) if self._prev_source is None else (target - self._prev_source) / dt
         self._prev_source = target.copy()
-        desired = np.clip(v_source + np.sign(gap) * np.sqrt(2 * self._blend_acceleration * np.abs(gap)),
-                          -self._blend_velocity, self._blend_velocity)
-        dv = self._blend_acceleration * dt
+        # Closing speed on a braking curve at half the acceleration (as the driver's filter closes a
+        # lag): the other half is the margin that lets the speed follow the curve down in whole
+        # periods while the source itself slows, so a joint arrives at the source's own speed.
+        a, dv = self._blend_acceleration, self._blend_acceleration * dt
+        closing = -dv / 2 + np.sqrt((dv / 2) ** 2 + a * np.abs(gap))
+        desired = np.clip(v_source + np.sign(gap) * closing, -self._blend_velocity, self._blend_velocity)
         self._blend_v = np.clip(desired, self._blend_v - dv, self._blend_v + dv)
         step = self._blend_v * dt
         return np.where(np.abs(step) >= np.abs(gap), target, self._sent + step)
