@@ -28,7 +28,7 @@ mode change (ALOHA's setup puts the leaders in PWM mode with torque off; that is
 setup, not this driver's business). With ``leaders_in_state`` each read adds one sync read of
 Present_Position per leader bus and publishes ``device["leader"]`` (the followers' 14-value layout)
 or None and ``device["leader_error"]``; a leader lost (unplugged, silent) never faults the followers
-and comes back by itself when it is plugged in again (drivers/aloha/leader.py).
+and comes back by itself when it is plugged in again (drivers/core/leader.py).
 
 Safety:
 - connect pings every configured ID and fails naming the IDs found, the ones missing and any wrong
@@ -73,7 +73,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from armada.drivers.aloha.calibration import GripperCalibration
-from armada.drivers.aloha.leader import LeaderPoll
+from armada.drivers.core.leader import LeaderPoll
 from armada.drivers.core.backend import Backend, BackendError, Reading
 
 log = logging.getLogger("armada.aloha")
@@ -567,7 +567,7 @@ class AlohaBackend(Backend):
         """Open the leaders and check them (every ID pinged, models). Without ``leaders_in_state``
         (``read_leaders`` only) a missing leader fails connect. With it the leaders are optional for
         the followers: one that cannot be opened is reported in the state (``leader_error``) and its
-        port reopened every 0.25 s (drivers/aloha/leader.py); it fails neither connect nor clear_fault."""
+        port reopened every 0.25 s (drivers/core/leader.py); it fails neither connect nor clear_fault."""
         try:
             for bus in self.leaders:
                 bus.open()

@@ -14,7 +14,7 @@ datasets record it this way, so policies trained on them apply unchanged). The l
 in the same units through its own calibration: lerobot's teleop sends it to the follower as is.
 With ``leader_in_state`` each read adds one sync read of the leader's Present_Position and publishes
 ``device["leader"]`` or None and ``device["leader_error"]``; a leader lost (unplugged, silent) never
-faults the follower and comes back by itself when it is plugged in again (drivers/aloha/leader.py).
+faults the follower and comes back by itself when it is plugged in again (drivers/core/leader.py).
 
 Calibration: lerobot's format (see drivers/so101/calibration.py). At connect the servos' Homing_Offset
 and Min/Max_Position_Limit are compared with the file (lerobot's ``is_calibrated``); on a mismatch it
@@ -61,7 +61,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from armada.drivers.aloha.leader import LeaderPoll
+from armada.drivers.core.leader import LeaderPoll
 from armada.drivers.core.backend import Backend, BackendError, Reading
 from armada.drivers.so101.config import ARM_JOINTS, JOINTS
 
@@ -382,7 +382,7 @@ class So101Backend(Backend):
     def _open_optional_leader(self) -> None:
         """With ``leader_in_state`` the leader is optional for the follower: opened and checked here as
         lerobot's connect would (handshake, calibration), and one that cannot be is reported in the state
-        (``leader_error``) and its port reopened every 0.25 s (drivers/aloha/leader.py); it fails
+        (``leader_error``) and its port reopened every 0.25 s (drivers/core/leader.py); it fails
         neither connect nor clear_fault."""
         if self._leader_poll is None:
             return

@@ -1,8 +1,7 @@
 """A leader arm read once per follower tick for the state's ``device`` map, without ever costing the
 follower its mode, and at most a bounded, small part of its tick.
 
-Used by the ALOHA and SO-101 backends (generic: it knows nothing of either bus; it would belong in
-drivers/core, which this driver does not own). The leader is optional for the follower: whatever
+Used by the ALOHA and SO-101 backends; it knows nothing of either bus. The leader is optional for the follower: whatever
 happens to it, the follower's read goes on and nothing here raises.
 
 What ``device`` gets (the interface teleop and the recorder read, brief of issue 11):

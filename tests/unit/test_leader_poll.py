@@ -1,4 +1,4 @@
-"""LeaderPoll (drivers/aloha/leader.py, used by the ALOHA and SO-101 backends): what a follower's
+"""LeaderPoll (drivers/core/leader.py, used by the ALOHA and SO-101 backends): what a follower's
 reading says about its leader through lost replies, a silent bus, an unplugged and replugged port,
 with scripted read/reopen functions instead of a bus."""
 
@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from armada.drivers.aloha.leader import LeaderPoll
+from armada.drivers.core.leader import LeaderPoll
 from armada.drivers.core.backend import BackendError
 
 STALE_S, RETRY_S = 0.05, 0.1
