@@ -1,10 +1,10 @@
 """A leader arm read once per follower tick for the state's ``device`` map, without ever costing the
 follower its mode, and at most a bounded, small part of its tick.
 
-Used by the ALOHA and SO-101 backends; it knows nothing of either bus. The leader is optional for the follower: whatever
-happens to it, the follower's read goes on and nothing here raises.
+Used by the ALOHA and SO-101 backends; it knows nothing of either bus. The leader is optional for
+the follower: whatever happens to it, the follower's read goes on and nothing here raises.
 
-What ``device`` gets (the interface teleop and the recorder read, brief of issue 11):
+What ``device`` gets (what teleop and the recorder read):
 - ``leader``: the leader's pose in the follower's action units, or None when it cannot be read now,
   then ``leader_error`` says why;
 - ``leader_follows_in_hardware``: False (these followers obey only their driver).
