@@ -49,6 +49,7 @@ ARRIVAL_SLACK_NS = 150_000_000
 DEFAULT_RAM_BUDGET_MB = 256
 FRAME_HWM = 10_000  # messages; the receiver drains continuously, this only bounds a stall
 STATE_HWM = 200_000
+WRITER_NICE = 10
 
 
 # --------------------------------------------------------------------------- row queue with spill
@@ -164,6 +165,7 @@ class RecorderProcess:
         # Beside the dataset (its root must not exist before lerobot creates it), on the same disk.
         self.rows = SpillQueue(store.spec.root.parent, int(ram_budget_mb * 1e6))
         self.stop = threading.Event()
+        self.subscribed = threading.Event()
         self.ctx = zmq.Context()
         self.episode: Episode | None = None  # receiver side
         self.next_episode_id = 0
@@ -185,6 +187,7 @@ class RecorderProcess:
         for sub in [*cams, *states]:
             poller.register(sub.socket, zmq.POLLIN)
         by_socket = {s.socket: s for s in [*cams, *states]}
+        self.subscribed.set()
         warned_missing = False
         try:
             while not self.stop.is_set():
@@ -355,6 +358,16 @@ class RecorderProcess:
                 "states": {d: vars(k) for d, k in a.state_counters.items()}}
 
 
+def _lower_writer_priority() -> None:
+    """Nice this (the writer) thread: the PNG and encoder threads lerobot starts from it inherit it.
+    The receiver and ZeroMQ's I/O thread, started before, keep theirs: on a busy host, receiving
+    (and the cell's drivers and cameras) go first, encoding waits. Linux nice values are per thread."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+    except (OSError, AttributeError):
+        log.warning("could not lower the writer thread's priority; encoding competes with receiving")
+
+
 def _read_stdin(ctl: queue.Queue) -> None:
     for line in sys.stdin:
         line = line.strip()
@@ -410,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_read_stdin, args=(proc.ctl,), daemon=True, name="stdin").start()
     receiver = threading.Thread(target=proc.receive, daemon=True, name="receiver")
     receiver.start()
+    proc.subscribed.wait(timeout=10)
     time.sleep(0.2)  # subscriptions take a moment to connect (slow joiner)
+    _lower_writer_priority()
     events.emit("ready", fps=layout.fps, features=list(spec.features), robot_type=layout.robot_type,
                 episodes=store.episodes_on_disk(), pid=os.getpid())
     code = proc.write()
