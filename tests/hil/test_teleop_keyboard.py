@@ -81,3 +81,32 @@ def test_keyboard_teleop_on_a_terminal_confirms_jogs_holds_and_quits(short_tmp):
     expected[0], expected[2] = 0.02, -0.04
     assert np.abs(delta - expected).max() < 1e-3, (delta, term.out)
     assert "stopping the drivers it started" in term.out
+
+
+def test_intervene_keys_take_over_a_running_episode_and_hand_it_back(short_tmp):
+    from armada.runtime.inference.client import EpisodeClient
+    from armada.runtime.supervisor import CellProcesses
+
+    cell_path = teleop_cell(short_tmp)
+    with CellProcesses(cell_path, short_tmp) as procs:
+        procs.start_all()
+        client = EpisodeClient(procs.ctx, procs.cell)
+        term = Terminal([sys.executable, "-m", "armada.runtime.cli", "teleop", str(cell_path), "--run-dir",
+                         str(short_tmp), "--intervene", "--yes"])
+        try:
+            term.wait_for("press i to take over")
+            episode = client.start("auto", duration_s=6.0, arm=True)
+            time.sleep(0.5)
+            term.type("i")
+            term.wait_for("following the leader")
+            time.sleep(1.0)
+            term.type("h")
+            term.wait_for("handed back")
+            term.type("q")
+            assert term.proc.wait(20) == 0, term.out
+            report = client.wait_report(episode, 15.0)
+        finally:
+            term.close()
+            client.close()
+    assert report["outcome"] == "completed" and report.get("interventions") == 1, report
+    assert "starting them" not in term.out  # the cell's drivers already ran: teleop started none
