@@ -59,6 +59,8 @@ SERVO_TIMEOUT_S = 0.2
 # A target later than this many periods after the previous one: this process stalled.
 STALL_PERIODS = 3
 MAX_FOLLOW_RATE_HZ = 100.0
+# A target is never sent further than this fraction of max_engage_distance ahead of the commanded pose.
+REACH_FRACTION = 0.5
 # Each target is stamped this many periods ahead of now (driver clock): it arrives before its
 # segment starts playing even when the request is a period late.
 LEAD_PERIODS = 2
@@ -90,13 +92,14 @@ class LoopStats:
     timeouts: int = 0
     stalls: int = 0  # periods missed here (a stalled host): followed by a blend-in
     late: int = 0  # targets that reached the driver after their time (skipped)
+    reach_limited: int = 0  # targets held back: the source ran ahead of what the follower can do
     last_send: float | None = None
 
     def summary(self) -> dict[str, float]:
         iv = np.array(self.intervals_s) * 1e3
         rtt = np.array(self.rtts_s) * 1e3
         out: dict[str, float] = {"sent": self.sent, "refused": self.refused, "timeouts": self.timeouts,
-                                 "stalls": self.stalls, "late": self.late}
+                                 "stalls": self.stalls, "late": self.late, "reach_limited": self.reach_limited}
         if len(iv):
             out |= {"interval_median_ms": float(np.median(iv)), "interval_p99_ms": float(np.percentile(iv, 99)),
                     "interval_max_ms": float(iv.max()), "rate_hz": float(1e3 / np.mean(iv))}
@@ -148,6 +151,7 @@ class TeleopSession:
         self._prev_source: np.ndarray | None = None
         self._blending = False
         self._sent: np.ndarray | None = None
+        self._last_source: np.ndarray | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -187,6 +191,7 @@ class TeleopSession:
         self._sent = np.asarray(msg["commanded"], dtype=np.float64) if msg else None
         self._sync_clock()
         self._tau = None
+        self._last_source = None
         self._blending = True
         self._blend_v = np.zeros(self.emb.dof)
         self._prev_source = None
@@ -433,6 +438,12 @@ class TeleopSession:
         sent = time.monotonic()
         stalled = self.stats.last_send is not None and sent - self.stats.last_send > STALL_PERIODS / self.rate_hz
         if stalled:
+            self._last_source = None  # not one period: the source may well have moved that far
+        jump = self._source_jump(target)
+        if jump:
+            self._to_hold(jump)
+            return 0
+        if stalled:
             # This process stalled (a loaded host): the follower settled on the last target while the
             # source moved on. Blend in again from where the follower is commanded, rather than
             # sending a target that jumped (the driver would refuse it: TOO_FAR).
@@ -440,7 +451,7 @@ class TeleopSession:
             self._blending, self._prev_source = True, None
             self._sent = np.asarray(msg["commanded"], dtype=np.float64)
             self._blend_v = np.asarray(msg["velocity"], dtype=np.float64)
-        target = self._blend(target)
+        target = self._keep_within_reach(self._blend(target), msg)
         # On a steady grid, LEAD_PERIODS ahead; restarted after a stall or a drift of a period.
         due = time.monotonic_ns() + self._offset_ns + LEAD_PERIODS * self._period_ns
         tau = due if self._tau is None or stalled else self._tau + self._period_ns
@@ -506,6 +517,31 @@ class TeleopSession:
         self._blend_v = np.clip(desired, self._blend_v - dv, self._blend_v + dv)
         step = self._blend_v * dt
         return np.where(np.abs(step) >= np.abs(gap), target, self._sent + step)
+
+    def _source_jump(self, pose: np.ndarray) -> str | None:
+        """A source that moved further than max_engage_distance in one period did not move: its
+        reading broke (a glitch, an encoder wrap, another arm plugged in). Hold, do not follow it."""
+        last, self._last_source = self._last_source, pose.copy()
+        if last is None:
+            return None
+        step = np.abs(pose - last)
+        j = int(np.argmax(step))
+        if step[j] <= self.bounds.max_engage_distance:
+            return None
+        return (f"the {self.source.name} jumped {step[j]:.3f} at joint {self.bounds.joint_names[j]} in one period "
+                f"(more than the engage distance, {self.bounds.max_engage_distance:g}): a broken reading? "
+                "engage again (a ramped move)")
+
+    def _keep_within_reach(self, target: np.ndarray, msg: dict[str, Any]) -> np.ndarray:
+        """A source moving faster than the follower's limits runs ahead of it: send at most half the
+        engage distance ahead of the commanded pose (the follower catches up at its own limits)
+        instead of a target the driver would refuse (TOO_FAR)."""
+        commanded = np.asarray(msg["commanded"], dtype=np.float64)
+        reach = REACH_FRACTION * self.bounds.max_engage_distance
+        clipped = np.clip(target, commanded - reach, commanded + reach)
+        if not np.array_equal(clipped, target):
+            self.stats.reach_limited += 1
+        return clipped
 
     def _to_hold(self, why: str) -> None:
         was_following = self._following.is_set()

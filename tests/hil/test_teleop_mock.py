@@ -252,7 +252,7 @@ def test_armada_teleop_cli_starts_the_driver_follows_and_stops(short_tmp):
         assert line in out, out
     import json
 
-    assert json.loads(stats.read_text())["arm"]["sent"] > 50
+    assert json.loads(stats.read_text())["arm"]["sent"] > 50, out[-3000:]
 
 
 def test_intervention_takes_the_arm_from_the_policy_and_hands_it_back_without_a_jump(short_tmp):
@@ -274,7 +274,7 @@ def test_intervention_takes_the_arm_from_the_policy_and_hands_it_back_without_a_
             iv.take_over(yes)
             assert s.status == "following"
             time.sleep(1.0)
-            assert rec.latest()["lease_holder"] == "teleop"
+            assert rec.latest().get("lease_holder") == "teleop", (s.status, s.stats.summary())
             t_back = time.monotonic()
             iv.hand_back()
             assert s.lease is None
