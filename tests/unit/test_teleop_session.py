@@ -65,3 +65,19 @@ def test_engage_without_a_driver_says_so_in_time(mock_session):
         mock_session.engage(lambda q: True)
     assert time.monotonic() - t < 3.0
     assert mock_session.lease is None
+
+
+def test_a_source_running_ahead_is_held_within_reach_and_a_jumping_one_is_refused(mock_session):
+    s = mock_session
+    home = s.emb.home
+    far = home + np.array([1.0, -0.05, 0, 0, 0, 0, 0])
+    out = s._keep_within_reach(far, {"commanded": home})
+    reach = 0.5 * s.emb.max_engage_distance
+    assert out[0] == pytest.approx(home[0] + reach) and out[1] == pytest.approx(home[1] - 0.05)
+    assert s.stats.reach_limited == 1
+    s._last_source = None
+    assert s._source_jump(home) is None  # the first pose: nothing to compare with
+    assert s._source_jump(home + 0.01) is None  # moved: followed
+    assert s._source_jump(home + 0.01) is None  # stood still: followed, not lost
+    why = s._source_jump(home + np.array([0, 0, 0.5, 0, 0, 0, 0]))
+    assert why is not None and "jumped 0.490 at joint elbow" in why
