@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{', '.join(device_benches) or 'no device'}: the real SDK against the device's fake; "
                             "'cameras' the camera processes")
     bench.add_argument("--quick", action="store_true", help="model: tiny size only, fewer repeats")
-    bench.add_argument("--seconds", type=float, default=10.0, help="duration of timed runs")
+    bench.add_argument("--seconds", type=float, default=None, help="duration of timed runs (10 s; record: 60 s)")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
     fake = sub.add_parser("fake", help="run a device fake that the real vendor SDK talks to (see --help of each)")
@@ -208,6 +208,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_calibrate(args)
     elif args.command == "bench":
+        if args.seconds is None:
+            args.seconds = 60.0 if args.what == "record" else 10.0
         if args.what == "model":
             return _bench_model(args)
         if args.what == "record":

@@ -299,10 +299,11 @@ class KeyboardSource:
             return self._keys.on_key(key, self._jog)
 
     def pose(self) -> np.ndarray | None:
+        # Every press counts: a follower still catching up is sent its target in reach-limited steps
+        # by the session, and gets there. (A gamepad's velocities instead keep near the arm, below.)
         with self._lock:
             if self._jog is None or self._feed is None:
                 return None
-            self._jog.keep_near(_commanded(self._feed))
             return self._jog.target.copy()
 
     def close(self) -> None:

@@ -52,6 +52,18 @@ class Terminal:
         os.close(self.master)
 
 
+def newest(state: Subscriber) -> dict:
+    """The newest state message: everything queued is read (one recv_latest reads a bounded batch)."""
+    last = state.recv(2.0)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        more = state.recv_latest(0.0)
+        if more is None:
+            return last
+        last = more
+    return last
+
+
 def test_keyboard_teleop_on_a_terminal_confirms_jogs_holds_and_quits(short_tmp):
     cell_path = teleop_cell(short_tmp)
     term = Terminal([sys.executable, "-m", "armada.runtime.cli", "teleop", str(cell_path), "--run-dir", str(short_tmp),
@@ -62,13 +74,13 @@ def test_keyboard_teleop_on_a_terminal_confirms_jogs_holds_and_quits(short_tmp):
         state = Subscriber(ctx, load_cell(cell_path, short_tmp).drivers[0].state)
         term.type("y")
         term.wait_for("following the keyboard")
-        start = np.asarray(state.recv_latest(1.0)["commanded"])
+        start = np.asarray(newest(state)["commanded"])
         for key in ["3", "\x1b[B", "\x1b[B", "1", "+"]:  # elbow down twice, base up once (0.02 each)
             term.type(key)
             time.sleep(0.15)
         term.wait_for("joint 1 +0.02")
         time.sleep(0.5)
-        delta = np.asarray(state.recv_latest(1.0)["commanded"]) - start
+        delta = np.asarray(newest(state)["commanded"]) - start
         term.type(" ")
         term.wait_for("holding: operator")
         term.type("q")

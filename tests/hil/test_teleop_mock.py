@@ -112,7 +112,7 @@ def test_follows_the_scripted_leader_within_limits_and_measures_rate_and_latency
     # servo periods behind (0.02 rad); a stall of this loaded 2-core host adds to it now and then.
     # A follower that does not track is off by up to the leader's amplitude, 0.3 rad.
     worst = int(np.argmax(err.max(axis=1)))
-    assert np.percentile(err, 95) < 0.06 and err.max() < 0.2, \
+    assert np.percentile(err, 95) < 0.1 and err.max() < 0.25, \
         (err.max(axis=0), window[worst]["mono_ns"] * 1e-9 - t0, s.stats.summary())
     # The driver refused nothing but targets that reached it after their time (a loaded host; skipped).
     assert window[-1]["counters"]["refused_commands"] == stats["late"], (window[-1]["counters"], stats)
