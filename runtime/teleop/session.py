@@ -4,10 +4,14 @@ Engaging (``engage``): take the driver's control lease (retrying briefly while a
 lets go, as during an intervention), arm the driver only where allowed (a cell that moves no real
 hardware, or the operator's --arm), make a ramped ``move_to`` to the source's pose and wait until
 the follower is measured there, ask the operator to confirm, then follow: a thread sends the
-source's pose every period (the follower's control rate, at most 50 Hz) as a one-point timed
+source's pose every period (the follower's control rate, at most 100 Hz) as a one-point timed
 trajectory on a steady time grid, two periods ahead. Every target goes through the driver's safety
 filter (limits, velocity, acceleration), is refused beyond max_engage_distance like a servo target
-(TOO_FAR), and renews the lease.
+(TOO_FAR: teleop then holds), and renews the lease. Following starts with a blend-in (the source
+moved on while the operator confirmed: it is approached at move_to's fractions of the limits); a
+source faster than the follower is sent at most half the engage distance ahead of the commanded
+pose (the follower catches up at its own limits); a source that jumps more than the engage distance
+in one period is a broken reading, and teleop holds.
 
 Why not ``servo``: the driver reaches each servo target over SERVO_INTERPOLATION_S starting again
 from the filter's pose at every new target, so a stream's progress per period depends on where the
