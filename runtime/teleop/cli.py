@@ -18,7 +18,10 @@ and, with --source keyboard: 1-9 select a joint, up/down or +/- jog it, [ ] step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,16 +49,49 @@ def add_teleop_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _say(text: str) -> None:
-    from armada.runtime.cli import _say as say
+    """A line for the operator on stderr; a closed terminal (SIGHUP) must not stop the clean-up."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
 
-    say(text)
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGTERM, SIGHUP and SIGINT stop teleop the same way (as `armada run`): the first one interrupts
+    whatever runs, so following stops, the leases are released and started drivers stopped; later
+    ones are noted but do not interrupt that clean-up."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.interrupting = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+            if self.interrupting:
+                raise _Interrupted(signum)
+
+    def defer(self) -> None:
+        self.interrupting = False
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def run_teleop(args: argparse.Namespace) -> int:
-    import signal
-
-    from armada.runtime.cli import _Interrupted, _StopSignals
-
     with _StopSignals() as signals:
         run = _TeleopRun(args)
         code = 1
@@ -218,7 +254,7 @@ class _TeleopRun:
             summary = s.stats.summary()
             s.close()
             if summary.get("sent"):
-                _say(f"teleop {s.drv.name}: {summary['sent']} servo targets, "
+                _say(f"teleop {s.drv.name}: {summary["sent"]} targets, "
                      f"interval median {summary.get('interval_median_ms', 0):.2f} ms, "
                      f"p99 {summary.get('interval_p99_ms', 0):.2f} ms, refused {summary['refused']}")
             if self.args.stats is not None:

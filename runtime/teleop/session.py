@@ -75,6 +75,14 @@ ARRIVE_RANGE_FRACTION = 0.02
 ARRIVE_SLACK_S = 3.0
 
 
+def moves_no_hardware(cell: CellConfig) -> bool:
+    """Only a cell whose every backend moves nothing real (mocks, simulators) may be armed without
+    the operator's --arm (the same rule as `armada run`'s, runtime.cli.moves_no_hardware)."""
+    from armada.drivers.core.registry import get
+
+    return not any(get(d.backend.kind).moves_hardware for d in cell.drivers)
+
+
 def follow_rate_hz(control_rate_hz: float) -> float:
     """How often teleop sends a target: the follower's control rate, at most MAX_FOLLOW_RATE_HZ
     (the driver interpolates between the points; faster buys little latency for much CPU)."""
@@ -116,8 +124,6 @@ class TeleopSession:
     def __init__(self, cell: CellConfig, driver: str | None, source: TargetSource, *,
                  ctx: zmq.Context | None = None, say: Callable[[str], None] = print, arm: bool = False,
                  client: str = "teleop", rate_hz: float | None = None, acquire_wait_s: float = 0.0):
-        from armada.runtime.cli import moves_no_hardware
-
         self.cell = cell
         self.drv = cell.driver(driver)
         self.emb = cell.embodiment(self.drv)
