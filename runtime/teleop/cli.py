@@ -254,7 +254,7 @@ class _TeleopRun:
             summary = s.stats.summary()
             s.close()
             if summary.get("sent"):
-                _say(f"teleop {s.drv.name}: {summary["sent"]} targets, "
+                _say(f"teleop {s.drv.name}: {summary['sent']} targets, "
                      f"interval median {summary.get('interval_median_ms', 0):.2f} ms, "
                      f"p99 {summary.get('interval_p99_ms', 0):.2f} ms, refused {summary['refused']}")
             if self.args.stats is not None:
