@@ -3,7 +3,7 @@
 The leader's pose is ``home + offset + amplitude * sin(2 pi f t + phase_j)`` per joint (grippers
 move by ``gripper_amplitude``), clamped into the follower's joint range: it is already in the
 follower's action units, as a real leader is once mapped through its calibration. It is published
-in the state's ``device`` map as ``leader`` (brief interface 1), like the SO-101 leader.
+in the state's ``device`` map as ``leader``, like the SO-101 leader.
 
 Unplugging, for tests and demos: while the file ``unplug_file`` exists the leader "cannot be
 read": ``leader`` is None and ``leader_error`` says why. Explicit and visible (``touch``/``rm``),

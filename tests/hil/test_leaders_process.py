@@ -40,7 +40,7 @@ TICK_S = 0.02  # ALOHA, SO-101 and Cobot Magic run at 50 Hz
 # (measured 1-14 ms here, once 86 ms under a load average of 7), hence the looser time bound.
 HAND_MOVE_TICKS = 3
 HAND_MOVE_BOUND_S = 0.25
-LOST_BOUND_S = 0.2  # the brief: an unplugged or silent leader is None with an error within 0.2 s
+LOST_BOUND_S = 0.2  # an unplugged or silent leader is None with an error within 0.2 s
 BACK_BOUND_S = 3.0  # retried every 0.25 s, reopened (IDs pinged, models checked) in the background
 
 
