@@ -478,6 +478,8 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
     from armada.runtime.inference.client import EpisodeClient
 
     cell = procs.cell
+    from armada.drivers.core.registry import moves_no_hardware
+
     simulated_only = moves_no_hardware(cell)
     print(f"armada: cell {cell.name!r}: {len(cell.drivers)} driver(s), {len(cell.cameras)} camera(s), "
           f"{cell.inference.policy.kind} policy, {cell.inference.chunking.mode} chunks")
@@ -514,13 +516,6 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
         if viewer is not None:
             viewer.close()
     return 0 if all(r["outcome"] == "completed" for r in reports) else 1
-
-
-def moves_no_hardware(cell) -> bool:
-    """Only a cell whose every backend moves nothing real (mocks, simulators) may arm without --arm."""
-    from armada.drivers.core.registry import get
-
-    return not any(get(d.backend.kind).moves_hardware for d in cell.drivers)
 
 
 def _drivers_armed(procs) -> bool:

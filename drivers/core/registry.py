@@ -163,3 +163,9 @@ BACKENDS: PluginRegistry[BackendPlugin] = PluginRegistry(ENTRY_POINT_GROUP, Back
 def get(kind: str) -> BackendPlugin:
     """The plugin of a backend kind; RegistryError lists the known kinds."""
     return BACKENDS.get(kind)
+
+
+def moves_no_hardware(cell: Any) -> bool:
+    """Only a cell whose every backend moves nothing real (mocks, simulators) may be armed without
+    the operator's --arm (`armada run`, `armada teleop`, `armada record`)."""
+    return not any(get(d.backend.kind).moves_hardware for d in cell.drivers)

@@ -45,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
+from armada.drivers.core.registry import moves_no_hardware
 from armada.runtime.config import CellConfig
 from armada.runtime.protocol import PROTOCOL_VERSION
 from armada.runtime.teleop.sources import Bounds, LeaderSource, StateFeed, TargetSource, leader_source
@@ -73,14 +74,6 @@ ARRIVE_TOLERANCE = 0.05
 ARRIVE_RANGE_FRACTION = 0.02
 # Slack on top of the planned move time before the arrival check gives up.
 ARRIVE_SLACK_S = 3.0
-
-
-def moves_no_hardware(cell: CellConfig) -> bool:
-    """Only a cell whose every backend moves nothing real (mocks, simulators) may be armed without
-    the operator's --arm (the same rule as `armada run`'s, runtime.cli.moves_no_hardware)."""
-    from armada.drivers.core.registry import get
-
-    return not any(get(d.backend.kind).moves_hardware for d in cell.drivers)
 
 
 def follow_rate_hz(control_rate_hz: float) -> float:

@@ -20,7 +20,8 @@ from armada.drivers.core.registry import BACKENDS, ENTRY_POINT_GROUP, BackendPlu
 from armada.drivers.mock.arm import MockArm
 from armada.drivers.piper.calibration import PiperZero, piper_zero_values
 from armada.runtime.config import ConfigError, StrictModel, load_cell
-from armada.runtime.cli import build_parser, moves_no_hardware
+from armada.drivers.core.registry import moves_no_hardware
+from armada.runtime.cli import build_parser
 
 INSTALLED = {"mock", "ur3", "piper", "cobot_magic", "aloha"}
 VENDOR_MODULES = ("piper_sdk", "rtde_control", "rtde_receive", "can", "dynamixel_sdk", "scservo_sdk", "lerobot",
