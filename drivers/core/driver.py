@@ -583,7 +583,7 @@ class Driver:
             raise points
         # Planned without the lock: check again that it still applies.
         self._require_moving("move_to")
-        if self.lease.current is None or self.lease.current.identity != identity:
+        if not self.lease.renew_after_wait(now_ns, identity):
             raise ProtocolError(ErrorCode.NO_LEASE, "the lease was lost while the move was planned")
         drift = np.abs(self.filter.position - start)
         worst = int(np.argmax(drift))

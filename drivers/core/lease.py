@@ -60,6 +60,18 @@ class LeaseManager:
         lease.expires_ns = now_ns + lease.ttl_ns
         return lease
 
+    def renew_after_wait(self, now_ns: int, identity: bytes) -> bool:
+        """Renew the lease of connection ``identity`` when a slow command of its own completes.
+
+        Its holder could not heartbeat on that connection while it waited for the reply, so the
+        completion counts as its activity. False (nothing renewed) if the lease lapsed or changed
+        hands meanwhile."""
+        lease = self.current
+        if lease is None or lease.identity != identity or lease.expires_ns <= now_ns:
+            return False
+        lease.expires_ns = now_ns + lease.ttl_ns
+        return True
+
     def release(self, token: str, now_ns: int, identity: bytes = b"") -> None:
         self.check(token, now_ns, identity)
         self.current = None

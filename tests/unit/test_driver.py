@@ -297,6 +297,20 @@ def test_move_to_is_planned_outside_and_rechecked_when_swapped_in(drv):
     assert err.value.code == ErrorCode.ESTOPPED and len(drv.buffer) == 0
 
 
+def test_a_move_to_that_completes_renews_its_holders_lease_and_one_that_outlived_it_is_refused(drv):
+    # The holder waits for the move_to reply on its one connection and cannot heartbeat meanwhile.
+    lease = armed(drv)
+    goal = EMB.home + np.r_[0.3 * np.ones(6), 0]
+    job = drv.start(F.make("move_to", lease=lease, target=goal), 0)
+    done = int(0.25e9)  # planned and swapped in just inside the 0.3 s TTL
+    drv.finish(job, job.run(), done)
+    cmd(drv, "heartbeat", done + int(0.29e9), lease=lease)  # renewed at `done`, not at the request
+    job = drv.start(F.make("move_to", lease=lease, target=EMB.home), done + int(0.29e9))
+    with pytest.raises(ProtocolError) as err:
+        drv.finish(job, job.run(), done + int(0.29e9) + int(0.31e9))  # lapsed while planned
+    assert err.value.code == ErrorCode.NO_LEASE
+
+
 class RecoveringArm(FlakyArm):
     """recover() is where the test decides what happens meanwhile (it runs outside the lock)."""
 
