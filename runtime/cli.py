@@ -29,6 +29,7 @@ from typing import Any
 
 from armada.runtime.config import DEFAULT_CELL, ConfigError
 from armada.runtime.rundir import PARENT_PID_ENV, RunDirError
+from armada.runtime.terminal import Interrupted, StopSignals, say
 
 _PR_SET_PDEATHSIG = 1
 SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record")
@@ -400,51 +401,6 @@ def run_cell(args: argparse.Namespace) -> int:
     return code
 
 
-class _Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _StopSignals:
-    """SIGTERM, SIGHUP and SIGINT end `armada run` the same way: the first one interrupts whatever
-    runs (like Ctrl-C does), so the episode is stopped and the children are stopped; later ones
-    are noted but do not interrupt that clean-up. SIGKILL cannot be caught: the children's
-    parent-death signal covers it (see die_with_parent)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.interrupting = True
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.received is None:
-            self.received = signum
-            if self.interrupting:
-                raise _Interrupted(signum)
-
-    def defer(self) -> None:
-        """From now on a signal is noted only: the clean-up that follows must run to its end."""
-        self.interrupting = False
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _say(text: str) -> None:
-    """A line for the operator on stderr; a closed terminal (SIGHUP) must not stop the clean-up."""
-    with contextlib.suppress(OSError, ValueError):
-        print(text, file=sys.stderr, flush=True)
-
-
 def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
     from armada.runtime.config import load_cell
     from armada.runtime.rundir import resolve_run_dir
@@ -453,15 +409,15 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
     cell_path = args.cell or DEFAULT_CELL
     cell = load_cell(cell_path)  # a bad cell is refused before anything is created
     run_dir = resolve_run_dir(args.run_dir, cell.name)
-    with _StopSignals() as signals:
+    with StopSignals() as signals:
         procs = None
         code = 1
         try:
             procs = CellProcesses(cell_path, run_dir)
             code = _supervise(procs, args, reports)
-        except _Interrupted as exc:
+        except Interrupted as exc:
             signals.defer()
-            _say(f"armada: {exc}: stopping the episode and all processes (drivers hold position)")
+            say(f"armada: {exc}: stopping the episode and all processes (drivers hold position)")
             if procs is not None:
                 _stop_episode(procs, f"armada run got {exc}")
         finally:
@@ -469,7 +425,7 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
             if procs is not None:
                 procs.close()
         if signals.received is not None:
-            _say(f"armada: stopped by {signal.Signals(signals.received).name}; all processes stopped")
+            say(f"armada: stopped by {signal.Signals(signals.received).name}; all processes stopped")
             return 128 + signals.received
         return code
 

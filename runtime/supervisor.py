@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -55,6 +56,18 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exited with code {returncode}"
+
+
+def answers_hello(ctx: zmq.Context, endpoint: str, curve: Any, role: str, timeout_s: float = 0.5) -> bool:
+    """Whether a process of the cell answers a hello on ``endpoint`` (a driver's cmd, inference's ctl)."""
+    client = CommandClient(ctx, endpoint, curve, default_timeout_s=timeout_s)
+    try:
+        client.request("hello", version=PROTOCOL_VERSION, role=role)
+        return True
+    except (TimeoutError, RemoteError):
+        return False
+    finally:
+        client.close()
 
 
 @dataclass
@@ -156,14 +169,7 @@ class CellProcesses:
             finally:
                 sub.close()
         endpoint = self.cell.inference.ctl if child.role == "infer" else self.cell.driver(child.name).cmd
-        client = CommandClient(self.ctx, endpoint, default_timeout_s=0.3)
-        try:
-            client.request("hello", version=PROTOCOL_VERSION, role="supervisor")
-            return True
-        except (TimeoutError, RemoteError):
-            return False
-        finally:
-            client.close()
+        return answers_hello(self.ctx, endpoint, None, "supervisor", 0.3)
 
     # ------------------------------------------------------------------ watching
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 
-from armada.drivers.core.tick_bench import measure_ticks
+from armada.drivers.core.tick_bench import leader_cost, measure_ticks, wait_for_leader
 from armada.drivers.aloha.backend import AlohaBackend, AlohaSettings
 from armada.drivers.aloha.fake.aloha import AlohaFakeProcess
 from armada.drivers.aloha.config import AlohaBackendConfig, settings
@@ -47,33 +46,6 @@ def _settings(ports: dict[str, str], leaders_in_state: bool) -> dict[str, Any]:
     ctx = SimpleNamespace(driver=SimpleNamespace(backend=cfg, joint_calibration=None),
                           embodiment=load_embodiment("aloha"), cell_dir=None)
     return settings(ctx)
-
-
-def _wait_leader(backend, timeout_s: float = 5.0) -> None:
-    """With the leader in state it is opened in the background after connect: measure once it is read."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        extras = backend.read().extras or {}
-        if extras.get("leader") is not None:
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"the leader was not read within {timeout_s} s: {extras.get('leader_error')}")
-
-
-def leader_cost(out: dict[str, Any]) -> dict[str, float]:
-    """What reading the leader adds to a tick (p50 and p99 of read+write, with minus without)."""
-    cost = {}
-    keys = ("followers_and_leaders", "followers")
-    for path in ("worker_unpaced", "in_process_unpaced"):
-        with_, without = out["followers_and_leaders"][path]["round_trip"], out["followers"][path]["round_trip"]
-        cost[f"{path}_p50_ms"] = round(with_["p50_ms"] - without["p50_ms"], 3)
-        cost[f"{path}_p99_ms"] = round(with_["p99_ms"] - without["p99_ms"], 3)
-        # From the unpaced rates: the mean tick, every tick counted (the least noisy on a loaded host).
-        rate_with, rate_without = (out[k][path]["rate_hz"] for k in keys)
-        cost[f"{path}_mean_ms"] = round(1e3 / rate_with - 1e3 / rate_without, 3)
-    cost["real_bus_estimate_ms"] = round(out["followers_and_leaders"]["real_bus_estimate"]["tick_ms"]
-                                         - out["followers"]["real_bus_estimate"]["tick_ms"], 2)
-    return cost
 
 
 def real_bus_estimate(leaders: bool) -> dict[str, Any]:
@@ -107,7 +79,7 @@ def bench_aloha(seconds: float = 10.0) -> dict[str, Any]:
                                      timeouts=WorkerTimeouts(io_s=0.05))
             worker.connect(CONNECT_TIMEOUT_S)
             if leaders:
-                _wait_leader(worker)
+                wait_for_leader(worker)
             try:
                 res = {"worker_paced_50hz": measure_ticks(worker, per, RATE_HZ, paced=True),
                        "worker_unpaced": measure_ticks(worker, per, RATE_HZ, paced=False)}
@@ -116,14 +88,14 @@ def bench_aloha(seconds: float = 10.0) -> dict[str, Any]:
             direct = AlohaBackend(AlohaSettings(**s))
             direct.connect(CONNECT_TIMEOUT_S)
             if leaders:
-                _wait_leader(direct)
+                wait_for_leader(direct)
             try:
                 res["in_process_unpaced"] = measure_ticks(direct, per / 2, RATE_HZ, paced=False)
             finally:
                 direct.close()
             res["real_bus_estimate"] = real_bus_estimate(leaders)
             out[key] = res
-        out["leader_cost_per_tick"] = leader_cost(out)
+        out["leader_cost_per_tick"] = leader_cost(out, "followers_and_leaders", "followers")
         return out
 
 

@@ -50,3 +50,29 @@ def measure_ticks(backend: Backend, seconds: float, rate_hz: float, paced: bool)
     if paced:
         out["overruns"] = overruns
     return out
+
+
+def wait_for_leader(backend: Backend, timeout_s: float = 5.0) -> None:
+    """With the leader in state it is opened in the background after connect: measure once it is read."""
+    deadline = time.monotonic() + timeout_s
+    extras: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        extras = backend.read().extras or {}
+        if extras.get("leader") is not None:
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"the leader was not read within {timeout_s} s: {extras.get('leader_error')}")
+
+
+def leader_cost(out: dict[str, Any], with_leader: str, without: str) -> dict[str, float]:
+    """What reading the leader adds to a tick: p50 and p99 of read+write, and the mean tick from the
+    unpaced rates (every tick counted: the least noisy on a loaded host), with minus without."""
+    cost = {}
+    for path in ("worker_unpaced", "in_process_unpaced"):
+        a, b = out[with_leader][path], out[without][path]
+        cost[f"{path}_p50_ms"] = round(a["round_trip"]["p50_ms"] - b["round_trip"]["p50_ms"], 3)
+        cost[f"{path}_p99_ms"] = round(a["round_trip"]["p99_ms"] - b["round_trip"]["p99_ms"], 3)
+        cost[f"{path}_mean_ms"] = round(1e3 / a["rate_hz"] - 1e3 / b["rate_hz"], 3)
+    cost["real_bus_estimate_ms"] = round(out[with_leader]["real_bus_estimate"]["tick_ms"]
+                                         - out[without]["real_bus_estimate"]["tick_ms"], 2)
+    return cost

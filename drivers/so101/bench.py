@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 
-from armada.drivers.core.tick_bench import measure_ticks
+from armada.drivers.core.tick_bench import leader_cost, measure_ticks, wait_for_leader
 from armada.drivers.core.isolated import IsolatedBackend, WorkerTimeouts
 from armada.drivers.so101.backend import So101Backend, So101Settings
 from armada.drivers.so101.config import JOINTS
@@ -42,33 +42,6 @@ BENCH_CALIBRATION = {n: {"id": i + 1, "drive_mode": 0, "homing_offset": 0, "rang
 def _settings(ports: dict[str, str], leader_in_state: bool) -> dict[str, Any]:
     return {"port": ports["follower"], "calibration": BENCH_CALIBRATION, "leader_port": ports["leader"],
             "leader_calibration": BENCH_CALIBRATION, "leader_in_state": leader_in_state}
-
-
-def _wait_leader(backend, timeout_s: float = 5.0) -> None:
-    """With the leader in state it is opened in the background after connect: measure once it is read."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        extras = backend.read().extras or {}
-        if extras.get("leader") is not None:
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"the leader was not read within {timeout_s} s: {extras.get('leader_error')}")
-
-
-def leader_cost(out: dict[str, Any]) -> dict[str, float]:
-    """What reading the leader adds to a tick (p50 and p99 of read+write, with minus without)."""
-    cost = {}
-    keys = ("follower_and_leader", "follower")
-    for path in ("worker_unpaced", "in_process_unpaced"):
-        with_, without = out["follower_and_leader"][path]["round_trip"], out["follower"][path]["round_trip"]
-        cost[f"{path}_p50_ms"] = round(with_["p50_ms"] - without["p50_ms"], 3)
-        cost[f"{path}_p99_ms"] = round(with_["p99_ms"] - without["p99_ms"], 3)
-        # From the unpaced rates: the mean tick, every tick counted (the least noisy on a loaded host).
-        rate_with, rate_without = (out[k][path]["rate_hz"] for k in keys)
-        cost[f"{path}_mean_ms"] = round(1e3 / rate_with - 1e3 / rate_without, 3)
-    cost["real_bus_estimate_ms"] = round(out["follower_and_leader"]["real_bus_estimate"]["tick_ms"]
-                                         - out["follower"]["real_bus_estimate"]["tick_ms"], 2)
-    return cost
 
 
 def real_bus_estimate(leader: bool, usb_ms: float = 1.0) -> dict[str, Any]:
@@ -104,7 +77,7 @@ def bench_so101(seconds: float = 10.0) -> dict[str, Any]:
             worker.connect(CONNECT_TIMEOUT_S)
             res: dict[str, Any] = {"worker_connect_s": round(time.monotonic() - t, 2)}
             if leader:
-                _wait_leader(worker)
+                wait_for_leader(worker)
             try:
                 res["worker_paced_50hz"] = measure_ticks(worker, per, RATE_HZ, paced=True)
                 res["worker_unpaced"] = measure_ticks(worker, per, RATE_HZ, paced=False)
@@ -113,14 +86,14 @@ def bench_so101(seconds: float = 10.0) -> dict[str, Any]:
             direct = So101Backend(So101Settings(**s))
             direct.connect(CONNECT_TIMEOUT_S)
             if leader:
-                _wait_leader(direct)
+                wait_for_leader(direct)
             try:
                 res["in_process_unpaced"] = measure_ticks(direct, per / 2, RATE_HZ, paced=False)
             finally:
                 direct.close()
             res["real_bus_estimate"] = real_bus_estimate(leader)
             out["follower_and_leader" if leader else "follower"] = res
-        out["leader_cost_per_tick"] = leader_cost(out)
+        out["leader_cost_per_tick"] = leader_cost(out, "follower_and_leader", "follower")
         return out
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import select
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from armada.runtime.terminal import TerminalKeys
 
 RUN_DIR_HELP = "private folder for ipc sockets, locks and logs (default: the cell's default run dir)"
 
@@ -96,43 +96,6 @@ def parse_keys(data: bytes) -> list[str]:
     return out
 
 
-class Keys:
-    """Key presses from stdin in cbreak mode when it is a terminal; nothing otherwise."""
-
-    def __init__(self) -> None:
-        try:
-            self.fd: int | None = sys.stdin.fileno()
-        except (AttributeError, OSError, ValueError):
-            self.fd = None
-        self.interactive = self.fd is not None and os.isatty(self.fd)
-        self._saved: Any = None
-
-    def __enter__(self) -> "Keys":
-        if self.interactive:
-            import termios
-            import tty
-
-            self._saved = termios.tcgetattr(self.fd)
-            tty.setcbreak(self.fd)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._saved is not None:
-            import termios
-
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
-            self._saved = None
-
-    def read(self, timeout_s: float) -> list[str]:
-        if not self.interactive:
-            time.sleep(timeout_s)
-            return []
-        ready, _, _ = select.select([self.fd], [], [], timeout_s)
-        if not ready:
-            return []
-        return parse_keys(os.read(self.fd, 64))
-
-
 # --------------------------------------------------------------------------- session
 
 
@@ -184,7 +147,7 @@ class RecordSession:
             self._start_view(a.cell, run_dir, a.view)
         if a.teleop != "none" and not self._start_teleop(cell):
             return 1
-        with Keys() as keys:
+        with TerminalKeys(parse_keys) as keys:
             if not keys.interactive:
                 _say("armada record: stdin is not a terminal: no keys; every episode runs its full time")
             else:
@@ -275,7 +238,7 @@ class RecordSession:
 
     # ------------------------------------------------------------------ the operator's loop
 
-    def _loop(self, keys: Keys) -> None:
+    def _loop(self, keys: TerminalKeys) -> None:
         a = self.args
         if a.warmup > 0:
             _say(f"armada record: warm-up {a.warmup:.0f} s")
@@ -306,13 +269,13 @@ class RecordSession:
             if done < a.episodes and self._reset(keys) == KEY_STOP:
                 break
 
-    def _reset(self, keys: Keys) -> str | None:
+    def _reset(self, keys: TerminalKeys) -> str | None:
         if self.args.reset_time <= 0:
             return None
         _say(f"armada record: reset the scene ({self.args.reset_time:.0f} s; right arrow/n when ready)")
         return self._wait(keys, self.args.reset_time, "reset", allow_skip=True)
 
-    def _wait(self, keys: Keys, seconds: float, label: str, allow_skip: bool) -> str | None:
+    def _wait(self, keys: TerminalKeys, seconds: float, label: str, allow_skip: bool) -> str | None:
         """Waits, showing progress and what the recorder says; returns the key that ended it early."""
         t0 = time.monotonic()
         last_line = 0.0
@@ -424,17 +387,9 @@ def _load(cell_path: Path, run_dir: Path) -> Any:
 
 
 def _driver_answers(ctx: Any, cell: Any, name: str) -> bool:
-    from armada.runtime.protocol import PROTOCOL_VERSION
-    from armada.runtime.transport import CommandClient, RemoteError
+    from armada.runtime.supervisor import answers_hello
 
-    client = CommandClient(ctx, cell.driver(name).cmd, cell.curve, default_timeout_s=0.5)
-    try:
-        client.request("hello", version=PROTOCOL_VERSION, role="record-probe")
-        return True
-    except (TimeoutError, RemoteError):
-        return False
-    finally:
-        client.close()
+    return answers_hello(ctx, cell.driver(name).cmd, cell.curve, "record-probe")
 
 
 def _camera_answers(ctx: Any, cell: Any, cam: Any) -> bool:

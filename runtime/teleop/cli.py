@@ -18,13 +18,13 @@ and, with --source keyboard: 1-9 select a joint, up/down or +/- jog it, [ ] step
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from armada.runtime.terminal import Interrupted, StopSignals, TerminalKeys, say
 
 KEYS_HELP = "keys: e engage, space hold, q quit"
 
@@ -48,65 +48,22 @@ def add_teleop_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", type=Path, default=None, help="write the servo loop's timing here (JSON)")
 
 
-def _say(text: str) -> None:
-    """A line for the operator on stderr; a closed terminal (SIGHUP) must not stop the clean-up."""
-    with contextlib.suppress(OSError, ValueError):
-        print(text, file=sys.stderr, flush=True)
-
-
-class _Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _StopSignals:
-    """SIGTERM, SIGHUP and SIGINT stop teleop the same way (as `armada run`): the first one interrupts
-    whatever runs, so following stops, the leases are released and started drivers stopped; later
-    ones are noted but do not interrupt that clean-up."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.interrupting = True
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.received is None:
-            self.received = signum
-            if self.interrupting:
-                raise _Interrupted(signum)
-
-    def defer(self) -> None:
-        self.interrupting = False
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def run_teleop(args: argparse.Namespace) -> int:
-    with _StopSignals() as signals:
+    with StopSignals() as signals:
         run = _TeleopRun(args)
         code = 1
         try:
             code = run.main()
-        except _Interrupted as exc:
+        except Interrupted as exc:
             signals.defer()
-            _say(f"armada teleop: {exc}: stopping (followers hold)")
+            say(f"armada teleop: {exc}: stopping (followers hold)")
             code = 128 + exc.signum
         finally:
             signals.defer()
             run.close()
         if signals.received is not None and code < 128:
             code = 128 + signals.received
-            _say(f"armada teleop: stopped by {signal.Signals(signals.received).name}")
+            say(f"armada teleop: stopped by {signal.Signals(signals.received).name}")
         return code
 
 
@@ -132,55 +89,55 @@ class _TeleopRun:
         cell = load_cell(args.cell, run_dir)
         names = [cell.driver(args.driver).name] if args.driver else [d.name for d in cell.drivers]
         if args.source != "leader" and len(names) > 1:
-            _say(f"armada teleop: --source {args.source} drives one arm: name it with --driver ({', '.join(names)})")
+            say(f"armada teleop: --source {args.source} drives one arm: name it with --driver ({', '.join(names)})")
             return 2
         self.ctx = zmq.Context()
         try:
             self.sessions = [self._session(cell, n) for n in names]
         except RuntimeError as exc:  # a source that cannot start (no gamepad, no evdev)
-            _say(f"armada teleop: {exc}")
+            say(f"armada teleop: {exc}")
             return 1
         missing = [n for n in names if not _answers(self.ctx, cell, n)]
         if missing:
             if args.intervene:
-                _say(f"armada teleop --intervene: driver(s) {', '.join(missing)} do not answer: is the cell running?")
+                say(f"armada teleop --intervene: driver(s) {', '.join(missing)} do not answer: is the cell running?")
                 return 1
             if not self._start_drivers(args.cell, run_dir, missing):
                 return 1
         if args.intervene:
             from armada.runtime.teleop.intervention import Intervention
 
-            self.intervention = Intervention(cell, self.sessions, self.ctx, _say)
-        from armada.runtime.teleop.sources import KEYBOARD_HELP, TerminalKeys
+            self.intervention = Intervention(cell, self.sessions, self.ctx, say)
+        from armada.runtime.teleop.sources import KEYBOARD_HELP, key_tokens
 
-        with TerminalKeys() as keys:
+        with TerminalKeys(lambda data: key_tokens(data.decode("utf-8", "replace"))) as keys:
             confirm = self._confirm(keys)
             help_line = KEYS_HELP + (", i intervene, h hand back" if args.intervene else "")
-            _say(f"armada teleop: {help_line}" + (f"; {KEYBOARD_HELP}" if self.keyboard else ""))
+            say(f"armada teleop: {help_line}" + (f"; {KEYBOARD_HELP}" if self.keyboard else ""))
             if not args.intervene:
                 try:
                     for s in self.sessions:
                         s.engage(confirm)
                 except TeleopError as exc:
-                    _say(f"armada teleop: cannot engage: {exc}")
+                    say(f"armada teleop: cannot engage: {exc}")
                     return 1
             else:
-                _say("armada teleop: attached; press i to take over the running episode")
+                say("armada teleop: attached; press i to take over the running episode")
             return self._loop(keys, confirm)
 
     def _start_drivers(self, cell_path: Path, run_dir: Path, names: list[str]) -> bool:
         from armada.runtime.supervisor import CellProcesses
 
-        _say(f"armada teleop: no driver answers for {', '.join(names)}: starting them in {run_dir} ...")
+        say(f"armada teleop: no driver answers for {', '.join(names)}: starting them in {run_dir} ...")
         self.procs = CellProcesses(cell_path, run_dir)
         for n in names:
             self.procs.spawn("driver", n)
         try:
             self.procs.wait_ready(30.0)
         except (RuntimeError, TimeoutError) as exc:
-            _say(f"armada teleop: {exc}")
+            say(f"armada teleop: {exc}")
             return False
-        _say(f"armada teleop: driver(s) started; logs in {run_dir / 'logs'}")
+        say(f"armada teleop: driver(s) started; logs in {run_dir / 'logs'}")
         return True
 
     def _session(self, cell: Any, name: str) -> Any:
@@ -190,20 +147,20 @@ class _TeleopRun:
         if self.args.source == "keyboard":
             source = self.keyboard = KeyboardSource()
         elif self.args.source == "gamepad":
-            source = GamepadSource(self.args.gamepad_device, say=_say)
+            source = GamepadSource(self.args.gamepad_device, say=say)
         else:
             source = LeaderSource()
-        return TeleopSession(cell, name, source, ctx=self.ctx, say=_say, arm=self.args.arm, rate_hz=self.args.rate)
+        return TeleopSession(cell, name, source, ctx=self.ctx, say=say, arm=self.args.arm, rate_hz=self.args.rate)
 
     def _confirm(self, keys: Any) -> Callable[[str], bool]:
         def confirm(question: str) -> bool:
             if self.args.yes:
-                _say(f"{question}yes (--yes)")
+                say(f"{question}yes (--yes)")
                 return True
             if not keys.interactive:
-                _say(f"{question}no terminal to answer on: pass --yes")
+                say(f"{question}no terminal to answer on: pass --yes")
                 return False
-            _say(question)
+            say(question)
             while True:
                 for key in keys.read(0.2):
                     return key in ("y", "Y")
@@ -217,7 +174,7 @@ class _TeleopRun:
         shown = [s.status for s in self.sessions]
         while deadline is None or time.monotonic() < deadline:
             if self.procs is not None and self.procs.dead():
-                _say("armada teleop: " + "; ".join(why for _, why in self.procs.dead()))
+                say("armada teleop: " + "; ".join(why for _, why in self.procs.dead()))
                 return 1
             for key in keys.read(0.1):
                 if key in ("q", "Q"):
@@ -225,12 +182,12 @@ class _TeleopRun:
                 try:
                     self._on_key(key, confirm)
                 except TeleopError as exc:
-                    _say(f"armada teleop: {exc}")
+                    say(f"armada teleop: {exc}")
             for i, s in enumerate(self.sessions):
                 if s.status != shown[i]:
                     shown[i] = s.status
                     if s.status.startswith("holding"):
-                        _say(f"teleop {s.drv.name}: {s.status}; press e to engage again")
+                        say(f"teleop {s.drv.name}: {s.status}; press e to engage again")
         return 0
 
     def _on_key(self, key: str, confirm: Callable[[str], bool]) -> None:
@@ -247,14 +204,14 @@ class _TeleopRun:
         elif self.keyboard is not None:
             said = self.keyboard.on_key(key)
             if said:
-                _say(said)
+                say(said)
 
     def close(self) -> None:
         for s in self.sessions:
             summary = s.stats.summary()
             s.close()
             if summary.get("sent"):
-                _say(f"teleop {s.drv.name}: {summary['sent']} targets, "
+                say(f"teleop {s.drv.name}: {summary['sent']} targets, "
                      f"interval median {summary.get('interval_median_ms', 0):.2f} ms, "
                      f"p99 {summary.get('interval_p99_ms', 0):.2f} ms, refused {summary['refused']}")
             if self.args.stats is not None:
@@ -263,25 +220,17 @@ class _TeleopRun:
                 self.args.stats.write_text(json.dumps(stats, indent=2))
         if self.intervention is not None:
             if self.intervention.active:
-                _say("armada teleop: the episode stays paused (not handed back): `h` in a new teleop, or stop it")
+                say("armada teleop: the episode stays paused (not handed back): `h` in a new teleop, or stop it")
             self.intervention.close()
         if self.procs is not None:
-            _say("armada teleop: stopping the drivers it started (they hold first)")
+            say("armada teleop: stopping the drivers it started (they hold first)")
             self.procs.close()
         if self.ctx is not None:
             self.ctx.destroy(linger=0)
 
 
 def _answers(ctx: Any, cell: Any, name: str) -> bool:
-    from armada.runtime.protocol import PROTOCOL_VERSION
-    from armada.runtime.transport import CommandClient, RemoteError
+    from armada.runtime.supervisor import answers_hello
 
-    client = CommandClient(ctx, cell.driver(name).cmd, cell.curve, default_timeout_s=0.5)
-    try:
-        client.request("hello", version=PROTOCOL_VERSION, role="teleop-probe")
-        return True
-    except (TimeoutError, RemoteError):
-        return False
-    finally:
-        client.close()
+    return answers_hello(ctx, cell.driver(name).cmd, cell.curve, "teleop-probe")
 

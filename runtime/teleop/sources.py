@@ -17,7 +17,6 @@ which armada does not have yet.
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import threading
 import time
@@ -327,57 +326,6 @@ def _commanded(feed: StateFeed) -> np.ndarray | None:
 
 
 # --------------------------------------------------------------------------- terminal
-
-
-class TerminalKeys:
-    """Key presses from a terminal in cbreak mode (stdlib termios/select: works over SSH, no X11).
-
-    A context manager: the terminal's settings are restored on exit, whatever happens. Not a tty
-    (a pipe, /dev/null): ``read`` returns nothing, so scripts run with --yes and --duration.
-    """
-
-    def __init__(self, fd: int | None = None):
-        self.fd = fd if fd is not None else _stdin_fd()
-        self._saved: Any = None
-
-    @property
-    def interactive(self) -> bool:
-        return self.fd is not None and os.isatty(self.fd)
-
-    def __enter__(self) -> "TerminalKeys":
-        if self.interactive:
-            import termios
-            import tty
-
-            self._saved = termios.tcgetattr(self.fd)
-            tty.setcbreak(self.fd)  # keys one by one, no echo; Ctrl-C still raises SIGINT
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._saved is not None:
-            import termios
-
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
-            self._saved = None
-
-    def read(self, timeout_s: float) -> list[str]:
-        if not self.interactive:
-            time.sleep(timeout_s)
-            return []
-        ready, _, _ = select.select([self.fd], [], [], timeout_s)
-        if not ready:
-            return []
-        data = os.read(self.fd, 64)
-        return key_tokens(data.decode("utf-8", "replace"))
-
-
-def _stdin_fd() -> int | None:
-    try:
-        import sys
-
-        return sys.stdin.fileno()
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 # --------------------------------------------------------------------------- gamepad
