@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from armada.drivers.core.fake.bus_process import FakeProcess, serve
+from armada.drivers.core.fake.bus_set import BusSet
 
 from armada.drivers.aloha.fake.dynamixel import TORQUE_ENABLE, DynamixelBusFake
 
@@ -46,9 +47,9 @@ FOLLOWER_GRIPPER_START = 2331
 LEADER_GRIPPER_START = 1925
 
 
-class AlohaFake:
+class AlohaFake(BusSet[DynamixelBusFake]):
     def __init__(self, leaders: bool = True, max_speed: float = 3000.0, tick_s: float = 0.005):
-        self.buses: dict[str, DynamixelBusFake] = {}
+        buses: dict[str, DynamixelBusFake] = {}
         for name in BUSES if leaders else BUSES[:2]:
             follower = name.startswith("puppet")
             servos = FOLLOWER if follower else LEADER
@@ -57,47 +58,8 @@ class AlohaFake:
             bus = DynamixelBusFake(dict(servos), positions=positions, max_speed=max_speed, tick_s=tick_s)
             for shadow, primary in SHADOW_LINKS.items():
                 bus.link_shadow(shadow, primary)
-            self.buses[name] = bus
-        self.ports: dict[str, str] = {}
-        self.link_dir: Path | None = None  # where `main` made the udev-like symlinks, for replug
-        self.link_prefix = ""
-
-    def start(self) -> dict[str, str]:
-        self.ports = {name: bus.start() for name, bus in self.buses.items()}
-        return dict(self.ports)
-
-    def stop(self) -> None:
-        for bus in self.buses.values():
-            bus.stop()
-
-    def __enter__(self) -> AlohaFake:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def bus(self, name: str) -> DynamixelBusFake:
-        try:
-            return self.buses[name]
-        except KeyError:
-            raise KeyError(f"no bus {name!r}; buses are {list(self.buses)}") from None
-
-    def replug(self, name: str) -> str:
-        """The adapter is plugged in again after ``unplug``: the bus serves on a new pty (the servos keep
-        their state) and the symlink, if any, points at it, as a udev rule re-creates its name."""
-        bus = self.bus(name)
-        if bus.alive:
-            raise ValueError(f"bus {name!r} is plugged in")
-        port = bus.start()
-        self.ports[name] = port
-        if self.link_dir is not None:
-            link = self.link_dir / f"{self.link_prefix}{name}"
-            tmp = link.with_name(link.name + ".new")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(port)
-            tmp.replace(link)  # atomic: the name never points nowhere
-        return port
+            buses[name] = bus
+        super().__init__(buses)
 
     # --- the control socket's commands ----------------------------------------------------------
     def command(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from armada.drivers.core.fake.bus_process import FakeProcess, serve
+from armada.drivers.core.fake.bus_set import BusSet
 
 from armada.drivers.so101.fake.feetech import TORQUE_ENABLE, FeetechBusFake
 
@@ -38,50 +39,10 @@ IDS = (1, 2, 3, 4, 5, 6)
 ERROR_FLAGS = ("overload", "overheat", "voltage", "overcurrent", "angle")
 
 
-class So101Fake:
+class So101Fake(BusSet[FeetechBusFake]):
     def __init__(self, leader: bool = True, max_speed: float = 3000.0, tick_s: float = 0.005):
-        self.buses = {name: FeetechBusFake(IDS, max_speed=max_speed, tick_s=tick_s)
-                      for name in (BUSES if leader else BUSES[:1])}
-        self.ports: dict[str, str] = {}
-        self.link_dir: Path | None = None  # where `main` made the udev-like symlinks, for replug
-        self.link_prefix = ""
-
-    def start(self) -> dict[str, str]:
-        self.ports = {name: bus.start() for name, bus in self.buses.items()}
-        return dict(self.ports)
-
-    def stop(self) -> None:
-        for bus in self.buses.values():
-            bus.stop()
-
-    def __enter__(self) -> So101Fake:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def bus(self, name: str) -> FeetechBusFake:
-        try:
-            return self.buses[name]
-        except KeyError:
-            raise KeyError(f"no bus {name!r}; buses are {list(self.buses)}") from None
-
-    def replug(self, name: str) -> str:
-        """The adapter is plugged in again after ``unplug``: the bus serves on a new pty (the servos keep
-        their state) and the symlink, if any, points at it, as a udev rule re-creates its name."""
-        bus = self.bus(name)
-        if bus.alive:
-            raise ValueError(f"bus {name!r} is plugged in")
-        port = bus.start()
-        self.ports[name] = port
-        if self.link_dir is not None:
-            link = self.link_dir / f"{self.link_prefix}{name}"
-            tmp = link.with_name(link.name + ".new")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(port)
-            tmp.replace(link)  # atomic: the name never points nowhere
-        return port
+        super().__init__({name: FeetechBusFake(IDS, max_speed=max_speed, tick_s=tick_s)
+                          for name in (BUSES if leader else BUSES[:1])})
 
     def command(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
