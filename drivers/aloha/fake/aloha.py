@@ -61,33 +61,18 @@ class AlohaFake(BusSet[DynamixelBusFake]):
             buses[name] = bus
         super().__init__(buses)
 
-    # --- the control socket's commands ----------------------------------------------------------
-    def command(self, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg.get("op")
-        bus = self.bus(str(msg.get("bus")))
-        sid = msg.get("id")
+    # --- the control socket's own commands (the common ones are BusSet's) ------------------------
+    torque_register = TORQUE_ENABLE
+
+    def device_command(self, op: Any, bus: Any, sid: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
         if op == "set_error":
             flags = {k: bool(msg.get(k, False)) for k in ("overload", "overheat", "voltage", "electrical_shock",
                                                           "encoder")}
             bus.set_error(int(sid), **flags)
-        elif op == "set_missing":
-            bus.set_missing(int(sid), bool(msg.get("missing", True)))
         elif op == "set_bad_crc":
             bus.set_bad_crc(int(sid), bool(msg.get("bad", True)))
-        elif op == "unplug":
-            bus.unplug()
-        elif op == "replug":
-            return {"port": self.replug(str(msg.get("bus")))}
-        elif op == "goals":
-            return {"goals": [list(g) for g in bus.received_goals]}
-        elif op == "torque":
-            return {"torque": {str(i): bus.register(i, TORQUE_ENABLE) for i in bus.ids()}}
-        elif op == "move_by_hand":
-            bus.move_by_hand(int(sid), msg.get("position"), float(msg.get("speed", 2000.0)))
-        elif op == "position":
-            return {"position": bus.present_position(int(sid))}
         else:
-            raise ValueError(f"unknown op {op!r}")
+            return None
         return {}
 
 

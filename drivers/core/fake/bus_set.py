@@ -10,6 +10,12 @@ Bus = TypeVar("Bus")  # a pty bus fake: start() -> port, stop(), alive
 
 
 class BusSet(Generic[Bus]):
+    """The buses, and the control socket's commands every servo-bus fake takes (JSON objects with
+    ``op``, ``bus``, ``id``): set_missing, unplug, replug, goals, torque, move_by_hand, position.
+    A device adds its own (its error flags, its checksum fault) in ``device_command``."""
+
+    torque_register: int  # the Torque_Enable address in the device's control table
+
     def __init__(self, buses: dict[str, Bus]):
         self.buses = buses
         self.ports: dict[str, str] = {}
@@ -52,3 +58,32 @@ class BusSet(Generic[Bus]):
             tmp.symlink_to(port)
             tmp.replace(link)  # atomic: the name never points nowhere
         return port
+
+    def command(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        bus: Any = self.bus(str(msg.get("bus")))
+        sid = msg.get("id")
+        reply = self.device_command(op, bus, sid, msg)
+        if reply is not None:
+            return reply
+        if op == "set_missing":
+            bus.set_missing(int(sid), bool(msg.get("missing", True)))
+        elif op == "unplug":
+            bus.unplug()
+        elif op == "replug":
+            return {"port": self.replug(str(msg.get("bus")))}
+        elif op == "goals":
+            return {"goals": [list(g) for g in bus.received_goals]}
+        elif op == "torque":
+            return {"torque": {str(i): bus.register(i, self.torque_register) for i in bus.ids()}}
+        elif op == "move_by_hand":
+            bus.move_by_hand(int(sid), msg.get("position"), float(msg.get("speed", 2000.0)))
+        elif op == "position":
+            return {"position": bus.present_position(int(sid))}
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        return {}
+
+    def device_command(self, op: Any, bus: Any, sid: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """The device's own commands: a reply, or None when ``op`` is not one of them."""
+        return None

@@ -44,30 +44,15 @@ class So101Fake(BusSet[FeetechBusFake]):
         super().__init__({name: FeetechBusFake(IDS, max_speed=max_speed, tick_s=tick_s)
                           for name in (BUSES if leader else BUSES[:1])})
 
-    def command(self, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg.get("op")
-        bus = self.bus(str(msg.get("bus")))
-        sid = msg.get("id")
+    torque_register = TORQUE_ENABLE
+
+    def device_command(self, op: Any, bus: Any, sid: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
         if op == "set_error":
             bus.set_error(int(sid), **{k: bool(msg.get(k, False)) for k in ERROR_FLAGS})
-        elif op == "set_missing":
-            bus.set_missing(int(sid), bool(msg.get("missing", True)))
         elif op == "set_bad_checksum":
             bus.set_bad_checksum(int(sid), bool(msg.get("bad", True)))
-        elif op == "unplug":
-            bus.unplug()
-        elif op == "replug":
-            return {"port": self.replug(str(msg.get("bus")))}
-        elif op == "goals":
-            return {"goals": [list(g) for g in bus.received_goals]}
-        elif op == "torque":
-            return {"torque": {str(i): bus.register(i, TORQUE_ENABLE) for i in bus.ids()}}
-        elif op == "move_by_hand":
-            bus.move_by_hand(int(sid), msg.get("position"), float(msg.get("speed", 2000.0)))
-        elif op == "position":
-            return {"position": bus.present_position(int(sid))}
         else:
-            raise ValueError(f"unknown op {op!r}")
+            return None
         return {}
 
 
