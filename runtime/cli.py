@@ -32,7 +32,7 @@ from armada.runtime.rundir import PARENT_PID_ENV, RunDirError
 from armada.runtime.terminal import Interrupted, StopSignals, say
 
 _PR_SET_PDEATHSIG = 1
-SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record")
+SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record", "sim")
 RUN_DIR_HELP = ("private folder for ipc sockets, locks and logs ({run_dir} in the cell); default "
                 "$XDG_RUNTIME_DIR/armada-UID/CELL, or /tmp/armada-UID/CELL without XDG_RUNTIME_DIR")
 
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", type=Path, default=None, metavar="DIR",
                      help="record every episode to a LeRobotDataset v3 in DIR (created, or resumed)")
     run.add_argument("--repo-id", default=None, help="the dataset's repo id (default: local/<DIR name>)")
+    run.add_argument("--sim", action="store_true",
+                     help="dry-run the cell in simulation: every driver and camera replaced by its MuJoCo twin")
     run.add_argument("--view", default=None, metavar="MODE",
                      help="a live rerun view: spawn (a viewer window), serve (web viewer), or save:FILE.rrd")
 
@@ -104,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("out", type=Path)
     imp.add_argument("--pretrained", type=Path, required=True)
     for p in (merge_p, capv, imp):
-        p.add_argument("--architecture", default="real-libero",
-                       help="real-libero, tiny, or a JSON file of MergeVLAConfig.to_dict()")
+        p.add_argument("--architecture", default=None,
+                       help="real-libero, tiny, or a JSON file of MergeVLAConfig.to_dict() (default: the "
+                            "architecture.json that `armada model train` wrote beside the base, else real-libero)")
         p.add_argument("--overwrite", action="store_true")
+    from armada.runtime.model.train_cli import add_train_parser
+
+    add_train_parser(msub)
     inspect = msub.add_parser("inspect", help="summarize a bundle")
     inspect.add_argument("bundle", type=Path)
     inspect.add_argument("--verify", action="store_true", help="also check every file's sha256")
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the fake (try: armada fake KIND --help)")
 
     from armada.calibration.cli import add_calibrate_parser
+    from armada.runtime.eval.cli import add_eval_parser
     from armada.runtime.record.cli import add_record_parser
     from armada.runtime.teleop.cli import add_teleop_parser
     from armada.runtime.view import add_view_parser
@@ -138,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_teleop_parser(sub)
     add_record_parser(sub)
     add_view_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -200,6 +208,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from armada.runtime.view import run_view
 
         return run_view(args)
+    if args.command == "eval":
+        from armada.runtime.eval.cli import run_eval
+
+        return run_eval(args)
     elif args.command == "model":
         return run_model_command(args)
     elif args.command == "fake":
@@ -217,6 +229,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             from armada.runtime.record.bench import run_record_bench
 
             return run_record_bench(args)
+        if args.what == "sim":
+            return _bench_sim(args)
         if args.what not in SPINE_BENCHES or args.what == "cameras":
             return _bench_device(args)
         from armada.runtime.bench import run_bench
@@ -315,6 +329,19 @@ def _bench_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_sim(args: argparse.Namespace) -> int:
+    from armada.drivers.sim.bench import run_sim_bench
+    from armada.runtime.bench import machine
+
+    print(f"machine: {machine()}", flush=True)
+    result = run_sim_bench(args.seconds, quick=args.quick)
+    print(json.dumps(result, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                                         "sim": result}, indent=2))
+    return 0
+
+
 def _bench_model(args: argparse.Namespace) -> int:
     from armada.runtime.bench import machine
     from armada.runtime.model.bench_model import run_model_bench
@@ -351,6 +378,10 @@ def run_model_command(args: argparse.Namespace) -> int:
             _build_bundle(args)
         elif args.model_command == "inspect":
             print(inspect_bundle(args.bundle, verify=args.verify))
+        elif args.model_command == "train":
+            from armada.runtime.model.train_cli import run_train
+
+            return run_train(args)
     except (BundleError, ValueError, FileExistsError, OSError) as exc:
         print(f"armada model: {exc}", file=sys.stderr)
         return 2
@@ -367,6 +398,15 @@ def _architecture(spec: str):
     return MergeVLAConfig.from_dict(json.loads(Path(spec).read_text()))
 
 
+def _trained_serving(directory: Path):
+    """(architecture.json, Serving) of a checkpoint written by `armada model train`, else None."""
+    if not (Path(directory) / "architecture.json").is_file():
+        return None
+    from armada.runtime.model.train import read_serving
+
+    return Path(directory) / "architecture.json", read_serving(Path(directory))
+
+
 def _build_bundle(args: argparse.Namespace) -> None:
     from armada.runtime.model import build
     from armada.runtime.model.bundle import inspect_bundle
@@ -374,10 +414,13 @@ def _build_bundle(args: argparse.Namespace) -> None:
     def progress(stage: str, done: int, total: int) -> None:
         print(f"\r{args.model_command}: {stage} {done}/{total}", end="", flush=True)
 
-    common = {"architecture": _architecture(args.architecture), "overwrite": args.overwrite, "progress": progress}
+    source = {"merge": "base", "capvector": "pretrained", "import-mergevla": "pretrained"}[args.model_command]
+    trained = _trained_serving(getattr(args, source))
+    spec = args.architecture or (str(trained[0]) if trained else "real-libero")
+    common = {"architecture": _architecture(spec), "overwrite": args.overwrite, "progress": progress}
     if args.model_command == "merge":
         build.merge_bundle(args.base, args.task, args.out, method=args.method, lam=args.lam, top_k=args.top_k,
-                           **common)
+                           serving=trained[1] if trained else None, **common)
     elif args.model_command == "capvector":
         build.capvector_bundle(args.pretrained, args.aux, args.std, args.alpha, args.out, head_dir=args.head,
                                **common)
@@ -408,6 +451,12 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
 
     cell_path = args.cell or DEFAULT_CELL
     cell = load_cell(cell_path)  # a bad cell is refused before anything is created
+    if getattr(args, "sim", False):
+        from armada.drivers.sim.cell import sim_cell_copy
+
+        cell_path = sim_cell_copy(cell_path, resolve_run_dir(args.run_dir, f"{cell.name}-sim"))
+        cell = load_cell(cell_path)
+        print(f"armada: --sim: running {cell_path} (the cell's MuJoCo twin)")
     run_dir = resolve_run_dir(args.run_dir, cell.name)
     with StopSignals() as signals:
         procs = None

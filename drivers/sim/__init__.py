@@ -1,0 +1,1 @@
+"""Simulated embodiments (MuJoCo): backend kind and camera kind `mujoco`, scenes, tasks, scripted experts."""
