@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -19,7 +20,27 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--redo", choices=["demos", "train", "merge", "eval"], default=None,
                     help="redo this stage and everything after it")
     ev.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ev.add_argument("--duration", type=float, default=None,
+                    help="seconds an episode may last (default: the cell's inference.episode_duration_s)")
+    ev.add_argument("--batch", type=int, default=32, help="training batch size")
+    ev.add_argument("--size", default="sim-tiny", help="architecture size for training (see `armada model train`)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    raise SystemExit("armada eval: not built yet")
+    import json
+
+    from armada.runtime.eval.episodes import EvalError
+    from armada.runtime.eval.pipeline import Options, print_results, run_pipeline
+
+    opts = Options(cell=args.cell, work=args.work, demos=args.demos, episodes=args.episodes,
+                   base_steps=args.base_steps, task_steps=args.task_steps, seed=args.seed, redo=args.redo,
+                   duration_s=args.duration, batch=args.batch, size=args.size)
+    try:
+        results = run_pipeline(opts)
+    except (EvalError, ValueError, RuntimeError) as exc:
+        print(f"armada eval: {exc}", file=sys.stderr)
+        return 1
+    print_results(results, Path(results["plan"]["work"]))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
