@@ -24,6 +24,9 @@ def add_eval_parser(sub) -> None:
                     help="seconds an episode may last (default: the cell's inference.episode_duration_s)")
     ev.add_argument("--batch", type=int, default=32, help="training batch size")
     ev.add_argument("--size", default="sim-tiny", help="architecture size for training (see `armada model train`)")
+    ev.add_argument("--run-dir", type=Path, default=None,
+                    help="private folder for the cell's sockets and logs (default: $XDG_RUNTIME_DIR/armada-UID/"
+                         "<cell>-eval, or /tmp/armada-UID/<cell>-eval)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -34,7 +37,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     opts = Options(cell=args.cell, work=args.work, demos=args.demos, episodes=args.episodes,
                    base_steps=args.base_steps, task_steps=args.task_steps, seed=args.seed, redo=args.redo,
-                   duration_s=args.duration, batch=args.batch, size=args.size)
+                   duration_s=args.duration, batch=args.batch, size=args.size,
+                   run_dir=args.run_dir)
     try:
         results = run_pipeline(opts)
     except (EvalError, ValueError, RuntimeError) as exc:

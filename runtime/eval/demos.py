@@ -22,6 +22,9 @@ from armada.runtime.record.autonomous import AutonomousRecorder
 
 DECISION_WAIT_S = 5.0  # after an episode's report, its save/discard decision follows within this
 REPO_ID = "local/eval-demos"
+# Longer than `armada run`'s: on a small machine the renderers, the recorder and a model import
+# compete for the same cores while they start.
+START_TIMEOUT_S = 60.0
 
 
 class JudgedRecorder(AutonomousRecorder):
@@ -76,7 +79,7 @@ def record_demos(plan: EvalPlan, cell_path: Path, run_dir: Path, sim_driver: str
 
     summary: dict[str, Any] = {"dataset": str(dataset), "repo_id": REPO_ID, "tasks": {}, "episodes": []}
     with CellProcesses(cell_path, run_dir) as procs:
-        _start(procs)
+        start_processes(procs)
         recorder = JudgedRecorder.start(procs, dataset, REPO_ID)
         control = SimControl(control_endpoint.replace("{run_dir}", str(procs.run_dir)), 2.0)
         episodes = SimEpisodes(procs, sim_driver, control)
@@ -124,11 +127,11 @@ def _record_task(plan: EvalPlan, task: SimTask, episodes: Any, recorder: JudgedR
     return attempt
 
 
-def _start(procs: Any) -> None:
+def start_processes(procs: Any) -> None:
     t = time.monotonic()
     print(f"eval: starting {procs.cell.name} in {procs.run_dir} ...", flush=True)
     try:
-        procs.start_all()
+        procs.start_all(timeout_s=START_TIMEOUT_S)
     except (RuntimeError, TimeoutError) as exc:
         raise RuntimeError(f"the cell's processes did not start: {exc}") from None
     print(f"eval: all processes answer ({time.monotonic() - t:.1f} s); logs in {procs.run_dir / 'logs'}", flush=True)

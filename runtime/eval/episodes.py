@@ -209,6 +209,10 @@ class SimEpisodes:
             return report
         return None
 
+    def broken(self) -> bool:
+        """Whether a child process died (the cell must be restarted to go on)."""
+        return bool(self.procs.dead())
+
     def _check_children(self) -> None:
         dead = self.procs.dead()
         if dead:

@@ -18,9 +18,10 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from armada.runtime.eval import cells as cellfiles
+from armada.runtime.eval.episodes import EpisodeResult
 from armada.runtime.eval.plan import STAGES, EvalPlan, mark_done, prepare_stages, stage_done
 from armada.runtime.eval.progress import Progress, duration_text
 from armada.runtime.eval.report import EXPERT, PINNED, ROUTED, build_results, markdown, table_lines, target_lines
@@ -39,6 +40,7 @@ class Options:
     duration_s: float | None = None
     batch: int = 32
     size: str = "sim-tiny"
+    run_dir: Path | None = None
 
 
 def make_plan(opts: Options) -> tuple[EvalPlan, cellfiles.SimSite]:
@@ -51,7 +53,7 @@ def make_plan(opts: Options) -> tuple[EvalPlan, cellfiles.SimSite]:
     plan = EvalPlan(cell=cell_path, work=work, tasks=cellfiles.scene_tasks(site.scene), demos=opts.demos,
                     episodes=opts.episodes, base_steps=opts.base_steps, task_steps=opts.task_steps, seed=opts.seed,
                     duration_s=opts.duration_s or cell.inference.episode_duration_s, batch=opts.batch,
-                    size=opts.size)
+                    size=opts.size, run_dir=opts.run_dir.resolve() if opts.run_dir else None)
     return plan, site
 
 
@@ -131,10 +133,13 @@ def _cell_name(plan: EvalPlan) -> str:
 def _run_dir(plan: EvalPlan) -> Path:
     from armada.runtime.rundir import resolve_run_dir
 
-    return resolve_run_dir(None, f"{_cell_name(plan)}-eval")
+    return resolve_run_dir(plan.run_dir, f"{_cell_name(plan)}-eval")
 
 
 # --------------------------------------------------------------------------- stage 4
+
+
+MAX_RESTARTS = 3  # per session: a cell that keeps breaking is a bug to look at, not to retry
 
 
 @dataclass(frozen=True)
@@ -189,33 +194,77 @@ def eval_stage(plan: EvalPlan, site: cellfiles.SimSite, bundles: dict[str, Any],
 
 
 def _run_session(plan: EvalPlan, site: cellfiles.SimSite, cell: Path, session: Session, names: dict[str, str],
-                 progress: Progress):
-    from armada.drivers.sim.control import SimControl
-    from armada.runtime.eval.demos import _start
-    from armada.runtime.eval.episodes import SimEpisodes
-    from armada.runtime.supervisor import CellProcesses
+                 progress: Progress) -> Iterator[dict[str, Any]]:
+    """The session's episodes, in order. An episode that breaks the cell (a process died, the arm
+    cannot go home, no report) is recorded as failed, and the cell's processes are restarted for
+    the next one, at most ``MAX_RESTARTS`` times per session."""
+    from armada.runtime.eval.episodes import EvalError
 
     tasks = {t.name: t for t in plan.tasks}
-    with CellProcesses(cell, _run_dir(plan)) as procs:
-        _start(procs)
-        control = SimControl(site.control.replace("{run_dir}", str(procs.run_dir)), 2.0)
-        episodes = SimEpisodes(procs, site.driver, control)
-        try:
-            for task_name, condition, pin in session.blocks:
-                task = tasks[task_name]
-                expected = _bundle_task(names, task.name, task.instruction, session.bundle)
-                tally = 0
-                for i in range(plan.episodes):
-                    seed = plan.eval_seed(i)
+    pending = [(tasks[task_name], condition, pin, i) for task_name, condition, pin in session.blocks
+               for i in range(plan.episodes)]
+    tally: dict[tuple[str, str], list[int]] = {}
+    restarts = 0
+    while pending:
+        with _SessionCell(plan, site, cell) as episodes:
+            while pending:
+                task, condition, pin, i = pending[0]
+                seed = plan.eval_seed(i)
+                broke = False
+                try:
                     r = episodes.run(task, seed, condition, plan.duration_s, pin=pin).as_dict()
-                    r["session"] = session.name
-                    r["route_ok"] = None if condition != ROUTED else r["routed_task"] == expected
-                    tally += r["success"]
-                    routed = f", routed {r['routed_task']}" if condition == ROUTED else ""
-                    progress.step(r["success"], f"{task_name} {condition} {i + 1}/{plan.episodes} seed {seed}: "
-                                  f"{'success' if r['success'] else 'no success'} ({r['outcome']}{routed}); "
-                                  f"{tally}/{i + 1} so far")
-                    yield r
-        finally:
-            episodes.close()
-            control.close()
+                except EvalError as exc:
+                    r = EpisodeResult(task.name, condition, seed, outcome=f"failed: {exc}").as_dict()
+                    broke = True
+                pending.pop(0)
+                r["session"] = session.name
+                expected = _bundle_task(names, task.name, task.instruction, session.bundle)
+                r["route_ok"] = None if condition != ROUTED else r["routed_task"] == expected
+                done = tally.setdefault((task.name, condition), [0, 0])
+                done[0] += bool(r["success"])
+                done[1] += 1
+                routed = f", routed {r['routed_task']}" if condition == ROUTED else ""
+                progress.step(r["success"], f"{task.name} {condition} {i + 1}/{plan.episodes} seed {seed}: "
+                              f"{'success' if r['success'] else 'no success'} ({r['outcome'][:200]}{routed}); "
+                              f"{done[0]}/{done[1]} so far")
+                yield r
+                if broke or episodes.broken():
+                    break
+        if pending:
+            restarts += 1
+            if restarts > MAX_RESTARTS:
+                raise EvalError(f"session {session.name}: the cell broke {restarts} times; stopping "
+                                f"(logs in {_run_dir(plan) / 'logs'})")
+            print(f"eval: session {session.name}: restarting the cell's processes ({restarts}/{MAX_RESTARTS})",
+                  flush=True)
+
+
+class _SessionCell:
+    """A started cell with a sim control client and the episode runner; all closed on exit."""
+
+    def __init__(self, plan: EvalPlan, site: cellfiles.SimSite, cell: Path):
+        self.plan, self.site, self.cell = plan, site, cell
+
+    def __enter__(self) -> Any:
+        from armada.drivers.sim.control import SimControl
+        from armada.runtime.eval.demos import start_processes
+        from armada.runtime.eval.episodes import SimEpisodes
+        from armada.runtime.supervisor import CellProcesses
+
+        self.procs = CellProcesses(self.cell, _run_dir(self.plan))
+        self.control = self.episodes = None
+        try:
+            start_processes(self.procs)
+            self.control = SimControl(self.site.control.replace("{run_dir}", str(self.procs.run_dir)), 2.0)
+            self.episodes = SimEpisodes(self.procs, self.site.driver, self.control)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.episodes
+
+    def __exit__(self, *exc: object) -> None:
+        if self.episodes is not None:
+            self.episodes.close()
+        if self.control is not None:
+            self.control.close()
+        self.procs.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class EvalPlan:
     duration_s: float  # the longest an episode runs
     batch: int = 32
     size: str = "sim-tiny"
-    extra: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None  # sockets and logs of the cell's processes (None: the default run dir)
 
     def __post_init__(self) -> None:
         if self.demos < 1 or self.episodes < 1:
@@ -87,6 +87,7 @@ class EvalPlan:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cell"], d["work"] = str(self.cell), str(self.work)
+        d["run_dir"] = str(self.run_dir) if self.run_dir else None
         return d
 
 

@@ -91,10 +91,10 @@ def make_targets(rows: list[Row], tasks: list[str]) -> list[Target]:
                               f"{expert.success_pct:.0f} %", expert.episodes > 0 and
                               expert.success_pct >= 100 * EXPERT_TARGET))
         for row in (routed, pinned):
-            gap = expert.success_pct - row.success_pct
+            diff = row.success_pct - expert.success_pct
             targets.append(Target(task, f"{row.condition} vs expert", f"within {MERGED_GAP_POINTS:.0f} points",
-                                  f"{row.success_pct:.0f} % ({-gap:+.0f} points)",
-                                  row.episodes > 0 and gap <= MERGED_GAP_POINTS))
+                                  f"{row.success_pct:.0f} % ({diff:+.0f} points)",
+                                  row.episodes > 0 and expert.episodes > 0 and -diff <= MERGED_GAP_POINTS))
     return targets
 
 

@@ -33,9 +33,12 @@ def train_stage(plan: EvalPlan, dataset: Path, repo_id: str, out: Path) -> dict[
         print(f"train {i + 1}/{len(jobs)}: {name} ({steps} steps"
               f"{', from the base' if task is not None else ', every task'}) -> {target}", flush=True)
         t = time.monotonic()
+        # The dataset's task string is the instruction; the checkpoint is named after the scene's
+        # task, so the router's answer and `episode_start task=` use the scene's names.
         train(dataset, target, repo_id=repo_id, task=task.instruction if task is not None else None,
-              init=out / "base" if task is not None else None, size=plan.size, steps=steps, batch=plan.batch,
-              seed=plan.seed, overwrite=True)
+              name=task.name if task is not None else None, init=out / "base" if task is not None else None,
+              size=plan.size, steps=steps, batch=plan.batch, seed=plan.seed, overwrite=True,
+              progress=lambda line, name=name: print(f"train {name}: {line}", flush=True))
         seconds = time.monotonic() - t
         summary["seconds"][name] = round(seconds, 1)
         if task is not None:
