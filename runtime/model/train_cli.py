@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -22,7 +23,31 @@ def add_train_parser(msub) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--chunk", type=int, default=None, help="actions per chunk (default: the size's)")
     train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--name", default=None,
+                       help="the checkpoint's task name (the bundle's task name after a merge; default: the task "
+                            "string with '_' for spaces, 'base' without --task)")
+    train.add_argument("--parts", choices=("all", "expert"), default="all",
+                       help="what a fine-tune trains: all weights (default, the MergeVLA recipe), or only the "
+                            "parts a merge keeps per task (needs --init; merged = each fine-tune exactly, but the "
+                            "router cannot tell such tasks apart)")
+    train.add_argument("--max-minutes", type=float, default=None,
+                       help="stop when this much training time has passed, even before --steps")
+    train.add_argument("--cameras", default=None,
+                       help="comma-separated cameras in the model's image order (default: every camera of the "
+                            "dataset, in its order)")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    raise SystemExit("armada model train: not built yet")
+    from armada.runtime.model.train import TrainError, train
+
+    try:
+        train(args.dataset, args.out, repo_id=args.repo_id, task=args.task, init=args.init, size=args.size,
+              steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, chunk=args.chunk,
+              overwrite=args.overwrite, name=args.name, parts=args.parts,
+              max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+              cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
+              progress=lambda line: print(line, flush=True))
+    except TrainError as exc:
+        print(f"armada model train: {exc}", file=sys.stderr)
+        return 2
+    return 0
