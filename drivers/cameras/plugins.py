@@ -93,3 +93,45 @@ def _opencv(cfg: OpenCVCameraConfig, cell_folder: Path | None) -> "CameraSource"
 SYNTHETIC = CameraPlugin(kind="synthetic", config_model=SyntheticCameraConfig, build=_synthetic)
 REALSENSE = CameraPlugin(kind="realsense", config_model=RealSenseCameraConfig, build=_realsense)
 OPENCV = CameraPlugin(kind="opencv", config_model=OpenCVCameraConfig, build=_opencv)
+
+
+# --------------------------------------------------------------------------- mujoco (simulated cells)
+
+
+class MujocoCameraConfig(CameraBaseConfig):
+    """A camera of a simulated cell: renders the sim driver's newest published scene state.
+
+    The sim driver (backend kind ``mujoco``) owns the only stepping physics and publishes the full
+    scene state in each state message (``device["sim"]["qpos"]``); this camera loads the same scene
+    model, sets that state and renders its MJCF camera, in its own process so that rendering
+    (10-50 ms a frame on a CPU) never delays the driver's ticks. drivers/cameras/mujoco_camera.py.
+    """
+
+    kind: Literal["mujoco"]
+    scene: str = Field(min_length=1)  # the scene model (drivers/sim/world.py SCENES: so101, aloha)
+    camera: str = Field(min_length=1)  # the MJCF camera's name in that scene
+    # The sim driver's state PUB endpoint (its ``state`` in the cell), on this host: ipc only (the
+    # camera process holds no CURVE client keys).
+    state: str
+
+    @model_validator(mode="after")
+    def _local_state(self) -> "MujocoCameraConfig":
+        from armada.drivers.sim.world import SCENES  # imports no mujoco
+        from armada.runtime.endpoints import check_endpoint  # no ZeroMQ import
+
+        if self.scene not in SCENES:
+            raise ValueError(f"scene {self.scene!r} is not a sim scene; known scenes: {', '.join(SCENES)}")
+        if not self.state.startswith("ipc://"):
+            raise ValueError(f"state {self.state!r}: a mujoco camera reads the sim driver's state on this "
+                             "host; use its ipc:// endpoint (ipc://{run_dir}/...)")
+        check_endpoint(self.state)
+        return self
+
+
+def _mujoco(cfg: MujocoCameraConfig, cell_folder: Path | None) -> "CameraSource":
+    from armada.drivers.cameras.mujoco_camera import MujocoCameraSource  # mujoco is imported when it opens
+
+    return MujocoCameraSource(cfg)
+
+
+MUJOCO = CameraPlugin(kind="mujoco", config_model=MujocoCameraConfig, build=_mujoco)
