@@ -152,3 +152,16 @@ def test_validating_the_config_imports_no_mujoco():
             "E(control='ipc:///tmp/c', scene='so101'); print('mujoco' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_bench_sim_measures_physics_and_every_camera():
+    from armada.drivers.sim.bench import SIZES, run_sim_bench
+
+    result = run_sim_bench(0.2, quick=True)
+    for scene in ("so101", "aloha"):
+        got = result["scenes"][scene]
+        assert got["physics"]["substep"]["median_ms"] > 0 and got["physics"]["tick_50hz"]["n"] > 0
+        assert got["physics"]["substeps_per_tick"] == round(0.02 / got["timestep_s"])
+        cameras = SimWorld(scene).camera_names
+        assert set(got["render"]) == {f"{c}@{s}" for c in cameras for s in SIZES}
+        assert all(r["median_ms"] > 0 and r["n"] >= 3 for r in got["render"].values())
