@@ -71,6 +71,15 @@ def tasks_for(scene: str) -> list[str]:
     return list(_TASKS[scene])
 
 
+def scene_joint_names(scene: str) -> list[str]:
+    """The action layout a scene expects (the embodiment yaml's joint order), without building it."""
+    if scene == "so101":
+        return list(SO101_JOINTS)
+    if scene == "aloha":
+        return [f"{side}_{name}" for side in ALOHA_SIDES for name in (*ALOHA_ARM, "gripper")]
+    raise ValueError(f"sim: unknown scene {scene!r}; known scenes: {', '.join(SCENES)}")
+
+
 def instruction_for(task: str) -> str:
     """The instruction string of a task (what the policy is prompted with)."""
     if task not in INSTRUCTIONS:

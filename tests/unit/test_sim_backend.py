@@ -128,3 +128,117 @@ def test_oversized_request_is_dropped_unanswered(served, ctx):
         sock.close(0)
     with SimControl(endpoint, timeout_s=2.0, ctx=ctx) as sim:
         assert sim.state()["task"] in ("reach_cube", "press_button")  # the server still answers others
+
+
+# --------------------------------------------------------------------------- the backend
+
+from armada.drivers.core.backend import BackendError  # noqa: E402
+from armada.drivers.sim.backend import MujocoBackend  # noqa: E402
+from armada.drivers.sim.plugin import PLUGIN, MujocoBackendConfig, check_embodiment  # noqa: E402
+from armada.runtime.config import load_embodiment  # noqa: E402
+
+SO101 = load_embodiment("so101")
+
+
+def _backend(control: str | None = None, task: str = "reach_cube", seed: int = 3) -> MujocoBackend:
+    b = MujocoBackend("so101", task, seed, control, home=SO101.home, period_s=1.0 / SO101.control_rate_hz,
+                      lower=SO101.lower, upper=SO101.upper)
+    b.connect(5.0)
+    return b
+
+
+def test_config_and_embodiment_checks():
+    cfg = MujocoBackendConfig(scene="so101", task="press_button", control="ipc://{run_dir}/sim-robot")
+    assert cfg.seed == 0 and PLUGIN.kind == "mujoco" and PLUGIN.moves_hardware is False
+    with pytest.raises(ValueError, match="task 'aloha_reach_cube' is not in scene 'so101'"):
+        MujocoBackendConfig(scene="so101", task="aloha_reach_cube")
+    with pytest.raises(ValueError, match="scheme|tcp"):
+        MujocoBackendConfig(scene="so101", task="reach_cube", control="tcp://0.0.0.0:5555")
+    with pytest.raises(ValueError, match="extra|forbid"):
+        MujocoBackendConfig(scene="so101", task="reach_cube", speed=2)
+    check_embodiment(cfg, SO101)
+    with pytest.raises(ValueError, match="sim scene 'aloha' needs the joints .*embodiment 'so101'"):
+        check_embodiment(MujocoBackendConfig(scene="aloha", task="aloha_reach_cube"), SO101)
+
+
+def test_starts_at_home_and_steps_one_period_per_read():
+    b = _backend()
+    first = b.read()
+    assert np.allclose(first.position, SO101.home, atol=1e-9)
+    sim = first.extras["sim"]
+    assert sim["time_s"] == 0.0 and sim["task"] == "reach_cube" and sim["seed"] == 3 and sim["success"] is False
+    assert len(sim["qpos"]) == b.world.model.nq and sim["resets"] == 1
+    for k in range(1, 4):
+        assert b.read().extras["sim"]["time_s"] == pytest.approx(0.02 * k)
+    b.close()
+
+
+def test_write_moves_the_arm_and_estop_holds_and_ignores_writes():
+    b = _backend()
+    b.read()
+    goal = SO101.home + np.array([1.0, -0.3, 0.3, 0.2, 0.0, 0.3])
+    b.write(goal)
+    for _ in range(2):
+        b.read()
+    moving = b.read().position
+    assert moving[0] > 0.02  # on its way
+    b.estop()  # holds where the arm was measured last (the physics does not step between)
+    b.write(SO101.home)  # ignored while e-stopped
+    writes = b.writes
+    for _ in range(50):
+        after = b.read().position
+    assert b.writes == writes
+    assert np.allclose(after, moving, atol=0.01)  # settles where it was stopped, not at the goal or home
+    assert abs(after[0] - goal[0]) > 0.3
+    b.release_estop()
+    b.write(goal)
+    for _ in range(100):
+        final = b.read().position
+    assert np.allclose(final, goal, atol=0.02)
+    b.on_fault("test")  # a fault holds the same way, until recover
+    b.write(SO101.home)
+    assert b.writes == writes + 1
+    b.recover(1.0)
+    b.write(SO101.home)
+    assert b.writes == writes + 2
+    b.close()
+
+
+def test_control_socket_is_polled_by_read(short_tmp):
+    import threading
+
+    endpoint = f"ipc://{short_tmp}/sim-robot"
+    b = _backend(control=endpoint)
+    b.read()
+    replies: dict[str, object] = {}
+
+    def client() -> None:
+        with SimControl(endpoint, timeout_s=3.0) as sim:
+            replies["objects"] = sim.reset("press_button", 12)
+            replies["state"] = sim.state()
+            try:
+                sim.reset("nope", 1)
+            except SimControlError as exc:
+                replies["error"] = str(exc)
+
+    t = threading.Thread(target=client)
+    t.start()
+    for _ in range(500):  # each read answers at most one request
+        reading = b.read()
+        if not t.is_alive():
+            break
+    t.join(timeout=3)
+    assert list(replies["objects"]) == ["button"]
+    assert replies["state"]["task"] == "press_button" and replies["state"]["seed"] == 12
+    assert "not in scene 'so101'" in replies["error"]
+    sim = b.read().extras["sim"]
+    assert (sim["task"], sim["seed"], sim["resets"]) == ("press_button", 12, 2)  # the bad reset changed nothing
+    assert reading.extras["sim"]["task"] == "press_button"
+    b.close()
+    assert not (short_tmp / "sim-robot").exists()  # the socket file goes with the backend
+
+
+def test_unconnected_backend_refuses_clearly():
+    b = MujocoBackend("so101", "reach_cube", 0, None, SO101.home, 0.02, SO101.lower, SO101.upper)
+    with pytest.raises(BackendError, match="not connected"):
+        b.read()
