@@ -63,6 +63,13 @@ ALOHA_GRIPPER_OPEN, ALOHA_GRIPPER_CLOSED = 0.056, 0.01844
 
 DOWN = (0.0, 0.0, -1.0)
 
+# Each scene's MJCF cameras (SimWorld.camera_names, known without building the model); the first
+# is the scene's main view, the others in MJCF order.
+SCENE_CAMERAS: dict[str, tuple[str, ...]] = {
+    "so101": ("front", "wrist"),
+    "aloha": ("top", "angle", "left_pillar", "right_pillar", "front_close", "left_wrist", "right_wrist"),
+}
+
 
 def tasks_for(scene: str) -> list[str]:
     """The tasks a scene holds, e.g. tasks_for("so101") == ["reach_cube", "press_button"]."""
