@@ -204,8 +204,16 @@ def _so101(tmp: Path, monkeypatch) -> Iterator[Rig]:
                   context({"kind": "so101", "port": str(tmp / "ttySO101_nothing")}))
 
 
+@contextlib.contextmanager
+def _mujoco(tmp: Path, monkeypatch) -> Iterator[Rig]:
+    # The simulated SO-101: no link to lose, no torque to cut, no device to be missing.
+    pytest.importorskip("mujoco")
+    yield Rig(_context("mujoco", "so101", {"kind": "mujoco", "scene": "so101", "task": "reach_cube"}, tmp), None,
+              None, None, None)
+
+
 STARTERS: dict[str, Callable[[Path, pytest.MonkeyPatch], contextlib.AbstractContextManager[Rig]]] = {
-    "mock": _mock, "ur3": _ur3, "piper": _piper, "cobot_magic": _cobot_magic, "aloha": _aloha, "so101": _so101,
+    "mujoco": _mujoco, "mock": _mock, "ur3": _ur3, "piper": _piper, "cobot_magic": _cobot_magic, "aloha": _aloha, "so101": _so101,
 }
 
 

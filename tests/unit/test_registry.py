@@ -25,7 +25,7 @@ from armada.runtime.cli import build_parser
 
 INSTALLED = {"mock", "ur3", "piper", "cobot_magic", "aloha"}
 VENDOR_MODULES = ("piper_sdk", "rtde_control", "rtde_receive", "can", "dynamixel_sdk", "scservo_sdk", "lerobot",
-                  "torch", "pyrealsense2", "cv2")
+                  "torch", "pyrealsense2", "cv2", "mujoco")
 
 
 class ArmUnderTestConfig(StrictModel):
@@ -77,6 +77,7 @@ def test_the_installed_backends_are_registered_through_entry_points():
     for kind in INSTALLED:
         assert get(kind).kind == kind
     assert get("mock").moves_hardware is False
+    assert get("mujoco").moves_hardware is False  # a simulator: `armada run` may arm it alone
     assert all(get(k).moves_hardware for k in INSTALLED - {"mock"})
     assert get("piper").joint_calibration_kind == "piper_zero"
     assert {"so101", "aloha_gripper", "piper_zero"} <= set(JOINT_CALIBRATIONS.kinds())
@@ -261,8 +262,8 @@ def _plain_cell(tmp_path: Path, **extra) -> Path:
 
 
 def test_the_installed_cameras_and_policies_are_registered_through_entry_points():
-    assert {"synthetic", "realsense", "opencv"} <= set(CAMERAS.kinds()) and CAMERAS.broken() == {}
-    assert {"scripted", "mergevla"} <= set(POLICIES.kinds()) and POLICIES.broken() == {}
+    assert {"synthetic", "realsense", "opencv", "mujoco"} <= set(CAMERAS.kinds()) and CAMERAS.broken() == {}
+    assert {"scripted", "mergevla", "sim_expert"} <= set(POLICIES.kinds()) and POLICIES.broken() == {}
     assert POLICIES.get("mergevla").needs_model and not POLICIES.get("scripted").needs_model
 
 
@@ -280,13 +281,13 @@ def test_validating_cells_imports_no_camera_or_model_stack():
 
 @pytest.mark.parametrize("extra, key, words", [
     ({"cameras": [{"name": "c", "frames": "ipc://{run_dir}/f", "kind": "webcam"}]}, "cameras.0.kind",
-     "unknown camera kind 'webcam'; known: opencv, realsense, synthetic"),
+     "unknown camera kind 'webcam'; known: mujoco, opencv, realsense, synthetic"),
     ({"cameras": [{"name": "c", "frames": "ipc://{run_dir}/f", "kind": "realsense", "serial": [1]}]},
      "cameras.0.serial", "valid string"),
     ({"inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev", "policy": {"kind": "gpt"}}},
-     "inference.policy.kind", "unknown policy kind 'gpt'; known: mergevla, scripted"),
+     "inference.policy.kind", "unknown policy kind 'gpt'; known: mergevla, scripted, sim_expert"),
     ({"inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev", "policy": {"amplitude": 1}}},
-     "inference.policy.kind", "missing: one of ['mergevla', 'scripted']"),
+     "inference.policy.kind", "missing: one of ['mergevla', 'scripted', 'sim_expert']"),
     ({"inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev", "policy": "scripted"}},
      "inference.policy", "must be a mapping with a kind"),
     ({"inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev",
