@@ -66,14 +66,30 @@ class ExpertLimits:
     max_velocity: np.ndarray  # a fraction of the embodiment's
     max_acceleration: np.ndarray
     gripper: np.ndarray  # bool mask
+    # The driver's side: its acceleration limits (the embodiment's) and its control period.
+    driver_acceleration: np.ndarray
+    tick_s: float
+
+    def chunk_acceleration(self, dt: float) -> np.ndarray:
+        """The acceleration a chunk with points ``dt`` apart may use.
+
+        The driver plays chunks through a cubic Hermite with Catmull-Rom tangents: where a held
+        (or empty) stretch meets a chunk that starts from rest, the velocity at that knot jumps to
+        about half the chunk's first velocity step, a*dt/2 (from an empty buffer it ramps linearly
+        to the first point: about a*dt), within one control tick. Keeping that jump to half of
+        what the filter allows per tick (its acceleration times the tick) means a <= 0.5 *
+        a_driver * tick / dt: no limit for 50 Hz points, a fifth of it for 10 Hz ones.
+        """
+        return np.minimum(self.max_acceleration, 0.5 * self.driver_acceleration * self.tick_s / dt)
 
     @classmethod
     def from_embodiments(cls, embodiments: list[Any], speed: float, acceleration: float,
                          extra_margin: float = 0.01) -> "ExpertLimits":
         """Concatenated in the cell's driver order (the action layout); ``speed`` and ``acceleration``
         are fractions of each joint's limits; targets stay ``extra_margin`` inside the driver's margin."""
-        lower, upper, vel, acc, grip = [], [], [], [], []
+        lower, upper, vel, acc, grip, driver_acc = [], [], [], [], [], []
         for emb in embodiments:
+            driver_acc.append(emb.max_acceleration)
             span = emb.upper - emb.lower
             margin = emb.position_margin + np.minimum(extra_margin, 0.05 * span)
             lower.append(emb.lower + margin)
@@ -82,7 +98,8 @@ class ExpertLimits:
             acc.append(emb.max_acceleration * acceleration)
             grip.append(emb.gripper_mask())
         return cls(np.concatenate(lower), np.concatenate(upper), np.concatenate(vel), np.concatenate(acc),
-                   np.concatenate(grip).astype(bool))
+                   np.concatenate(grip).astype(bool), np.concatenate(driver_acc),
+                   1.0 / max(emb.control_rate_hz for emb in embodiments))
 
 
 # --------------------------------------------------------------------------- inverse kinematics
@@ -97,7 +114,7 @@ class ArmIK:
     and the approach is only as close as the joint limits allow (SO-101 has five joints).
     """
 
-    def __init__(self, world: "SimWorld", site: str, limits: ExpertLimits):
+    def __init__(self, world: "SimWorld", site: str, limits: ExpertLimits, fixed: frozenset[int] = frozenset()):
         model = world.model
         self.world, self.model = world, model
         self.site = site
@@ -110,8 +127,15 @@ class ArmIK:
             raise PolicyError(f"sim_expert: site {site!r} is not on a moving body")
         self.joints = chain
         self.qadr = np.array([model.jnt_qposadr[j] for j in chain])
-        self.dadr = np.array([model.jnt_dofadr[j] for j in chain])
         self.action_index, self.scale, self.offset = self._map_to_actions(world)
+        # Joints the IK leaves where they are (``fixed``: action indices) are not part of the chain.
+        keep = np.array([int(a) not in fixed for a in self.action_index], dtype=bool)
+        chain = [j for j, k in zip(chain, keep) if k]
+        self.joints, self.qadr = chain, self.qadr[keep]
+        self.action_index, self.scale, self.offset = self.action_index[keep], self.scale[keep], self.offset[keep]
+        if not chain:
+            raise PolicyError(f"sim_expert: every joint of site {site!r}'s arm is fixed")
+        self.dadr = np.array([model.jnt_dofadr[j] for j in chain])
         lo = np.where(model.jnt_limited[chain] > 0, model.jnt_range[chain, 0], -np.inf)
         hi = np.where(model.jnt_limited[chain] > 0, model.jnt_range[chain, 1], np.inf)
         # The action limits (inside the driver's margin) in qpos units: a goal the driver would clamp is never asked for.
@@ -222,6 +246,10 @@ class ArmIK:
     def to_actions(self, chain_qpos: np.ndarray) -> np.ndarray:
         return self.scale * chain_qpos + self.offset
 
+    def to_qpos(self, actions: np.ndarray) -> np.ndarray:
+        """The chain's qpos values for a full action vector."""
+        return (actions[self.action_index] - self.offset) / self.scale
+
 
 # --------------------------------------------------------------------------- trajectories
 
@@ -266,9 +294,15 @@ def profile(p0: np.ndarray, v0: np.ndarray, goal: np.ndarray, steps: int, dt: fl
 class SimExpert(Policy):
     """Scripted expert: the current waypoint of the task's plan, by IK, in capped joint-space chunks."""
 
-    def __init__(self, world: "SimWorld", sim: SimState, limits: ExpertLimits, chunk_size: int, dt: float):
+    def __init__(self, world: "SimWorld", sim: SimState, limits: ExpertLimits, chunk_size: int, dt: float,
+                 fixed_joints: tuple[str, ...] = ("wrist_roll",)):
         self.world, self.sim, self.limits = world, sim, limits
         self.chunk_size, self.dt = chunk_size, dt
+        # Joints IK never moves (they hold where the episode found them), by name; names the
+        # scene does not have are ignored. SO-101's wrist roll: each object is turned to face the
+        # arm's base, so the jaws meet two faces with the roll at home; rolling (the IK has one
+        # joint more than a position and a pointing direction need) turns them onto its edges.
+        self.fixed = frozenset(i for i, n in enumerate(world.joint_names) if n in fixed_joints)
         self._ik: dict[str, ArmIK] = {}
         self._waypoint = 0  # the first waypoint not yet reached
         # The last chunk: (mono_ns of its first action, [its start, *its actions]).
@@ -277,6 +311,7 @@ class SimExpert(Policy):
         self.last_goal: np.ndarray | None = None  # the last chunk's goal
         # Aiming correction for the current waypoint (see _correct).
         self._corrected_waypoint, self._correction, self._settled = 0, np.zeros(3), 0
+        self._resumed = False  # resume() was called since the last chunk
 
     # ------------------------------------------------------------------ Policy
 
@@ -287,11 +322,15 @@ class SimExpert(Policy):
         self._clear()
 
     def resume(self, obs: "Observation") -> None:
-        self._clear()
+        """After a pause: when the last chunk is still playing (inputs were stale for a moment, the
+        arm never stopped), go on from it as if nothing happened; when it has ended (the arm held,
+        or an operator moved it), start the plan again from the measured pose (in ``_start``)."""
+        self._resumed = True
 
     def _clear(self) -> None:
         self._waypoint, self._last, self._hold, self.last_goal = 0, None, None, None
         self._corrected_waypoint, self._correction, self._settled = 0, np.zeros(3), 0
+        self._resumed = False
 
     def route(self, obs: "Observation", instruction: str, pinned_task: str | None = None) -> RouteResult:
         task = str(self._sim_state()["task"])
@@ -308,7 +347,7 @@ class SimExpert(Policy):
         p0, v0 = self._start(obs)
         if self._hold is None:
             self._hold = p0.copy()
-        waypoint = self._current(plan, p0)
+        waypoint = self._current(plan, p0, v0)
         self._correct(waypoint, p0, v0)
         goal = self._goal(waypoint, p0, np.asarray(state["qpos"], dtype=float))
         self.last_goal = goal
@@ -316,7 +355,7 @@ class SimExpert(Policy):
         sync = np.zeros(goal.shape[0], dtype=bool)
         sync[ik.action_index] = True
         actions = profile(p0, v0, goal, self.chunk_size, self.dt, self.limits.max_velocity,
-                          self.limits.max_acceleration, sync)
+                          self.limits.chunk_acceleration(self.dt), sync)
         self._last = (obs.mono_ns + int(round(self.dt * 1e9)), np.vstack([p0[None], actions]))
         return Chunk(actions, self.dt)
 
@@ -347,10 +386,14 @@ class SimExpert(Policy):
         when the arm follows it, else the measured pose at rest."""
         measured = np.asarray(obs.state, dtype=float)
         rest = np.zeros_like(measured)
+        resumed, self._resumed = self._resumed, False
         if self._last is None:
             return measured, rest
         t0_ns, points = self._last  # points[i] is commanded for t0_ns + (i - 1) * dt: [start, *actions]
         k = (obs.mono_ns - t0_ns) / (self.dt * 1e9) + 1.0  # fractional index of "now" in points
+        if resumed and not 0 <= k < len(points) - 1:  # the last chunk is over: the plan starts again
+            self._clear()
+            return measured, rest
         if k < 0:
             return measured, rest  # an observation from before the last chunk: start afresh
         if k >= len(points) - 1:
@@ -367,11 +410,15 @@ class SimExpert(Policy):
             return measured, rest
         return p, v
 
-    def _current(self, plan: list["Waypoint"], p0: np.ndarray) -> "Waypoint":
-        """The first waypoint not reached yet (site within tolerance, gripper command done)."""
+    def _current(self, plan: list["Waypoint"], p0: np.ndarray, v0: np.ndarray) -> "Waypoint":
+        """The first waypoint not reached yet: reached when the commanded arm has come to rest on
+        its goal, the site is within tolerance (an arm passing through the tolerance on its way
+        may settle back out of it) and the gripper command is done."""
         while self._waypoint < len(plan) - 1:
             wp = plan[self._waypoint]
             ik = self._arm(wp.site)
+            if not self._at_rest_on_goal(ik, p0, v0):
+                break
             reached = np.linalg.norm(self.world.site_position(wp.site) - wp.position) <= wp.tolerance_m
             lo, hi = self.limits.lower, self.limits.upper  # a gripper value is commanded clipped to these
             gripper_done = all(abs(p0[g] - np.clip(wp.gripper, lo[g], hi[g])) <= GRIPPER_DONE * (hi[g] - lo[g]) + 1e-9
@@ -381,17 +428,20 @@ class SimExpert(Policy):
             self._waypoint += 1
         return plan[min(self._waypoint, len(plan) - 1)]
 
+    def _at_rest_on_goal(self, ik: ArmIK, p0: np.ndarray, v0: np.ndarray) -> bool:
+        goal = self.last_goal
+        if goal is None or goal.shape != p0.shape:
+            return False
+        arm = ik.action_index
+        return bool(np.max(np.abs(p0[arm] - goal[arm])) <= 1e-4 and np.max(np.abs(v0[arm])) <= 1e-4)
+
     def _correct(self, wp: "Waypoint", p0: np.ndarray, v0: np.ndarray) -> None:
         """Aim past the waypoint by what the arm still misses once it has settled on the goal:
         a position servo under gravity sags a little below its command, and a waypoint's tolerance
         can be tighter than the sag (integral action, at most MAX_CORRECTION_M)."""
         if self._waypoint != self._corrected_waypoint:
             self._corrected_waypoint, self._correction, self._settled = self._waypoint, np.zeros(3), 0
-        goal = self.last_goal
-        arm = self._arm(wp.site).action_index
-        if goal is None or goal.shape != p0.shape:
-            return
-        if np.max(np.abs(p0[arm] - goal[arm])) > 1e-4 or np.max(np.abs(v0[arm])) > 1e-4:
+        if not self._at_rest_on_goal(self._arm(wp.site), p0, v0):
             self._settled = 0
             return
         self._settled += 1
@@ -405,7 +455,7 @@ class SimExpert(Policy):
 
     def _arm(self, site: str) -> ArmIK:
         if site not in self._ik:
-            self._ik[site] = ArmIK(self.world, site, self.limits)
+            self._ik[site] = ArmIK(self.world, site, self.limits, self.fixed)
         return self._ik[site]
 
     def _goal(self, wp: "Waypoint", p0: np.ndarray, qpos: np.ndarray) -> np.ndarray:
@@ -413,7 +463,10 @@ class SimExpert(Policy):
         every other joint holding."""
         ik = self._arm(wp.site)
         target = np.asarray(wp.position, dtype=float) + self._correction
-        chain, error = ik.solve(qpos, target, getattr(wp, "approach", None))
+        seed = qpos.copy()
+        if self.last_goal is not None:  # from the last goal, not the lagging measured pose: goals stay consistent
+            seed[ik.qadr] = ik.to_qpos(self.last_goal)
+        chain, error = ik.solve(seed, target, getattr(wp, "approach", None))
         self.world.load_state(qpos)  # our copy shows the sim's state again
         if error > wp.tolerance_m:
             log.debug("sim_expert: waypoint %s is %.3f m out of reach", wp.position, error)
