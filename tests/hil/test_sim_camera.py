@@ -20,10 +20,26 @@ from armada.runtime.config import CONFIG_DIR  # noqa: E402
 from armada.runtime.supervisor import CellProcesses  # noqa: E402
 from armada.runtime.transport import FrameSubscriber, Subscriber  # noqa: E402
 
-pytestmark = pytest.mark.hil
+pytestmark = [pytest.mark.hil, pytest.mark.slow]  # ~25 s: three processes import and build their scenes
 
 SIM_CELL = CONFIG_DIR / "cells" / "sim_so101.yaml"
 COLLECT_S = 2.5
+FIRST_FRAME_S = 30.0  # each camera process imports mujoco and builds its scene and renderer first
+
+
+def _wait_for_frames(procs: CellProcesses) -> None:
+    """Until every camera has published a frame (so the collection measures steady state)."""
+    subs = {c.name: FrameSubscriber(procs.ctx, c.frames, hwm=10) for c in procs.cell.cameras}
+    deadline = time.monotonic() + FIRST_FRAME_S
+    try:
+        for name, sub in subs.items():
+            while sub.recv(0.2) is None:
+                if time.monotonic() > deadline:
+                    log = procs.child(name).log_path.read_text()
+                    raise AssertionError(f"camera {name}: no frame within {FIRST_FRAME_S} s\n{log}")
+    finally:
+        for sub in subs.values():
+            sub.close()
 
 
 def _collect(procs: CellProcesses, seconds: float) -> tuple[set[int], dict[str, list]]:
@@ -66,9 +82,10 @@ def test_sim_cameras_render_the_driver_state_stamped_with_its_time(short_tmp):
         for cam in procs.cell.cameras:
             procs.spawn("camera", cam.name)
         procs.wait_ready(timeout_s=30)
-        time.sleep(1.0)  # the camera processes build their scene and renderer
+        _wait_for_frames(procs)
         stamps, frames = _collect(procs, COLLECT_S)
         cameras = {c.name: c for c in procs.cell.cameras}
+        max_age_s = procs.cell.inference.max_frame_age_s
         logs = {c.name: procs.child(c.name).log_path.read_text() for c in procs.cell.cameras}
 
     assert stamps, "no driver state received"
@@ -84,7 +101,9 @@ def test_sim_cameras_render_the_driver_state_stamped_with_its_time(short_tmp):
         assert len(unknown) <= max(1, len(late) // 10), f"{name}: {len(unknown)} of {len(late)} stamps are no state's"
         ages_ms = np.sort([age for _, age, _ in got]) * 1e3
         assert ages_ms[0] > -5.0, f"{name}: a frame stamped in the future"
-        # A frame is at most one state period plus its render and transport old.
-        assert np.percentile(ages_ms, 90) < 150.0, f"{name}: ages p90 {np.percentile(ages_ms, 90):.1f} ms"
+        # A frame is one state's age (< a tick) plus its render (~45 ms for SO-101 on an idle CPU core)
+        # and transport old: fresh enough for the policy (the cell's max_frame_age_s) on a loaded machine.
+        limit_ms = max_age_s * 1e3
+        assert np.percentile(ages_ms, 90) < limit_ms, f"{name}: ages p90 {np.percentile(ages_ms, 90):.1f} ms > {limit_ms}"
         stamps_seen = [h["capture_ns"] for h, _, _ in got]
         assert all(b > a for a, b in zip(stamps_seen, stamps_seen[1:])), f"{name}: a state rendered twice or out of order"
