@@ -244,3 +244,21 @@ def test_the_expert_reads_the_sim_through_its_control_socket(so101, short_tmp):
     with pytest.raises(PolicyError, match="did not answer"):  # the sim is gone: a clear error, not a hang
         quiet.route(obs, "touch the red cube")
     quiet.sim.close()
+
+
+@pytest.mark.parametrize("cell_name", ["sim_so101", "sim_aloha"])
+def test_the_plugin_builds_the_expert_from_a_shipped_cell(cell_name, short_tmp):
+    from armada.runtime.config import CONFIG_DIR, load_cell
+    from armada.runtime.inference.registry import POLICIES
+
+    cell = load_cell(CONFIG_DIR / "cells" / f"{cell_name}.yaml", short_tmp)
+    expert = POLICIES.get("sim_expert").build(cell)
+    try:
+        assert isinstance(expert, SimExpert)
+        assert (expert.chunk_size, expert.dt) == (cell.inference.chunking.size, cell.inference.chunking.dt)
+        emb = cell.embodiment(cell.drivers[0])
+        assert expert.world.joint_names == emb.joint_names
+        np.testing.assert_allclose(expert.limits.max_velocity, emb.max_velocity * cell.inference.policy.max_joint_speed)
+        assert expert.limits.tick_s == pytest.approx(1 / emb.control_rate_hz)
+    finally:
+        expert.sim.close()
