@@ -154,6 +154,7 @@ def test_validating_the_config_imports_no_mujoco():
     assert out.stdout.strip() == "False", out.stderr
 
 
+@pytest.mark.slow  # ~4 s: renders every camera of both scenes at two sizes
 def test_bench_sim_measures_physics_and_every_camera():
     from armada.drivers.sim.bench import SIZES, run_sim_bench
 
