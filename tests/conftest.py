@@ -1,9 +1,14 @@
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 import zmq
+
+# MuJoCo picks its GL backend at its first import; a test module's importorskip("mujoco") may come
+# before any of ours sets it, and a renderer under the wrong backend aborts the whole test process.
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 @pytest.fixture

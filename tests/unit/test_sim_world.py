@@ -83,7 +83,7 @@ def test_importing_the_world_module_does_not_import_mujoco():
 def test_layout_matches_the_embodiments(so101, aloha):
     assert so101.joint_names == [j.name for g in load_embodiment("so101").groups for j in g.joints]
     assert aloha.joint_names == [j.name for g in load_embodiment("aloha").groups for j in g.joints]
-    assert so101.camera_names == ["front", "wrist"]
+    assert so101.camera_names == ["front", "workspace", "wrist"]
     assert {"top", "left_wrist", "right_wrist"} <= set(aloha.camera_names)
     with pytest.raises(ValueError, match="unknown scene"):
         SimWorld("piper")
