@@ -30,11 +30,16 @@ ARRIVE_SLACK_S = 5.0  # on top of the planned move time (a loaded host runs the 
 ACQUIRE_WAIT_S = 3.0  # the inference process releases its lease as an episode ends
 FRESH_STATE_S = 3.0  # a state showing the new reset must come within this
 REPORT_SLACK_S = 90.0  # past the episode's duration, how long its report may take (a first model call may take 60 s)
+HOME_ATTEMPTS = 3
 CLIENT = "armada-eval"
 
 
 class EvalError(RuntimeError):
     """The evaluation cannot go on (a process died, the sim does not answer, the arm cannot go home)."""
+
+
+class _NotHome(EvalError):
+    """One attempt to bring the arm home did not get it there (retried)."""
 
 
 @dataclass
@@ -223,7 +228,16 @@ class SimEpisodes:
     def home(self) -> None:
         """Every driver to its embodiment's home, one at a time, through the driver's own move_to."""
         for name, link in self.links.items():
-            self._home_one(name, link)
+            for attempt in range(1, HOME_ATTEMPTS + 1):
+                try:
+                    self._home_one(name, link)
+                    break
+                except _NotHome as exc:
+                    # On a loaded host a heartbeat can come late and the lease lapse mid-move: the
+                    # driver then holds where it is. Take the lease again and move on from there.
+                    if attempt == HOME_ATTEMPTS:
+                        raise EvalError(f"{exc} ({HOME_ATTEMPTS} attempts)") from None
+                    print(f"eval: {exc}; moving home again", flush=True)
 
     def _home_one(self, name: str, link: Any) -> None:
         from armada.runtime.transport import RemoteError
@@ -244,14 +258,17 @@ class SimEpisodes:
             reply = link.request("move_to", timeout_s=5.0, lease=link.lease, target=np.ascontiguousarray(home))
             self._wait_arrival(name, link, home, since_ns, float(reply.get("duration_s", 0.0)) + ARRIVE_SLACK_S)
         except (TimeoutError, RemoteError) as exc:
-            raise EvalError(f"driver {name}: bringing the arm home failed: {exc}") from None
+            raise _NotHome(f"driver {name}: bringing the arm home failed: {exc}") from None
         finally:
+            lost = link.heartbeat_error
             try:
                 link.command("release")
             except Exception:
                 pass  # the lease lapses within its TTL anyway; the arm holds
             link.stop_heartbeat()
             link.lease = None
+            if lost:
+                print(f"eval: driver {name}: a heartbeat was refused while moving home ({lost})", flush=True)
 
     def _acquire(self, name: str, link: Any) -> None:
         from armada.runtime.transport import RemoteError
@@ -290,7 +307,7 @@ class SimEpisodes:
             if msg["mode"] == "armed" and np.all(err <= ARRIVE_TOLERANCE):
                 return
         j = int(np.argmax(err))
-        raise EvalError(f"driver {name} did not reach home within {timeout_s:.1f} s (joint {j} is {err[j]:.3f} away; "
+        raise _NotHome(f"driver {name} did not reach home within {timeout_s:.1f} s (joint {j} is {err[j]:.3f} away; "
                         f"last state {msg and {k: msg.get(k) for k in ('mode', 'measured', 'commanded')}})")
 
 
