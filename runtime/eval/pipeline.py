@@ -24,7 +24,8 @@ from armada.runtime.eval import cells as cellfiles
 from armada.runtime.eval.episodes import EpisodeResult
 from armada.runtime.eval.plan import STAGES, EvalPlan, mark_done, prepare_stages, stage_done
 from armada.runtime.eval.progress import Progress, duration_text
-from armada.runtime.eval.report import EXPERT, PINNED, ROUTED, build_results, markdown, table_lines, target_lines
+from armada.runtime.eval.report import (EXPERT, PINNED, ROUTED, build_results, failure_lines, markdown, table_lines,
+                                        target_lines)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ def print_results(results: dict[str, Any], work: Path) -> None:
     print()
     print("\n".join(target_lines([Target(**t) for t in results["targets"]])))
     print()
+    failures = failure_lines(results["episodes"])
+    if failures:
+        print("failed episodes (counted as no success):")
+        print("\n".join(failures))
+        print()
     print(f"seeds: {results['plan']['seeds']}")
     print(f"results: {work / 'results.json'}, {work / 'results.md'}")
 

@@ -13,6 +13,7 @@ PASS or MISS whatever the result, with why.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -105,15 +106,26 @@ def _num(v: float | None, fmt: str) -> str:
 def table_lines(rows: list[Row]) -> list[str]:
     """The results table in markdown (also readable as plain text)."""
     head = ["task", "condition", "episodes", "success %", "routing accuracy", "chunk latency p50 / p99 ms",
-            "clamps", "time to success s"]
+            "clamps", "time to success s", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         routing = "-" if r.routing_accuracy is None else f"{100 * r.routing_accuracy:.0f} %"
         latency = f"{_num(r.chunk_latency_p50_ms, '.1f')} / {_num(r.chunk_latency_p99_ms, '.1f')}"
         success = f"{r.success_pct:.0f} ({r.successes}/{r.episodes})"
         lines.append(f"| {r.task} | {r.condition} | {r.episodes} | {success} | {routing} | {latency} | "
-                     f"{r.clamps} | {_num(r.time_to_success_s, '.1f')} |")
+                     f"{r.clamps} | {_num(r.time_to_success_s, '.1f')} | {r.failed_episodes} |")
     return lines
+
+
+def failure_lines(episodes: list[dict[str, Any]]) -> list[str]:
+    """Why episodes failed, grouped (numbers masked so that one cause is one line), most frequent first."""
+    causes: dict[str, int] = {}
+    for e in episodes:
+        outcome = str(e.get("outcome", ""))
+        if outcome.startswith("failed"):
+            cause = re.sub(r"\d+(\.\d+)?", "N", outcome)[:200]
+            causes[cause] = causes.get(cause, 0) + 1
+    return [f"- {n} x {cause}" for cause, n in sorted(causes.items(), key=lambda kv: -kv[1])]
 
 
 def target_lines(targets: list[Target]) -> list[str]:
@@ -151,6 +163,9 @@ def markdown(results: dict[str, Any]) -> str:
         *target_lines(targets),
         "",
     ]
+    failures = failure_lines(results.get("episodes") or [])
+    if failures:
+        lines += ["Failed episodes (no success; the inference report's outcome):", "", *failures, ""]
     demos = results["stages"].get("demos") or {}
     for name, t in (demos.get("tasks") or {}).items():
         lines.append(f"- demos {name}: {t['kept']} kept, {t['dropped']} failed expert demo(s) dropped "
