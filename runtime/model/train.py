@@ -68,6 +68,11 @@ WARMUP_STEPS = 50
 FINAL_LR_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 GRAD_CLIP = 1.0
+# One thread: measured on the 2-core dev box at sim-tiny, batch 32, 2 threads ran ~5 steps/s when
+# the machine was otherwise idle but 0.2-0.4 steps/s whenever any other process used a core
+# (OpenMP threads spin at every barrier and wait for a descheduled partner); one thread ran
+# ~3 steps/s under the same load. Pass threads=2 on a machine kept free for training.
+DEFAULT_THREADS = 1
 
 
 class TrainError(ValueError):
@@ -86,7 +91,8 @@ def size_config(size: str, action_dim: int, proprio_dim: int, num_images: int, c
     dims = {"action_dim": action_dim, "proprio_dim": proprio_dim, "num_images": num_images, "num_tasks": 1}
     if size == "sim-tiny":
         # 64 px in 8 px patches: an 8 x 8 grid per camera, fine enough to place a 3 cm object in a
-        # 96 px view; about 2-4 training steps/s at batch 32 on 2 CPU cores.
+        # 96 px view. Measured at batch 32 on the 2-core dev box: ~3 steps/s on one thread, ~5 on
+        # two when nothing else runs (so ~1000 steps for a 6 min base, ~500 for a 3 min fine-tune).
         return MergeVLAConfig.tiny(image_size=64, patch_size=8, num_action_queries=8,
                                    chunk=chunk or 8, **dims)
     if size == "tiny":  # the unit-test size: 28 px, 2 x 2 patches
@@ -250,10 +256,7 @@ def _decode_images(ds: Any, frames: np.ndarray, episodes: np.ndarray, timestamps
             times, decoded = cache[path]
             start = float(meta.episodes[int(ep)][f"videos/{key}/from_timestamp"])
             wanted = start + timestamps[rows]
-            nearest = np.clip(np.searchsorted(times, wanted), 1, len(times) - 1)
-            nearest -= (wanted - times[nearest - 1]) < (times[nearest] - wanted)
-            if len(times) == 1:
-                nearest = np.zeros_like(nearest)
+            nearest = _nearest(times, wanted)
             late = np.abs(times[nearest] - wanted) > tolerance
             if late.any():
                 raise TrainError(f"{path}: no frame within {tolerance * 1e3:.0f} ms of t={wanted[late][0]:.3f} s "
@@ -266,6 +269,14 @@ def _decode_images(ds: Any, frames: np.ndarray, episodes: np.ndarray, timestamps
         say(f"decoded {camera}: {files_done} video file(s) so far")
     assert out is not None
     return out
+
+
+def _nearest(times: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Index of the time in sorted ``times`` closest to each ``wanted``."""
+    if len(times) == 1:
+        return np.zeros(len(wanted), np.int64)
+    right = np.clip(np.searchsorted(times, wanted), 1, len(times) - 1)
+    return right - ((wanted - times[right - 1]) < (times[right] - wanted))
 
 
 def _run_uint8(image: np.ndarray, steps: list[object], apply: Callable[[np.ndarray, object], np.ndarray]) -> np.ndarray:
@@ -485,14 +496,15 @@ def train(dataset_root: str | Path, out: str | Path, repo_id: str | None = None,
           init: str | Path | None = None, size: str = "sim-tiny", steps: int = 2000, batch: int = 32,
           lr: float = 3e-4, seed: int = 0, chunk: int | None = None, progress: Say | None = print,
           overwrite: bool = False, name: str | None = None, parts: Parts = "all",
-          max_seconds: float | None = None, cameras: Sequence[str] | None = None) -> TrainResult:
+          max_seconds: float | None = None, cameras: Sequence[str] | None = None,
+          threads: int = DEFAULT_THREADS) -> TrainResult:
     """Train and write a task checkpoint to ``out`` (see the module doc).
 
     task: the dataset's task string to train on (default: every task: the shared base);
     name: the checkpoint's task name (default: the task string with '_' for spaces; "base" for
     the base); init: a checkpoint to start from (its architecture.json wins over ``size``);
     max_seconds: stop early when the time is up (the learning-rate schedule follows whichever of
-    steps and time runs out first)."""
+    steps and time runs out first); threads: torch CPU threads (see DEFAULT_THREADS)."""
     import torch
 
     from armada.runtime.model.build import Serving
@@ -502,7 +514,9 @@ def train(dataset_root: str | Path, out: str | Path, repo_id: str | None = None,
     dataset_root, out = Path(dataset_root), Path(out)
     init = Path(init) if init is not None else None
     _check_args(out, init, steps, batch, lr, parts, overwrite, max_seconds, task)
-    torch.set_num_threads(2)
+    if threads < 1:
+        raise TrainError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
     started = time.perf_counter()
 
     init_config = _init_architecture(init) if init is not None else None
@@ -534,7 +548,14 @@ def train(dataset_root: str | Path, out: str | Path, repo_id: str | None = None,
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters ({parts}), {steps} steps of {batch}"
         + (f", at most {max_seconds:.0f} s" if max_seconds else ""))
 
-    curve, loop = _loop(model, optimizer, trainable, inputs, sampler, steps, lr, parts, max_seconds, say)
+    # Denormal floats (tiny Adam moments, LayerScale-sized gradients) make CPU math far slower.
+    # numpy's float limits are computed first: with flushing on it warns that they are zero.
+    np.finfo(np.float32).smallest_subnormal, np.finfo(np.float64).smallest_subnormal
+    torch.set_flush_denormal(True)
+    try:
+        curve, loop = _loop(model, optimizer, trainable, inputs, sampler, steps, lr, parts, max_seconds, say)
+    finally:
+        torch.set_flush_denormal(False)  # the caller's process is left as it was
     checkpoint_name = name or (BASE_NAME if task is None else task.strip().replace(" ", "_"))
     instruction = task if task is not None else ""
     log = {

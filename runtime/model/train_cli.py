@@ -32,13 +32,16 @@ def add_train_parser(msub) -> None:
                             "router cannot tell such tasks apart)")
     train.add_argument("--max-minutes", type=float, default=None,
                        help="stop when this much training time has passed, even before --steps")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default 1: two threads collapse to a crawl whenever another "
+                            "process uses a core; 2 is faster only on an otherwise idle machine)")
     train.add_argument("--cameras", default=None,
                        help="comma-separated cameras in the model's image order (default: every camera of the "
                             "dataset, in its order)")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from armada.runtime.model.train import TrainError, train
+    from armada.runtime.model.train import DEFAULT_THREADS, TrainError, train
 
     try:
         train(args.dataset, args.out, repo_id=args.repo_id, task=args.task, init=args.init, size=args.size,
@@ -46,7 +49,7 @@ def run_train(args: argparse.Namespace) -> int:
               overwrite=args.overwrite, name=args.name, parts=args.parts,
               max_seconds=args.max_minutes * 60 if args.max_minutes else None,
               cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
-              progress=lambda line: print(line, flush=True))
+              threads=args.threads or DEFAULT_THREADS, progress=lambda line: print(line, flush=True))
     except TrainError as exc:
         print(f"armada model train: {exc}", file=sys.stderr)
         return 2

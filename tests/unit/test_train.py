@@ -184,12 +184,15 @@ def test_clear_errors(trained, tmp_path):
 
 
 def test_chunks_repeat_the_last_action_past_the_episode_end():
-    from armada.runtime.model.train import Demos
+    from armada.runtime.model.train import Demos, _nearest
 
     demos = Demos(Path("."), 10, ["a"], ["x"], ["x"], ["t"], np.zeros((5, 1, 2, 2, 3), np.uint8),
                   np.zeros((5, 1), np.float32), np.arange(5, dtype=np.float32)[:, None],
                   np.array([3, 3, 3, 5, 5]), np.zeros(5, np.int64), {"t": 2})
     np.testing.assert_array_equal(demos.chunk_indices(np.array([0, 2, 3]), 3), [[0, 1, 2], [2, 2, 2], [3, 4, 4]])
+    # video frames matched to data timestamps: the nearest one
+    np.testing.assert_array_equal(_nearest(np.array([0.0, 0.1, 0.2]), np.array([-1.0, 0.04, 0.06, 0.29])), [0, 0, 1, 2])
+    np.testing.assert_array_equal(_nearest(np.array([0.5]), np.array([0.0, 1.0])), [0, 0])
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
