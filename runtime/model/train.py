@@ -516,6 +516,7 @@ def train(dataset_root: str | Path, out: str | Path, repo_id: str | None = None,
     _check_args(out, init, steps, batch, lr, parts, overwrite, max_seconds, task)
     if threads < 1:
         raise TrainError(f"threads must be at least 1, got {threads}")
+    caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     started = time.perf_counter()
 
@@ -556,6 +557,7 @@ def train(dataset_root: str | Path, out: str | Path, repo_id: str | None = None,
         curve, loop = _loop(model, optimizer, trainable, inputs, sampler, steps, lr, parts, max_seconds, say)
     finally:
         torch.set_flush_denormal(False)  # the caller's process is left as it was
+        torch.set_num_threads(caller_threads)
     checkpoint_name = name or (BASE_NAME if task is None else task.strip().replace(" ", "_"))
     instruction = task if task is not None else ""
     log = {
