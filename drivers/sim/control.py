@@ -1,8 +1,9 @@
 """The sim control socket: reset a task with a seed, read the whole scene state.
 
-The sim driver's backend binds a zmq REP socket (``SimControlServer``, polled without blocking once
-per control tick, in the driver's control thread) and experts and the eval harness talk to it with
-``SimControl`` (a REQ socket with a timeout, reopened after one: a REQ socket that missed its reply
+The sim driver's backend binds a zmq ROUTER socket (``SimControlServer``, polled without blocking
+once per control tick, in the driver's control thread; replies go out without blocking too, so a
+client that floods requests and never reads its replies cannot stall the tick, as it could a REP).
+Experts and the eval harness talk to it with ``SimControl`` (a REQ socket with a timeout, reopened after one: a REQ socket that missed its reply
 cannot send again). Requests and replies are msgpack maps, decoded within size limits; nothing else
 is ever decoded. Bad input is answered ``{"ok": false, "error": ...}`` and changes nothing.
 
@@ -78,14 +79,14 @@ def handle_request(world: "SimWorld", raw: bytes) -> dict[str, Any]:
 
 
 class SimControlServer:
-    """The REP end, owned by the backend. ``poll`` answers at most one request and never blocks."""
+    """The server end, owned by the backend. ``poll`` answers at most one request and never blocks."""
 
     def __init__(self, endpoint: str, world: "SimWorld", ctx: zmq.Context | None = None):
         from armada.runtime.transport import _bind
 
         self.endpoint, self.world = endpoint, world
         self._ctx = ctx or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.REP)
+        self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # zmq drops larger ones unread
         self._ipc: _IpcFile | None = None
@@ -99,11 +100,17 @@ class SimControlServer:
     def poll(self) -> bool:
         """Answer one waiting request, if any. True when one was answered."""
         try:
-            raw = self._sock.recv(zmq.NOBLOCK)
+            frames = self._sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return False
-        reply = handle_request(self.world, raw)
-        self._sock.send(msgpack.packb(reply, use_bin_type=True))
+        # A REQ client's request arrives as [identity, b"", payload]; anything else is not ours.
+        if len(frames) != 3 or frames[1] != b"":
+            return False
+        reply = handle_request(self.world, frames[2])
+        try:  # dropped when that client's queue is full (it is not reading): never wait for it
+            self._sock.send_multipart([frames[0], b"", msgpack.packb(reply, use_bin_type=True)], zmq.NOBLOCK)
+        except zmq.Again:
+            return True
         self.answered += 1
         return True
 

@@ -130,6 +130,47 @@ def test_oversized_request_is_dropped_unanswered(served, ctx):
         assert sim.state()["task"] in ("reach_cube", "press_button")  # the server still answers others
 
 
+def test_a_client_that_floods_and_never_reads_cannot_stall_the_poll(world, short_tmp, ctx):
+    """The server is polled from the driver's control tick: answering must never wait on a client."""
+    import contextlib
+    import time
+
+    endpoint = f"ipc://{short_tmp}/sim"
+    server = SimControlServer(endpoint, world, ctx)
+    flood = ctx.socket(zmq.DEALER)
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.setsockopt(zmq.RCVHWM, 1)  # it never reads: its queue fills at once
+    flood.connect(endpoint)
+    try:
+        request = [b"", msgpack.packb({"cmd": "state"})]
+        sent = 0
+        with contextlib.suppress(zmq.Again):  # until the queues between us are full
+            for _ in range(5000):
+                flood.send_multipart(request, zmq.NOBLOCK)
+                sent += 1
+        assert sent > 100
+        slowest, answered = 0.0, 0
+        deadline = time.monotonic() + 5.0
+        while answered < sent and time.monotonic() < deadline:
+            started = time.monotonic()
+            if server.poll():
+                answered += 1
+            slowest = max(slowest, time.monotonic() - started)
+        assert answered == sent, f"only {answered} of {sent} requests were taken"
+        assert slowest < 0.05, f"one poll took {slowest * 1e3:.0f} ms"
+        flood.send_multipart([b"only one frame"], zmq.NOBLOCK)  # not a REQ envelope: ignored
+        assert server.poll() is False
+        pump = _Pump(server)
+        try:
+            with SimControl(endpoint, timeout_s=2.0, ctx=ctx) as sim:  # others are still answered
+                assert sim.state()["task"] in ("reach_cube", "press_button")
+        finally:
+            pump.stop()
+    finally:
+        flood.close(0)
+        server.close()
+
+
 # --------------------------------------------------------------------------- the backend
 
 from armada.drivers.core.backend import BackendError  # noqa: E402
