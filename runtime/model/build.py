@@ -131,6 +131,9 @@ class Serving:
     prompt: PromptSpec = field(default_factory=lambda: PromptSpec(template=PLAIN_TEMPLATE))
     tokenizer_file: Path | None = None
     action_names: tuple[str, ...] | None = None
+    # Per action dimension: trained as target minus the state at the chunk's start (the manifest's
+    # action.relative; the policy adds the state back). None: every dimension absolute.
+    relative: tuple[bool, ...] | None = None
     router_temperature: float = 1.0
     router_min_margin: float = 0.0
 
@@ -564,7 +567,8 @@ def _manifest(kind: Literal["mergevla", "capvector"], config: MergeVLAConfig, ta
             architecture=config.to_dict(),
             tasks=tasks,
             action=ActionSpec(dim=config.action_dim, chunk=config.chunk, dt=serving.dt,
-                              names=list(serving.action_names) if serving.action_names else None),
+                              names=list(serving.action_names) if serving.action_names else None,
+                              relative=list(serving.relative) if serving.relative is not None else None),
             observation=ObservationSpec(cameras=list(serving.cameras), image_size=config.image_size,
                                         proprio_dim=config.proprio_dim),
             preprocessing=_preprocessing(serving, config.image_size),

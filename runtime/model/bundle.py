@@ -2,8 +2,9 @@
 
 The manifest states everything the runtime needs besides the weights: the tasks with their
 instructions and normalization statistics, the action and observation specs, every image
-preprocessing step, the router settings, and the files with their checksums and tensors. Nothing
-that changes actions is left implicit in code (the MergeVLA reference hid image flips, JPEG
+preprocessing step, the router settings, whether action dimensions are offsets from the state
+(``action.relative``), and the files with their checksums and tensors. Nothing that changes
+actions is left implicit in code (the MergeVLA reference hid image flips, JPEG
 round trips and normalization constants in its evaluation scripts).
 
 Loading checks the schema version, the manifest, the files' sizes and sha256, and every tensor's
@@ -174,16 +175,34 @@ class TaskSpec(_Strict):
 
 
 class ActionSpec(_Strict):
+    """The model's action chunks: ``dim`` values per action, ``chunk`` actions ``dt`` seconds apart.
+
+    ``relative``: None (every bundle before this field, and the default) means every dimension is an
+    absolute target. Otherwise one flag per dimension: where True, the model predicts the target
+    minus the observed state at the chunk's start (``action[t + k] - state[t]``, UMI-style), and the
+    policy adds ``obs.state`` back after unnormalizing; where False the value is absolute (e.g.
+    grippers). The statistics of such a dimension are those of the differences."""
+
     dim: int = Field(gt=0)
     chunk: int = Field(gt=0)
     dt: float = Field(gt=0)  # seconds between consecutive actions of a chunk
     names: list[str] | None = None
+    relative: list[bool] | None = None
 
     @model_validator(mode="after")
     def _names(self) -> "ActionSpec":
         if self.names is not None and len(self.names) != self.dim:
             raise _KeyedError("names", f"has {len(self.names)} names for {self.dim} dimensions")
+        if self.relative is not None and len(self.relative) != self.dim:
+            raise _KeyedError("relative", f"has {len(self.relative)} flags for {self.dim} dimensions (one per "
+                              "action dimension, or null for all absolute)")
         return self
+
+    def relative_mask(self) -> np.ndarray | None:
+        """Bool (dim,) of the relative dimensions, or None when every dimension is absolute."""
+        if self.relative is None or not any(self.relative):
+            return None
+        return np.asarray(self.relative, bool)
 
 
 class ObservationSpec(_Strict):

@@ -3,6 +3,9 @@
 At t=0 the router scores every candidate task on the first observation (each candidate's
 weights swapped in place), picks one, and that choice fixes the weights, the expert head and
 the normalization statistics for the whole episode.
+
+A bundle whose manifest marks action dimensions ``relative`` predicts them as offsets from the
+state at the chunk's start; ``infer`` adds ``obs.state`` back on those dimensions only.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -78,6 +82,7 @@ class MergedVLAPolicy(Policy):
     def infer(self, obs: Observation) -> Chunk:
         if self.task is None or self.prompt_ids is None:
             raise PolicyError("infer before route: the episode must route at t=0 first")
+        relative = self._relative_state(obs.state)  # checked before the model runs
         stats = self.task.proprio_stats
         proprio = stats.normalize(obs.state).astype(np.float32) if stats else np.zeros(0, np.float32)
         pixels = self._pixels(obs)
@@ -87,7 +92,23 @@ class MergedVLAPolicy(Policy):
         else:
             normalized = self.engine.predict_normalized(pixels, self.prompt_ids, proprio, self.task.expert_index)
         actions = self.task.action_stats.unnormalize(normalized)
+        if relative is not None:  # trained as target minus the state at the chunk's start: add it back
+            mask, state = relative
+            actions = actions.copy()
+            actions[:, mask] += state[mask]
         return Chunk(actions, self.manifest.action.dt)
+
+    def _relative_state(self, state: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mask, state) when the bundle's manifest marks action dimensions relative, else None."""
+        mask = self.manifest.action.relative_mask()
+        if mask is None:
+            return None
+        state = np.asarray(state, np.float64)
+        if state.shape != (self.manifest.action.dim,):
+            raise PolicyError(f"the bundle's actions are relative to the state on dimensions "
+                              f"{np.flatnonzero(mask).tolist()}, but the observation's state has "
+                              f"{state.size} values for {self.manifest.action.dim} action dimensions")
+        return mask, state
 
     # ------------------------------------------------------------------ helpers
 

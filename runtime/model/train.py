@@ -10,6 +10,17 @@ is an armada task checkpoint (``build.load_task_checkpoint``): ``vla.safetensors
 names, prompt: what ``read_serving`` turns into a ``build.Serving`` for ``merge_bundle``) and
 ``train_log.json`` (loss curve, timing, per-task episode counts and statistics).
 
+Actions (``actions``): "relative" (default) trains the arm joints as offsets from the state at the
+chunk's start, ``action[t + k] - state[t]`` (as UMI and many VLA recipes do), grippers as
+absolute values; "absolute" trains every dimension as the absolute target. Relative offsets keep
+an under-trained model's first action near where the arm is (an absolute one can land far away
+and the driver refuses the chunk: max_engage_distance). The choice is written into
+``serving.json`` (``relative``: one flag per action dimension, or null) and from there into the
+bundle manifest's ``action.relative``; the policy adds the observed state back. The q01/q99
+statistics of a relative dimension are those of the offsets. Which dimensions are grippers: the
+embodiment(s) named by the dataset's robot_type (group mode ``gripper_position`` and the other
+non-joint modes stay absolute), else any dimension whose name contains "gripper".
+
 The model's inputs are built by the inference code itself, so a bundle merged from these
 checkpoints sees exactly what training saw: images go through the bundle's own preprocessing
 steps (``build.Serving`` default: resize to the model size, to_float, DINO and SigLIP
@@ -54,6 +65,7 @@ if TYPE_CHECKING:  # torch is imported inside the functions that need it (the CL
     from armada.runtime.model.mergevla import MergeVLAConfig
 
 Parts = Literal["all", "expert"]
+ActionMode = Literal["relative", "absolute"]
 Say = Callable[[str], None]
 
 ARCHITECTURE_FILE, SERVING_FILE, LOG_FILE = "architecture.json", "serving.json", "train_log.json"
@@ -132,6 +144,7 @@ class Demos:
     instruction: np.ndarray
     episodes: dict[str, int]  # instruction -> episode count
     decode_s: float = 0.0
+    robot_type: str = ""
 
     def __len__(self) -> int:
         return len(self.state)
@@ -226,7 +239,7 @@ def load_demos(root: Path, repo_id: str | None, task: str | None, cameras: Seque
         state=np.asarray(table["observation.state"], np.float32)[frames],
         action=np.asarray(table["action"], np.float32)[frames],
         episode_end=ends, instruction=np.array([remap[int(t)] for t in task_index[frames]], np.int64),
-        episodes=counts, decode_s=decode_s)
+        episodes=counts, decode_s=decode_s, robot_type=str(getattr(meta, "robot_type", None) or ""))
 
 
 def _index_of(tasks: dict[int, str], name: str) -> int:
@@ -316,6 +329,61 @@ def quantile_stats(values: np.ndarray) -> "NormStats":
                      q99=np.quantile(values, 0.99, axis=0).tolist(), mask=[True] * values.shape[1])
 
 
+def relative_flags(demos: Demos, actions: ActionMode) -> tuple[bool, ...] | None:
+    """Per action dimension, whether it is trained relative to the state (see the module doc);
+    None for "absolute" (the manifest then says nothing: every dimension absolute)."""
+    if actions == "absolute":
+        return None
+    if actions != "relative":
+        raise TrainError(f"actions must be 'relative' or 'absolute', got {actions!r}")
+    modes = _embodiment_modes(demos.robot_type)
+    flags = []
+    for name in demos.action_names:
+        mode = modes.get(".".join(name.split(".")[-2:])) if modes else None
+        flags.append(mode == "joint_position" if mode is not None else "gripper" not in name.lower())
+    relative = [n for n, f in zip(demos.action_names, flags) if f]
+    if relative and demos.state_names != demos.action_names:
+        raise TrainError(f"{demos.root}: relative actions need the state and the action to name the same "
+                         f"dimensions in the same order; state {demos.state_names}, action {demos.action_names} "
+                         "(train with --actions absolute)")
+    return tuple(flags)
+
+
+def _embodiment_modes(robot_type: str) -> dict[str, str]:
+    """"group.joint" -> group mode over the embodiments of a robot_type ("so101", "so101+aloha");
+    empty when one of them is not a known embodiment (the names then decide)."""
+    from armada.runtime.config import ConfigError, load_embodiment
+
+    modes: dict[str, str] = {}
+    for name in filter(None, robot_type.split("+")):
+        try:
+            embodiment = load_embodiment(name)
+        except (ConfigError, OSError, ValueError):
+            return {}
+        modes.update({f"{g.name}.{j.name}": g.mode for g in embodiment.groups for j in g.joints})
+    return modes
+
+
+def action_targets(demos: Demos, frames: np.ndarray, chunk: int, relative: Sequence[bool] | None) -> np.ndarray:
+    """(B, chunk, dim) training targets in physical units: actions[t : t + chunk] (the last one repeated
+    past the episode end), minus state[t] on the relative dimensions."""
+    chunks = demos.action[demos.chunk_indices(frames, chunk)]
+    if relative is not None and any(relative):
+        mask = np.asarray(relative, bool)
+        chunks = chunks.copy()
+        chunks[..., mask] -= demos.state[frames][:, None, mask]
+    return chunks
+
+
+def action_stats(demos: Demos, rows: np.ndarray, chunk: int, relative: Sequence[bool] | None) -> "NormStats":
+    """q01/q99 of what the model is trained on for these frames: the actions themselves when every
+    dimension is absolute (as before relative actions existed), else every chunk target."""
+    if relative is None or not any(relative):
+        return quantile_stats(demos.action[rows])
+    targets = action_targets(demos, rows, chunk, relative)
+    return quantile_stats(targets.reshape(-1, targets.shape[-1]))
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -399,6 +467,7 @@ class Inputs:
     prompt_ids: list[np.ndarray]  # per instruction index
     action_stats: "NormStats"
     proprio_stats: "NormStats"
+    relative: tuple[bool, ...] | None = None  # per action dimension: trained relative to the state
 
     def batch(self, frames: np.ndarray) -> tuple["torch.Tensor", ...]:
         import torch
@@ -414,7 +483,7 @@ class Inputs:
         siglip = torch.from_numpy(np.stack([p["siglip"] for p in per_frame]))
         ids = torch.from_numpy(np.stack([self.prompt_ids[int(d.instruction[f])] for f in frames]))
         proprio = torch.from_numpy(self.proprio_stats.normalize(d.state[frames]).astype(np.float32))
-        chunks = d.action[d.chunk_indices(frames, self.config.chunk)]
+        chunks = action_targets(d, frames, self.config.chunk, self.relative)
         target = torch.from_numpy(self.action_stats.normalize(chunks).astype(np.float32))
         return dino, siglip, ids, proprio, target
 
@@ -448,7 +517,7 @@ def build_inputs(demos: Demos, config: "MergeVLAConfig", serving: "Serving", act
     steps = _preprocessing(serving, config.image_size)
     tokenizer = PromptTokenizer(serving.prompt, demos.root, config.llm.vocab)
     return Inputs(config, demos, steps, {c: _split_index(s) for c, s in steps.items()},
-                  [tokenizer.ids(i) for i in demos.instructions], action_stats, proprio_stats)
+                  [tokenizer.ids(i) for i in demos.instructions], action_stats, proprio_stats, serving.relative)
 
 
 def load_model(directory: str | Path) -> Any:
@@ -497,14 +566,16 @@ def train(dataset_root: str | Path, out: str | Path, repo_id: str | None = None,
           lr: float = 3e-4, seed: int = 0, chunk: int | None = None, progress: Say | None = print,
           overwrite: bool = False, name: str | None = None, parts: Parts = "all",
           max_seconds: float | None = None, cameras: Sequence[str] | None = None,
-          threads: int = DEFAULT_THREADS) -> TrainResult:
+          threads: int = DEFAULT_THREADS, actions: ActionMode = "relative") -> TrainResult:
     """Train and write a task checkpoint to ``out`` (see the module doc).
 
     task: the dataset's task string to train on (default: every task: the shared base);
     name: the checkpoint's task name (default: the task string with '_' for spaces; "base" for
     the base); init: a checkpoint to start from (its architecture.json wins over ``size``);
     max_seconds: stop early when the time is up (the learning-rate schedule follows whichever of
-    steps and time runs out first); threads: torch CPU threads (see DEFAULT_THREADS)."""
+    steps and time runs out first); threads: torch CPU threads (see DEFAULT_THREADS); actions:
+    "relative" (arm joints as offsets from the state, grippers absolute) or "absolute" (see the
+    module doc); a fine-tune must use the kind its ``init`` was trained with."""
     import torch
 
     from armada.runtime.model.build import Serving
@@ -532,9 +603,16 @@ def train(dataset_root: str | Path, out: str | Path, repo_id: str | None = None,
         config = _fit_init(init_config, init, dims, chunk)
     else:
         config = size_config(size, *dims, chunk)
+    relative = relative_flags(demos, actions)
+    if init is not None:
+        _check_init_actions(init, relative)
     serving = Serving(cameras=tuple(demos.cameras), dt=1.0 / demos.fps, prompt=PromptSpec(template=SIM_PROMPT),
-                      action_names=tuple(demos.action_names))
-    inputs = build_inputs(demos, config, serving, quantile_stats(demos.action), quantile_stats(demos.state))
+                      action_names=tuple(demos.action_names), relative=relative)
+    inputs = build_inputs(demos, config, serving, action_stats(demos, np.arange(len(demos)), config.chunk, relative),
+                          quantile_stats(demos.state))
+    if relative is not None:
+        say(f"actions relative to the state on {[n for n, f in zip(demos.action_names, relative) if f]}, "
+            f"absolute on {[n for n, f in zip(demos.action_names, relative) if not f]}")
 
     torch.manual_seed(seed)
     model = _build_model(config)
@@ -568,12 +646,24 @@ def train(dataset_root: str | Path, out: str | Path, repo_id: str | None = None,
         "decode_s": round(demos.decode_s, 2), "train_s": round(loop["seconds"], 2),
         "total_s": round(time.perf_counter() - started, 2), "steps_per_s": round(loop["steps_per_s"], 3),
         "final_loss": loop["final_loss"], "loss_curve": curve, "loss_bucket_steps": LOSS_BUCKET,
-        "tasks": _per_task_stats(demos),
+        "actions": actions, "relative": list(relative) if relative is not None else None,
+        "tasks": _per_task_stats(demos, config.chunk, relative),
     }
     _write_checkpoint(out, model, config, serving, checkpoint_name, instruction, inputs, log, overwrite)
     say(f"wrote {out} (final loss {loop['final_loss']:.4f}, {loop['steps']} steps in {loop['seconds']:.0f} s, "
         f"{loop['steps_per_s']:.2f} steps/s)")
     return TrainResult(out, loop["steps"], loop["seconds"], loop["steps_per_s"], loop["final_loss"], log)
+
+
+def _check_init_actions(init: Path, relative: tuple[bool, ...] | None) -> None:
+    """A fine-tune keeps its base's kind of actions: the base's weights learned to output one kind."""
+    theirs = read_serving(init).relative
+    if theirs != relative:
+        def kind(flags: tuple[bool, ...] | None) -> str:
+            return "absolute" if flags is None else f"relative {list(flags)}"
+
+        raise TrainError(f"--init {init}: it was trained with {kind(theirs)} actions, this run would train "
+                         f"{kind(relative)} actions; pass the same --actions as for {init}")
 
 
 def _check_args(out: Path, init: Path | None, steps: int, batch: int, lr: float, parts: str, overwrite: bool,
@@ -695,12 +785,13 @@ def _progress_line(done: int, steps: int, loss: float, elapsed: float, max_secon
             f"ETA {eta:.0f} s")
 
 
-def _per_task_stats(demos: Demos) -> dict[str, Any]:
+def _per_task_stats(demos: Demos, chunk: int, relative: tuple[bool, ...] | None) -> dict[str, Any]:
     out = {}
     for i, instruction in enumerate(demos.instructions):
         rows = demos.instruction == i
+        stats = action_stats(demos, np.flatnonzero(rows), chunk, relative)
         out[instruction] = {"episodes": demos.episodes.get(instruction, 0), "frames": int(rows.sum()),
-                            "action_stats": quantile_stats(demos.action[rows]).model_dump(exclude_none=True),
+                            "action_stats": stats.model_dump(exclude_none=True),
                             "proprio_stats": quantile_stats(demos.state[rows]).model_dump(exclude_none=True)}
     return out
 
@@ -751,6 +842,8 @@ def serving_to_dict(serving: "Serving", demos: Demos | None = None) -> dict[str,
     data: dict[str, Any] = {
         "cameras": list(serving.cameras), "dt": serving.dt,
         "action_names": list(serving.action_names) if serving.action_names else None,
+        # per action dimension: trained relative to the state (null: every dimension absolute)
+        "relative": list(serving.relative) if serving.relative is not None else None,
         "prompt": serving.prompt.model_dump(),
     }
     if demos is not None:  # for people: what the numbers came from
@@ -761,7 +854,7 @@ def serving_to_dict(serving: "Serving", demos: Demos | None = None) -> dict[str,
 
 def read_serving(directory: str | Path) -> "Serving":
     """The serving settings a training run wrote beside its checkpoint (``serving.json``) as a
-    ``build.Serving``: cameras in the model's order, dt, action names, prompt; preprocessing is the
+    ``build.Serving``: cameras in the model's order, dt, action names, relative flags, prompt; preprocessing is the
     Serving default (resize to the model size, to_float, DINO and SigLIP normalization), which is
     what training ran."""
     from pydantic import ValidationError
@@ -779,15 +872,20 @@ def read_serving(directory: str | Path) -> "Serving":
     if not isinstance(data, dict):
         raise TrainError(f"{path}: expected a JSON object")
     cameras, dt, names = data.get("cameras"), data.get("dt"), data.get("action_names")
+    relative = data.get("relative")  # absent in checkpoints written before relative actions: absolute
     if not isinstance(cameras, list) or not cameras or not all(isinstance(c, str) and c for c in cameras):
         raise TrainError(f"{path}: 'cameras' must be a non-empty list of camera names")
     if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:
         raise TrainError(f"{path}: 'dt' must be a positive number of seconds, got {dt!r}")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise TrainError(f"{path}: 'action_names' must be a list of strings or null")
+    if relative is not None and not (isinstance(relative, list) and all(isinstance(f, bool) for f in relative)
+                                     and (names is None or len(relative) == len(names))):
+        raise TrainError(f"{path}: 'relative' must be null or one true/false per action dimension, got {relative!r}")
     try:
         prompt = PromptSpec.model_validate(data.get("prompt"))
     except ValidationError as exc:
         raise TrainError(f"{path}: 'prompt': {exc.errors()[0]['msg']}") from None
     return Serving(cameras=tuple(cameras), dt=float(dt), prompt=prompt,
-                   action_names=tuple(names) if names is not None else None)
+                   action_names=tuple(names) if names is not None else None,
+                   relative=tuple(relative) if relative is not None else None)

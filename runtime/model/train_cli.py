@@ -35,6 +35,10 @@ def add_train_parser(msub) -> None:
     train.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default 1: two threads collapse to a crawl whenever another "
                             "process uses a core; 2 is faster only on an otherwise idle machine)")
+    train.add_argument("--actions", choices=("relative", "absolute"), default="relative",
+                       help="relative (default): arm joints trained as offsets from the state at the chunk's start "
+                            "(the bundle says so; the policy adds the state back), grippers absolute; absolute: "
+                            "every dimension an absolute target. A fine-tune must match its --init")
     train.add_argument("--cameras", default=None,
                        help="comma-separated cameras in the model's image order (default: every camera of the "
                             "dataset, in its order)")
@@ -49,7 +53,8 @@ def run_train(args: argparse.Namespace) -> int:
               overwrite=args.overwrite, name=args.name, parts=args.parts,
               max_seconds=args.max_minutes * 60 if args.max_minutes else None,
               cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
-              threads=args.threads or DEFAULT_THREADS, progress=lambda line: print(line, flush=True))
+              threads=args.threads or DEFAULT_THREADS, actions=args.actions,
+              progress=lambda line: print(line, flush=True))
     except TrainError as exc:
         print(f"armada model train: {exc}", file=sys.stderr)
         return 2

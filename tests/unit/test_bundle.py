@@ -265,12 +265,27 @@ def test_json_that_parses_but_is_refused(tmp_path: Path, text: str, reason: str)
     (lambda d: d["preprocessing"]["wrist"].append({"op": "rotate180"}), "preprocessing.wrist.7",
      "rotate180 after normalize"),
     (lambda d: d["action"].update(extra=1), "action.extra", "Extra inputs are not permitted"),
+    (lambda d: d["action"].update(relative=[True] * 6), "action.relative", "has 6 flags for 7 dimensions"),
 ])
 def test_manifest_field_errors_name_the_key_path(bundle_dir: Path, change, key: str, reason: str):
     edit_manifest(bundle_dir, change)
     err = load_error(bundle_dir)
     assert err.file == str(bundle_dir / MANIFEST_NAME) and err.key == key
     assert reason in err.reason
+
+
+def test_relative_action_flags_round_trip_and_old_manifests_stay_absolute(tmp_path: Path, bundle_dir: Path):
+    data = manifest_data()
+    data["action"]["relative"] = [True] * 6 + [False]
+    write_bundle(tmp_path / "rel", Manifest.model_validate(data), tensor_files(np.random.default_rng(2)))
+    action = load_bundle(tmp_path / "rel").manifest.action
+    assert action.relative == [True] * 6 + [False]
+    np.testing.assert_array_equal(action.relative_mask(), [True] * 6 + [False])
+    # a manifest written before the field existed: no "relative" key, every dimension absolute
+    edit_manifest(bundle_dir, lambda d: d["action"].pop("relative"))
+    assert "relative" not in json.loads((bundle_dir / MANIFEST_NAME).read_text())["action"]
+    old = load_bundle(bundle_dir).manifest.action
+    assert old.relative is None and old.relative_mask() is None
 
 
 def test_mismatched_action_stats_length():

@@ -88,6 +88,8 @@ def _direct_and_served(trained, bundle: Path, checkpoint: Path, task: str, frame
     with torch.no_grad():
         normalized = load_model(checkpoint)(*inputs.batch(np.array([frame]))[:4])[0].numpy()
     direct = ck.action_stats.unnormalize(normalized)
+    if serving.relative is not None:  # trained as offsets from the state at the chunk's start: add it back
+        direct[:, list(serving.relative)] += demos.state[frame, list(serving.relative)]
 
     raw = load_demos(trained["dataset"], None, task, None, lambda _: [], lambda _: None)  # no resize
     assert raw.images.shape[2:] == (SIDE, SIDE, 3)
@@ -106,14 +108,17 @@ def test_checkpoints_hold_what_merge_and_serving_need(trained):
     serving = read_serving(trained["base"])
     assert serving.cameras == CAMERAS and serving.dt == pytest.approx(0.1)
     assert serving.action_names == tuple(f"arm.j{i}" for i in range(DOF))
+    assert serving.relative == (True,) * DOF  # the default: joints relative (no gripper here)
     config = _architecture(trained["base"])
     assert (config.action_dim, config.proprio_dim, config.num_images) == (DOF, DOF, 2)
     base = load_task_checkpoint(trained["base"])
     assert base.name == "base"
     a = load_task_checkpoint(trained["A"])
     assert (a.name, a.instruction) == ("task_A", TASKS[0])
-    # each fine-tune's statistics are its own task's: task A's actions are state + 0.2, the base spans both
-    assert a.action_stats.q99[1] == pytest.approx(0.2) and base.action_stats.q99[1] == pytest.approx(2.2)
+    # each fine-tune's statistics are its own task's, over the relative targets action[t+k] - state[t]:
+    # dimension 1 (constant state) is 0.2 for task A, 1.2 for task B; the base spans both
+    assert a.action_stats.q01[1] == pytest.approx(0.2) and a.action_stats.q99[1] == pytest.approx(0.2)
+    assert base.action_stats.q01[1] == pytest.approx(0.2) and base.action_stats.q99[1] == pytest.approx(1.2)
     assert a.proprio_stats.q99[0] == pytest.approx(np.quantile(np.tile(0.1 * np.arange(FRAMES), 2), 0.99), abs=1e-6)
     log = json.loads((trained["A"] / "train_log.json").read_text())
     assert log["steps"] == 2 and log["episodes"] == {TASKS[0]: 2} and len(log["loss_curve"]) == 1
@@ -121,6 +126,7 @@ def test_checkpoints_hold_what_merge_and_serving_need(trained):
 
 def test_single_task_bundle_serves_the_fine_tune_exactly(trained):
     from armada.runtime.model import build
+    from armada.runtime.model.bundle import load_bundle
 
     bundle = trained["root"] / "bundle-A"
     build.merge_bundle(trained["base"], [trained["A"]], bundle, architecture=_architecture(trained["base"]),
@@ -128,6 +134,7 @@ def test_single_task_bundle_serves_the_fine_tune_exactly(trained):
     direct, served = _direct_and_served(trained, bundle, trained["A"], TASKS[0], frame=FRAMES + 3, pinned=None)
     assert served.shape == (4, DOF)
     np.testing.assert_allclose(served, direct, rtol=0, atol=1e-5)
+    assert load_bundle(bundle).manifest.action.relative == [True] * DOF
 
 
 def test_two_task_merge_pinned_equals_each_expert_fine_tune(trained):
@@ -171,6 +178,9 @@ def test_clear_errors(trained, tmp_path):
         train(dataset, tmp_path / "out", cameras=["front", "top"], size="tiny", progress=None)
     with pytest.raises(TrainError, match="chunk 4 there, 6 here"):
         train(dataset, tmp_path / "out", init=base, chunk=6, steps=1, progress=None)
+    with pytest.raises(TrainError, match=r"trained with relative \[True, True, True\] actions, this run would "
+                                         r"train absolute actions"):
+        train(dataset, tmp_path / "out", init=base, actions="absolute", steps=1, progress=None)
     with pytest.raises(TrainError, match="exists; pass --overwrite"):
         train(dataset, base, size="tiny", progress=None)
     other = tmp_path / "other"
@@ -193,6 +203,35 @@ def test_chunks_repeat_the_last_action_past_the_episode_end():
     # video frames matched to data timestamps: the nearest one
     np.testing.assert_array_equal(_nearest(np.array([0.0, 0.1, 0.2]), np.array([-1.0, 0.04, 0.06, 0.29])), [0, 0, 1, 2])
     np.testing.assert_array_equal(_nearest(np.array([0.5]), np.array([0.0, 1.0])), [0, 0])
+
+
+def test_relative_flags_follow_the_embodiment_then_the_names():
+    from armada.runtime.model.train import Demos, action_stats, action_targets, relative_flags
+
+    def demos(names: list[str], robot_type: str) -> Demos:
+        n, d = 4, len(names)
+        state = np.arange(n * d, dtype=np.float32).reshape(n, d)
+        return Demos(Path("."), 10, ["a"], names, names, ["t"], np.zeros((n, 1, 2, 2, 3), np.uint8),
+                     state, state + 100, np.full(n, n), np.zeros(n, np.int64), {"t": 1}, robot_type=robot_type)
+
+    so101 = ["arm.shoulder_pan", "arm.shoulder_lift", "arm.elbow_flex", "arm.wrist_flex", "arm.wrist_roll",
+             "gripper.gripper"]
+    assert relative_flags(demos(so101, "so101"), "relative") == (True,) * 5 + (False,)  # group modes
+    assert relative_flags(demos(so101, "so101"), "absolute") is None
+    # an unknown robot type: a name holding "gripper" stays absolute
+    assert relative_flags(demos(["a.j0", "a.left_gripper"], "custom"), "relative") == (True, False)
+    d = demos(["a.j0", "a.left_gripper"], "custom")
+    targets = action_targets(d, np.array([0, 2]), 3, (True, False))
+    # frame 0: actions of frames 0..2 minus state[0] on j0; the gripper stays absolute
+    np.testing.assert_array_equal(targets[0, :, 0], d.action[[0, 1, 2], 0] - d.state[0, 0])
+    np.testing.assert_array_equal(targets[1, :, 1], d.action[[2, 3, 3], 1])
+    np.testing.assert_array_equal(action_targets(d, np.array([0]), 3, None)[0], d.action[[0, 1, 2]])
+    stats = action_stats(d, np.arange(4), 3, (True, False))
+    assert stats.q01[0] == pytest.approx(np.quantile(action_targets(d, np.arange(4), 3, (True, False))[..., 0], 0.01))
+    with pytest.raises(TrainError, match="relative actions need the state and the action"):
+        bad = demos(["a.j0", "a.j1"], "custom")
+        bad.state_names = ["s0", "s1"]
+        relative_flags(bad, "relative")
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):

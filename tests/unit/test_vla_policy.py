@@ -116,3 +116,31 @@ def test_onnx_runtime_chunks_match_pytorch_for_the_routed_task(bundle_dir, tmp_p
     assert np.max(np.abs(a - b)) < 1e-4  # both float32; observed about 1e-6
     with pytest.raises(PolicyError, match="no ONNX export"):
         ort_policy.route(_obs(), "auto", pinned_task="pick_cube")
+
+
+def test_relative_dimensions_get_the_observed_state_added(bundle_dir, tmp_path):
+    """A bundle whose manifest marks dimensions relative: chunk = unnormalized output + obs.state on
+    those dimensions only (the same weights read as absolute give the bare unnormalized output)."""
+    import json
+    import shutil
+
+    relative = [True] * 6 + [False]
+    copy = tmp_path / "relative"
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["action"]["relative"] = relative
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    absolute_policy, relative_policy = MergedVLAPolicy(bundle_dir), MergedVLAPolicy(copy)
+    obs = _obs(4)
+    obs.state[:] = np.linspace(-0.4, 0.6, 7)  # away from zero on every dimension
+    for p in (absolute_policy, relative_policy):
+        p.reset(SPACE)
+        p.route(obs, "auto", pinned_task="open_drawer")
+    bare, shifted = absolute_policy.infer(obs).actions, relative_policy.infer(obs).actions
+    expected = bare.copy()
+    expected[:, :6] += obs.state[:6]
+    np.testing.assert_allclose(shifted, expected, rtol=0, atol=1e-9)
+    assert shifted[:, 6].tolist() == bare[:, 6].tolist()  # the gripper stays absolute
+    short = Observation(obs.mono_ns, obs.t_ns, obs.state[:5], obs.frames)
+    with pytest.raises(PolicyError, match="state has 5 values for 7 action dimensions"):
+        relative_policy.infer(short)
