@@ -41,6 +41,8 @@ class Options:
     duration_s: float | None = None
     batch: int = 32
     size: str = "sim-tiny"
+    lr: float = 1e-3
+    actions: str = "relative"
     run_dir: Path | None = None
 
 
@@ -54,7 +56,7 @@ def make_plan(opts: Options) -> tuple[EvalPlan, cellfiles.SimSite]:
     plan = EvalPlan(cell=cell_path, work=work, tasks=cellfiles.scene_tasks(site.scene), demos=opts.demos,
                     episodes=opts.episodes, base_steps=opts.base_steps, task_steps=opts.task_steps, seed=opts.seed,
                     duration_s=opts.duration_s or cell.inference.episode_duration_s, batch=opts.batch,
-                    size=opts.size, run_dir=opts.run_dir.resolve() if opts.run_dir else None)
+                    size=opts.size, lr=opts.lr, actions=opts.actions, run_dir=opts.run_dir.resolve() if opts.run_dir else None)
     return plan, site
 
 

@@ -43,6 +43,8 @@ class EvalPlan:
     duration_s: float  # the longest an episode runs
     batch: int = 32
     size: str = "sim-tiny"
+    lr: float = 1e-3  # the base's and every fine-tune's peak learning rate
+    actions: str = "relative"  # the arm joints' targets relative to the observed state, or absolute
     run_dir: Path | None = None  # sockets and logs of the cell's processes (None: the default run dir)
 
     def __post_init__(self) -> None:
@@ -79,7 +81,7 @@ class EvalPlan:
                     "seed": self.seed, "duration_s": self.duration_s}
         if stage == "train":
             return {"base_steps": self.base_steps, "task_steps": self.task_steps, "size": self.size,
-                    "batch": self.batch, "seed": self.seed}
+                    "batch": self.batch, "seed": self.seed, "lr": self.lr, "actions": self.actions}
         if stage == "eval":
             return {"episodes": self.episodes, "seed": self.seed, "duration_s": self.duration_s}
         return {}

@@ -152,7 +152,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"# armada eval: {plan['cell']}",
         "",
         f"Tasks: {', '.join(plan['task_names'])}. Budgets: {plan['demos']} demos per task, "
-        f"{plan['base_steps']} base steps, {plan['task_steps']} steps per task fine-tune, "
+        f"{plan['base_steps']} base steps, {plan['task_steps']} steps per task fine-tune "
+        f"(batch {plan.get('batch', '?')}, lr {plan.get('lr', '?')}, {plan.get('actions', 'absolute')} arm actions, "
+        f"size {plan.get('size', '?')}), "
         f"{plan['episodes']} episodes per task and condition of at most {plan['duration_s']:.0f} s.",
         f"Seeds: {plan['seeds']}.",
         "",

@@ -37,7 +37,8 @@ def train_stage(plan: EvalPlan, dataset: Path, repo_id: str, out: Path) -> dict[
         # task, so the router's answer and `episode_start task=` use the scene's names.
         train(dataset, target, repo_id=repo_id, task=task.instruction if task is not None else None,
               name=task.name if task is not None else None, init=out / "base" if task is not None else None,
-              size=plan.size, steps=steps, batch=plan.batch, seed=plan.seed, overwrite=True,
+              size=plan.size, steps=steps, batch=plan.batch, lr=plan.lr, actions=plan.actions, seed=plan.seed,
+              overwrite=True,
               progress=lambda line, name=name: print(f"train {name}: {line}", flush=True))
         seconds = time.monotonic() - t
         summary["seconds"][name] = round(seconds, 1)
