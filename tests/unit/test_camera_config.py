@@ -59,7 +59,7 @@ def test_realsense_and_opencv_options(tmp_path):
 
 
 @pytest.mark.parametrize("camera, key, words", [
-    (_cam(kind="webcam"), "cameras.0.kind", "known: opencv, realsense, synthetic"),
+    (_cam(kind="webcam"), "cameras.0.kind", "known: mujoco, opencv, realsense, synthetic"),
     (_cam(kind="realsense", exposure_us=5000), "cameras.0", "auto_exposure: false"),
     (_cam(kind="realsense", depth_width=320), "cameras.0", "depth_height"),
     (_cam(kind="realsense", serial=123), "cameras.0.serial", "valid string"),
@@ -67,7 +67,7 @@ def test_realsense_and_opencv_options(tmp_path):
     (_cam(kind="opencv", device=0, fourcc="MJPEG"), "cameras.0.fourcc", "at most 4"),
     (_cam(jpeg_quality=0), "cameras.0.jpeg_quality", "greater than or equal to 1"),
     (_cam(serial="123"), "cameras.0.serial", "Extra inputs"),  # a realsense key without the kind
-    (_cam(kind=None), "cameras.0.kind", "missing: one of ['opencv', 'realsense', 'synthetic']"),
+    (_cam(kind=None), "cameras.0.kind", "missing: one of ['mujoco', 'opencv', 'realsense', 'synthetic']"),
 ])
 def test_bad_camera_configs_name_the_key_and_the_reason(tmp_path, camera, key, words):
     with pytest.raises(ConfigError) as err:
