@@ -58,8 +58,10 @@ class MujocoCameraSource:
     # ------------------------------------------------------------------ open / close
 
     def open(self) -> dict[str, Any]:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless OpenGL; must precede the first mujoco import
         try:
+            from armada.drivers.sim.gl import choose_gl
+
+            choose_gl()  # EGL, else OSMesa; must precede the first mujoco import
             import mujoco
 
             from armada.drivers.sim.world import SimWorld

@@ -30,7 +30,9 @@ def _stats(samples_s: list[float]) -> dict[str, float]:
 
 
 def run_sim_bench(seconds: float = 10.0, quick: bool = False) -> dict[str, Any]:
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    from armada.drivers.sim.gl import choose_gl
+
+    choose_gl()
     import mujoco
 
     from armada.drivers.sim.world import SCENES, SimWorld, tasks_for

@@ -23,7 +23,6 @@ joint holds where the episode found it.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,7 +34,9 @@ if TYPE_CHECKING:
     from armada.drivers.sim.world import SimWorld, Waypoint
     from armada.runtime.inference.observation import Observation
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # this module imports mujoco; the scene may be rendered in this process
+from armada.drivers.sim.gl import choose_gl  # noqa: E402
+
+choose_gl()  # this module imports mujoco, and the scene may be rendered in this process
 import mujoco  # noqa: E402  (heavy: imported only by whoever builds the expert)
 
 log = logging.getLogger("armada.inference")

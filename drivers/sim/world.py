@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-# MuJoCo picks its GL backend when it is first imported, and any process that builds a world may
-# render later (a camera, a bench, a test): a renderer made after an import under another backend
-# aborts the whole process. Setting the default here, before mujoco can be imported, avoids that.
-os.environ.setdefault("MUJOCO_GL", "egl")
 
 if TYPE_CHECKING:
     import mujoco
@@ -152,6 +146,9 @@ class SimWorld:
     def __init__(self, scene: str, render_size: tuple[int, int] | None = None):
         if scene not in SCENES:
             raise ValueError(f"sim: unknown scene {scene!r}; known scenes: {', '.join(SCENES)}")
+        from armada.drivers.sim.gl import choose_gl
+
+        choose_gl()  # any process that builds a world may render in it: pick the GL before mujoco loads
         import mujoco
 
         self._mj = mujoco
