@@ -167,7 +167,7 @@ def _special_token_id(tokenizer_file: Path, content: str) -> int:
     raise BuildError(tokenizer_file, f"no added token {content!r} (expected a Qwen2 tokenizer.json)")
 
 
-def _preprocessing(serving: Serving, image_size: int) -> dict[str, list[PreprocessStep]]:
+def serving_preprocessing(serving: Serving, image_size: int) -> dict[str, list[PreprocessStep]]:
     if serving.preprocessing is not None:
         return {camera: list(steps) for camera, steps in serving.preprocessing.items()}
     steps: list[PreprocessStep] = [
@@ -571,7 +571,7 @@ def _manifest(kind: Literal["mergevla", "capvector"], config: MergeVLAConfig, ta
                               relative=list(serving.relative) if serving.relative is not None else None),
             observation=ObservationSpec(cameras=list(serving.cameras), image_size=config.image_size,
                                         proprio_dim=config.proprio_dim),
-            preprocessing=_preprocessing(serving, config.image_size),
+            preprocessing=serving_preprocessing(serving, config.image_size),
             router=router,
             prompt=serving.prompt,
         )

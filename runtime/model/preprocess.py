@@ -34,13 +34,13 @@ def run_steps(image: np.ndarray, steps: Sequence[object]) -> dict[str, np.ndarra
             std = np.asarray(step.std, np.float32)
             outputs[step.target] = np.ascontiguousarray(((img - mean) / std).transpose(2, 0, 1), np.float32)
         else:
-            img = _apply(img, step)
+            img = apply_step(img, step)
     if not outputs:
         raise PreprocessError("the preprocessing steps produce no backbone input (no normalize step)")
     return outputs
 
 
-def _apply(img: np.ndarray, step: object) -> np.ndarray:
+def apply_step(img: np.ndarray, step: object) -> np.ndarray:
     if isinstance(step, Resize):
         return _resize(img, step.size, step.size, step.interpolation, step.antialias)
     if isinstance(step, CenterCrop):

@@ -249,7 +249,7 @@ def _index_of(tasks: dict[int, str], name: str) -> int:
 def _decode_images(ds: Any, frames: np.ndarray, episodes: np.ndarray, timestamps: np.ndarray, cameras: list[str],
                    uint8_steps: Callable[[str], Sequence[object]], say: Say) -> np.ndarray:
     """(N, cameras, S, S, 3) uint8: each video file decoded once, frames matched by timestamp."""
-    from armada.runtime.model.preprocess import _apply  # the bundle's own step code, steps before to_float
+    from armada.runtime.model.preprocess import apply_step  # the bundle's own step code, steps before to_float
 
     meta = ds.meta
     out: np.ndarray | None = None
@@ -264,7 +264,7 @@ def _decode_images(ds: Any, frames: np.ndarray, episodes: np.ndarray, timestamps
             path = Path(ds.root) / meta.get_video_file_path(int(ep), key)
             if path not in cache:
                 cache.clear()  # episodes are in file order: a file, once left, is not needed again
-                cache[path] = _decode_file(path, lambda img: _run_uint8(img, steps, _apply))
+                cache[path] = _decode_file(path, lambda img: _run_uint8(img, steps, apply_step))
                 files_done += 1
             times, decoded = cache[path]
             start = float(meta.episodes[int(ep)][f"videos/{key}/from_timestamp"])
@@ -500,9 +500,9 @@ def _split_index(steps: Sequence[object]) -> int:
 def load_steps(image_size: int) -> Callable[[str], list[object]]:
     """Per camera, the preprocessing steps run once at load: the default bundle steps (build.Serving
     without preprocessing) up to to_float, i.e. the resize to the model size."""
-    from armada.runtime.model.build import Serving, _preprocessing
+    from armada.runtime.model.build import Serving, serving_preprocessing
 
-    steps = _preprocessing(Serving(cameras=("camera",)), image_size)["camera"]
+    steps = serving_preprocessing(Serving(cameras=("camera",)), image_size)["camera"]
     head = steps[:_split_index(steps)]
     return lambda _camera: list(head)
 
@@ -511,10 +511,10 @@ def build_inputs(demos: Demos, config: "MergeVLAConfig", serving: "Serving", act
                  proprio_stats: "NormStats") -> Inputs:
     """The batch builder for a checkpoint: the bundle's steps (build's default preprocessing for
     ``serving``), its prompt tokenizer, these statistics."""
-    from armada.runtime.model.build import _preprocessing
+    from armada.runtime.model.build import serving_preprocessing
     from armada.runtime.model.policy import PromptTokenizer
 
-    steps = _preprocessing(serving, config.image_size)
+    steps = serving_preprocessing(serving, config.image_size)
     tokenizer = PromptTokenizer(serving.prompt, demos.root, config.llm.vocab)
     return Inputs(config, demos, steps, {c: _split_index(s) for c, s in steps.items()},
                   [tokenizer.ids(i) for i in demos.instructions], action_stats, proprio_stats, serving.relative)
