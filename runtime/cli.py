@@ -662,6 +662,10 @@ class _Progress:
         elif event == "chunk":
             self.chunks, self.latency_ms, self.elapsed = data["chunk"] + 1, data["latency_ms"], data["elapsed_s"]
             self._show()
+        elif event == "late":
+            self._newline()
+            print(f"episode {self.episode}: chunk {data['chunk']} came late (inference {data['latency_ms']:.0f} ms, "
+                  f"the chunk spans {data['span_ms']:.0f} ms): skipped, the arm holds")
         elif event in ("paused", "resumed"):
             self._newline()
             print(f"episode {self.episode}: {event}: {data.get('reason', '')}".rstrip(": "))
@@ -695,7 +699,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  overruns           {r['overruns']}",
         f"  starved ticks      {r['starved_ticks']}",
         f"  clamps             {r['clamps']} ({clamps})",
-        f"  chunks             {r['chunks']} ({r['dropped_points']} late points dropped by the driver)",
+        f"  chunks             {r['chunks']} ({r['dropped_points']} late points dropped by the driver, "
+        f"{r.get('late_chunks', 0)} late chunks skipped)",
         f"  chunk latency      p50 {r['chunk_latency_p50_ms']:.1f} ms, p99 {r['chunk_latency_p99_ms']:.1f} ms, "
         f"max {r['chunk_latency_max_ms']:.1f} ms",
         f"  tracking error     mean {r['tracking_error_mean']:.4f}, max {r['tracking_error_max']:.4f}",

@@ -59,6 +59,7 @@ class ErrorCode(enum.StrEnum):
     BAD_STATE = "bad_state"
     ESTOPPED = "estopped"
     TOO_FAR = "too_far"
+    LATE = "late"  # a chunk whose every point is already in the past: skip it, it is not a fault
     TIMEOUT = "timeout"
     INTERNAL = "internal"
 

@@ -609,7 +609,7 @@ class Driver:
         t0, dt = msg["t0_ns"], float(msg["dt"])
         first = _first_index_at_or_after(t0, dt, len(points), now_ns)
         if first is None:
-            raise ProtocolError(ErrorCode.BAD_VALUE, "every point of the chunk is already in the past "
+            raise ProtocolError(ErrorCode.LATE, "every point of the chunk is already in the past "
                                 f"(chunk ended {(now_ns - t0) * 1e-6 - (len(points) - 1) * dt * 1e3:.4g} ms ago)")
         self._check_engage(points[first])
         try:

@@ -42,6 +42,7 @@ from armada.runtime.inference.deadline import PolicyCaller, PolicyTimeout, Stopp
 from armada.runtime.inference.link import DriverLink
 from armada.runtime.inference.observation import ObservationBuilder, StaleObservation
 from armada.runtime.inference.policy import ActionSpace, Policy, PolicyError
+from armada.runtime.protocol import ErrorCode
 from armada.runtime.transport import RemoteError
 
 log = logging.getLogger("armada.inference")
@@ -72,6 +73,9 @@ class Deadlines:
     # Half a second: a hung loop loses the lease within that plus the TTL, and a loop descheduled
     # for a few hundred ms on a loaded host (or by a GIL-heavy model call) does not end a good episode.
     progress_s: float = 0.5
+    # Chunks that keep reaching the drivers after their last point's time: the arm holds meanwhile
+    # (safe), but an episode that only holds is inference too slow for the chunk, and says so.
+    late_s: float = 2.0
 
 
 class EpisodeError(Exception):
@@ -106,6 +110,7 @@ class EpisodeReport:
     clamps_by_kind: dict[str, int] = field(default_factory=dict)
     lease_lost: int = 0
     dropped_points: int = 0
+    late_chunks: int = 0  # chunks not executed: every point was past when they were ready (a slow inference)
     paused_s: float = 0.0
     interventions: int = 0  # times the operator took over (intervene)
     intervened_s: float = 0.0  # seconds under the operator's control, part of duration_s
@@ -138,6 +143,7 @@ class EpisodeRunner:
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._tracking: list[float] = []
         self._all_latencies: list[float] = []
+        self._late_since: float | None = None  # monotonic time of the first of the late chunks in a row
         # Intervention state, shared with the ctl thread. The lock is held only around lease
         # changes and chunk sends (each bounded by its request timeout), so a chunk never goes
         # out after the lease was given away.
@@ -305,6 +311,7 @@ class EpisodeRunner:
         end = started + req.duration_s
         paused_since: float | None = None
         chunk_id = 0
+        self._late_since = None
         while not self.stop_event.is_set() and time.monotonic() < end:
             self._stamp()
             if self._intervened_since is not None:
@@ -338,6 +345,7 @@ class EpisodeRunner:
                 actions, t0_local = chunk.actions[:execute], sent_local + int(c.lead_s * 1e9)
             else:
                 actions, t0_local = chunk.actions, obs.mono_ns + int(chunk.dt * 1e9)
+            late = False
             with self._control:
                 if self._intervened_since is not None or self._resumed_ns != resumed_ns:
                     continue  # the operator took over while this chunk was computed: it is not sent
@@ -346,12 +354,19 @@ class EpisodeRunner:
                     if not moves:
                         self._resumed_ns = None
                 if resumed_ns is None or not moves:
-                    dropped = self._send(actions, t0_local, chunk.dt, req.episode, chunk_id)
+                    late = _ends_before(t0_local, chunk.dt, len(actions), time.monotonic_ns() + int(chunk.dt * 1e9))
+                    if not late:
+                        dropped, late = self._send(actions, t0_local, chunk.dt, req.episode, chunk_id)
             if resumed_ns is not None and moves:
                 self._wait_for_moves(moves, end)
                 continue
             self._latencies.append(latency_s)
             self._all_latencies.append(latency_s)
+            if late:
+                self._on_late_chunk(report, chunk_id, latency_s, len(actions) * chunk.dt)
+                chunk_id += 1
+                continue  # the drivers hold where the last chunk ended; infer again at once
+            self._late_since = None
             report.chunks += 1
             report.dropped_points += dropped
             self.emit("chunk", {"chunk": chunk_id, "latency_ms": latency_s * 1e3, "dropped": dropped,
@@ -524,8 +539,28 @@ class EpisodeRunner:
             if self._resumed_ns is not None and not self.intervened:
                 self._resumed_ns = time.monotonic_ns()  # the next chunk from an observation after the move
 
-    def _send(self, actions: np.ndarray, t0_local_ns: int, dt: float, episode: int, chunk_id: int) -> int:
-        dropped, offset = 0, 0
+    def _on_late_chunk(self, report: EpisodeReport, chunk_id: int, latency_s: float, span_s: float) -> None:
+        """A chunk that was over before it could run: counted and skipped; the episode fails only
+        when chunks have kept coming late for ``deadlines.late_s``."""
+        report.late_chunks += 1
+        now = time.monotonic()
+        if self._late_since is None:
+            self._late_since = now
+        self.emit("late", {"chunk": chunk_id, "latency_ms": latency_s * 1e3, "span_ms": span_s * 1e3})
+        log.warning("chunk %d came late (inference took %.0f ms, the chunk spans %.0f ms): skipped, the arm holds",
+                    chunk_id, latency_s * 1e3, span_s * 1e3)
+        if now - self._late_since > self.deadlines.late_s:
+            recent = np.array(self._latencies) * 1e3
+            raise EpisodeError(
+                f"inference is too slow for the chunk: every chunk for {now - self._late_since:.1f} s was over "
+                f"before it reached the drivers (latency median {np.median(recent):.0f} ms, the chunk spans "
+                f"{span_s * 1e3:.0f} ms); the arm held. Use a longer chunk, a smaller model or a faster device")
+
+    def _send(self, actions: np.ndarray, t0_local_ns: int, dt: float, episode: int,
+              chunk_id: int) -> tuple[int, bool]:
+        """Sends each driver its part. Returns (points dropped as past, whether a driver found the
+        whole chunk past: a late chunk, not a fault)."""
+        dropped, offset, late = 0, 0, False
         for link in self.links.values():
             part = np.ascontiguousarray(actions[:, offset:offset + link.dof], dtype=np.float64)
             offset += link.dof
@@ -536,10 +571,13 @@ class EpisodeRunner:
                 self._dead.add(link.name)
                 raise EpisodeError(f"driver {link.name} did not answer a chunk: {exc}") from None
             except RemoteError as exc:
+                if exc.code == ErrorCode.LATE:
+                    late = True  # it reached this driver after its time (a descheduled host): skipped
+                    continue
                 raise EpisodeError(f"driver {link.name} refused a chunk: {exc}") from None
             self._stamp()
             dropped += int(reply.get("dropped", 0))
-        return dropped
+        return dropped, late
 
     def _wait(self, seconds: float) -> None:
         """Sleep while watching the drivers' state (tracking error) and the stop flag."""
@@ -606,3 +644,8 @@ class EpisodeRunner:
                 delta = count - before[name]["clamps"].get(kind, 0)
                 report.clamps_by_kind[kind] = report.clamps_by_kind.get(kind, 0) + delta
         report.clamps = sum(report.clamps_by_kind.values())
+
+
+def _ends_before(t0_ns: int, dt: float, n_points: int, when_ns: int) -> bool:
+    """Whether a chunk's last point is due before ``when_ns``: nothing of it could still run."""
+    return t0_ns + int((n_points - 1) * dt * 1e9) < when_ns

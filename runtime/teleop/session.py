@@ -471,7 +471,7 @@ class TeleopSession:
                 return 0
             return timeouts + 1
         except RemoteError as exc:
-            if exc.code == "bad_value" and "in the past" in exc.reason and timeouts + 1 < MAX_SERVO_TIMEOUTS:
+            if exc.code == "late" and timeouts + 1 < MAX_SERVO_TIMEOUTS:
                 # Reached the driver after its time (a loaded host): skipped; the grid starts again.
                 self.stats.late += 1
                 self._tau = None

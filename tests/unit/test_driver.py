@@ -176,7 +176,7 @@ def test_chunk_entirely_in_the_past_is_refused(drv):
     lease = armed(drv, now)
     with pytest.raises(ProtocolError) as err:
         cmd(drv, "trajectory", now, lease=lease, t0_ns=now - 10**9, dt=0.01, points=np.tile(EMB.home, (5, 1)))
-    assert err.value.code == ErrorCode.BAD_VALUE and "past" in err.value.reason
+    assert err.value.code == ErrorCode.LATE and "past" in err.value.reason
 
 
 def test_device_estop_cannot_be_reset_while_the_button_is_pressed(drv):

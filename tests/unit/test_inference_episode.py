@@ -184,3 +184,50 @@ def test_a_new_episode_is_refused_while_a_hung_call_from_the_last_one_still_runs
     assert "infer" in first.outcome and first.outcome.startswith("failed")
     assert second.outcome.startswith("failed") and "has not returned" in second.outcome, second.outcome
     assert np.isfinite(second.duration_s)
+
+
+class SlowPolicy(HangingPolicy):
+    """The scripted motion; the infer calls numbered in ``slow_calls`` (all when None) take ``seconds``."""
+
+    def __init__(self, seconds: float, slow_calls: set[int] | None = None):
+        super().__init__("none")
+        self.seconds, self.slow_calls, self.infers = seconds, slow_calls, 0
+
+    def infer(self, obs):
+        self.infers += 1
+        if self.slow_calls is None or self.infers in self.slow_calls:
+            time.sleep(self.seconds)
+        return super().infer(obs)
+
+
+def test_a_chunk_that_is_over_before_it_is_ready_is_skipped_and_the_episode_goes_on(cell):
+    driver = cell[0]
+    span_s = CHUNKING.size * CHUNKING.dt
+    policy = SlowPolicy(span_s + 0.15, slow_calls={3})
+    report, _, _ = _run(cell, policy, 1.5, Deadlines(policy_s=2.0))
+    assert report.outcome == "completed", report.outcome
+    assert report.late_chunks == 1, report
+    assert report.chunks >= 4
+    # The late chunk never reached the driver: one trajectory per sent chunk.
+    assert driver.kinds().count("trajectory") == report.chunks
+
+
+def test_a_driver_that_finds_the_chunk_late_skips_it_without_failing_the_episode(cell):
+    driver = cell[0]
+    driver.late_replies = 2
+    report, _, _ = _run(cell, HangingPolicy("none"), 1.5, Deadlines())
+    assert report.outcome == "completed", report.outcome
+    assert report.late_chunks == 2, report
+    assert report.chunks >= 3
+
+
+def test_inference_that_is_always_slower_than_the_chunk_fails_saying_so_and_the_arm_holds(cell):
+    driver = cell[0]
+    span_s = CHUNKING.size * CHUNKING.dt
+    report, _, took = _run(cell, SlowPolicy(span_s + 0.1), 30.0, Deadlines(policy_s=2.0, late_s=1.0))
+    assert report.outcome.startswith("failed: inference is too slow for the chunk"), report.outcome
+    assert "the chunk spans 200 ms" in report.outcome, report.outcome
+    assert report.chunks == 0 and report.late_chunks >= 3
+    assert "trajectory" not in driver.kinds()  # nothing late was ever sent
+    assert "release" in driver.kinds()
+    assert took < 10.0, took

@@ -30,6 +30,7 @@ class FakeDriver:
         self.requests: list[tuple[float, str, bytes]] = []  # (monotonic, kind, ROUTER identity)
         self.silent = threading.Event()  # no state, no replies: a hung or dead driver
         self.garbage = threading.Event()  # publish wrong kinds and shapes next to every state
+        self.late_replies = 0  # the next this many trajectories are refused as late (the driver's clock says so)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="fake-driver")
         self._thread.start()
@@ -93,6 +94,9 @@ class FakeDriver:
         elif kind in ("arm", "disarm"):
             self.mode = "armed" if kind == "arm" else "idle"
             self.server.reply_ok(req, mode=self.mode)
+        elif kind == "trajectory" and self.late_replies > 0:
+            self.late_replies -= 1
+            self.server.reply_error(req, ErrorCode.LATE, "every point of the chunk is already in the past")
         elif kind == "trajectory":
             self.mode = "running"
             self.server.reply_ok(req, dropped=0)
