@@ -44,6 +44,8 @@ class JointLimits(_Strict):
     max: float
     max_velocity: float = Field(gt=0)
     max_acceleration: float = Field(gt=0)
+    # Base-velocity groups only (required there): the most the acceleration may change per second.
+    max_jerk: float | None = Field(default=None, gt=0)
     home: float = 0.0
 
     @model_validator(mode="after")
@@ -62,6 +64,62 @@ class GroupConfig(_Strict):
     # Following-error bound for this group's joints (their units), overriding the embodiment's.
     # None: the embodiment's bound for arm joints; unchecked for grippers, which stall on an object.
     max_following_error: float | None = Field(default=None, gt=0)
+    # Base-velocity groups: a velocity target is followed for at most this long after the command
+    # that carried it stopped covering now (a chunk ran out, a gamepad went quiet); then it ramps to 0.
+    command_timeout_s: float = Field(default=0.25, gt=0, le=2)
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> "GroupConfig":
+        if self.mode == "base_velocity":
+            for j in self.joints:
+                if j.max_jerk is None:
+                    raise ValueError(f"group {self.name}: base_velocity joint {j.name} needs max_jerk")
+                if not j.min < 0.0 < j.max or j.home != 0.0:
+                    raise ValueError(f"group {self.name}: base_velocity joint {j.name} bounds a velocity: "
+                                     f"min < 0 < max and home 0 (at rest) are required")
+        return self
+
+
+class WorkspaceBoxConfig(_Strict):
+    """An axis-aligned box in the robot frame (m) that an arm's check points must stay inside."""
+
+    min: tuple[float, float, float]
+    max: tuple[float, float, float]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WorkspaceBoxConfig":
+        if not all(lo < hi for lo, hi in zip(self.min, self.max)):
+            raise ValueError(f"workspace box: min {self.min} must be below max {self.max} on every axis")
+        return self
+
+
+class KinematicJointConfig(_Strict):
+    """One joint of a chain, as in a URDF: the joint frame's placement in its parent's frame
+    (``xyz`` in m, ``rpy`` in rad, fixed-axis roll-pitch-yaw), then the axis it turns or slides on."""
+
+    joint: str  # a joint of the embodiment (its position is read from the action layout)
+    type: Literal["revolute", "prismatic"] = "revolute"
+    xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rpy: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    axis: tuple[float, float, float] = (0.0, 0.0, 1.0)
+
+
+class ArmKinematicsConfig(_Strict):
+    name: str
+    source: str  # where the numbers come from (URDF file and version, DH table, datasheet)
+    base_xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the chain's base in the robot frame
+    base_rpy: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    chain: list[KinematicJointConfig] = Field(min_length=1)
+    tool_xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the tool point in the last joint's frame
+    workspace: WorkspaceBoxConfig | None = None
+
+
+class KinematicsConfig(_Strict):
+    """Forward kinematics of each arm, for the workspace and separation limits of the filter."""
+
+    arms: list[ArmKinematicsConfig] = Field(min_length=1)
+    # Two arms' check points never closer than this (m); None: not checked. Needs two arms or more.
+    min_separation: float | None = Field(default=None, gt=0)
 
 
 class FollowingErrorConfig(_Strict):
@@ -89,6 +147,8 @@ class EmbodimentConfig(_Strict):
     move_to_velocity_fraction: float = Field(default=0.25, gt=0, le=1)
     state_decimation: int = Field(default=1, ge=1)
     following_error: FollowingErrorConfig = FollowingErrorConfig()
+    # Forward kinematics for the workspace box and the separation of two arms; None: not checked.
+    kinematics: KinematicsConfig | None = None
 
     @field_validator("groups")
     @classmethod
@@ -99,6 +159,19 @@ class EmbodimentConfig(_Strict):
             if dupes:
                 raise ValueError(f"duplicate {what} names: {dupes}")
         return groups
+
+    @model_validator(mode="after")
+    def _kinematics_match(self) -> "EmbodimentConfig":
+        if self.kinematics is None:
+            return self
+        known = set(self.joint_names)
+        for arm in self.kinematics.arms:
+            unknown = [j.joint for j in arm.chain if j.joint not in known]
+            if unknown:
+                raise ValueError(f"kinematics arm {arm.name}: joints {unknown} are not joints of the embodiment")
+        if self.kinematics.min_separation is not None and len(self.kinematics.arms) < 2:
+            raise ValueError("kinematics: min_separation needs two arms or more")
+        return self
 
     # Flat views in action-layout order: the action vector is the groups' joints concatenated.
     @property

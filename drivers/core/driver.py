@@ -34,7 +34,8 @@ import numpy as np
 
 from armada.drivers.core.backend import Backend, BackendError, Reading
 from armada.drivers.core.lease import LeaseManager
-from armada.drivers.core.safety import SafetyFilter, SafetyLimits
+from armada.drivers.core.filters import build_filter
+from armada.drivers.core.safety import SafetyLimits
 from armada.drivers.core.trajectory import TrajectoryBuffer, move_duration, plan_move
 from armada.runtime.config import EmbodimentConfig
 from armada.runtime.protocol import ErrorCode, ProtocolError, check_hello_version, PROTOCOL_VERSION
@@ -183,7 +184,7 @@ class Driver:
         self.backend = backend
         self.dt = 1.0 / emb.control_rate_hz
         self.limits = SafetyLimits.from_embodiment(emb)
-        self.filter = SafetyFilter(self.limits, self.dt)
+        self.filter = build_filter(emb, self.dt)
         self.buffer = TrajectoryBuffer(emb.dof)
         self.lease = LeaseManager(lease_ttl_s)
         self.counters = Counters()

@@ -113,6 +113,10 @@ class ClampCounters:
     acceleration: int = 0
     braking: int = 0
     gripper: int = 0
+    jerk: int = 0  # base velocity: the change of acceleration was limited
+    stale: int = 0  # base velocity: a target outlived its command and was ramped to zero
+    workspace: int = 0  # a step toward leaving the workspace box was replaced by braking
+    separation: int = 0  # a step bringing two arms closer than allowed was replaced by braking
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -164,6 +168,14 @@ class SafetyFilter:
         self._v = [0.0] * self._dof
         self._ref = None
         self._engaged = True
+
+    def snapshot(self) -> tuple:
+        """The motion state, for a guard that may take a step back (``restore``)."""
+        return (self._p[:], self._v[:], None if self._ref is None else self._ref[:])
+
+    def restore(self, snap: tuple) -> None:
+        p, v, ref = snap
+        self._p, self._v, self._ref = p[:], v[:], None if ref is None else ref[:]
 
     # ------------------------------------------------------------------ per tick
 

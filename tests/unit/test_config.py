@@ -432,15 +432,20 @@ def embodiments(draw) -> dict:
     group_names = draw(st.lists(NAMES, min_size=n_groups, max_size=n_groups, unique=True))
     groups, k = [], 0
     for g, size in enumerate(sizes):
+        mode = draw(st.sampled_from(["joint_position", "gripper_position", "lift_height", "base_velocity"]))
         joints = []
         for _ in range(size):
-            lo = draw(st.floats(-10, 9.9, allow_nan=False))
-            hi = draw(st.floats(lo, 10, allow_nan=False).filter(lambda h, lo=lo: h > lo))
-            joints.append({"name": names[k], "min": lo, "max": hi, "home": draw(st.floats(lo, hi)),
+            if mode == "base_velocity":  # bounds a velocity: zero (at rest) inside, home at rest, a jerk limit
+                lo, hi = draw(st.floats(-10, -1e-3)), draw(st.floats(1e-3, 10))
+                extra = {"home": 0.0, "max_jerk": draw(st.floats(1e-3, 1e4))}
+            else:
+                lo = draw(st.floats(-10, 9.9, allow_nan=False))
+                hi = draw(st.floats(lo, 10, allow_nan=False).filter(lambda h, lo=lo: h > lo))
+                extra = {"home": draw(st.floats(lo, hi))}
+            joints.append({"name": names[k], "min": lo, "max": hi, **extra,
                            "max_velocity": draw(st.floats(1e-3, 100)), "max_acceleration": draw(st.floats(1e-3, 1e3))})
             k += 1
-        groups.append({"name": group_names[g], "mode": draw(st.sampled_from(
-            ["joint_position", "gripper_position", "lift_height", "base_velocity"])), "joints": joints})
+        groups.append({"name": group_names[g], "mode": mode, "joints": joints})
     return {"name": "generated", "control_rate_hz": draw(st.floats(1, 2000)), "groups": groups}
 
 
