@@ -525,7 +525,13 @@ KINDS: dict[str, dict[str, Field]] = {
         "chunk": Field(INT, required=False),
         "final": Field(BOOL, required=False),
     },
-    "servo": {"lease": Field(STR), "target": Field(ARR, check=_finite_array(1))},
+    # ``group`` (optional, a group name): ``target`` is that group's entries only, and the other
+    # groups keep their current targets (teleop drives the base with a gamepad while the arms
+    # follow leaders). Without it, ``target`` is the whole action vector. A base group's entries
+    # are velocities, followed for the group's command_timeout_s after the servo's interpolation,
+    # then ramped to zero unless another servo of the base renews them.
+    "servo": {"lease": Field(STR), "target": Field(ARR, check=_finite_array(1)),
+              "group": Field(STR, required=False)},
     "stats": {"reset": Field(BOOL, required=False)},
     # published streams
     "state": {"mono_ns": Field(INT), "mode": Field(STR), "measured": Field(ARR), "requested": Field(ARR),

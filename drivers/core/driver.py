@@ -35,6 +35,7 @@ import numpy as np
 from armada.drivers.core.backend import Backend, BackendError, Reading
 from armada.drivers.core.lease import LeaseManager
 from armada.drivers.core.filters import build_filter
+from armada.drivers.core.modes import base_mask
 from armada.drivers.core.safety import SafetyLimits
 from armada.drivers.core.trajectory import TrajectoryBuffer, move_duration, plan_move
 from armada.runtime.config import EmbodimentConfig
@@ -112,6 +113,7 @@ class _Activity:
     disarm_pending: bool = False
     hold_target: np.ndarray | None = None  # where a finished trajectory ended; None: stop where you are
     final_point: np.ndarray | None = None  # the last point of the trajectory marked final
+    servo_target: np.ndarray | None = None  # the last servo target while servo is what plays (per-group servo)
 
 
 @dataclass
@@ -185,7 +187,17 @@ class Driver:
         self.dt = 1.0 / emb.control_rate_hz
         self.limits = SafetyLimits.from_embodiment(emb)
         self.filter = build_filter(emb, self.dt)
-        self.buffer = TrajectoryBuffer(emb.dof)
+        # Base-velocity dofs: their entries are velocities. move_to, the engage and range checks
+        # skip them; the buffer interpolates them linearly; a trajectory's end stops them.
+        self.base = base_mask(emb)
+        self.has_base = bool(self.base.any())
+        self.buffer = TrajectoryBuffer(emb.dof, linear=self.base if self.has_base else None)
+        # Until when the base entries of what the buffer plays come from a command that covers
+        # them (a chunk's last point, a base servo's interpolation): after that they are stale,
+        # and the filter ramps the base to zero once stale for the group's command_timeout_s.
+        self._base_fresh_until_ns = -1
+        self._slices = emb.group_slices()
+        self._base_groups = {g.name for g in emb.groups if g.mode == "base_velocity"}
         self.lease = LeaseManager(lease_ttl_s)
         self.counters = Counters()
         self.mode = Mode.DISCONNECTED
@@ -251,7 +263,12 @@ class Driver:
         self._watch_lease(now_ns)
         target = self._next_target(now_ns) if self.mode == Mode.RUNNING else self.activity.hold_target
         if self.mode in MOVING_MODES:
-            commanded = self.filter.step(target) if target is not None else self.filter.decelerate()
+            if target is None:
+                commanded = self.filter.decelerate()
+            elif self.has_base:
+                commanded = self.filter.step(target, now_ns <= self._base_fresh_until_ns)
+            else:
+                commanded = self.filter.step(target)
             self._write(commanded, now_ns)
             self._fe_reference = commanded
             if self.activity.disarm_pending and not np.any(self.filter.velocity):
@@ -352,7 +369,8 @@ class Driver:
     def _stop_motion(self) -> None:
         self.buffer.clear()
         self.activity.final_received = True
-        self.activity.hold_target = None  # decelerate and hold wherever that ends
+        self.activity.hold_target = None  # decelerate and hold wherever that ends (the base: at zero)
+        self.activity.servo_target = None
         if self.mode == Mode.RUNNING:
             self.mode = Mode.ARMED
 
@@ -464,9 +482,10 @@ class Driver:
         self._require_mode(Mode.IDLE, "arm")
         pose = self.last_reading.position if self.last_reading else None
         lo, hi = self.limits.lower + self.limits.margin, self.limits.upper - self.limits.margin
+        # A base's entries are its measured velocity: arming ramps it to zero, whatever it is.
         outside = [] if pose is None else [
             f"{name}={pose[i]:.4g} not in [{lo[i]:.4g}, {hi[i]:.4g}]"
-            for i, name in enumerate(self.emb.joint_names) if not lo[i] <= pose[i] <= hi[i]]
+            for i, name in enumerate(self.emb.joint_names) if not self.base[i] and not lo[i] <= pose[i] <= hi[i]]
         if outside:
             raise ProtocolError(ErrorCode.BAD_STATE, "refusing to arm outside the configured range (arming would "
                                 f"move the arm): {', '.join(outside)}; move it inside by hand first")
@@ -549,6 +568,10 @@ class Driver:
         self._check_lease(msg, now_ns)
         self._require_moving("move_to")
         goal = self._check_vector(msg["target"], "target")
+        if self.has_base and np.any(goal[self.base] != 0.0):
+            moving = [f"{n}={goal[i]:.4g}" for i, n in enumerate(self.emb.joint_names) if self.base[i] and goal[i] != 0.0]
+            raise ProtocolError(ErrorCode.BAD_VALUE, "move_to moves the position groups only: the base entries of "
+                                f"the target must be 0, got {', '.join(moving)}; drive the base with trajectory or servo")
         self._check_inside(goal)
         fraction = self.emb.move_to_velocity_fraction
         vmax = self.limits.max_velocity * fraction
@@ -559,6 +582,7 @@ class Driver:
             vmax = np.minimum(vmax, msg["max_velocity"])
         amax = self.limits.max_acceleration * fraction
         start = self.filter.position
+        start[self.base] = 0.0  # the base is planned at rest (its target is 0); the filter ramps it there
         duration = move_duration(start, goal, vmax, amax)
         if duration > MAX_MOVE_S:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"move_to would take {duration:.4g} s, longer than the "
@@ -586,7 +610,7 @@ class Driver:
         self._require_moving("move_to")
         if not self.lease.renew_after_wait(now_ns, identity):
             raise ProtocolError(ErrorCode.NO_LEASE, "the lease was lost while the move was planned")
-        drift = np.abs(self.filter.position - start)
+        drift = np.where(self.base, 0.0, np.abs(self.filter.position - start))
         worst = int(np.argmax(drift))
         if drift[worst] > self.emb.max_engage_distance:
             raise ProtocolError(ErrorCode.TOO_FAR, f"the arm moved {drift[worst]:.3g} at joint "
@@ -620,18 +644,59 @@ class Driver:
         except ValueError as exc:
             raise ProtocolError(ErrorCode.BAD_VALUE, str(exc)) from None
         self.counters.chunks += 1
-        self._start_running(final_point=points[-1].copy() if msg.get("final", False) else None)
+        if self.has_base:
+            # The chunk's base velocities are fresh until its last point. (A longer chunk merged
+            # before may still play after this one ends: the later end is kept.)
+            end_ns = t0 + int(round((len(points) - 1) * dt * 1e9))
+            self._base_fresh_until_ns = max(self._base_fresh_until_ns, end_ns)
+        final_point = None
+        if msg.get("final", False):
+            final_point = points[-1].copy()
+            final_point[self.base] = 0.0  # a finished trajectory stops the base
+        self._start_running(final_point=final_point)
         return {"kept": kept, "dropped": len(points) - kept, "driver_ns": now_ns}
 
     def _cmd_servo(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
         self._check_lease(msg, now_ns)
         self._require_moving("servo")
-        target = self._check_vector(msg["target"], "target")
+        group = msg.get("group")
+        if group is None:
+            target = self._check_vector(msg["target"], "target")
+            covers_base = True
+        else:
+            sl = self._slices.get(group)
+            if sl is None:
+                raise ProtocolError(ErrorCode.BAD_VALUE, f"servo: unknown group {str(group)[:64]!r}; "
+                                                         f"this robot has {', '.join(self._slices)}")
+            size = sl.stop - sl.start
+            if msg["target"].shape != (size,):
+                raise ProtocolError(ErrorCode.BAD_SHAPE, f"servo: target for group {group} must have shape "
+                                                         f"({size},), got {msg['target'].shape}")
+            target = self._current_target()  # the other groups keep theirs
+            target[sl] = msg["target"].astype(np.float64)
+            covers_base = group in self._base_groups
         self._check_engage(target)
         points = np.stack([self.filter.position, target])
         self.buffer.add_chunk(now_ns, SERVO_INTERPOLATION_S, points, "replace", now_ns)
-        self._start_running(final_point=target)
+        if self.has_base:
+            if covers_base:
+                self._base_fresh_until_ns = now_ns + int(SERVO_INTERPOLATION_S * 1e9)
+            else:  # the base keeps its last target, which no command renews: it goes stale from now
+                self._base_fresh_until_ns = min(self._base_fresh_until_ns, now_ns)
+        self._start_running(final_point=target, servo=True)
         return {}
+
+    def _current_target(self) -> np.ndarray:
+        """What each group is headed for now (a copy), for a servo that changes one group only."""
+        if self.activity.servo_target is not None:
+            return self.activity.servo_target.copy()
+        if self.mode == Mode.RUNNING:
+            return self.requested.copy()  # a trajectory's target at this tick
+        if self.activity.hold_target is not None:
+            return self.activity.hold_target.copy()
+        here = self.filter.position  # holding where it stops, the base at rest
+        here[self.base] = 0.0
+        return here
 
     def _cmd_stats(self, msg: dict[str, Any], now_ns: int) -> dict[str, Any]:
         return {"counters": self.counters.as_dict(), "clamps": self.filter.counters.as_dict(),
@@ -639,10 +704,11 @@ class Driver:
 
     # ------------------------------------------------------------------ checks
 
-    def _start_running(self, final_point: np.ndarray | None) -> None:
+    def _start_running(self, final_point: np.ndarray | None, servo: bool = False) -> None:
         """Follow the buffer; ``final_point`` is where it ends if this was the last chunk."""
         self.activity.final_received = final_point is not None
         self.activity.final_point = final_point
+        self.activity.servo_target = final_point.copy() if servo and final_point is not None else None
         self.activity.disarm_pending = False
         self.activity.hold_target = None
         self.mode = Mode.RUNNING
@@ -669,13 +735,16 @@ class Driver:
     def _check_inside(self, goal: np.ndarray) -> None:
         lo, hi = self.limits.lower + self.limits.margin, self.limits.upper - self.limits.margin
         bad = [f"{n}={goal[i]:.4g} not in [{lo[i]:.4g}, {hi[i]:.4g}]"
-               for i, n in enumerate(self.emb.joint_names) if not lo[i] <= goal[i] <= hi[i]]
+               for i, n in enumerate(self.emb.joint_names) if not self.base[i] and not lo[i] <= goal[i] <= hi[i]]
         if bad:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"target outside the joint limits: {', '.join(bad)}")
 
     def _check_engage(self, first_target: np.ndarray) -> None:
-        """Refuse a stream whose first target is far from where the arm is commanded now."""
+        """Refuse a stream whose first target is far from where the arm is commanded now (a base's
+        velocity is not a place: the filter ramps it, whatever the gap)."""
         gap = np.abs(first_target - self.filter.position)
+        if self.has_base:
+            gap[self.base] = 0.0
         worst = int(np.argmax(gap))
         if gap[worst] > self.emb.max_engage_distance:
             raise ProtocolError(ErrorCode.TOO_FAR,

@@ -179,8 +179,11 @@ class SafetyFilter:
 
     # ------------------------------------------------------------------ per tick
 
-    def step(self, target: np.ndarray | None) -> np.ndarray:
-        """The next commanded position (a copy) on the way to ``target``; None decelerates."""
+    def step(self, target: np.ndarray | None, fresh: bool = True) -> np.ndarray:
+        """The next commanded position (a copy) on the way to ``target``; None decelerates.
+
+        ``fresh`` is for base-velocity filters (a position target does not go stale) and is ignored.
+        """
         if not self._engaged:
             raise RuntimeError("safety filter: reset() it at the measured pose before stepping")
         goals = self._checked(target) if target is not None else None

@@ -75,9 +75,17 @@ class _Points:
 
 
 class TrajectoryBuffer:
-    def __init__(self, dof: int, max_points: int = 20000, crossfade_s: float = 0.1, average_decay: float = 0.01):
+    def __init__(self, dof: int, max_points: int = 20000, crossfade_s: float = 0.1, average_decay: float = 0.01,
+                 linear: np.ndarray | None = None):
+        """``linear``: a mask of the dofs that are velocities (a base's vx, vy, wz): they are
+        interpolated linearly between points (a velocity profile needs no smooth tangent, and a
+        cubic through velocity samples would overshoot them); the others are positions (cubic)."""
         if dof < 1:
             raise ValueError(f"trajectory buffer: dof must be >= 1, got {dof}")
+        mask = np.zeros(dof, dtype=bool) if linear is None else np.array(linear, dtype=bool)
+        if mask.shape != (dof,):
+            raise ValueError(f"trajectory buffer: linear mask must have shape ({dof},), got {mask.shape}")
+        self._linear = mask if mask.any() else None
         if max_points < 1:
             raise ValueError(f"trajectory buffer: max_points must be >= 1, got {max_points}")
         if not (math.isfinite(crossfade_s) and crossfade_s >= 0):
@@ -222,8 +230,12 @@ class TrajectoryBuffer:
         m_j = self._knot_tangent(j) if j >= 1 else 0.0
         m_i = self._knot_tangent(i) if i + 1 < self._end else 0.0
         u2, u3 = u * u, u * u * u
-        return ((2 * u3 - 3 * u2 + 1) * x[j] + (u3 - 2 * u2 + u) * h * m_j
-                + (-2 * u3 + 3 * u2) * x[i] + (u3 - u2) * h * m_i)
+        out = ((2 * u3 - 3 * u2 + 1) * x[j] + (u3 - 2 * u2 + u) * h * m_j
+               + (-2 * u3 + 3 * u2) * x[i] + (u3 - u2) * h * m_i)
+        if self._linear is not None:
+            lin = self._linear
+            out[lin] = x[j][lin] + u * (x[i][lin] - x[j][lin])
+        return out
 
     def _knot_tangent(self, k: int) -> np.ndarray:
         """The tangent at an inner knot k. Right after a start at rest it is limited so that the

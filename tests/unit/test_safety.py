@@ -294,7 +294,7 @@ def test_each_clamp_is_counted() -> None:
     assert filt.counters.braking > 0
     assert filt.position[0] <= 1.0 - 0.01 + 1e-12
     assert set(filt.counters.as_dict()) == {"nonfinite", "position", "velocity", "acceleration", "braking",
-                                            "gripper"}
+                                            "gripper", "jerk", "stale", "workspace", "separation"}
 
 
 def test_step_before_reset_is_refused() -> None:
