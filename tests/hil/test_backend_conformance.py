@@ -212,8 +212,30 @@ def _mujoco(tmp: Path, monkeypatch) -> Iterator[Rig]:
               None, None, None)
 
 
+@contextlib.contextmanager
+def _arx_lift2(tmp: Path, monkeypatch) -> Iterator[Rig]:
+    # The kinematic fakes behind the vendor adapters, in this process; they report through files.
+    from armada.drivers.arx_lift2.fake import read_commands, read_status, write_control
+
+    devices = ("left_arm", "right_arm", "body")
+    here, nowhere = tmp / "arx", tmp / "arx_nowhere"
+    here.mkdir()
+    nowhere.mkdir()
+    write_control(nowhere, {"power": False})  # switched off: no arm answers, the body's feedback never moves
+
+    def torque_on() -> bool:
+        return all((read_status(here, d) or {}).get("torque_on") for d in devices)
+
+    def context(fake_dir: Path) -> BuildContext:
+        return _context("arx_lift2", "arx_lift2", {"kind": "arx_lift2", "fake": True, "fake_dir": str(fake_dir)}, tmp)
+
+    yield Rig(context(here), lambda: sum(read_commands(here, d) for d in devices), torque_on,
+              lambda: write_control(here, {"right_arm": {"silent": True}}), context(nowhere))
+
+
 STARTERS: dict[str, Callable[[Path, pytest.MonkeyPatch], contextlib.AbstractContextManager[Rig]]] = {
     "mujoco": _mujoco, "mock": _mock, "ur3": _ur3, "piper": _piper, "cobot_magic": _cobot_magic, "aloha": _aloha, "so101": _so101,
+    "arx_lift2": _arx_lift2,
 }
 
 

@@ -23,7 +23,7 @@ from armada.runtime.config import ConfigError, StrictModel, load_cell
 from armada.drivers.core.registry import moves_no_hardware
 from armada.runtime.cli import build_parser
 
-INSTALLED = {"mock", "ur3", "piper", "cobot_magic", "aloha"}
+INSTALLED = {"mock", "ur3", "piper", "cobot_magic", "aloha", "arx_lift2"}
 VENDOR_MODULES = ("piper_sdk", "rtde_control", "rtde_receive", "can", "dynamixel_sdk", "scservo_sdk", "lerobot",
                   "torch", "pyrealsense2", "cv2", "mujoco")
 
