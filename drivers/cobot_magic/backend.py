@@ -1,9 +1,14 @@
 """AgileX Cobot Magic behind the Backend interface: two puppet PiPers composed as one robot.
 
 The action layout is 14 values: left joints 1-6 (rad), left gripper (m), right joints 1-6, right
-gripper, matching ``configs/embodiments/cobot_magic.yaml``. Each arm is a ``PiperBackend`` (unit
-conversion, connect sequence, fault decoding all live there); this class splits, combines and
-names the arm in every error.
+gripper, matching ``configs/embodiments/cobot_magic.yaml``. It is a ``CompositeBackend``
+(drivers/core/composite.py) of two parts, ``left`` (dofs 0-6) and ``right`` (7-13), each a
+``PuppetArm``: a ``PiperBackend`` (unit conversion, connect sequence, fault decoding all live there)
+with the watch on its bus for its master. The composite splits, combines, names the arm in every
+error and fault, and sends stops to both arms even when one fails; this class adds the master rules
+that span both arms and the robot-wide state fields. The whole robot runs in one worker process
+(the plugin's ``IsolatedBackend``): one round trip per tick, both SDKs' CAN parsing off the driver's
+core.
 
 Masters and puppets. Each master PiPer shares its puppet's CAN bus; configured as a teaching arm it
 broadcasts joint/gripper command frames (0x155-0x157, 0x159) and the puppet follows them in
@@ -41,16 +46,18 @@ watch, ``MasterWatch``, lives in drivers/piper/master.py: a single PiPer with a 
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
 import numpy as np
 
 from armada.drivers.core.backend import Backend, BackendError, Reading
+from armada.drivers.core.composite import CompositeBackend, Part
 from armada.drivers.piper.backend import N_JOINTS, PiperBackend
 from armada.drivers.piper.master import MasterWatch
 
 ARM_DOF = N_JOINTS + 1
 SIDES = ("left", "right")
+
 
 def check_layout(emb) -> None:
     """The embodiment must be 2 x (6 joints + gripper) in this order."""
@@ -64,7 +71,68 @@ def check_layout(emb) -> None:
                          f"right arm (6 joints), right gripper; gripper mask is {emb.gripper_mask().tolist()}")
 
 
-class CobotMagicBackend(Backend):
+class PuppetArm(Backend):
+    """One puppet PiPer and the watch on its bus for its master: a part of the Cobot Magic.
+
+    Its reading's fault includes a broadcasting master (unless the robot follows its masters), and
+    its extras carry what the robot's state needs: ``master`` (a master is broadcasting) and, with
+    ``masters_in_state``, the master's pose (``leader``, 7 values, or None and ``leader_error``).
+    The rules that span both arms (writes and recovery refused while either master broadcasts) are
+    ``CobotMagicBackend``'s, checked once per call for both arms before either is touched.
+    """
+
+    def __init__(self, watch: MasterWatch, follow_masters: bool, masters_in_state: bool):
+        self.watch = watch
+        self.piper = watch.backend
+        self.follow_masters = follow_masters
+        self.masters_in_state = masters_in_state
+        self.piper.on_joint_frame = watch.remember  # before sending, so its echo is recognised as ours
+
+    def connect(self, timeout_s: float) -> None:
+        self.piper.close()  # a reconnect: the SDK instance and its buses go first
+        self.watch.reset()
+        self.piper.connect(timeout_s)
+
+    def close(self) -> None:
+        """Never disables the motors: a raised arm must not fall."""
+        self.piper.close()
+
+    def read(self) -> Reading:
+        r = self.piper.read()
+        master = not self.follow_masters and self.watch.master_present()
+        # The composite names the arm; the watch's reason names it too, so that prefix goes.
+        why_master = self.watch.reason().removeprefix(f"{self.watch.name}: ") if master else None
+        extras: dict[str, Any] = {"master": master}
+        if self.masters_in_state:
+            pose, why = self.watch.pose()
+            extras["leader"] = None if pose is None else [float(v) for v in pose]
+            if why is not None:
+                extras["leader_error"] = why
+        return Reading(position=r.position, mono_ns=r.mono_ns, velocity=r.velocity, estopped=r.estopped,
+                       fault="; ".join(f for f in (r.fault, why_master) if f) or None, extras=extras)
+
+    def check_writable(self) -> None:
+        """Refuse to command this puppet while its master broadcasts (module notes)."""
+        if self.watch.master_present():
+            raise BackendError(self.watch.reason(), transient=False)
+
+    def write(self, position: np.ndarray) -> None:
+        self.piper.write(position)
+
+    def estop(self) -> None:
+        self.piper.estop()
+
+    def release_estop(self) -> None:
+        self.piper.release_estop()
+
+    def recover(self, timeout_s: float) -> None:
+        self.piper.recover(timeout_s)
+
+    def on_fault(self, reason: str) -> None:
+        self.piper.on_fault(reason)
+
+
+class CobotMagicBackend(CompositeBackend):
     def __init__(self, cfg, emb, follow_masters: bool = False):
         """``cfg`` is a ``drivers.cobot_magic.config.CobotMagicBackendConfig``. ``follow_masters``: teleop and
         recording, where the masters move the puppets and this backend only reads (see module notes)."""
@@ -74,156 +142,76 @@ class CobotMagicBackend(Backend):
                              "own CAN bus")
         self.cfg = cfg
         self.follow_masters = follow_masters
-        self.arms = [MasterWatch(side, can, self._piper(can, cfg))
-                     for side, can in zip(SIDES, (cfg.left_can, cfg.right_can))]
-        for arm in self.arms:
-            arm.backend.on_joint_frame = arm.remember  # before sending, so its echo is recognised as ours
+        self.puppets = [PuppetArm(MasterWatch(side, can, self._piper(can, cfg)), follow_masters, cfg.masters_in_state)
+                        for side, can in zip(SIDES, (cfg.left_can, cfg.right_can))]
+        super().__init__([Part(side, slice(k * ARM_DOF, (k + 1) * ARM_DOF), arm, label=arm.watch.name)
+                          for k, (side, arm) in enumerate(zip(SIDES, self.puppets))],
+                         dof=2 * ARM_DOF, name="Cobot Magic")
+
+    @property
+    def arms(self) -> list[MasterWatch]:
+        """Each arm's master watch (its ``backend`` is the arm's PiperBackend)."""
+        return [arm.watch for arm in self.puppets]
 
     @staticmethod
     def _piper(can: str, cfg) -> PiperBackend:
         return PiperBackend(can, None, bustype=cfg.bustype, speed_pct=cfg.speed_pct, gripper_effort=cfg.gripper_effort,
                             stale_s=cfg.stale_s, allow_reset_on_resume=cfg.allow_reset_on_resume)
 
-    # ------------------------------------------------------------------ lifecycle
-
-    def connect(self, timeout_s: float) -> None:
-        """Connect both puppets within one deadline; if the second fails, the first is closed again."""
-        deadline = time.monotonic() + timeout_s
-        connected: list[MasterWatch] = []
-        try:
-            for arm in self.arms:
-                self._connect_arm(arm, deadline - time.monotonic())
-                connected.append(arm)
-        except BackendError:
-            for arm in connected:
-                arm.backend.close()
-            raise
-
-    def _connect_arm(self, arm: MasterWatch, remaining_s: float) -> None:
-        if remaining_s <= 0:
-            raise BackendError(f"Cobot Magic {arm.name}: no time left of the connect deadline", transient=False)
-        arm.backend.close()  # a reconnect: PiperBackend.connect would drop the SDK instance prepared below
-        arm.reset()
-        try:
-            arm.backend.connect(remaining_s)
-        except BackendError as exc:
-            raise BackendError(f"Cobot Magic {arm.name}: {exc}", transient=False) from None
-
-    def close(self) -> None:
-        """Disconnect both. Never disables the motors: a raised arm must not fall."""
-        for arm in self.arms:
-            arm.backend.close()
-
     # ------------------------------------------------------------------ i/o
 
-    def read(self) -> Reading:
-        readings, errors = [], []
-        for arm in self.arms:
-            try:
-                readings.append(arm.backend.read())
-            except BackendError as exc:
-                errors.append((arm, exc))
-        if errors:
-            raise BackendError("; ".join(f"Cobot Magic {arm.name}: {exc}" for arm, exc in errors),
-                               transient=all(exc.transient for _, exc in errors))
-        faults = [f"{arm.name}: {r.fault}" for arm, r in zip(self.arms, readings) if r.fault]
-        masters = [] if self.follow_masters else [arm for arm in self.arms if arm.master_present()]
-        faults += [arm.reason() for arm in masters]
-        velocities = [r.velocity for r in readings]
-        extras = {"estopped_arms": [a.side for a, r in zip(self.arms, readings) if r.estopped],
-                  "master_arms": [a.side for a in masters]}
+    def merge_extras(self, readings: dict[str, Reading]) -> dict[str, Any]:
+        """The robot's state fields: which arms are e-stopped or have a broadcasting master, and
+        with ``masters_in_state`` the two masters' pose as one 14-value leader (module notes)."""
+        extras: dict[str, Any] = {"estopped_arms": [side for side, r in readings.items() if r.estopped],
+                                  "master_arms": [side for side, r in readings.items() if r.extras["master"]]}
         if self.cfg.masters_in_state:
-            extras.update(self._leader_extras())
-        return Reading(
-            position=np.concatenate([r.position for r in readings]),
-            mono_ns=min(r.mono_ns for r in readings),  # the older of the two measurements
-            velocity=None if any(v is None for v in velocities) else np.concatenate(velocities),
-            estopped=any(r.estopped for r in readings),
-            fault="; ".join(faults) or None,
-            extras=extras,
-        )
+            poses = [r.extras["leader"] for r in readings.values()]
+            extras["leader"] = None if any(p is None for p in poses) else [v for p in poses for v in p]
+            extras["leader_follows_in_hardware"] = self.follow_masters
+            quiet = [f"Cobot Magic {part.title}: {readings[part.name].extras['leader_error']}"
+                     for part in self.parts if "leader_error" in readings[part.name].extras]
+            if quiet:
+                extras["leader_error"] = "; ".join(quiet)
+        return extras
 
     def write(self, position: np.ndarray) -> None:
+        """Both halves, unless the masters move the puppets or either master broadcasts: then nothing
+        is sent to either arm."""
         p = np.asarray(position, dtype=np.float64)
         if p.shape != (2 * ARM_DOF,) or not np.all(np.isfinite(p)):
             raise BackendError(f"Cobot Magic write needs 14 finite values, got {p!r}", transient=False)
         if self.follow_masters:
             raise BackendError("Cobot Magic backend follows the master arms (teleop/recording): the puppets obey "
                                "their masters, and this backend does not command them", transient=False)
-        for arm in self.arms:
-            if arm.master_present():
-                raise BackendError(arm.reason(), transient=False)
-        for arm, part in zip(self.arms, (p[:ARM_DOF], p[ARM_DOF:])):
-            try:
-                arm.backend.write(part)
-            except BackendError as exc:
-                raise BackendError(f"Cobot Magic {arm.name}: {exc}", exc.transient) from None
+        for arm in self.puppets:
+            arm.check_writable()
+        super().write(p)
 
     def read_masters(self) -> np.ndarray | None:
         """The two masters' commanded poses (14 values, action layout, rad and m), or None when either
         master's frames are stale (master off, not in teaching mode, or bus silent)."""
-        values, _ = self._masters()
-        return values
-
-    def _masters(self) -> tuple[np.ndarray | None, str | None]:
-        """The masters' poses, or None and why (naming each quiet arm)."""
-        values, quiet = [], []
-        for arm in self.arms:
-            pose, why = arm.pose()
+        values = []
+        for watch in self.arms:
+            pose, _ = watch.pose()
             if pose is None:
-                quiet.append(f"Cobot Magic {arm.name}: {why}")
-            else:
-                values.append(pose)
-        if quiet:
-            return None, "; ".join(quiet)
-        return np.concatenate(values), None
+                return None
+            values.append(pose)
+        return np.concatenate(values)
 
-    def _leader_extras(self) -> dict:
-        """The state's leader fields (module notes); the masters' poses never fail a read."""
-        values, why = self._masters()
-        out = {"leader": None if values is None else [float(v) for v in values],
-               "leader_follows_in_hardware": self.follow_masters}
-        if why is not None:
-            out["leader_error"] = why
-        return out
-
-    # ------------------------------------------------------------------ stops
-
-    def estop(self) -> None:
-        """Stop both puppets; the second is stopped even if the first call fails."""
-        self._on_both("e-stop", lambda b: b.estop())
-
-    def release_estop(self) -> None:
-        self._on_both("resume", lambda b: b.release_estop())
+    # ------------------------------------------------------------------ recovery
 
     def recover(self, timeout_s: float) -> None:
         """Operator-requested: each puppet back in CAN mode with every motor enabled, confirmed, held
-        where it stands (``PiperBackend.recover``). A broadcasting master is still reported by
-        ``read``, so the driver refuses to clear the fault while one is on."""
-        deadline = time.monotonic() + timeout_s
-        for arm in self.arms:
-            if not self.follow_masters and arm.master_present():
-                raise BackendError(arm.reason(), transient=False)
+        where it stands (``PiperBackend.recover``). Refused, touching neither arm, while a master
+        broadcasts (``read`` reports it too, so the driver refuses to clear the fault)."""
+        if not self.follow_masters:
+            for arm in self.puppets:
+                arm.check_writable()
+        for watch in self.arms:
             # Off now: its past frames must not count once our anchoring frames make the bus fresh again.
-            arm.foreign_seen.clear()
-        for arm in self.arms:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    raise BackendError("no time left of the recovery deadline", transient=False)
-                arm.backend.recover(remaining)
-            except BackendError as exc:
-                raise BackendError(f"Cobot Magic {arm.name}: {exc}", transient=False) from None
-
-    def _on_both(self, what: str, call) -> None:
-        errors = []
-        for arm in self.arms:
-            try:
-                call(arm.backend)
-            except Exception as exc:  # noqa: BLE001 (whatever the first arm raised, the second must still stop)
-                errors.append(f"{arm.name}: {exc}")
-        if errors:
-            raise BackendError(f"Cobot Magic {what} failed on {'; '.join(errors)}", transient=False)
+            watch.foreign_seen.clear()
+        super().recover(timeout_s)
 
 
 def build_in_worker(cfg: dict, emb: dict, follow_masters: bool) -> CobotMagicBackend:
