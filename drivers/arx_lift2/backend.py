@@ -44,8 +44,12 @@ def build_backend(cfg: "ArxLift2BackendConfig", emb: "EmbodimentConfig") -> Comp
     check_layout(emb)
     geo = geometry(cfg)
     if cfg.fake:
+        from pathlib import Path
+
         from armada.drivers.arx_lift2.fake import FakeArm, FakeBody
 
+        if cfg.fake_dir is not None:
+            Path(cfg.fake_dir).mkdir(parents=True, exist_ok=True)
         home = emb.home
         left = FakeArm("left_arm", home[0:6], home[6], cfg.fake_dir, seed=1)
         right = FakeArm("right_arm", home[7:13], home[13], cfg.fake_dir, seed=2)
