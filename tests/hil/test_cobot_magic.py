@@ -417,3 +417,40 @@ def test_the_driver_faults_on_a_power_cycled_puppet_and_clear_fault_re_anchors_w
     held = np.array([t for _, t in fws[1].joint_targets[first:]]) / 1000.0  # deg
     assert len(held) > 5 and np.abs(held - sagged).max() < 0.05, np.abs(held - sagged).max()
     assert np.allclose(np.degrees(fws[1].state()["q"]), sagged, atol=0.05)
+
+
+# --------------------------------------------------------------------------- as a composite of two arms
+
+
+def test_a_broadcasting_master_on_one_arm_means_neither_arm_is_commanded(fws, backend, masters):
+    masters(1)  # the right master broadcasts; the left bus has only our own frames
+    wait_reading(backend, lambda r: r.fault is not None)
+    before = [len(fws[0].joint_targets), sum(arb == 0x159 for _, arb, _ in fws[0].received)]
+    for _ in range(5):
+        with pytest.raises(BackendError, match="right arm.*master") as err:
+            backend.write(EMB.home)
+        assert not err.value.transient and "left arm" not in str(err.value)
+        time.sleep(DT)
+    time.sleep(0.05)  # anything sent would have reached the fake firmware by now
+    assert [len(fws[0].joint_targets), sum(arb == 0x159 for _, arb, _ in fws[0].received)] == before
+
+
+def test_the_state_carries_both_masters_as_one_leader_and_names_the_quiet_one(channels, fws, masters):
+    cfg = CobotMagicBackendConfig(left_can=channels[0], right_can=channels[1], bustype="virtual", stale_s=TEST_STALE_S,
+                                  masters_in_state=True)
+    b = CobotMagicBackend(cfg, EMB, follow_masters=True)
+    b.connect(3.0)
+    try:
+        masters(0)  # only the left master is on (the right bus still carries our connect's anchoring frames a moment)
+        r = wait_reading(b, lambda r: "no master command frames" in r.extras.get("leader_error", "")
+                         and "left arm" not in r.extras["leader_error"])
+        assert r.extras["leader"] is None and r.extras["leader_follows_in_hardware"] is True
+        assert r.extras["leader_error"].startswith(f"Cobot Magic right arm ({channels[1]}): no master command frames")
+        assert r.extras["master_arms"] == [] and r.extras["estopped_arms"] == [] and r.fault is None
+        masters(1)
+        r = wait_reading(b, lambda r: r.extras["leader"] is not None)
+        assert len(r.extras["leader"]) == 14 and "leader_error" not in r.extras
+        assert np.allclose(r.extras["leader"], b.read_masters(), atol=0.05)
+        assert set(r.extras) == {"estopped_arms", "master_arms", "leader", "leader_follows_in_hardware"}
+    finally:
+        b.close()

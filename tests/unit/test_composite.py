@@ -345,3 +345,32 @@ def test_a_part_read_error_that_persists_faults_the_robot():
     drv.tick(int(1e9 / emb.control_rate_hz))
     assert drv.mode == Mode.FAULT and "left_arm: stale" in drv.reason
     assert "on_fault" in fakes[1].calls
+
+
+OPS = {"estop": lambda c: c.estop(), "release_estop": lambda c: c.release_estop(),
+       "on_fault": lambda c: c.on_fault("x"), "close": lambda c: c.close(), "recover": lambda c: c.recover(5.0),
+       "write": lambda c: c.write(np.arange(7.0)), "read": lambda c: c.read()}
+FAILURES = st.sampled_from([None, BackendError("slow", transient=True), BackendError("gone", transient=False),
+                            RuntimeError("sdk"), OSError("io")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(OPS)), st.lists(FAILURES, min_size=3, max_size=3))
+def test_every_part_gets_every_call_and_exactly_the_failing_parts_are_named(op, failures):
+    comp, fakes = three_parts(name="Robot")
+    for f, exc in zip(fakes, failures):
+        if exc is not None:
+            f.fail[op] = exc
+    failing = [p.name for p, exc in zip(comp.parts, failures) if exc is not None]
+    if not failing:
+        OPS[op](comp)
+    else:
+        with pytest.raises(BackendError) as err:
+            OPS[op](comp)
+        msg = str(err.value)
+        assert all(f"{name}: " in msg for name in failing)
+        assert not any(f"{p.name}: " in msg for p in comp.parts if p.name not in failing)
+        only_transient = all(isinstance(exc, BackendError) and exc.transient for exc in failures if exc is not None)
+        # A stop or a recovery that failed anywhere is never "try again later"; i/o keeps transient.
+        assert err.value.transient == (op in ("read", "write") and only_transient)
+    assert all(f.calls == [op] for f in fakes)  # each part got the call once, whoever failed before it
