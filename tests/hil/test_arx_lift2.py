@@ -1,0 +1,234 @@
+"""A real ARX Lift 2 driver process (plugin, composite, parts, driver core) over the kinematic fakes.
+
+The fakes run inside the driver process behind the vendor adapters; the test injects faults
+through their control file and reads what reached each device from their status files
+(drivers/arx_lift2/fake.py). Layout: 0-6 left arm + gripper, 7-13 right, 14 lift, 15-17 base.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from armada.drivers.arx_lift2.fake import read_commands, read_status, write_control
+from armada.runtime.config import CONFIG_DIR, load_embodiment
+from armada.runtime.supervisor import CellProcesses
+from armada.runtime.transport import CommandClient
+from tests.hil.helpers import StateRecorder
+
+pytestmark = pytest.mark.hil
+
+CELL = CONFIG_DIR / "cells" / "arx_lift2_fake.yaml"
+EMB = load_embodiment("arx_lift2")
+LIFT, BASE = 14, slice(15, 18)
+POSITIONS = np.r_[0:15]
+# A stopped base: measured (odometry with the fakes' wheel-encoder noise) within this of zero.
+AT_REST = 0.01
+LEASE_TTL_S = 0.6
+
+
+class Robot:
+    def __init__(self, procs: CellProcesses, fake_dir: Path):
+        self.procs, self.fake_dir = procs, fake_dir
+        drv = procs.cell.drivers[0]
+        self.client = CommandClient(procs.ctx, drv.cmd, default_timeout_s=1.0)
+        self.rec = StateRecorder(procs.ctx, drv.state)
+        self.lease = self.client.request("acquire", client="test")["lease"]
+
+    def heartbeat(self) -> None:
+        self.client.request("heartbeat", lease=self.lease)
+
+    def arm(self) -> np.ndarray:
+        self.client.request("arm", lease=self.lease)
+        return np.array(self.rec.wait_mode("armed", 2.0)["commanded"])
+
+    def send(self, points: np.ndarray, t0_ns: int, dt: float, final: bool) -> None:
+        self.client.request("trajectory", lease=self.lease, t0_ns=t0_ns, dt=dt, points=points, final=final)
+
+    def now_ns(self) -> int:
+        return self.client.request("ping")["mono_ns"]
+
+    def heartbeats_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.heartbeat()
+            time.sleep(0.05)
+
+    def status(self, device: str) -> dict:
+        s = read_status(self.fake_dir, device)
+        assert s is not None, f"no status from the fake {device}"
+        return s
+
+    def close(self) -> list[dict]:
+        messages = self.rec.stop()
+        self.client.close()
+        return messages
+
+
+@pytest.fixture
+def robot(short_tmp):
+    fake_dir = short_tmp / "arx"
+    data = yaml.safe_load(CELL.read_text())
+    data["drivers"][0]["backend"]["fake_dir"] = str(fake_dir)
+    data["cameras"] = []
+    # A lease that outlives a slow heartbeat on a loaded 2-core host; the lease test waits it out.
+    data["drivers"][0]["lease_ttl_s"] = LEASE_TTL_S
+    path = short_tmp / "cell.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with CellProcesses(path, short_tmp) as procs:
+        procs.spawn("driver", "robot")
+        procs.wait_ready(20.0)
+        r = Robot(procs, fake_dir)
+        try:
+            yield r
+        finally:
+            r.close()
+
+
+def plan(start: np.ndarray, seconds: float, dt: float, base: np.ndarray, moving_s: float | None = None) -> np.ndarray:
+    """Arms and grippers ramp, the lift rises, the base drives ``base`` (vx, vy, wz) for ``moving_s``."""
+    t = np.arange(int(round(seconds / dt)))[:, None] * dt
+    pts = np.repeat(start[None, :], len(t), axis=0)
+    frac = np.minimum(t / seconds, 1.0)
+    pts[:, 0:1] += 0.3 * frac  # left joint 1
+    pts[:, 7:8] -= 0.3 * frac  # right joint 1
+    pts[:, 1:2] += 0.2 * frac  # left joint 2 (up from its lower end)
+    pts[:, 8:9] += 0.2 * frac
+    pts[:, [6, 13]] += 0.03 * frac  # grippers open 3 cm
+    pts[:, LIFT:LIFT + 1] = start[LIFT] + 0.06 * frac
+    moving = t[:, 0] < (seconds if moving_s is None else moving_s)
+    pts[:, BASE] = np.where(moving[:, None], base, 0.0)
+    return pts
+
+
+def check_limits(messages: list[dict]) -> None:
+    """Commanded positions within the velocity limits, base velocities within their range and
+    acceleration limit, between any two published states (ticks may be skipped on a loaded host)."""
+    t = np.array([m["mono_ns"] for m in messages]) * 1e-9
+    q = np.array([m["commanded"] for m in messages])
+    dt = np.diff(t)[:, None]
+    step = np.abs(np.diff(q, axis=0))
+    assert np.all(step[:, POSITIONS] <= EMB.max_velocity[POSITIONS] * dt + 1e-9), (step[:, POSITIONS] / dt).max(0)
+    assert np.all(np.abs(q[:, BASE]) <= EMB.upper[BASE] + 1e-9)
+    assert np.all(step[:, BASE] <= EMB.max_acceleration[BASE] * dt + 1e-9), (step[:, BASE] / dt).max(0)
+
+
+def test_an_episode_moves_arms_lift_and_base_together_from_chunks(robot):
+    start = robot.arm()
+    dt = 0.02
+    pts = plan(start, 2.4, dt, np.array([0.1, 0.0, 0.2]), moving_s=1.8)
+    t0 = robot.now_ns() + int(0.05e9)
+    robot.send(pts[:60], t0, dt, final=False)  # two overlapping chunks, as inference sends them
+    robot.heartbeats_for(1.0)
+    robot.send(pts[50:], t0 + int(50 * dt * 1e9), dt, final=True)
+    deadline = time.monotonic() + 6.0
+    while time.monotonic() < deadline:
+        robot.heartbeat()
+        m = robot.rec.latest()
+        if m["mode"] == "armed" and np.allclose(m["commanded"][:15], pts[-1][:15], atol=1e-9) \
+                and not np.any(m["commanded"][15:]):
+            break
+        time.sleep(0.02)
+    robot.heartbeats_for(0.8)  # the base comes to rest
+    messages = robot.close()
+    final = messages[-1]
+    assert final["mode"] == "armed", final.get("reason")
+    measured = np.array([m["measured"] for m in messages])
+    assert measured[:, 15].max() > 0.08, measured[:, 15].max()  # the base drove (odometry from the wheels)
+    assert measured[:, 17].max() > 0.15, measured[:, 17].max()
+    assert np.all(np.abs(final["measured"][15:18]) < AT_REST), final["measured"][15:18]
+    assert abs(final["measured"][LIFT] - pts[-1][LIFT]) < 0.005  # the lift rose 6 cm
+    assert np.allclose(final["measured"][[0, 7]], pts[-1][[0, 7]], atol=0.01)
+    check_limits([m for m in messages if m["mode"] in ("armed", "running")])
+    assert read_commands(robot.fake_dir, "left_arm") > 100 and read_commands(robot.fake_dir, "body") > 10
+    body = robot.status("body")
+    assert body["height"] == pytest.approx(pts[-1][LIFT], abs=0.005)
+
+
+def _drive_then(robot: Robot, seconds: float = 4.0) -> np.ndarray:
+    """Armed, then a long chunk (not final) with the base at 0.1 m/s and everything moving."""
+    start = robot.arm()
+    pts = plan(start, seconds, 0.02, np.array([0.1, 0.05, 0.0]))
+    robot.send(pts, robot.now_ns() + int(0.05e9), 0.02, final=False)
+    robot.heartbeats_for(1.2)
+    assert robot.rec.latest()["mode"] == "running"
+    assert robot.status("body")["velocity"][0] > 0.08
+    return pts
+
+
+def _settles(read, seconds: float, tolerance: float, timeout_s: float = 3.0) -> np.ndarray:
+    """Polls ``read`` until it changes by less than ``tolerance`` over ``seconds``; the last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        a = np.array(read())
+        time.sleep(seconds)
+        b = np.array(read())
+        if np.all(np.abs(b - a) < tolerance):
+            return b
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still moving after {timeout_s} s: {a} -> {b}")
+
+
+@pytest.mark.parametrize("fault, names", [
+    ({"left_arm": {"motor_error": True}}, "left arm (fake): arx5-sdk dropped to damping"),
+    ({"right_arm": {"silent": True}}, "right arm (fake): feedback has not changed"),
+])
+def test_a_fault_on_one_device_faults_and_holds_the_whole_robot(robot, fault, names):
+    _drive_then(robot)
+    write_control(robot.fake_dir, fault)
+    faulted = robot.rec.wait_mode("fault", 2.0)
+    assert names in faulted["reason"], faulted["reason"]
+    # The base ramps to zero in the body's own thread; the lift keeps its setpoint; the arms hold.
+    started = time.monotonic()
+    assert _wait(lambda: np.all(np.abs(robot.status("body")["velocity"]) < AT_REST), 2.0)
+    ramp_s = time.monotonic() - started
+    body = robot.status("body")
+    assert body["chassis_setpoint"] == [0.0, 0.0, 0.0]
+    height = _settles(lambda: robot.status("body")["height"], 0.3, 1e-4)
+    assert height == pytest.approx(body["height_setpoint"], abs=1e-3)
+    healthy = "right_arm" if "left_arm" in fault else "left_arm"
+    _settles(lambda: robot.status(healthy)["q"], 0.3, 1e-4)  # holding, torque on
+    assert robot.status(healthy)["torque_on"]
+    # 0.1 m/s at 0.5 m/s² is 0.2 s; the status files and a loaded host add their share.
+    assert ramp_s < 1.5, ramp_s
+
+
+def test_the_estop_switch_cuts_power_everywhere_and_the_driver_faults_naming_every_device(robot):
+    _drive_then(robot)
+    write_control(robot.fake_dir, {"power": False})
+    faulted = robot.rec.wait_mode("fault", 2.0)
+    for device in ("left arm (fake)", "right arm (fake)", "lift and base (fake)"):
+        assert device in faulted["reason"], faulted["reason"]
+
+
+def test_losing_the_lease_ramps_the_base_to_zero_and_holds_arms_and_lift(robot):
+    _drive_then(robot, seconds=6.0)
+    lapsed_at = time.monotonic()  # no more heartbeats from here: the lease lapses
+    assert _wait(lambda: robot.rec.latest()["mode"] == "armed", LEASE_TTL_S + 2.0), robot.rec.latest()["mode"]
+    assert _wait(lambda: not np.any(robot.rec.latest()["commanded"][15:18]), 2.0)
+    assert _wait(lambda: np.all(np.abs(robot.status("body")["velocity"]) < AT_REST), 2.0)
+    stopped_s = time.monotonic() - lapsed_at
+    m = robot.rec.latest()
+    assert m["mode"] == "armed" and not np.any(m["velocity"]), m["velocity"]
+    held = np.array(m["commanded"][:15])
+    time.sleep(0.5)
+    later = robot.rec.latest()
+    assert np.array_equal(np.array(later["commanded"][:15]), held)  # arms, grippers and lift hold
+    assert np.allclose(later["measured"][:15], held, atol=0.01)
+    messages = [x for x in robot.rec.messages if x["mode"] in ("armed", "running")]
+    check_limits(messages)
+    # The lease, then the base decelerates under its jerk limit (0.1 m/s: about 0.4 s).
+    assert stopped_s < LEASE_TTL_S + 2.0, stopped_s
+
+
+def _wait(pred, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
