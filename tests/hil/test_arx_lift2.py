@@ -232,3 +232,59 @@ def _wait(pred, timeout_s: float) -> bool:
             return True
         time.sleep(0.01)
     return pred()
+
+
+# Check points may pass a limit by a little while braking on a curved path (drivers/core/workspace.py).
+CARTESIAN_TOLERANCE = 0.005
+
+
+def _run_to_rest(robot: Robot, goal_moves: dict[int, float], seconds: float) -> list[dict]:
+    """A final chunk from the armed pose toward ``goal_moves`` (index: added), until the driver holds."""
+    start = robot.arm()
+    dt = 0.02
+    frac = np.linspace(0.0, 1.0, int(seconds / dt))[:, None]
+    delta = np.zeros(EMB.dof)
+    for i, d in goal_moves.items():
+        delta[i] = d
+    pts = start + frac * delta
+    robot.send(pts, robot.now_ns() + int(0.05e9), dt, final=True)
+    deadline = time.monotonic() + seconds + 4.0
+    while time.monotonic() < deadline:
+        robot.heartbeat()
+        m = robot.rec.latest()
+        if m["mode"] == "armed" and not np.any(m["velocity"]) and time.monotonic() > deadline - 3.5:
+            break
+        time.sleep(0.02)
+    messages = [m for m in robot.rec.messages if m["mode"] in ("armed", "running")]
+    assert messages[-1]["mode"] == "armed"
+    return messages
+
+
+def test_a_stream_toward_the_floor_of_the_workspace_stops_at_the_box(robot):
+    from armada.drivers.core.kinematics import ArmKinematics
+
+    kin = ArmKinematics(EMB)
+    floor = EMB.kinematics.arms[0].workspace.min[2]
+    # Left joint 2 by +1.0 rad would take the left tool to z = 0.27 m, below the box's 0.35 m.
+    messages = _run_to_rest(robot, {1: 1.0}, 2.5)
+    z = np.array([kin.points(np.array(m["commanded"]))[0, :, 2].min() for m in messages])
+    assert z.min() >= floor - CARTESIAN_TOLERANCE, z.min()
+    assert z[-1] < floor + 0.03  # it went all the way to the floor, not stopped early
+    assert messages[-1]["counters"]["clamps"]["workspace"] > 0
+    assert robot.status("left_arm")["q"][1] < 1.0 - 0.1  # the arm itself stopped short of the goal
+
+
+def test_two_arms_swung_at_each_other_keep_their_distance(robot):
+    from armada.drivers.core.kinematics import ArmKinematics
+
+    kin = ArmKinematics(EMB)
+    gap = EMB.kinematics.min_separation
+    # Joint 1 of each arm turned toward the other: the tools would cross the middle.
+    messages = _run_to_rest(robot, {0: -1.4, 7: 1.4}, 3.0)
+    closest = []
+    for m in messages:
+        left, right = kin.points(np.array(m["commanded"]))
+        closest.append(min(np.linalg.norm(a - b) for a in left for b in right))
+    assert min(closest) >= gap - CARTESIAN_TOLERANCE, min(closest)
+    assert min(closest) < gap + 0.05  # they did come close: the limit, not something else, stopped them
+    assert messages[-1]["counters"]["clamps"]["separation"] > 0
