@@ -37,6 +37,9 @@ def add_teleop_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", choices=["leader", "keyboard", "gamepad"], default="leader",
                    help="where targets come from (leader: the follower driver publishes its leader arm)")
     p.add_argument("--gamepad-device", default=None, help="/dev/input/eventN (default: the first gamepad)")
+    p.add_argument("--base", choices=["gamepad"], default=None,
+                   help="drive the robot's mobile base from a gamepad (left stick: forward and sideways, right "
+                        "stick: turn) while the arms follow --source (leader or keyboard)")
     p.add_argument("--arm", action="store_true",
                    help="let teleop arm disarmed drivers (always on for cells that move no real hardware)")
     p.add_argument("--yes", action="store_true", help="confirm automatically (tests and scripts)")
@@ -97,6 +100,9 @@ class _TeleopRun:
         except RuntimeError as exc:  # a source that cannot start (no gamepad, no evdev)
             say(f"armada teleop: {exc}")
             return 1
+        if args.base and not any(s.base is not None for s in self.sessions):
+            say(f"armada teleop: --base {args.base}: no driver of the cell has a mobile base (a base_velocity group)")
+            return 2
         missing = [n for n in names if not _answers(self.ctx, cell, n)]
         if missing:
             if args.intervene:
@@ -150,7 +156,29 @@ class _TeleopRun:
             source = GamepadSource(self.args.gamepad_device, say=say)
         else:
             source = LeaderSource()
-        return TeleopSession(cell, name, source, ctx=self.ctx, say=say, arm=self.args.arm, rate_hz=self.args.rate)
+        base = self._base(cell, name)
+        return TeleopSession(cell, name, source, ctx=self.ctx, say=say, arm=self.args.arm, rate_hz=self.args.rate,
+                             base=base)
+
+    def _base(self, cell: Any, name: str) -> Any:
+        """The base source for --base, sized to the driver's base group (None without --base)."""
+        from armada.runtime.teleop.session import TeleopError
+        from armada.runtime.teleop.sources import GamepadBase
+
+        if self.args.base is None:
+            return None
+        if self.args.source == "gamepad":
+            raise TeleopError("--base gamepad drives the base while the arms follow a leader or the keyboard; "
+                              "one gamepad cannot also jog the arms (--source gamepad)")
+        import numpy as np
+
+        emb = cell.embodiment(cell.driver(name))
+        bases = [g for g in emb.groups if g.mode == "base_velocity"]
+        if len(bases) == 1 and len(bases[0].joints) == 3:
+            return GamepadBase(np.array([j.max for j in bases[0].joints]), self.args.gamepad_device, say=say)
+        if self.args.driver is None:
+            return None  # every driver of the cell: the base gamepad goes to the one with a base
+        raise TeleopError(f"driver {name} has no mobile base of three velocities (vx, vy, wz) for --base")
 
     def _confirm(self, keys: Any) -> Callable[[str], bool]:
         def confirm(question: str) -> bool:

@@ -48,7 +48,8 @@ import zmq
 from armada.drivers.core.registry import moves_no_hardware
 from armada.runtime.config import CellConfig
 from armada.runtime.protocol import PROTOCOL_VERSION
-from armada.runtime.teleop.sources import Bounds, LeaderSource, StateFeed, TargetSource, leader_source
+from armada.runtime.teleop.sources import (BaseSource, Bounds, LeaderSource, StateFeed, TargetSource,
+                                           leader_source)
 from armada.runtime.transport import CommandClient, RemoteError
 
 __all__ = ["TeleopError", "TeleopSession", "LeaderSource", "leader_source"]
@@ -116,11 +117,20 @@ class LoopStats:
 class TeleopSession:
     def __init__(self, cell: CellConfig, driver: str | None, source: TargetSource, *,
                  ctx: zmq.Context | None = None, say: Callable[[str], None] = print, arm: bool = False,
-                 client: str = "teleop", rate_hz: float | None = None, acquire_wait_s: float = 0.0):
+                 client: str = "teleop", rate_hz: float | None = None, acquire_wait_s: float = 0.0,
+                 base: BaseSource | None = None):
         self.cell = cell
         self.drv = cell.driver(driver)
         self.emb = cell.embodiment(self.drv)
         self.source = source
+        # A mobile base's entries are velocities: never the arm source's (a jog or a leader has no
+        # base), only the base source's command, and zero (at rest) without one or while engaging.
+        slices = self.emb.group_slices()
+        self.base_dofs = np.array([i for g in self.emb.groups if g.mode == "base_velocity"
+                                   for i in range(slices[g.name].start, slices[g.name].stop)], dtype=np.intp)
+        if base is not None and self.base_dofs.size != 3:
+            raise TeleopError(f"driver {self.drv.name} has no mobile base of three velocities (vx, vy, wz) to drive")
+        self.base = base
         self.say = say
         self.client = client
         self.allow_arm = arm or moves_no_hardware(cell)
@@ -181,7 +191,7 @@ class TeleopSession:
             return
         self._take_lease()
         self._arm_if_needed(state)
-        target = self._source_pose(wait_s=1.0)
+        target = self._at_rest(self._source_pose(wait_s=1.0))
         self._ramp_to(target, f"moving to the {self.source.name}'s pose")
         question = (f"{self.drv.name}: the follower is at the {self.source.name}'s pose. "
                     "Start following? [y/N] ")
@@ -228,6 +238,8 @@ class TeleopSession:
         self._closed = True
         self._set_status("closed")
         self.source.close()
+        if self.base is not None:
+            self.base.close()
         self.feed.close()
         self.cmd.close()
         if self._own_ctx:
@@ -438,6 +450,7 @@ class TeleopSession:
         if target is None:
             self._to_hold(f"{self.source.name} lost ({self.source.reason})")
             return 0
+        target = self._at_rest(target)
         sent = time.monotonic()
         stalled = self.stats.last_send is not None and sent - self.stats.last_send > STALL_PERIODS / self.rate_hz
         if stalled:
@@ -454,7 +467,7 @@ class TeleopSession:
             self._blending, self._prev_source = True, None
             self._sent = np.asarray(msg["commanded"], dtype=np.float64)
             self._blend_v = np.asarray(msg["velocity"], dtype=np.float64)
-        target = self._keep_within_reach(self._blend(target), msg)
+        target = self._with_base(self._keep_within_reach(self._blend(target), msg))
         # On a steady grid, LEAD_PERIODS ahead; restarted after a stall or a drift of a period.
         due = time.monotonic_ns() + self._offset_ns + LEAD_PERIODS * self._period_ns
         tau = due if self._tau is None or stalled else self._tau + self._period_ns
@@ -520,6 +533,26 @@ class TeleopSession:
         self._blend_v = np.clip(desired, self._blend_v - dv, self._blend_v + dv)
         step = self._blend_v * dt
         return np.where(np.abs(step) >= np.abs(gap), target, self._sent + step)
+
+    def _at_rest(self, pose: np.ndarray) -> np.ndarray:
+        """The pose with the base's velocities at zero (a copy when there is a base)."""
+        if not self.base_dofs.size:
+            return pose
+        pose = np.array(pose, dtype=np.float64)
+        pose[self.base_dofs] = 0.0
+        return pose
+
+    def _with_base(self, target: np.ndarray) -> np.ndarray:
+        """The base's entries from the base source, after the arms' blend and reach limits (those
+        bound positions; the driver's filter bounds the base's acceleration and jerk)."""
+        if self.base is None or not self.base_dofs.size:
+            return target
+        velocity = np.asarray(self.base.velocity(), dtype=np.float64)
+        if velocity.shape != (3,) or not np.all(np.isfinite(velocity)):
+            velocity = np.zeros(3)  # a broken base source: the base stops, the arms go on
+        target = target.copy()
+        target[self.base_dofs] = velocity
+        return target
 
     def _source_jump(self, pose: np.ndarray) -> str | None:
         """A source that moved further than max_engage_distance in one period did not move: its

@@ -114,6 +114,17 @@ class TargetSource(Protocol):
     def close(self) -> None: ...
 
 
+class BaseSource(Protocol):
+    """A mobile base's velocity command (vx, vy, wz), read once per servo tick while following."""
+
+    name: str
+    reason: str
+
+    def velocity(self) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
 # --------------------------------------------------------------------------- leader
 
 
@@ -446,6 +457,9 @@ class GamepadSource:
             self._last = time.monotonic()
         if start is None:
             self.reason = "no state from the driver: cannot start jogging from the arm's pose"
+        self._start_reader()
+
+    def _start_reader(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._read, daemon=True, name="teleop-gamepad")
             self._thread.start()
@@ -496,6 +510,47 @@ class GamepadSource:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+
+
+@dataclass
+class BaseMapping:
+    """Gamepad axes -> a mobile base's velocity command (vx, vy, wz), pure. Left stick: forward /
+    back and sideways; right stick, left / right: turning. Full deflection is ``speed_fraction``
+    of each velocity bound; the dead zone keeps a stick at rest from creeping the base."""
+
+    max_velocity: np.ndarray  # vx (m/s), vy (m/s), wz (rad/s)
+    speed_fraction: float = 0.2
+    deadzone: float = 0.12
+    forward: AxisBinding = field(default_factory=lambda: AxisBinding("ABS_Y", 0, -1.0))  # stick up: forward
+    sideways: AxisBinding = field(default_factory=lambda: AxisBinding("ABS_X", 1, -1.0))  # stick left: +y
+    turn: AxisBinding = field(default_factory=lambda: AxisBinding("ABS_RX", 2, -1.0))  # stick left: turn left
+
+    def velocity(self, axes: dict[str, float]) -> np.ndarray:
+        v = np.zeros(3)
+        for b in (self.forward, self.sideways, self.turn):
+            v[b.joint] = b.sign * _dead(axes.get(b.axis, 0.0), self.deadzone)
+        return v * self.speed_fraction * np.asarray(self.max_velocity, dtype=np.float64)
+
+
+class GamepadBase(GamepadSource):
+    """Drives a mobile base from a gamepad while the arms follow another source (teleop's --base).
+    ``velocity()`` is the stick command; zero when the gamepad is unplugged (the base stops)."""
+
+    name = "gamepad (base)"
+
+    def __init__(self, max_velocity: np.ndarray, device: str | None = None, speed_fraction: float = 0.2,
+                 say: Any = print):
+        super().__init__(device, speed_fraction, say)
+        self.base_mapping = BaseMapping(np.asarray(max_velocity, dtype=np.float64), speed_fraction)
+        self.reason = ""
+        self._start_reader()
+
+    def velocity(self) -> np.ndarray:
+        with self._lock:
+            if self._error is not None:
+                self.reason = self._error
+                return np.zeros(3)
+            return self.base_mapping.velocity(self._axes)
 
 
 def _code_name(table: dict[int, Any], code: int) -> str:

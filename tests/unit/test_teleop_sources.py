@@ -176,3 +176,18 @@ def test_leader_source_reads_the_followers_state_and_flags_hardware_following():
 def test_follow_rate_is_the_control_rate_up_to_the_cap():
     assert follow_rate_hz(30.0) == 30.0
     assert follow_rate_hz(500.0) == MAX_FOLLOW_RATE_HZ
+
+
+def test_base_mapping_turns_sticks_into_a_bounded_base_velocity_with_a_dead_zone():
+    from armada.runtime.teleop.sources import BaseMapping
+
+    m = BaseMapping(np.array([0.5, 0.4, 1.0]), speed_fraction=0.5)
+    assert np.array_equal(m.velocity({}), np.zeros(3))
+    assert np.array_equal(m.velocity({"ABS_Y": 0.05, "ABS_X": -0.1, "ABS_RX": 0.11}), np.zeros(3))  # at rest
+    # Stick up (negative Y on evdev) is forward, stick left is +y, right stick left is a left turn.
+    v = m.velocity({"ABS_Y": -1.0, "ABS_X": -1.0, "ABS_RX": -1.0})
+    assert np.allclose(v, [0.25, 0.2, 0.5])
+    # Any deflection, even beyond the axis range, stays within speed_fraction of the bounds.
+    for x in (-7.0, -1.0, -0.5, 0.3, 1.0, 12.0):
+        v = m.velocity({"ABS_Y": x, "ABS_X": x, "ABS_RX": x})
+        assert np.all(np.abs(v) <= 0.5 * np.array([0.5, 0.4, 1.0]) + 1e-12)
