@@ -158,15 +158,19 @@ class BaseVelocityFilter:
                     vel_clamped = True
             err = goal - v
             want = _approach(abs(err), du)
-            if want > umax:
-                want, acc_clamped = umax, acc_clamped or goals is not None
+            capped = want > umax
+            if capped:
+                want = umax
             if err < 0.0:
                 want = -want
-            # The jerk window. |u| <= umax and |want| <= umax, so the result obeys both.
+            # The jerk window. |u| <= umax and |want| <= umax, so the result obeys both. The
+            # acceleration limit counts only where it, not the jerk window, set the step.
             if want > u + du:
                 want, jerk_clamped = u + du, True
             elif want < u - du:
                 want, jerk_clamped = u - du, True
+            else:
+                acc_clamped = acc_clamped or capped
             self._u[i] = want
             self._v[i] = v + want
         if goals is not None:
