@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from armada.runtime.config import ArmKinematicsConfig, EmbodimentConfig
+    from armada.runtime.config import EmbodimentConfig
 
 POINTS_PER_ARM = 2  # wrist, tool
 POINT_NAMES = ("wrist", "tool")
@@ -81,6 +81,7 @@ class ArmKinematics:
             tools.append(np.array(arm.tool_xyz, dtype=np.float64))
         self.model = model
         self.data = model.createData()
+        self._oMi = self.data.oMi  # a view of data's placements, updated in place by forwardKinematics
         self.q_index = np.array(q_index, dtype=np.intp)
         self._tools = tools
         # Action-layout indices that move some check point: the guard needs only these.
@@ -93,14 +94,20 @@ class ArmKinematics:
     def points(self, position: np.ndarray) -> np.ndarray:
         """Check points (n_arms, 2, 3) in the robot frame at the action-layout ``position``."""
         q = np.asarray(position, dtype=np.float64)[self.q_index]
+        return np.array(self.points_q(q)).reshape(self.n_arms, POINTS_PER_ARM, 3)
+
+    def points_q(self, q: np.ndarray) -> list[list[float]]:
+        """Check points as [x, y, z] lists: wrist, tool of the first arm, then the next arm's, at the
+        model configuration ``q`` (``position[q_index]``). The guard's per-tick call: one
+        forwardKinematics, two placement reads per arm, plain floats after that (for a handful of
+        points Python floats cost less than numpy's per-call overhead)."""
         self._pin.forwardKinematics(self.model, self.data, q)
-        out = np.empty((self.n_arms, POINTS_PER_ARM, 3))
-        for a, (j, tool) in enumerate(zip(self._last_joint, self._tools)):
-            m = self.data.oMi[j]
-            t = m.translation
-            out[a, 0] = t
-            out[a, 1] = m.rotation @ tool + t
-        return out
+        pts = []
+        for j, tool in zip(self._last_joint, self._tools):
+            m = self._oMi[j]
+            pts.append(m.translation.tolist())
+            pts.append(m.act(tool).tolist())
+        return pts
 
     def tool_pose(self, position: np.ndarray, arm: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(rotation 3x3, tool point) of one arm in the robot frame: for checks against vendor FK."""
@@ -109,6 +116,3 @@ class ArmKinematics:
         m = self.data.oMi[self._last_joint[arm]]
         return m.rotation.copy(), m.rotation @ self._tools[arm] + m.translation
 
-
-def describe_arm(arm: ArmKinematicsConfig) -> str:
-    return f"{arm.name} ({len(arm.chain)} joints; {arm.source})"

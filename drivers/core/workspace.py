@@ -25,6 +25,7 @@ included): the inner filter has one state, and braking is always safe.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,9 +35,9 @@ from armada.drivers.core.kinematics import ArmKinematics
 if TYPE_CHECKING:
     from armada.runtime.config import EmbodimentConfig
 
-# A step counts as "further out" (or "closer") only beyond this (m), so rounding in the forward
-# kinematics of an arm held still at the box face never refuses a step.
-_EPS = 1e-9
+# A step counts as "further out" (or "closer") only beyond this (m^2: the guard compares squared
+# distances), so rounding in the forward kinematics of an arm held at the box face never refuses a step.
+_EPS = 1e-15
 
 
 class CartesianGuard:
@@ -47,22 +48,27 @@ class CartesianGuard:
         self.inner = inner
         self.kin = ArmKinematics(emb)
         limits = inner.limits
-        self._lo = limits.lower + limits.margin
-        self._hi = limits.upper - limits.margin
-        self._inv_2a = 1.0 / (2.0 * limits.max_acceleration)
-        n = self.kin.n_arms
-        # Per check point: the box corners (an arm without a box: unbounded).
-        self._box_lo = np.full((n, 1, 3), -np.inf)
-        self._box_hi = np.full((n, 1, 3), np.inf)
-        for a, arm in enumerate(emb.kinematics.arms):
-            if arm.workspace is not None:
-                self._box_lo[a, 0] = arm.workspace.min
-                self._box_hi[a, 0] = arm.workspace.max
-        self._boxed = bool(np.isfinite(self._box_lo).any())
+        # Per tick the guard works on the model's configuration (the chain joints in model order; a
+        # joint shared by two chains appears once per chain) and on Python floats: for a dozen
+        # joints and a few points that costs less than numpy's per-call overhead.
+        qi = self.kin.q_index
+        self._qi = qi.tolist()
+        self._lo = (limits.lower + limits.margin)[qi].tolist()
+        self._hi = (limits.upper - limits.margin)[qi].tolist()
+        self._inv_2a = (1.0 / (2.0 * limits.max_acceleration))[qi].tolist()
+        # Per check point (wrist, tool of each arm, as ArmKinematics.points_q): its arm's box, or
+        # None for an arm without one.
+        self._boxes: list[tuple[tuple[float, ...], tuple[float, ...]] | None] = []
+        for arm in emb.kinematics.arms:
+            box = None if arm.workspace is None else (tuple(arm.workspace.min), tuple(arm.workspace.max))
+            self._boxes += [box, box]
         self.min_separation = emb.kinematics.min_separation
+        n = self.kin.n_arms
         self._pairs = [(a, b) for a in range(n) for b in range(a + 1, n)] if self.min_separation else []
-        # (outside distances, separations) at the current state's stop pose; None: not known yet.
-        self._current: tuple[np.ndarray, np.ndarray] | None = None
+        self._min_sep_sq = (self.min_separation or 0.0) ** 2
+        # (squared distance outside its box of each check point, squared separation of each pair
+        # of arms) at the current state's stop pose; None: not known yet.
+        self._current: tuple[list[float], list[float]] | None = None
 
     # ------------------------------------------------------------------ delegated state
 
@@ -103,16 +109,18 @@ class CartesianGuard:
     def decelerate(self) -> np.ndarray:
         return self.step(None)
 
-    def step(self, target: np.ndarray | None) -> np.ndarray:
+    def step(self, target: np.ndarray | None, fresh: bool = True) -> np.ndarray:
+        """As the inner filter's ``step``; ``fresh`` (is a base-velocity target still covered by
+        its command) is passed on to filters that take it, i.e. only when it is False."""
         if target is None:
             # Braking shrinks every joint's stop distance: always allowed, nothing to check.
             self._current = None
-            return self.inner.step(None)
+            return self._inner_step(None, fresh)
         current = self._current
         if current is None:
             current = self.measure(self.inner.position, self.inner.velocity)
         snap = self.inner.snapshot()
-        out = self.inner.step(target)
+        out = self._inner_step(target, fresh)
         new = self.measure(out, self.inner.velocity)
         refused = self._refusal(new, current)
         if refused is None:
@@ -124,34 +132,53 @@ class CartesianGuard:
         else:
             self.inner.counters.separation += 1
         self._current = None
-        return self.inner.step(None)
+        return self.inner.decelerate()
+
+    def _inner_step(self, target: np.ndarray | None, fresh: bool) -> np.ndarray:
+        # A filter without base-velocity groups has no use for ``fresh`` (and may not take it).
+        return self.inner.step(target) if fresh else self.inner.step(target, fresh)
 
     def stop_pose(self, position: np.ndarray, velocity: np.ndarray) -> np.ndarray:
-        """Where each joint comes to rest braking at its acceleration limit, plus one tick of travel."""
-        stop = position + velocity * (np.abs(velocity) * self._inv_2a + self.dt)
-        return np.minimum(np.maximum(stop, self._lo), self._hi)
+        """The model configuration where each chain joint comes to rest braking at its acceleration
+        limit, plus one tick of travel, inside its range."""
+        p, v, dt = position.tolist(), velocity.tolist(), self.dt
+        q = []
+        for n, i in enumerate(self._qi):
+            vi = v[i]
+            s = p[i] + vi * (abs(vi) * self._inv_2a[n] + dt)
+            lo, hi = self._lo[n], self._hi[n]
+            q.append(lo if s < lo else hi if s > hi else s)
+        return np.array(q)
 
-    def measure(self, position: np.ndarray, velocity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(distance of each check point outside its arm's box (n_arms, 2), each pair's separation)."""
-        pts = self.kin.points(self.stop_pose(position, velocity))
-        if self._boxed:
-            gap = np.maximum(np.maximum(self._box_lo - pts, pts - self._box_hi), 0.0)
-            outside = np.sqrt((gap * gap).sum(axis=-1))
-        else:
-            outside = np.zeros(pts.shape[:2])
-        seps = np.empty(len(self._pairs))
-        for k, (a, b) in enumerate(self._pairs):
-            d = pts[a][:, None, :] - pts[b][None, :, :]
-            seps[k] = np.sqrt((d * d).sum(axis=-1).min())
+    def measure(self, position: np.ndarray, velocity: np.ndarray) -> tuple[list[float], list[float]]:
+        """(squared distance outside its arm's box of each check point, squared separation of each
+        pair of arms) at the stop pose of the action-layout ``position`` and ``velocity``."""
+        pts = self.kin.points_q(self.stop_pose(position, velocity))
+        outside = []
+        for point, box in zip(pts, self._boxes):
+            s = 0.0
+            if box is not None:
+                for x, lo, hi in zip(point, box[0], box[1]):
+                    d = lo - x if x < lo else x - hi if x > hi else 0.0
+                    s += d * d
+            outside.append(s)
+        seps = []
+        for a, b in self._pairs:
+            best = math.inf
+            for pa in pts[2 * a:2 * a + 2]:
+                for pb in pts[2 * b:2 * b + 2]:
+                    d = (pa[0] - pb[0]) ** 2 + (pa[1] - pb[1]) ** 2 + (pa[2] - pb[2]) ** 2
+                    best = d if d < best else best
+            seps.append(best)
         return outside, seps
 
-    def _refusal(self, new: tuple[np.ndarray, np.ndarray], current: tuple[np.ndarray, np.ndarray]) -> str | None:
-        out_new, sep_new = new
-        out_cur, sep_cur = current
-        if np.any((out_new > 0.0) & (out_new > out_cur + _EPS)):
-            return "workspace"
-        if self._pairs and np.any((sep_new < self.min_separation) & (sep_new < sep_cur - _EPS)):
-            return "separation"
+    def _refusal(self, new: tuple[list[float], list[float]], current: tuple[list[float], list[float]]) -> str | None:
+        for o_new, o_cur in zip(*(new[0], current[0])):
+            if o_new > 0.0 and o_new > o_cur + _EPS:
+                return "workspace"
+        for s_new, s_cur in zip(new[1], current[1]):
+            if s_new < self._min_sep_sq and s_new < s_cur - _EPS:
+                return "separation"
         return None
 
 
