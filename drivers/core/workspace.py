@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 # A step counts as "further out" (or "closer") only beyond this (m^2: the guard compares squared
 # distances), so rounding in the forward kinematics of an arm held at the box face never refuses a step.
 _EPS = 1e-15
+# The braking path is checked at one sample per this much joint travel (rad, or m for a prismatic
+# joint), at most MAX_SAMPLES: its Cartesian curvature between samples is the guard's tolerance.
+PATH_STEP = 0.15
+MAX_SAMPLES = 8
 
 
 class CartesianGuard:
@@ -55,7 +59,7 @@ class CartesianGuard:
         self._qi = qi.tolist()
         self._lo = (limits.lower + limits.margin)[qi].tolist()
         self._hi = (limits.upper - limits.margin)[qi].tolist()
-        self._inv_2a = (1.0 / (2.0 * limits.max_acceleration))[qi].tolist()
+        self._acc = limits.max_acceleration[qi].tolist()
         # Per check point (wrist, tool of each arm, as ArmKinematics.points_q): its arm's box, or
         # None for an arm without one.
         self._boxes: list[tuple[tuple[float, ...], tuple[float, ...]] | None] = []
@@ -138,38 +142,70 @@ class CartesianGuard:
         # A filter without base-velocity groups has no use for ``fresh`` (and may not take it).
         return self.inner.step(target) if fresh else self.inner.step(target, fresh)
 
+    def braking_path(self, position: np.ndarray, velocity: np.ndarray) -> list[np.ndarray]:
+        """Model configurations along the way to the stop pose: the commanded one first, the stop
+        pose last.
+
+        Each chain joint brakes at its acceleration limit from ``velocity`` (a joint that stops
+        sooner waits there); the stop pose adds one tick of travel at the current velocity. The
+        path is sampled at equal times after now, as many samples as the longest joint travel needs for
+        one per ``PATH_STEP`` (at most ``MAX_SAMPLES``; one when slow, the common case): the
+        Cartesian path between samples bulges by about r (1 - cos(step / 2)), under 2 mm for a
+        0.5 m arm and 0.15 rad (docs/kinematics.md)."""
+        p, v, dt = position.tolist(), velocity.tolist(), self.dt
+        n = len(self._qi)
+        p0, v0, t_stop = [0.0] * n, [0.0] * n, [0.0] * n
+        longest = t_max = 0.0
+        for k, i in enumerate(self._qi):
+            vi = v[i]
+            p0[k], v0[k] = p[i], vi
+            t_stop[k] = abs(vi) / self._acc[k]
+            t_max = t_stop[k] if t_stop[k] > t_max else t_max
+            travel = abs(vi) * (0.5 * t_stop[k] + dt)
+            longest = travel if travel > longest else longest
+        samples = min(MAX_SAMPLES, max(1, math.ceil(longest / PATH_STEP)))
+        out = [np.array(p0)]  # where the arm is commanded now: always visited
+        for s in range(1, samples + 1):
+            t = t_max * s / samples
+            q = []
+            for k in range(n):
+                vi, tk = v0[k], t_stop[k]
+                tt = t if t < tk else tk
+                x = p0[k] + vi * tt - (0.5 * self._acc[k] * tt * tt if vi > 0 else -0.5 * self._acc[k] * tt * tt)
+                if s == samples:
+                    x += vi * dt
+                lo, hi = self._lo[k], self._hi[k]
+                q.append(lo if x < lo else hi if x > hi else x)
+            out.append(np.array(q))
+        return out
+
     def stop_pose(self, position: np.ndarray, velocity: np.ndarray) -> np.ndarray:
         """The model configuration where each chain joint comes to rest braking at its acceleration
         limit, plus one tick of travel, inside its range."""
-        p, v, dt = position.tolist(), velocity.tolist(), self.dt
-        q = []
-        for n, i in enumerate(self._qi):
-            vi = v[i]
-            s = p[i] + vi * (abs(vi) * self._inv_2a[n] + dt)
-            lo, hi = self._lo[n], self._hi[n]
-            q.append(lo if s < lo else hi if s > hi else s)
-        return np.array(q)
+        return self.braking_path(position, velocity)[-1]
 
     def measure(self, position: np.ndarray, velocity: np.ndarray) -> tuple[list[float], list[float]]:
         """(squared distance outside its arm's box of each check point, squared separation of each
-        pair of arms) at the stop pose of the action-layout ``position`` and ``velocity``."""
-        pts = self.kin.points_q(self.stop_pose(position, velocity))
-        outside = []
-        for point, box in zip(pts, self._boxes):
-            s = 0.0
-            if box is not None:
-                for x, lo, hi in zip(point, box[0], box[1]):
-                    d = lo - x if x < lo else x - hi if x > hi else 0.0
-                    s += d * d
-            outside.append(s)
-        seps = []
-        for a, b in self._pairs:
-            best = math.inf
-            for pa in pts[2 * a:2 * a + 2]:
-                for pb in pts[2 * b:2 * b + 2]:
-                    d = (pa[0] - pb[0]) ** 2 + (pa[1] - pb[1]) ** 2 + (pa[2] - pb[2]) ** 2
-                    best = d if d < best else best
-            seps.append(best)
+        pair of arms): the worst along the braking path from the action-layout ``position`` and
+        ``velocity`` (the stop pose when slow)."""
+        outside = [0.0] * len(self._boxes)
+        seps = [math.inf] * len(self._pairs)
+        for q in self.braking_path(position, velocity):
+            pts = self.kin.points_q(q)
+            for c, (point, box) in enumerate(zip(pts, self._boxes)):
+                if box is not None:
+                    s = 0.0
+                    for x, lo, hi in zip(point, box[0], box[1]):
+                        d = lo - x if x < lo else x - hi if x > hi else 0.0
+                        s += d * d
+                    outside[c] = s if s > outside[c] else outside[c]
+            for k, (a, b) in enumerate(self._pairs):
+                best = seps[k]
+                for pa in pts[2 * a:2 * a + 2]:
+                    for pb in pts[2 * b:2 * b + 2]:
+                        d = (pa[0] - pb[0]) ** 2 + (pa[1] - pb[1]) ** 2 + (pa[2] - pb[2]) ** 2
+                        best = d if d < best else best
+                seps[k] = best
         return outside, seps
 
     def _refusal(self, new: tuple[list[float], list[float]], current: tuple[list[float], list[float]]) -> str | None:

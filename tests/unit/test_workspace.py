@@ -280,3 +280,26 @@ def test_a_table_top_motion_inside_the_real_boxes_is_unchanged() -> None:
         target = EMB.home + 0.25 * np.sin(2 * math.pi * 0.5 * t[k]) * np.array([1, -0.4, 0.3, -0.3, 0, -1, -0.4, 0.3, -0.3, 0])
         np.testing.assert_array_equal(g.step(target), bare.step(target))
     assert g.counters.workspace == 0 and g.counters.separation == 0
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(["ur3", "aloha"]))
+def test_real_embodiments_stay_inside_their_boxes_at_full_speed(seed: int, name: str) -> None:
+    # UR3: pi and 2 pi rad/s with 8 and 15 rad/s^2, over a second of braking travel on the wrists,
+    # where the braking path's curvature matters most; ALOHA: two arms and their separation.
+    from armada.runtime.config import load_embodiment
+
+    emb = load_embodiment(name)
+    g = build_filter(emb, 1.0 / emb.control_rate_hz)
+    kin = ArmKinematics(emb)
+    boxes = [{"min": a.workspace.min, "max": a.workspace.max} for a in emb.kinematics.arms]
+    rng = np.random.default_rng(seed)
+    g.reset(emb.home)
+    for _ in range(4):
+        target = rng.uniform(emb.lower, emb.upper)
+        for _ in range(int(emb.control_rate_hz)):
+            g.step(target)
+            pts = kin.points(g.position)
+            assert max(outside(p, b) for p, b in zip(pts, boxes)) <= TOLERANCE
+            if emb.kinematics.min_separation:
+                assert separation(pts) >= emb.kinematics.min_separation - TOLERANCE
