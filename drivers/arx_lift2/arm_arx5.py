@@ -62,10 +62,11 @@ class Arx5Arm:
                          timestamp=float(js.timestamp), damping=not np.any(np.asarray(gain.kp())))
 
     def command(self, pos: np.ndarray, gripper_pos: float) -> None:
+        ctrl = self._controller()
         zeros = np.zeros(ARM_JOINTS)
         cmd = self._sdk.JointState(np.asarray(pos, dtype=np.float64), zeros, zeros, float(gripper_pos))
         cmd.timestamp = 0.0  # applied at once
-        self._controller().set_joint_cmd(cmd)
+        ctrl.set_joint_cmd(cmd)
 
     def hold(self) -> None:
         ctrl = self._controller()

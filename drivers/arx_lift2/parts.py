@@ -290,7 +290,7 @@ class BodyPart(Backend):
 
     def release_estop(self) -> None:
         with self.lock:
-            self.height_target = float(self.adapter.read().height)
+            self.height_target = float(_adapter_call(self.adapter.read).height)
             self.base_target = np.zeros(3)
             self.last_write = time.monotonic()
         self.stopped = None

@@ -218,36 +218,61 @@ def test_body_drives_the_base_and_lift_and_reads_odometry(body):
     assert np.allclose(r.position, target, atol=5e-3), r.position
 
 
-def test_body_watchdog_ramps_the_base_to_zero_when_writes_stop(body):
-    part, fake, _ = body
-    for _ in range(int(1.0 / 0.005)):
+def test_body_watchdog_ramps_the_base_to_zero_when_writes_stop(tmp_path):
+    fake = FakeBody(GEO, start_height=0.1, fake_dir=str(tmp_path))
+    part = body_part(fake, watchdog_s=0.3)  # longer than a loaded host's gap between two writes here
+    part.connect(2.0)
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not np.allclose(fake.fw_chassis, [0.15, 0.0, 0.3]):
+            part.write(np.array([0.1, 0.15, 0.0, 0.3]))
+            time.sleep(0.005)
         part.write(np.array([0.1, 0.15, 0.0, 0.3]))
-        time.sleep(0.005)
-    assert np.allclose(fake.fw_chassis, [0.15, 0.0, 0.3])
-    stopped_writing = time.monotonic()
-    # watchdog + the ramp at the deceleration limit (0.3 / 1.0 rad/s²) + slack for a loaded host
-    assert wait_for(lambda: not np.any(fake.fw_chassis), timeout_s=0.1 + 0.3 + 0.5)
-    assert time.monotonic() - stopped_writing > 0.1 and part.watchdog_trips == 1
-    assert fake.fw_height == pytest.approx(0.1)  # the lift holds
+        stopped_writing = time.monotonic()
+        assert np.allclose(fake.fw_chassis, [0.15, 0.0, 0.3]) and part.watchdog_trips == 0
+        # watchdog + the ramp at the deceleration limit (0.3 / 1.0 rad/s²) + slack for a loaded host
+        assert wait_for(lambda: not np.any(fake.fw_chassis), timeout_s=0.3 + 0.3 + 1.0)
+        assert time.monotonic() - stopped_writing > 0.3 and part.watchdog_trips == 1
+        assert fake.fw_height == pytest.approx(0.1)  # the lift holds
+    finally:
+        part.close()
 
 
-def test_body_fault_ramps_the_base_down_at_its_deceleration_and_holds_the_lift(body):
-    part, fake, _ = body
-    for _ in range(int(1.0 / 0.005)):
-        part.write(np.array([0.12, 0.15, 0.0, 0.0]))
-        time.sleep(0.005)
-    seen = []
-    part.on_fault("test")
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline and np.any(part.base_sent):
-        seen.append(part.base_sent.copy())
-        time.sleep(0.001)
-    assert not np.any(part.base_sent)
-    steps = np.abs(np.diff(np.array(seen), axis=0))
-    assert np.all(steps <= DECEL * BODY_PERIOD_S + 1e-12)
-    with pytest.raises(BackendError, match="not commanding after a fault"):
-        part.write(np.array([0.12, 0.0, 0.0, 0.0]))
-    assert fake.fw_height == pytest.approx(0.12)
+class RecordingBody(FakeBody):
+    """Every chassis setpoint the part hands to the SDK, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chassis_calls: list[np.ndarray] = []
+
+    def set_chassis(self, vx: float, vy: float, wz: float) -> None:
+        self.chassis_calls.append(np.array([vx, vy, wz]))
+        super().set_chassis(vx, vy, wz)
+
+
+def test_body_fault_ramps_the_base_down_at_its_deceleration_and_holds_the_lift(tmp_path):
+    fake = RecordingBody(GEO, start_height=0.1, fake_dir=str(tmp_path))
+    part = body_part(fake)
+    part.connect(2.0)
+    try:
+        for _ in range(int(1.0 / 0.005)):
+            part.write(np.array([0.12, 0.15, 0.0, 0.0]))
+            time.sleep(0.005)
+        assert wait_for(lambda: part.base_sent[0] == pytest.approx(0.15))
+        first = len(fake.chassis_calls)
+        part.on_fault("test")
+        assert wait_for(lambda: not np.any(part.base_sent), 1.0)
+        sent = np.array(fake.chassis_calls[first - 1:])
+        steps = np.abs(np.diff(sent, axis=0))
+        assert np.all(steps <= DECEL * BODY_PERIOD_S + 1e-12), steps.max(0)
+        assert not np.any(sent[-1])
+        with pytest.raises(BackendError, match="not commanding after a fault"):
+            part.write(np.array([0.12, 0.0, 0.0, 0.0]))
+        assert fake.fw_height == pytest.approx(0.12)
+    finally:
+        part.close()
+
+
 
 
 def test_body_bad_writes_are_refused_and_change_nothing(body):
@@ -333,3 +358,46 @@ def test_the_robot_is_three_parts_and_one_fault_names_its_part(tmp_path):
         assert read_soon(backend).fault.startswith("right arm (fake): arx5-sdk dropped to damping")
     finally:
         backend.close()
+
+
+def test_the_real_arm_adapter_builds_the_sdks_own_types():
+    """No arm here, so a stand-in controller; but the JointState, Gain and ControllerConfig the
+    adapter builds and reads are arx5_interface's own (pybind11 checks every argument's type)."""
+    sdk = pytest.importorskip("arx5_interface")
+    from armada.drivers.arx_lift2.arm_arx5 import Arx5Arm
+
+    cfg = sdk.ControllerConfigFactory.get_instance().get_config("joint_controller", 6)
+
+    class Controller:
+        def __init__(self):
+            self.cmd, self.gain = None, sdk.Gain(6)  # arx5-sdk starts in damping: kp = 0
+
+        def set_joint_cmd(self, cmd):
+            assert isinstance(cmd, sdk.JointState)
+            self.cmd = cmd
+
+        def get_joint_state(self):
+            z = np.zeros(6)
+            state = sdk.JointState(np.arange(6) * 0.1, z, np.ones(6), 0.03)
+            state.timestamp = 1.5
+            return state
+
+        def get_gain(self):
+            return self.gain
+
+        def set_gain(self, gain):
+            assert isinstance(gain, sdk.Gain)
+            self.gain = gain
+
+        def get_controller_config(self):
+            return cfg
+
+    arm = Arx5Arm("X5", "can1")
+    arm._sdk, arm._ctrl = sdk, Controller()
+    s = arm.read()
+    assert np.allclose(s.pos, np.arange(6) * 0.1) and s.gripper_pos == pytest.approx(0.03) and s.damping
+    arm.command(np.full(6, 0.2), 0.04)
+    assert np.allclose(arm._ctrl.cmd.pos(), 0.2) and arm._ctrl.cmd.gripper_pos == pytest.approx(0.04)
+    assert arm._ctrl.cmd.timestamp == 0.0  # applied at once
+    arm.hold()
+    assert np.allclose(arm._ctrl.gain.kp(), cfg.default_kp) and not arm.read().damping
