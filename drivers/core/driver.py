@@ -218,6 +218,9 @@ class Driver:
         self.fe_lag_s = emb.following_error.lag_s
         self._fe_reference: np.ndarray | None = None
         self._fe_since_ns = np.full(emb.dof, -1, dtype=np.int64)
+        # The target the filter followed on the last tick (None: it decelerated): a servo starts
+        # from it, so that the filter's reference stays continuous.
+        self._followed: np.ndarray | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -262,6 +265,7 @@ class Driver:
             self._watch_following(reading.position, now_ns)
         self._watch_lease(now_ns)
         target = self._next_target(now_ns) if self.mode == Mode.RUNNING else self.activity.hold_target
+        self._followed = target if self.mode in MOVING_MODES else None
         if self.mode in MOVING_MODES:
             if target is None:
                 commanded = self.filter.decelerate()
@@ -676,7 +680,12 @@ class Driver:
             target[sl] = msg["target"].astype(np.float64)
             covers_base = group in self._base_groups
         self._check_engage(target)
-        points = np.stack([self.filter.position, target])
+        # Start from the target the filter followed last tick, not from where the filter is: the
+        # filter lags its reference while moving, and a servo that restarted the reference there
+        # at every command (faster than its interpolation) made it jump back each time; at an
+        # irregular 50-100 Hz the filter then rang and drifted past the leader's range.
+        start = self._followed if self._followed is not None else self.filter.position
+        points = np.stack([start, target])
         self.buffer.add_chunk(now_ns, SERVO_INTERPOLATION_S, points, "replace", now_ns)
         if self.has_base:
             if covers_base:

@@ -404,3 +404,29 @@ def test_a_long_move_is_swapped_in_with_a_bounded_number_of_points_and_keeps_its
         now += DT_NS
         fastest = max(fastest, abs(d.tick(now).velocity[0]))
     assert fastest <= 0.01 and d.mode == Mode.ARMED and d.filter.position[0] == target[0]
+
+
+def test_servo_faster_than_its_interpolation_follows_without_drifting():
+    """A servo stream at an irregular 50-100 Hz, each target arriving before the last one's 20 ms
+    interpolation ended, follows a moving leader. When every servo restarted from the filter's
+    (lagging) pose, the reference jumped back at every command, the filter rang and drifted past
+    the leader's range until a target was refused as TOO_FAR (a 200 Hz arm, 1 rad/s, 4 rad/s^2)."""
+    from tests.unit.test_modes import mobile_emb
+
+    emb = mobile_emb(200.0)
+    emb = emb.model_copy(update={"groups": emb.groups[:3]})  # arm, gripper, lift: no base
+    d = Driver(emb, MockArm(emb.home, time_constant_s=0.0), lease_ttl_s=5.0)
+    d.connect(1.0)
+    lease = armed(d)
+    rng = np.random.default_rng(1)
+    amplitude = np.r_[0.1, -0.1, 0.0, 0.0]
+    next_cmd, worst, period = 0, 0.0, int(1e9 / emb.control_rate_hz)
+    for k in range(1000):  # 5 s
+        now = k * period
+        while next_cmd <= now:
+            target = emb.home + amplitude * np.sin(2 * np.pi * 0.5 * next_cmd * 1e-9)
+            cmd(d, "servo", next_cmd, lease=lease, target=target)
+            next_cmd += int(rng.uniform(10e6, 20e6))
+        r = d.tick(now)
+        worst = max(worst, float(np.max(np.abs(r.commanded - emb.home))))
+    assert worst <= 0.1 * 1.02
