@@ -1,7 +1,7 @@
 """The boundary between the ARX Lift 2 backend and ARX's SDKs: one small interface per device.
 
 Everything above this boundary (drivers/arx_lift2/parts.py, backend.py) is ours and tested against
-the fakes (drivers/arx_lift2/fake.py); everything below it is one vendor call per method, in one
+the fakes (drivers/arx_lift2/sim.py); everything below it is one vendor call per method, in one
 file per SDK (arm_arx5.py: ``arx5_interface``; body_lift.py: ARX LIFT-mini's ``lift_controller``).
 Units are the vendors' own, which are SI already: rad, rad/s, N·m, gripper opening in m, lift
 height in m, chassis velocity in m/s and rad/s, wheel speeds in rad/s.

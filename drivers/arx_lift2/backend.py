@@ -5,7 +5,7 @@ Action layout (configs/embodiments/arx_lift2.yaml), 18 values:
     14 lift height (m), 15-17 base velocity vx, vy (m/s), wz (rad/s).
 Parts: ``left_arm`` (0-6) and ``right_arm`` (7-13), each an ``ArmPart`` over arx5-sdk on its own
 bus; ``body`` (14-17), a ``BodyPart`` over LIFT-mini (lift and base share one bus and one
-interface). With ``fake: true`` the same parts run over the fakes (drivers/arx_lift2/fake.py).
+interface). With ``fake: true`` the same parts run over the fakes (drivers/arx_lift2/sim.py).
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ def build_backend(cfg: "ArxLift2BackendConfig", emb: "EmbodimentConfig") -> Comp
     if cfg.fake:
         from pathlib import Path
 
-        from armada.drivers.arx_lift2.fake import FakeArm, FakeBody
+        from armada.drivers.arx_lift2.sim import SimArm, SimBody
 
         if cfg.fake_dir is not None:
             Path(cfg.fake_dir).mkdir(parents=True, exist_ok=True)
         home = emb.home
-        left = FakeArm("left_arm", home[0:6], home[6], cfg.fake_dir, seed=1)
-        right = FakeArm("right_arm", home[7:13], home[13], cfg.fake_dir, seed=2)
-        body = FakeBody(geo, float(home[14]), cfg.fake_dir, seed=3)
+        left = SimArm("left_arm", home[0:6], home[6], cfg.fake_dir, seed=1)
+        right = SimArm("right_arm", home[7:13], home[13], cfg.fake_dir, seed=2)
+        body = SimBody(geo, float(home[14]), cfg.fake_dir, seed=3)
         where = "fake"
     else:
         from armada.drivers.arx_lift2.arm_arx5 import Arx5Arm

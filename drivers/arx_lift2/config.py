@@ -15,7 +15,7 @@ class ArxLift2BackendConfig(StrictModel):
     """Two ARX arms (arx5-sdk), the lift and the omni base (ARX LIFT-mini), each on its own CAN bus."""
 
     kind: Literal["arx_lift2"] = "arx_lift2"
-    # True: kinematic simulators of the three devices behind the same adapters (drivers/arx_lift2/fake.py).
+    # True: kinematic simulators of the three devices behind the same adapters (drivers/arx_lift2/sim.py).
     fake: bool = False
     # The fakes' folder: control.json (fault injection, written by a test or an operator) and one
     # status file per device. Only with fake: true; {run_dir}/... gives each run its own.

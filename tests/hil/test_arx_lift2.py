@@ -2,7 +2,7 @@
 
 The fakes run inside the driver process behind the vendor adapters; the test injects faults
 through their control file and reads what reached each device from their status files
-(drivers/arx_lift2/fake.py). Layout: 0-6 left arm + gripper, 7-13 right, 14 lift, 15-17 base.
+(drivers/arx_lift2/sim.py). Layout: 0-6 left arm + gripper, 7-13 right, 14 lift, 15-17 base.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from armada.drivers.arx_lift2.fake import read_commands, read_status, write_control
+from armada.drivers.arx_lift2.sim import read_commands, read_status, write_control
 from armada.runtime.config import CONFIG_DIR, load_embodiment
 from armada.runtime.supervisor import CellProcesses
 from armada.runtime.transport import CommandClient

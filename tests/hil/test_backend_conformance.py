@@ -215,7 +215,7 @@ def _mujoco(tmp: Path, monkeypatch) -> Iterator[Rig]:
 @contextlib.contextmanager
 def _arx_lift2(tmp: Path, monkeypatch) -> Iterator[Rig]:
     # The kinematic fakes behind the vendor adapters, in this process; they report through files.
-    from armada.drivers.arx_lift2.fake import read_commands, read_status, write_control
+    from armada.drivers.arx_lift2.sim import read_commands, read_status, write_control
 
     devices = ("left_arm", "right_arm", "body")
     here, nowhere = tmp / "arx", tmp / "arx_nowhere"

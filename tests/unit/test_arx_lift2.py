@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from armada.drivers.arx_lift2.adapter import AdapterError, MecanumGeometry
 from armada.drivers.arx_lift2.backend import DOF, build_backend, check_layout
 from armada.drivers.arx_lift2.config import ArxLift2BackendConfig
-from armada.drivers.arx_lift2.fake import FakeArm, FakeBody, read_commands, write_control
+from armada.drivers.arx_lift2.sim import SimArm, SimBody, read_commands, write_control
 from armada.drivers.arx_lift2.parts import BODY_PERIOD_S, BodyPart, ArmPart
 from armada.drivers.core.backend import BackendError
 from armada.runtime.config import load_embodiment
@@ -102,7 +102,7 @@ def test_the_real_body_adapter_without_arx_library_says_how_to_build_it():
 
 @pytest.fixture
 def arm(tmp_path):
-    fake = FakeArm("left_arm", EMB.home[:6], EMB.home[6], str(tmp_path))
+    fake = SimArm("left_arm", EMB.home[:6], EMB.home[6], str(tmp_path))
     part = ArmPart(fake, "left arm (fake)")
     part.connect(2.0)
     yield part, fake, tmp_path
@@ -176,7 +176,7 @@ def test_arm_close_never_drops_the_gains(arm):
 
 def test_an_unpowered_arm_is_a_clear_connect_error(tmp_path):
     write_control(tmp_path, {"power": False})
-    part = ArmPart(FakeArm("left_arm", EMB.home[:6], EMB.home[6], str(tmp_path)), "left arm (fake)")
+    part = ArmPart(SimArm("left_arm", EMB.home[:6], EMB.home[6], str(tmp_path)), "left arm (fake)")
     with pytest.raises(BackendError, match="None of the motors are initialized") as info:
         part.connect(1.0)
     assert not info.value.transient
@@ -185,13 +185,13 @@ def test_an_unpowered_arm_is_a_clear_connect_error(tmp_path):
 # --------------------------------------------------------------------------- the body part
 
 
-def body_part(fake: FakeBody, watchdog_s: float = 0.1) -> BodyPart:
+def body_part(fake: SimBody, watchdog_s: float = 0.1) -> BodyPart:
     return BodyPart(fake, GEO, "lift and base (fake)", EMB.lower[BODY], EMB.upper[BODY], DECEL, watchdog_s=watchdog_s)
 
 
 @pytest.fixture
 def body(tmp_path):
-    fake = FakeBody(GEO, start_height=0.1, fake_dir=str(tmp_path))
+    fake = SimBody(GEO, start_height=0.1, fake_dir=str(tmp_path))
     part = body_part(fake)
     part.connect(2.0)
     yield part, fake, tmp_path
@@ -219,7 +219,7 @@ def test_body_drives_the_base_and_lift_and_reads_odometry(body):
 
 
 def test_body_watchdog_ramps_the_base_to_zero_when_writes_stop(tmp_path):
-    fake = FakeBody(GEO, start_height=0.1, fake_dir=str(tmp_path))
+    fake = SimBody(GEO, start_height=0.1, fake_dir=str(tmp_path))
     part = body_part(fake, watchdog_s=0.3)  # longer than a loaded host's gap between two writes here
     part.connect(2.0)
     try:
@@ -238,7 +238,7 @@ def test_body_watchdog_ramps_the_base_to_zero_when_writes_stop(tmp_path):
         part.close()
 
 
-class RecordingBody(FakeBody):
+class RecordingBody(SimBody):
     """Every chassis setpoint the part hands to the SDK, in order."""
 
     def __init__(self, *args, **kwargs):
@@ -307,7 +307,7 @@ def test_body_close_ramps_the_base_to_zero_first(body):
 
 def test_an_unpowered_body_is_a_clear_connect_error(tmp_path):
     write_control(tmp_path, {"power": False})
-    part = body_part(FakeBody(GEO, fake_dir=str(tmp_path)))
+    part = body_part(SimBody(GEO, fake_dir=str(tmp_path)))
     with pytest.raises(BackendError, match="no live feedback.*body powered"):
         part.connect(0.5)
     assert part._thread is None
@@ -319,7 +319,7 @@ def test_an_unpowered_body_is_a_clear_connect_error(tmp_path):
 def test_body_setpoints_never_step_faster_than_the_slew_limit(events):
     """Whatever is written, and whatever stops come in between, the base setpoint sent to the SDK
     changes by at most twice the deceleration limit per cycle (the limit itself while stopping)."""
-    fake = FakeBody(GEO)
+    fake = SimBody(GEO)
     part = body_part(fake, watchdog_s=10.0)
     fake.open()
     part.height_target = 0.1

@@ -1,6 +1,9 @@
-"""Kinematic fakes of the ARX Lift 2's devices at the adapter boundary (drivers/arx_lift2/adapter.py).
+"""Kinematic simulators (the fakes) of the ARX Lift 2's devices at the adapter boundary
+(drivers/arx_lift2/adapter.py). A cell runs the robot on them with ``fake: true``, as it runs the
+mock arm or the MuJoCo arm: they are a simulated robot the driver builds, not test equipment
+beside a real SDK (no protocol is faked: neither vendor SDK can be run here).
 
-``FakeArm`` stands in for arx5-sdk's ``Arx5JointController`` on one arm, ``FakeBody`` for LIFT-mini's
+``SimArm`` stands in for arx5-sdk's ``Arx5JointController`` on one arm, ``SimBody`` for LIFT-mini's
 ``InterfacesPy`` (lift column and omni base). They keep the vendors' units, rates and limits and
 behave as the SDKs do where it matters to the backend:
 - the arm: a 500 Hz controller (the SDK's own thread) that starts in damping at the measured pose,
@@ -56,7 +59,7 @@ STATUS_S = 0.05
 MAX_CATCH_UP_S = 1.0  # a call after a long pause simulates at most this much (the rest is skipped)
 
 
-class FakeControl:
+class SimControl:
     """The fault switches in ``<fake_dir>/control.json``; none without a folder."""
 
     def __init__(self, fake_dir: str | None, name: str):
@@ -149,13 +152,13 @@ class _Status:
             pass  # a status file is for tests to look at; the fake goes on without it
 
 
-class FakeArm:
+class SimArm:
     """arx5-sdk's joint controller on one X5, as seen through ``ArmAdapter``."""
 
     def __init__(self, name: str, start: np.ndarray, start_gripper: float, fake_dir: str | None = None,
                  seed: int = 0):
         self.name = name
-        self.control = FakeControl(fake_dir, name)
+        self.control = SimControl(fake_dir, name)
         self.status = _Status(fake_dir, name)
         self.q = np.clip(np.asarray(start, dtype=np.float64).copy(), X5_POS_MIN, X5_POS_MAX)  # the true pose
         self.g = float(np.clip(start_gripper, 0.0, X5_GRIPPER_WIDTH))
@@ -276,14 +279,14 @@ class FakeArm:
             self.status.maybe_write(self._status_dict, force=True)
 
 
-class FakeBody:
+class SimBody:
     """LIFT-mini's ``InterfacesPy``: the lift column and a mecanum base, as seen through ``BodyAdapter``."""
 
     def __init__(self, geometry: MecanumGeometry, start_height: float = 0.0, fake_dir: str | None = None,
                  name: str = "body", seed: int = 1):
         self.name = name
         self.geometry = geometry
-        self.control = FakeControl(fake_dir, name)
+        self.control = SimControl(fake_dir, name)
         self.status = _Status(fake_dir, name)
         self.rng = np.random.default_rng(seed)
         self.height = float(np.clip(start_height, LIFT_MIN, LIFT_MAX))
