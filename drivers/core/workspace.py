@@ -1,26 +1,28 @@
 """Workspace box and two-arm separation limits: a guard around the driver's joint-space filter.
 
 Every tick ``CartesianGuard.step`` lets the inner filter (per-group modes and joint limits) take its
-step, then looks at where the arms would come to rest if they braked from the new state: the STOP
-POSE, each joint's commanded position plus its braking distance ``v|v|/(2a)`` plus one tick of
-travel ``v*dt`` (``a`` the inner filter's acceleration limit), clamped to the joint's range. Forward
-kinematics (drivers/core/kinematics.py) gives each arm's check points (wrist, tool) at that pose.
-The step is refused - the inner filter is restored to its state before the step and decelerates
-instead - when
+step, then looks at the way the arms would go if they braked from the new state: the BRAKING PATH,
+each chain joint braking at the inner filter's acceleration limit to its STOP POSE (its commanded
+position plus ``v|v|/(2a)`` plus one tick of travel ``v*dt``, clamped to its range). The path is
+checked at the commanded pose and at samples up to the stop pose (just the stop pose when slow; see
+``braking_path``); forward kinematics (drivers/core/kinematics.py) gives each arm's check points
+(wrist, tool) there. The step is refused - the inner filter is restored to its state before the step
+and decelerates instead - when
 
-- a check point of an arm is outside that arm's box AND further outside than at the stop pose of
-  the state before the step (counted as ``workspace``), or
-- two arms' closest check points are nearer than ``min_separation`` AND nearer than at the stop pose
-  before the step (counted as ``separation``).
+- a check point of an arm is outside that arm's box somewhere on the new path AND further outside
+  than anywhere on the path of the state before the step (counted as ``workspace``), or
+- two arms' closest check points come nearer than ``min_separation`` on the new path AND nearer than
+  on the path before the step (counted as ``separation``).
 
 So an arm that is inside stays inside, and one that starts outside (armed there, or pushed) may move
-back in but not further out. Braking keeps every joint between its position and its stop pose, so
-the arm comes to rest without crossing the box in joint space; in Cartesian space the braking path
-is curved, so a check point may pass the box by a little (a few millimetres at these speeds, bounded
-in tests/unit/test_workspace.py and docs/kinematics.md). The guard checks points, not link volumes.
+back in but not further out. Braking keeps every joint between its position and its stop pose; the
+Cartesian path between two checked samples is curved, so a check point may pass the box by a little
+(2 mm at most for a UR3 at full speed in docs/kinematics.md; tests/unit/test_workspace.py allows 5).
+The guard checks points, not link volumes.
 
 A refused step decelerates every dof of the inner filter (the whole robot brakes, grippers and base
-included): the inner filter has one state, and braking is always safe.
+included): the inner filter has one state, and braking is always safe. The clamps the inner filter
+counted during the refused step stay counted.
 """
 
 from __future__ import annotations
