@@ -341,3 +341,27 @@ def test_after_the_link_comes_back_clear_fault_recovers_and_the_robot_arms_again
     robot.rec.wait_mode("idle", 5.0)
     held = robot.arm()
     assert np.allclose(held[:15], robot.rec.latest()["measured"][:15], atol=0.01)
+
+
+def test_the_fake_cell_runs_an_episode_of_the_inference_process(short_tmp):
+    """The shipped cell as `armada run` starts it: camera, inference (scripted chunks) and the
+    driver over the simulators; the episode completes and the base is at rest afterwards."""
+    from armada.runtime.inference.client import EpisodeClient
+
+    fake_dir = short_tmp / "arx"
+    data = yaml.safe_load(CELL.read_text())
+    data["drivers"][0]["backend"]["fake_dir"] = str(fake_dir)
+    path = short_tmp / "cell.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with CellProcesses(path, short_tmp) as procs:
+        procs.start_all()
+        client = EpisodeClient(procs.ctx, procs.cell)
+        try:
+            report = client.wait_report(client.start("wave", duration_s=3.0, arm=True), timeout_s=60.0)
+        finally:
+            client.close()
+        assert report["outcome"] == "completed", report
+        assert report["chunks"] >= 3
+        assert _wait(lambda: read_status(fake_dir, "body")["chassis_setpoint"] == [0.0, 0.0, 0.0], 2.0)
+    assert read_commands(fake_dir, "left_arm") > 100 and read_commands(fake_dir, "right_arm") > 100
+    assert np.ptp(read_status(fake_dir, "left_arm")["q"]) > 0.05  # the arms followed the chunks
