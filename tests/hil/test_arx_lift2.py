@@ -365,3 +365,28 @@ def test_the_fake_cell_runs_an_episode_of_the_inference_process(short_tmp):
         assert _wait(lambda: read_status(fake_dir, "body")["chassis_setpoint"] == [0.0, 0.0, 0.0], 2.0)
     assert read_commands(fake_dir, "left_arm") > 100 and read_commands(fake_dir, "right_arm") > 100
     assert np.ptp(read_status(fake_dir, "left_arm")["q"]) > 0.05  # the arms followed the chunks
+
+
+def test_a_driver_for_a_switched_off_robot_exits_with_a_clear_error(short_tmp):
+    import subprocess
+
+    fake_dir = short_tmp / "arx"
+    fake_dir.mkdir()
+    write_control(fake_dir, {"power": False})
+    data = yaml.safe_load(CELL.read_text())
+    data["drivers"][0]["backend"]["fake_dir"] = str(fake_dir)
+    data["cameras"] = []
+    path = short_tmp / "cell.yaml"
+    path.write_text(yaml.safe_dump(data))
+    procs = CellProcesses(path, short_tmp)
+    try:
+        child = procs.spawn("driver", "robot")
+        try:
+            code = child.proc.wait(timeout=20.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        log = child.log_tail(40)
+    finally:
+        procs.close()
+    assert code not in (None, 0), f"driver did not exit with an error (code {code}):\n{log}"
+    assert "left arm (fake)" in log and "None of the motors are initialized" in log, log
