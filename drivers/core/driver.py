@@ -375,6 +375,7 @@ class Driver:
         self.activity.final_received = True
         self.activity.hold_target = None  # decelerate and hold wherever that ends (the base: at zero)
         self.activity.servo_target = None
+        self._followed = None
         if self.mode == Mode.RUNNING:
             self.mode = Mode.ARMED
 
@@ -390,6 +391,7 @@ class Driver:
         self.buffer.clear()
         self.activity = _Activity()
         self._fe_reference = None
+        self._followed = None
         if self.recovering:
             self._device_estop_pending = True  # the recovery owns the device; sent when it returns
         else:
@@ -421,6 +423,7 @@ class Driver:
         self.mode = Mode.FAULT
         self.reason = reason
         self._fe_reference = None
+        self._followed = None
         try:
             self.backend.on_fault(reason)  # nothing may recover or resend on its own now
         except BackendError as exc:
@@ -495,6 +498,7 @@ class Driver:
                                 f"move the arm): {', '.join(outside)}; move it inside by hand first")
         self.filter.reset(pose)  # hold exactly where the arm is: arming never moves it
         self._fe_reference = None
+        self._followed = None
         self.requested = pose.copy()
         self.activity = _Activity()
         self.mode = Mode.ARMED

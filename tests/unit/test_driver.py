@@ -430,3 +430,20 @@ def test_servo_faster_than_its_interpolation_follows_without_drifting():
         r = d.tick(now)
         worst = max(worst, float(np.max(np.abs(r.commanded - emb.home))))
     assert worst <= 0.1 * 1.02
+
+
+def test_a_servo_right_after_rearming_starts_from_the_held_pose(drv):
+    """The servo's start (the target followed last tick) is forgotten when the driver stops
+    following: an e-stop mid-move, reset and arm, then a servo before any tick starts from the pose."""
+    lease = armed(drv)
+    far = EMB.home.copy()
+    far[0] += 0.15
+    cmd(drv, "servo", 0, lease=lease, target=far)
+    now = run_ticks(drv, 0, 3, lease)  # moving toward it
+    cmd(drv, "estop", now, reason="t")
+    cmd(drv, "reset_estop", now, lease=lease)
+    cmd(drv, "arm", now, lease=lease)
+    held = drv.filter.position
+    cmd(drv, "servo", now, lease=lease, target=held)
+    assert drv._followed is None
+    assert np.array_equal(drv.buffer.first_point_at_or_after(now), held)
