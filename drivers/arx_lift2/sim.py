@@ -194,24 +194,27 @@ class SimArm:
             self.emergency = True  # over-current seen by the SDK: damping until the process ends
         damping = self.emergency or not self.kp_on
         alpha = 1.0 - math.exp(-ARM_DT / ARM_TRACKING_S)
+        vmax, gmax = X5_VEL_MAX * ARM_DT, X5_GRIPPER_VEL_MAX * ARM_DT
+        before = self.q.copy()
+        # np.minimum/np.maximum rather than np.clip, and scalars in plain floats: this loop is the
+        # simulators' whole cost (two arms at 500 Hz in the driver process).
         for _ in range(steps):
-            before = self.q.copy()
+            before[:] = self.q
             if damping:
                 self.sdk_out, self.g_out = self.q.copy(), self.g  # the SDK follows the pose in damping
             else:
-                step = np.clip(self.target - self.sdk_out, -X5_VEL_MAX * ARM_DT, X5_VEL_MAX * ARM_DT)
-                self.sdk_out = np.clip(self.sdk_out + step, X5_POS_MIN, X5_POS_MAX)
-                gstep = float(np.clip(self.g_target - self.g_out, -X5_GRIPPER_VEL_MAX * ARM_DT,
-                                      X5_GRIPPER_VEL_MAX * ARM_DT))
-                self.g_out = float(np.clip(self.g_out + gstep, 0.0, X5_GRIPPER_WIDTH))
+                step = np.minimum(np.maximum(self.target - self.sdk_out, -vmax), vmax)
+                self.sdk_out = np.minimum(np.maximum(self.sdk_out + step, X5_POS_MIN), X5_POS_MAX)
+                gstep = min(max(self.g_target - self.g_out, -gmax), gmax)
+                self.g_out = min(max(self.g_out + gstep, 0.0), X5_GRIPPER_WIDTH)
             if linked:
-                self.motor_cmd, self.g_motor = self.sdk_out.copy(), self.g_out
+                self.motor_cmd, self.g_motor = self.sdk_out, self.g_out
             if not powered:
                 self.q[1] = max(X5_POS_MIN[1], self.q[1] - 0.5 * ARM_DT)  # limp: the shoulder sinks
             elif not damping:  # damping lets the arm rest where it is; else it tracks the motors' command
                 self.q += alpha * (self.motor_cmd - self.q)
                 self.g += alpha * (self.g_motor - self.g)
-            self.qd = (self.q - before) / ARM_DT
+        self.qd = (self.q - before) / ARM_DT
         if linked:
             noise = self.rng.normal(0.0, 0.02, ARM_JOINTS)  # motor current is never exactly still
             self.last = ArmSample(pos=self.q.copy(), vel=self.qd.copy(), torque=np.array([0, 3, 2, 0.5, 0, 0]) + noise,
@@ -321,9 +324,10 @@ class SimBody:
                 self.velocity *= 0.9
             else:
                 if self.fw_height is not None and not stalled:
-                    dh = np.clip(self.fw_height - self.height, -LIFT_SPEED * BODY_DT, LIFT_SPEED * BODY_DT)
-                    self.height = float(np.clip(self.height + dh, LIFT_MIN, LIFT_MAX))
-                self.velocity += np.clip(self.fw_chassis - self.velocity, -BASE_ACCEL * BODY_DT, BASE_ACCEL * BODY_DT)
+                    dh = min(max(self.fw_height - self.height, -LIFT_SPEED * BODY_DT), LIFT_SPEED * BODY_DT)
+                    self.height = min(max(self.height + dh, LIFT_MIN), LIFT_MAX)
+                self.velocity += np.minimum(np.maximum(self.fw_chassis - self.velocity, -BASE_ACCEL * BODY_DT),
+                                            BASE_ACCEL * BODY_DT)
             self.accel = (self.velocity - before) / BODY_DT
 
     def _status_dict(self) -> dict[str, Any]:
