@@ -376,6 +376,7 @@ class Driver:
         self.activity.hold_target = None  # decelerate and hold wherever that ends (the base: at zero)
         self.activity.servo_target = None
         self._followed = None
+        self._base_fresh_until_ns = -1  # nothing renews the base's last target any more
         if self.mode == Mode.RUNNING:
             self.mode = Mode.ARMED
 
@@ -392,6 +393,7 @@ class Driver:
         self.activity = _Activity()
         self._fe_reference = None
         self._followed = None
+        self._base_fresh_until_ns = -1  # nothing renews the base's last target any more
         if self.recovering:
             self._device_estop_pending = True  # the recovery owns the device; sent when it returns
         else:
@@ -424,6 +426,7 @@ class Driver:
         self.reason = reason
         self._fe_reference = None
         self._followed = None
+        self._base_fresh_until_ns = -1  # nothing renews the base's last target any more
         try:
             self.backend.on_fault(reason)  # nothing may recover or resend on its own now
         except BackendError as exc:
@@ -499,6 +502,7 @@ class Driver:
         self.filter.reset(pose)  # hold exactly where the arm is: arming never moves it
         self._fe_reference = None
         self._followed = None
+        self._base_fresh_until_ns = -1  # nothing renews the base's last target any more
         self.requested = pose.copy()
         self.activity = _Activity()
         self.mode = Mode.ARMED
