@@ -401,3 +401,62 @@ def test_the_real_arm_adapter_builds_the_sdks_own_types():
     assert arm._ctrl.cmd.timestamp == 0.0  # applied at once
     arm.hold()
     assert np.allclose(arm._ctrl.gain.kp(), cfg.default_kp) and not arm.read().damping
+
+
+class RecordingArm(SimArm):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list[np.ndarray] = []
+
+    def command(self, pos, gripper_pos):
+        self.sent.append(np.append(pos, gripper_pos))
+        super().command(pos, gripper_pos)
+
+
+_value = st.one_of(st.floats(-4, 4), st.sampled_from([np.nan, np.inf, -np.inf, 1e300]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(_value, min_size=6, max_size=8), min_size=1, max_size=30))
+def test_only_whole_finite_arm_writes_ever_reach_the_sdk(writes):
+    arm = RecordingArm("left_arm", EMB.home[:6], EMB.home[6])
+    part = ArmPart(arm, "left arm (sim)")
+    part.connect(2.0)
+    arm.sent.clear()
+    expected = []
+    for w in writes:
+        p = np.array(w, dtype=np.float64)
+        try:
+            part.write(p)
+            expected.append(p)
+        except BackendError as exc:
+            assert not exc.transient and (p.shape != (7,) or not np.all(np.isfinite(p)))
+    assert len(arm.sent) == len(expected)
+    for got, want in zip(arm.sent, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+class RecordingHeights(SimBody):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heights: list[float] = []
+
+    def set_height(self, height_m):
+        self.heights.append(height_m)
+        super().set_height(height_m)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-0.05, 0.45), st.floats(-0.3, 0.3)), min_size=1, max_size=30))
+def test_the_lift_setpoint_handed_to_the_sdk_is_always_within_its_range(writes):
+    fake = RecordingHeights(GEO, start_height=0.1)
+    part = body_part(fake, watchdog_s=10.0)
+    fake.open()
+    part.height_target = 0.1
+    for h, vx in writes:
+        try:
+            part.write(np.array([h, vx, 0.0, 0.0]))
+        except BackendError:
+            assert not (EMB.lower[14] <= h <= EMB.upper[14] and abs(vx) <= 0.2)
+        part._cycle()
+    assert fake.heights and all(0.0 <= h <= 0.38 for h in fake.heights)
