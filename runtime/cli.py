@@ -8,7 +8,7 @@
     armada reset-estop CELL --name N   reset one driver's latched e-stop (it stays disarmed)
     armada model make-tiny OUT      a tiny merged bundle with the real layout
     armada model inspect BUNDLE     what a bundle holds
-    armada bench [loop|rtt|state|frames|all|model|cameras|estop|KIND]   KIND: a device with a bench
+    armada bench [loop|rtt|state|frames|all|model|cameras|estop|record|sim|filter|KIND]   KIND: a device with a bench
     armada fake KIND ARGS           a device's protocol-level fake, for HIL tests and dry runs
     armada calibrate ...            intrinsics, hand-eye, joints, camera latency
 """
@@ -32,7 +32,7 @@ from armada.runtime.rundir import PARENT_PID_ENV, RunDirError
 from armada.runtime.terminal import Interrupted, StopSignals, say
 
 _PR_SET_PDEATHSIG = 1
-SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record", "sim")
+SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record", "sim", "filter")
 RUN_DIR_HELP = ("private folder for ipc sockets, locks and logs ({run_dir} in the cell); default "
                 "$XDG_RUNTIME_DIR/armada-UID/CELL, or /tmp/armada-UID/CELL without XDG_RUNTIME_DIR")
 
@@ -231,6 +231,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return run_record_bench(args)
         if args.what == "sim":
             return _bench_sim(args)
+        if args.what == "filter":
+            return _bench_filter(args)
         if args.what not in SPINE_BENCHES or args.what == "cameras":
             return _bench_device(args)
         from armada.runtime.bench import run_bench
@@ -308,6 +310,21 @@ def run_fake(device: str, argv: list[str]) -> int:
     if fake is None:
         raise SystemExit(f"armada fake: backend kind {device!r} has no fake")
     return fake(argv)
+
+
+def _bench_filter(args: argparse.Namespace) -> int:
+    import json
+
+    from armada.drivers.core.filter_bench import bench_filter, print_table
+    from armada.runtime.bench import machine
+
+    print(f"machine: {machine()}")
+    print(f"bench filter: {args.seconds:g} s of ticks per embodiment and stream ...", flush=True)
+    results = bench_filter(args.seconds)
+    print_table(results)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"machine": machine(), "filter": results}, indent=2))
+    return 0
 
 
 def _bench_device(args: argparse.Namespace) -> int:
