@@ -120,17 +120,23 @@ class BaseVelocityFilter:
         ``fresh``: the target comes from a command that covers now. A target that is not fresh is
         followed for ``timeout_ticks`` ticks after the last fresh one, then the base ramps to zero.
         """
-        self._stale = 0 if fresh and target is not None else min(self._stale + 1, self.timeout_ticks + 1)
         goals = None if target is None else self._checked(target)
+        # A target refused as non-finite is not fresh either: that tick counts toward staleness.
+        return np.array(self.advance_checked(goals, fresh and goals is not None))
+
+    def decelerate(self) -> np.ndarray:
+        return self.step(None)
+
+    def advance_checked(self, goals: list[float] | None, fresh: bool) -> list[float]:
+        """``step`` on goals a composing filter has already checked (finite floats, one per dof).
+        Returns the commanded velocities as the filter's own list: read only."""
+        self._stale = 0 if fresh and goals is not None else min(self._stale + 1, self.timeout_ticks + 1)
         if goals is not None and self._stale > self.timeout_ticks:
             if any(goals):
                 self.counters.stale += 1
             goals = None
         self._advance(goals)
-        return np.array(self._v)
-
-    def decelerate(self) -> np.ndarray:
-        return self.step(None)
+        return self._v
 
     def _checked(self, target: np.ndarray | list[float]) -> list[float] | None:
         try:
@@ -228,6 +234,8 @@ class GroupedFilter:
                                       timeout_s=g.command_timeout_s, dt=dt)
             base.counters = self.counters
             self._bases.append((slices[g.name], base))
+        self._pos_list: list[int] = pos_idx
+        self._out = [0.0] * self.dof
         self._p = np.zeros(self.dof)
 
     # ------------------------------------------------------------------ state
@@ -274,19 +282,27 @@ class GroupedFilter:
     def step(self, target: np.ndarray | None, fresh: bool = True) -> np.ndarray:
         """The next command (positions, and velocities for the base) toward ``target``; None holds:
         the position dofs decelerate to a stop, the base ramps to zero."""
-        arr = None
+        goals: list[float] | None = None
         if target is not None:
             try:
                 arr = np.asarray(target, dtype=np.float64)
             except (TypeError, ValueError):
                 arr = None
-            if arr is None or arr.shape != (self.dof,) or not np.all(np.isfinite(arr)):
+            if arr is not None and arr.shape == (self.dof,):
+                goals = arr.tolist()
+                if not all(map(math.isfinite, goals)):
+                    goals = None
+            if goals is None:
                 self.counters.nonfinite += 1  # counted once here; the parts only see a hold
-                arr = None
+        # Checked once here; the parts step on plain floats (a tick is a few microseconds).
+        out = self._out
         if self._pos is not None:
-            self._p[self._pos_idx] = self._pos.step(None if arr is None else arr[self._pos_idx])
+            pos = self._pos.advance_checked(None if goals is None else [goals[i] for i in self._pos_list])
+            for k, i in enumerate(self._pos_list):
+                out[i] = pos[k]
         for sl, base in self._bases:
-            self._p[sl] = base.step(None if arr is None else arr[sl], fresh)
+            out[sl] = base.advance_checked(None if goals is None else goals[sl], fresh)
+        self._p = np.array(out)
         return self._p.copy()
 
     def decelerate(self) -> np.ndarray:

@@ -193,6 +193,14 @@ class SafetyFilter:
     def decelerate(self) -> np.ndarray:
         return self.step(None)
 
+    def advance_checked(self, goals: list[float] | None) -> list[float]:
+        """One tick on goals a composing filter has already checked (finite floats, one per dof;
+        None decelerates). Returns the commanded positions as the filter's own list: read only."""
+        if not self._engaged:
+            raise RuntimeError("safety filter: reset() it at the measured pose before stepping")
+        self._advance(goals)
+        return self._p
+
     def _checked(self, target: np.ndarray) -> list[float] | None:
         """The target as floats, or None (counted) when it must not be followed."""
         try:
