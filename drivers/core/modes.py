@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from armada.drivers.core.safety import ClampCounters, SafetyFilter, SafetyLimits
+from armada.drivers.core.safety import ClampCounters, SafetyFilter, SafetyLimits, checked_goals
 
 if TYPE_CHECKING:
     from armada.runtime.config import EmbodimentConfig
@@ -139,18 +139,7 @@ class BaseVelocityFilter:
         return self._v
 
     def _checked(self, target: np.ndarray | list[float]) -> list[float] | None:
-        try:
-            arr = np.asarray(target, dtype=np.float64)
-        except (TypeError, ValueError):
-            arr = None
-        if arr is None or arr.shape != (self.dof,):
-            self.counters.nonfinite += 1
-            return None
-        goals = arr.tolist()
-        if not all(map(math.isfinite, goals)):
-            self.counters.nonfinite += 1
-            return None
-        return goals
+        return checked_goals(target, self.dof, self.counters)
 
     def _advance(self, goals: list[float] | None) -> None:
         vel_clamped = acc_clamped = jerk_clamped = False
@@ -282,18 +271,8 @@ class GroupedFilter:
     def step(self, target: np.ndarray | None, fresh: bool = True) -> np.ndarray:
         """The next command (positions, and velocities for the base) toward ``target``; None holds:
         the position dofs decelerate to a stop, the base ramps to zero."""
-        goals: list[float] | None = None
-        if target is not None:
-            try:
-                arr = np.asarray(target, dtype=np.float64)
-            except (TypeError, ValueError):
-                arr = None
-            if arr is not None and arr.shape == (self.dof,):
-                goals = arr.tolist()
-                if not all(map(math.isfinite, goals)):
-                    goals = None
-            if goals is None:
-                self.counters.nonfinite += 1  # counted once here; the parts only see a hold
+        # Counted once here (nonfinite); the parts only see a hold.
+        goals = None if target is None else checked_goals(target, self.dof, self.counters)
         # Checked once here; the parts step on plain floats (a tick is a few microseconds).
         out = self._out
         if self._pos is not None:

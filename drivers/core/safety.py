@@ -202,19 +202,7 @@ class SafetyFilter:
         return self._p
 
     def _checked(self, target: np.ndarray) -> list[float] | None:
-        """The target as floats, or None (counted) when it must not be followed."""
-        try:
-            arr = np.asarray(target, dtype=np.float64)
-        except (TypeError, ValueError):
-            arr = None
-        if arr is None or arr.shape != (self._dof,):
-            self.counters.nonfinite += 1
-            return None
-        goals = arr.tolist()
-        if not all(map(math.isfinite, goals)):
-            self.counters.nonfinite += 1
-            return None
-        return goals
+        return checked_goals(target, self._dof, self.counters)
 
     def _advance(self, goals: list[float] | None) -> None:
         """One tick for every dof; ``goals`` None asks for zero velocity (decelerate)."""
@@ -269,6 +257,23 @@ class SafetyFilter:
         c.velocity += vel
         c.acceleration += acc
         c.braking += brake
+
+
+def checked_goals(target: object, dof: int, counters: ClampCounters) -> list[float] | None:
+    """The target as floats, or None (counted as ``nonfinite``) when it must not be followed:
+    not numeric, the wrong shape, or not finite."""
+    try:
+        arr = np.asarray(target, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape != (dof,):
+        counters.nonfinite += 1
+        return None
+    goals = arr.tolist()
+    if not all(map(math.isfinite, goals)):
+        counters.nonfinite += 1
+        return None
+    return goals
 
 
 def _braking_speed(room: float, dv: float, two_a: float) -> float:
