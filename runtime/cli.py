@@ -8,7 +8,7 @@
     armada reset-estop CELL --name N   reset one driver's latched e-stop (it stays disarmed)
     armada model make-tiny OUT      a tiny merged bundle with the real layout
     armada model inspect BUNDLE     what a bundle holds
-    armada bench [loop|rtt|state|frames|all|model|cameras|estop|record|sim|filter|KIND]   KIND: a device with a bench
+    armada bench [loop|rtt|state|frames|all|model|cameras|estop|record|sim|filter|remote|KIND]   KIND: a device with a bench
     armada fake KIND ARGS           a device's protocol-level fake, for HIL tests and dry runs
     armada calibrate ...            intrinsics, hand-eye, joints, camera latency
 """
@@ -32,7 +32,7 @@ from armada.runtime.rundir import PARENT_PID_ENV, RunDirError
 from armada.runtime.terminal import Interrupted, StopSignals, say
 
 _PR_SET_PDEATHSIG = 1
-SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record", "sim", "filter")
+SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record", "sim", "filter", "remote")
 RUN_DIR_HELP = ("private folder for ipc sockets, locks and logs ({run_dir} in the cell); default "
                 "$XDG_RUNTIME_DIR/armada-UID/CELL, or /tmp/armada-UID/CELL without XDG_RUNTIME_DIR")
 
@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_record_parser(sub)
     add_view_parser(sub)
     add_eval_parser(sub)
+    from armada.runtime.deploy.systemd_units import add_systemd_parser
+    from armada.runtime.doctor.cli import add_doctor_parser
+    from armada.runtime.remote.keys import add_keys_parser
+
+    add_systemd_parser(sub)
+    add_doctor_parser(sub)
+    add_keys_parser(sub)
     return parser
 
 
@@ -212,6 +219,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         from armada.runtime.eval.cli import run_eval
 
         return run_eval(args)
+    if args.command == "systemd":
+        from armada.runtime.deploy.systemd_units import run_systemd
+
+        return run_systemd(args)
+    if args.command == "doctor":
+        from armada.runtime.doctor.cli import run_doctor
+
+        return run_doctor(args)
+    if args.command == "keys":
+        from armada.runtime.remote.keys import run_keys
+
+        return run_keys(args)
     elif args.command == "model":
         return run_model_command(args)
     elif args.command == "fake":
@@ -233,6 +252,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _bench_sim(args)
         if args.what == "filter":
             return _bench_filter(args)
+        if args.what == "remote":
+            from armada.runtime.remote.bench import run_remote_bench
+
+            return run_remote_bench(args)
         if args.what not in SPINE_BENCHES or args.what == "cameras":
             return _bench_device(args)
         from armada.runtime.bench import run_bench
