@@ -1,0 +1,502 @@
+"""The checks of `armada doctor`: each returns rows (status, what was found, a one-line fix).
+
+A check reads the machine only through a ``Host`` (runtime/doctor/host.py), so tests feed a fake
+/sys, /dev, getrlimit and command output. Statuses: ``ok``; ``warn`` (the cell runs, but worse:
+jitter, a stale calibration); ``fail`` (the cell cannot run as configured); ``skip`` (nothing to
+check here, with the reason). No check writes to a device or moves anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import stat
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from armada.runtime.doctor.host import CommandMissing, Host
+
+Status = Literal["ok", "warn", "fail", "skip"]
+STATUSES: tuple[Status, ...] = ("ok", "warn", "fail", "skip")
+
+# PiPer, Cobot Magic and the ARX arms all run their CAN bus at 1 Mbit/s; no backend config names
+# a bitrate today, so this is what a socketcan bus is checked against.
+DEFAULT_CAN_BITRATE = 1_000_000
+UR_TIMEOUT_S = 1.0
+REALSENSE_TIMEOUT_S = 5.0
+# A calibration older than this still loads; the doctor only says to redo it.
+CALIBRATION_MAX_AGE_DAYS = 90.0
+# Clock offsets (chrony / PTP): above WARN the cross-host staleness numbers get noticeably wrong.
+CLOCK_WARN_S = 0.005
+# Serial names that change when adapters are replugged or enumerate in another order.
+_UNSTABLE_SERIAL = re.compile(r"^/dev/tty(USB|ACM)\d+$")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # what was checked: "serial arm.port", "can can0", "clock"
+    status: Status
+    found: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+# --- what the cell names --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceNeed:
+    """One device a driver or camera needs: ``kind`` says how to check it."""
+
+    kind: Literal["serial", "can", "ur_dashboard", "realsense", "video"]
+    owner: str  # "arm.port": driver or camera name and the config field
+    target: str  # the path, interface, host:port or serial number
+    port: int | None = None
+
+
+def backend_needs(driver_name: str, backend: Any, plugin: Any = None) -> list[DeviceNeed]:
+    """The devices one driver's backend names.
+
+    A plugin may list them itself through an optional ``devices(config) -> list[DeviceNeed]``
+    attribute; otherwise the config's fields are read by convention: ``port`` / ``*_port`` strings
+    are serial ports, ``can`` / ``*_can`` are SocketCAN interfaces (only with ``bustype: socketcan``,
+    the default), ``host`` with ``dashboard_port`` is a UR controller. A backend with ``fake: true``
+    names no real device."""
+    hook = getattr(plugin, "devices", None)
+    if callable(hook):
+        return list(hook(backend))
+    if getattr(backend, "fake", False) is True:
+        return []
+    fields = backend.model_dump() if hasattr(backend, "model_dump") else dict(vars(backend))
+    socketcan = fields.get("bustype", "socketcan") == "socketcan"
+    needs: list[DeviceNeed] = []
+    for key, value in fields.items():
+        if not isinstance(value, str):
+            continue
+        owner = f"{driver_name}.{key}"
+        if key == "port" or key.endswith("_port"):
+            needs.append(DeviceNeed("serial", owner, value))
+        elif (key == "can" or key.endswith("_can")) and socketcan:
+            needs.append(DeviceNeed("can", owner, value))
+    if isinstance(fields.get("host"), str) and isinstance(fields.get("dashboard_port"), int):
+        needs.append(DeviceNeed("ur_dashboard", f"{driver_name}.host", fields["host"], fields["dashboard_port"]))
+    return needs
+
+
+def camera_needs(camera: Any) -> list[DeviceNeed]:
+    kind = getattr(camera, "kind", None)
+    if kind == "realsense" and getattr(camera, "playback", None) is None:
+        return [DeviceNeed("realsense", f"{camera.name}.serial", camera.serial or "")]
+    if kind == "opencv":
+        dev = camera.device
+        if isinstance(dev, int) or (isinstance(dev, str) and dev.isdigit()):
+            return [DeviceNeed("video", f"{camera.name}.device", f"/dev/video{int(dev)}")]
+        if isinstance(dev, str) and dev.startswith("/dev/"):
+            return [DeviceNeed("video", f"{camera.name}.device", dev)]
+    return []  # synthetic, mujoco, a recording, a stream URL: no device node here
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+def check_device_node(host: Host, need: DeviceNeed) -> list[Check]:
+    """A serial port or video device: present, a character device, and readable and writable by
+    this user (the group that owns it is the fix when not)."""
+    name = f"{need.kind} {need.owner}"
+    if "{run_dir}" in need.target:
+        return [Check(name, "skip", f"{need.target}: made at run time by `armada fake` (not a real device)")]
+    path = host.path(need.target)
+    if not path.exists():
+        where = "/dev/serial/by-id" if need.kind == "serial" else "/dev/v4l/by-id"
+        return [Check(name, "fail", f"{need.target} is missing",
+                      f"plug the device in, or set the path to its name under {where} (ls {where})")]
+    rows: list[Check] = []
+    mode = path.stat().st_mode
+    if host.root == Path("/") and not stat.S_ISCHR(mode):  # a fake /dev in tests holds plain files
+        rows.append(Check(name, "warn", f"{need.target} is not a character device"))
+    if not host.access(path, os.R_OK | os.W_OK):
+        group = host.group_name(path.stat().st_gid)
+        rows.append(Check(name, "fail", f"{need.target}: no read/write permission (owned by group {group})",
+                          f"sudo usermod -aG {group} $USER, then log in again"))
+        return rows
+    if need.kind == "serial" and _UNSTABLE_SERIAL.match(need.target):
+        rows.append(Check(name, "warn", f"{need.target} present, but its number can change on replug",
+                          "use its /dev/serial/by-id/... name (or a udev rule) in the cell"))
+    else:
+        rows.append(Check(name, "ok", f"{need.target} present and writable"))
+    return rows
+
+
+def check_can(host: Host, need: DeviceNeed, bitrate: int = DEFAULT_CAN_BITRATE) -> Check:
+    """A SocketCAN interface: present in /sys/class/net, up, at ``bitrate`` (from `ip -details`)."""
+    name = f"can {need.owner}"
+    iface = need.target
+    net = host.path(f"/sys/class/net/{iface}")
+    if not net.exists():
+        return Check(name, "fail", f"no network interface {iface}",
+                     "plug the USB-CAN adapter in (lsusb), or name the right interface (ip link)")
+    try:
+        flags = int((net / "flags").read_text().strip(), 16)
+    except (OSError, ValueError):
+        flags = None
+    up_fix = f"sudo ip link set {iface} up type can bitrate {bitrate}"
+    if flags is not None and not flags & 0x1:  # IFF_UP
+        return Check(name, "fail", f"{iface} is down", up_fix)
+    try:
+        out = host.run(["ip", "-details", "-json", "link", "show", iface], 2.0)
+        info = json.loads(out)[0].get("linkinfo", {})
+    except CommandMissing:
+        return Check(name, "warn", f"{iface} is up; bitrate not checked (no `ip` command)", "apt install iproute2")
+    except (RuntimeError, ValueError, IndexError, AttributeError) as exc:
+        return Check(name, "warn", f"{iface} is up; bitrate unknown ({exc})")
+    if info.get("info_kind") != "can":
+        return Check(name, "fail", f"{iface} is not a CAN interface (kind {info.get('info_kind')!r})",
+                     "name the CAN interface (ip -details link)")
+    data = info.get("info_data", {})
+    state = data.get("state")
+    actual = data.get("bittiming", {}).get("bitrate")
+    if actual != bitrate:
+        return Check(name, "fail", f"{iface} runs at {actual} bit/s, the arm needs {bitrate}",
+                     f"sudo ip link set {iface} down && {up_fix}")
+    if state not in (None, "ERROR-ACTIVE"):
+        return Check(name, "warn", f"{iface} up at {actual} bit/s, controller state {state}",
+                     "check wiring, termination and that the arm is powered; then ip link set down/up")
+    return Check(name, "ok", f"{iface} up at {actual} bit/s" + (f", {state}" if state else ""))
+
+
+def check_ur_dashboard(host: Host, need: DeviceNeed, timeout_s: float = UR_TIMEOUT_S) -> Check:
+    """The UR dashboard server answers and the controller is in remote control. Only queries:
+    ``is in remote control`` reads a flag (no program is loaded, nothing moves)."""
+    name = f"ur {need.owner}"
+    where = f"{need.target}:{need.port}"
+    try:
+        with host.connect(need.target, need.port or 29999, timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            reader = sock.makefile("rb")
+            welcome = reader.readline(256)
+            if b"Dashboard" not in welcome and b"Connected" not in welcome:
+                return Check(name, "fail", f"{where} answered {welcome[:60]!r}, not a UR dashboard",
+                             "check the host address (the controller's IP, Settings > Network)")
+            sock.sendall(b"is in remote control\n")
+            answer = reader.readline(256).strip().lower()
+    except OSError as exc:
+        return Check(name, "fail", f"{where}: no answer ({exc})",
+                     "power the controller on, check the cable and the address (ping it)")
+    if answer == b"true":
+        return Check(name, "ok", f"{where} reachable, in remote control")
+    if answer == b"false":
+        return Check(name, "fail", f"{where} reachable, in local control",
+                     "switch the teach pendant to Remote Control (top-right icon)")
+    return Check(name, "warn", f"{where} reachable; remote control unknown ({answer[:60]!r}; CB3 has no such query)")
+
+
+def check_realsense(need: DeviceNeed, query: Callable[[], list[dict[str, str]]] | None = None,
+                    timeout_s: float = REALSENSE_TIMEOUT_S) -> Check:
+    """A RealSense camera with this serial is connected, on a USB 3 link. ``query`` lists devices as
+    {serial, name, usb}; by default pyrealsense2's, only when it is installed."""
+    name = f"realsense {need.owner}"
+    if query is None:
+        import importlib.util
+
+        if importlib.util.find_spec("pyrealsense2") is None:
+            return Check(name, "skip", "pyrealsense2 is not installed: camera not checked",
+                         "pip install 'armada[devices]'")
+        query = _realsense_devices
+    found: list[Any] = []
+    errors: list[str] = []
+
+    def run() -> None:
+        try:
+            found.extend(query())
+        except Exception as exc:  # noqa: BLE001 (librealsense raises its own types: report any)
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    worker = threading.Thread(target=run, daemon=True)  # librealsense has no timeout of its own
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        return Check(name, "fail", f"librealsense did not list devices within {timeout_s:g} s",
+                     "replug the camera; check dmesg for USB errors")
+    if errors:
+        return Check(name, "fail", f"librealsense: {errors[0]}", "check the udev rules (99-realsense-libusb.rules)")
+    serials = [d["serial"] for d in found]
+    match = [d for d in found if not need.target or d["serial"] == need.target]
+    if not match:
+        return Check(name, "fail", f"no RealSense {need.target or '(any)'} connected (found: {serials or 'none'})",
+                     "plug it in, or set serial to one of the connected ones (rs-enumerate-devices -s)")
+    dev = match[0]
+    if need.target == "" and len(found) > 1:
+        return Check(name, "fail", f"{len(found)} RealSense cameras connected and no serial set ({serials})",
+                     "set serial in the cell")
+    usb = str(dev.get("usb", ""))
+    if not usb.startswith("3"):
+        return Check(name, "warn", f"{dev['serial']} ({dev.get('name', '')}) on USB {usb or '?'}",
+                     "use a USB 3 port and cable: USB 2 limits resolution and frame rate")
+    return Check(name, "ok", f"{dev['serial']} ({dev.get('name', '')}) on USB {usb}")
+
+
+def _realsense_devices() -> list[dict[str, str]]:
+    import pyrealsense2 as rs
+
+    out = []
+    for dev in rs.context().query_devices():
+        def info(key: Any) -> str:
+            return dev.get_info(key) if dev.supports(key) else ""
+        out.append({"serial": info(rs.camera_info.serial_number), "name": info(rs.camera_info.name),
+                    "usb": info(rs.camera_info.usb_type_descriptor)})
+    return out
+
+
+# --- permissions and scheduling ------------------------------------------------------------
+
+
+def check_realtime(host: Host, priorities: dict[str, int]) -> list[Check]:
+    """SCHED_FIFO for the drivers that ask (realtime_priority) and memlock room. Without them the
+    driver runs on the normal scheduler with a warning (drivers/core/process.py), so: warn."""
+    if not priorities:
+        return [Check("realtime", "skip", "no driver sets realtime_priority")]
+    need = max(priorities.values())
+    soft, _hard = host.getrlimit(resource.RLIMIT_RTPRIO)
+    rows = []
+    if host.is_root:
+        rows.append(Check("realtime priority", "ok", f"root: SCHED_FIFO {need} allowed"))
+    elif soft == resource.RLIM_INFINITY or soft >= need:
+        rows.append(Check("realtime priority", "ok", f"RLIMIT_RTPRIO {_limit(soft)} >= {need}"))
+    else:
+        rows.append(Check("realtime priority", "warn",
+                          f"RLIMIT_RTPRIO {_limit(soft)} < {need} ({', '.join(priorities)}): the loop runs "
+                          "on the normal scheduler, with more jitter",
+                          "LimitRTPRIO=99 in the unit (armada systemd), or @armada - rtprio 99 in "
+                          "/etc/security/limits.d/"))
+    soft, _hard = host.getrlimit(resource.RLIMIT_MEMLOCK)
+    if host.is_root or soft == resource.RLIM_INFINITY:
+        rows.append(Check("memlock", "ok", f"RLIMIT_MEMLOCK {_limit(soft)}"))
+    else:
+        rows.append(Check("memlock", "warn", f"RLIMIT_MEMLOCK {_limit(soft)}: pages of the loop may be swapped out",
+                          "LimitMEMLOCK=infinity in the unit, or @armada - memlock unlimited in limits.d"))
+    return rows
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def check_device_groups(host: Host, needed: set[str]) -> Check:
+    """Membership of the usual device groups, for devices named in the cell (dialout for serial,
+    video / plugdev for cameras). Node permissions themselves are checked per device."""
+    if not needed:
+        return Check("groups", "skip", "the cell names no serial or camera device")
+    have = host.groups()
+    missing = sorted(needed - have)
+    if missing and not host.is_root:
+        return Check("groups", "warn", f"not in {', '.join(missing)} (in: {', '.join(sorted(have))})",
+                     f"sudo usermod -aG {','.join(missing)} $USER, then log in again")
+    return Check("groups", "ok", f"in {', '.join(sorted(needed))}" if not host.is_root else "root")
+
+
+def check_cpu(host: Host, realtime: bool) -> list[Check]:
+    """The CPU frequency governor (powersave adds latency to every wake-up) and isolated cores."""
+    cpu_dir = host.path("/sys/devices/system/cpu")
+    governors: dict[str, list[str]] = {}
+    for f in sorted(cpu_dir.glob("cpu[0-9]*/cpufreq/scaling_governor")):
+        try:
+            governors.setdefault(f.read_text().strip(), []).append(f.parent.parent.name)
+        except OSError:
+            continue
+    rows = []
+    if not governors:
+        rows.append(Check("cpu governor", "skip", "no cpufreq in /sys (a VM or a fixed-frequency CPU)"))
+    elif set(governors) == {"performance"}:
+        rows.append(Check("cpu governor", "ok", "performance on every CPU"))
+    else:
+        seen = ", ".join(f"{g} ({len(c)} CPUs)" for g, c in sorted(governors.items()))
+        rows.append(Check("cpu governor", "warn", f"{seen}: frequency scaling adds wake-up latency",
+                          "sudo cpupower frequency-set -g performance"))
+    iso = cpu_dir / "isolated"
+    try:
+        isolated = iso.read_text().strip()
+    except OSError:
+        rows.append(Check("isolated cores", "skip", "no /sys/devices/system/cpu/isolated"))
+        return rows
+    if isolated:
+        rows.append(Check("isolated cores", "ok", f"isolated: {isolated}"))
+    elif realtime:
+        rows.append(Check("isolated cores", "warn", "none isolated: the control loop shares its CPU",
+                          "optional: isolcpus=N (kernel command line) and pin the driver there"))
+    else:
+        rows.append(Check("isolated cores", "ok", "none isolated (no driver runs real-time)"))
+    return rows
+
+
+# --- clocks ---------------------------------------------------------------------------------
+
+
+def check_clock(host: Host) -> Check:
+    """chrony's offset (chronyc tracking), else linuxptp's (pmc), else skip with the reason."""
+    try:
+        out = host.run(["chronyc", "-n", "tracking"], 2.0)
+    except CommandMissing:
+        out = None
+    except RuntimeError as exc:
+        return Check("clock", "warn", f"chronyc: {exc}", "sudo systemctl start chrony")
+    if out is not None:
+        return _chrony(out)
+    try:
+        out = host.run(["pmc", "-u", "-b", "0", "GET CURRENT_DATA_SET"], 2.0)
+    except CommandMissing:
+        return Check("clock", "skip", "neither chronyc nor pmc (linuxptp) installed: sync not checked",
+                     "apt install chrony (hosts of one cell should share a time source)")
+    except RuntimeError as exc:
+        return Check("clock", "warn", f"pmc: {exc}", "start ptp4l, or use chrony")
+    return _ptp(out)
+
+
+def _chrony(out: str) -> Check:
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+    leap = fields.get("Leap status", "")
+    m = re.match(r"([0-9.]+) seconds (fast|slow)", fields.get("System time", ""))
+    if leap != "Normal" or m is None:
+        return Check("clock", "warn", f"chrony not synchronised (leap status {leap or '?'})",
+                     "check chronyc sources: a reachable server, then wait or chronyc makestep")
+    offset = float(m.group(1))
+    ref = fields.get("Reference ID", "?")
+    if offset > CLOCK_WARN_S:
+        return Check("clock", "warn", f"chrony offset {offset * 1e3:.1f} ms ({ref})", "sudo chronyc makestep")
+    return Check("clock", "ok", f"chrony synchronised, offset {offset * 1e6:.0f} us ({ref})")
+
+
+def _ptp(out: str) -> Check:
+    m = re.search(r"offsetFromMaster\s+(-?[0-9.e+-]+)", out)
+    if m is None:
+        return Check("clock", "warn", "pmc answered without offsetFromMaster (ptp4l not synchronised?)",
+                     "check ptp4l's log")
+    offset = abs(float(m.group(1))) * 1e-9  # nanoseconds
+    if offset > CLOCK_WARN_S:
+        return Check("clock", "warn", f"PTP offset {offset * 1e3:.1f} ms", "check ptp4l / phc2sys")
+    return Check("clock", "ok", f"PTP offset {offset * 1e6:.1f} us")
+
+
+# --- calibration ----------------------------------------------------------------------------
+
+
+def check_calibration(host: Host, owner: str, file: Path) -> Check:
+    """A calibration file: its age and residuals (calibration/results.py format). load_cell already
+    refused missing or malformed files, so here it is about how good and how old."""
+    from armada.calibration.results import load_result
+    from armada.runtime.errors import ConfigError
+
+    name = f"calibration {owner}"
+    try:
+        rec = load_result(file)
+    except ConfigError as exc:
+        # lerobot's joint calibration JSON loads (load_cell checked it) but carries no date.
+        return Check(name, "ok", f"{file.name} (no armada record: {str(exc)[:80]})")
+    parts = [file.name]
+    status: Status = "ok"
+    fix = ""
+    try:
+        date = datetime.fromisoformat(rec.date.replace("Z", "+00:00"))
+        age_days = (host.now() - date.timestamp()) / 86400
+        parts.append(f"{age_days:.0f} days old")
+        if age_days > CALIBRATION_MAX_AGE_DAYS:
+            status, fix = "warn", f"older than {CALIBRATION_MAX_AGE_DAYS:g} days: redo it (armada calibrate)"
+    except ValueError:
+        status, fix = "warn", "the record has no valid date: redo it (armada calibrate)"
+        parts.append(f"date {rec.date!r}")
+    for key, r in rec.residual.items():
+        limit = f" (max {r.max:g})" if r.max is not None else ""
+        parts.append(f"{key} {r.value:.3g} {r.unit}{limit}")
+        if r.max is not None and r.value > r.max:
+            status, fix = "warn", f"{key} above its limit: redo the calibration"
+    if rec.forced:
+        status, fix = "warn", "written with --force although a check failed: redo it"
+    return Check(name, status, ", ".join(parts), fix)
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+def check_onnxruntime(host: Host, onnx_dir: Path | None,
+                      providers: Callable[[], list[str]] | None = None,
+                      gpu_driver: Callable[[], bool] | None = None) -> list[Check]:
+    """ONNX Runtime's providers and whether a GPU is really there: onnxruntime-gpu lists CUDA even
+    on a machine without a driver, so the NVIDIA driver and nvidia-smi are asked too. onnxruntime
+    is imported only here, for a cell that uses a model."""
+    rows: list[Check] = []
+    if onnx_dir is not None:
+        if not onnx_dir.is_dir():
+            rows.append(Check("model onnx_dir", "fail", f"{onnx_dir} is not a folder",
+                              "export the graphs (armada model export-onnx) or fix inference.policy.onnx_dir"))
+        else:
+            rows.append(Check("model onnx_dir", "ok", f"{onnx_dir}"))
+    if providers is None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            rows.append(Check("onnxruntime", "fail", f"not importable ({exc})", "pip install 'armada[model]'"))
+            return rows
+        providers = onnxruntime.get_available_providers
+    if gpu_driver is None:
+        from armada.runtime.model.engine_ort import nvidia_driver_present as gpu_driver
+    listed = providers()
+    gpu_listed = [p for p in listed if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+    if not gpu_listed:
+        rows.append(Check("onnxruntime", "warn", f"providers {', '.join(listed)}: the model runs on the CPU",
+                          "pip install onnxruntime-gpu on a host with an NVIDIA GPU"))
+        return rows
+    if not gpu_driver():
+        rows.append(Check("onnxruntime", "warn", f"{', '.join(gpu_listed)} listed, but no NVIDIA driver: CPU only",
+                          "install the NVIDIA driver (nvidia-smi must work)"))
+        return rows
+    try:
+        gpus = [line for line in host.run(["nvidia-smi", "-L"], 5.0).splitlines() if line.strip()]
+    except (CommandMissing, RuntimeError) as exc:
+        rows.append(Check("gpu", "warn", f"nvidia-smi: {exc}", "check the NVIDIA driver install"))
+        gpus = []
+    else:
+        rows.append(Check("gpu", "ok" if gpus else "warn", "; ".join(gpus) or "nvidia-smi lists no GPU"))
+    rows.append(Check("onnxruntime", "ok", f"providers {', '.join(listed)}"))
+    return rows
+
+
+def check_torch(cuda_devices: Callable[[], list[str] | None] | None = None) -> Check:
+    """The PyTorch path of a model (no onnx_dir): which GPU torch really sees. ``cuda_devices``
+    returns the GPU names ([] without CUDA) or None when torch is missing; torch is imported only here."""
+    if cuda_devices is None:
+        cuda_devices = _torch_cuda_devices
+    gpus = cuda_devices()
+    if gpus is None:
+        return Check("torch", "fail", "the model runs on PyTorch, which is not installed", "pip install 'armada[model]'")
+    if not gpus:
+        return Check("torch", "warn", "PyTorch sees no CUDA GPU: the model runs on the CPU",
+                     "install the NVIDIA driver and a CUDA build of torch, or export to ONNX (onnx_dir)")
+    return Check("torch", "ok", f"CUDA: {'; '.join(gpus)}")
+
+
+def _torch_cuda_devices() -> list[str] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def check_bundle(bundle: str, folder: Path) -> Check:
+    """The model bundle a mergevla policy names ("tiny" is built locally on first use)."""
+    if bundle == "tiny":
+        return Check("model bundle", "ok", "tiny (built locally on first use)")
+    path = Path(bundle).expanduser()
+    path = path if path.is_absolute() else folder / path
+    if not (path / "manifest.json").is_file():
+        return Check("model bundle", "fail", f"{path} has no manifest.json",
+                     "fix inference.policy.bundle (a folder from armada model merge or make-tiny)")
+    return Check("model bundle", "ok", str(path))

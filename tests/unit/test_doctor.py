@@ -1,0 +1,393 @@
+"""`armada doctor`: each check against a fake machine (a /sys and /dev under tmp_path, canned
+command output, fake limits), the UR dashboard against a loopback server, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from armada.calibration.results import CalibrationRecord, Residual, write_result
+from armada.drivers.arx_lift2.config import ArxLift2BackendConfig
+from armada.drivers.piper.config import PiperBackendConfig
+from armada.drivers.so101.config import So101BackendConfig
+from armada.drivers.ur3.config import UR3BackendConfig
+from armada.runtime.doctor.checks import (
+    DeviceNeed,
+    backend_needs,
+    check_bundle,
+    check_calibration,
+    check_can,
+    check_clock,
+    check_cpu,
+    check_device_groups,
+    check_device_node,
+    check_onnxruntime,
+    check_realsense,
+    check_realtime,
+    check_torch,
+    check_ur_dashboard,
+)
+from armada.runtime.doctor.cli import diagnose, format_table
+from armada.runtime.doctor.host import CommandMissing, Host
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def commands(outputs: dict[str, str | Exception]):
+    """A Host.run that answers by program name; a program not listed is not installed."""
+    calls: list[list[str]] = []
+
+    def run(argv: list[str], timeout_s: float) -> str:
+        calls.append(argv)
+        assert timeout_s > 0, "every command needs a timeout"
+        out = outputs.get(argv[0])
+        if out is None:
+            raise CommandMissing(argv[0])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    run.calls = calls  # type: ignore[attr-defined]
+    return run
+
+
+def fake_host(tmp_path: Path, **kw) -> Host:
+    defaults = dict(root=tmp_path, run=commands({}), getrlimit=lambda r: (0, 0), groups=lambda: {"me"},
+                    group_name=lambda gid: "dialout", access=lambda p, m: True, is_root=False,
+                    now=lambda: time.time())
+    defaults.update(kw)
+    return Host(**defaults)
+
+
+# --- what a backend names -------------------------------------------------------------------
+
+
+def test_needs_read_from_backend_fields():
+    assert backend_needs("arm", PiperBackendConfig(can="can0")) == [DeviceNeed("can", "arm.can", "can0")]
+    # udp_multicast is the fake's bus: no interface to check.
+    assert backend_needs("arm", PiperBackendConfig(can="239.1.1.1", bustype="udp_multicast")) == []
+    so = So101BackendConfig(port="/dev/ttyACM0", leader_port="/dev/serial/by-id/usb-leader")
+    assert backend_needs("so", so) == [DeviceNeed("serial", "so.port", "/dev/ttyACM0"),
+                                       DeviceNeed("serial", "so.leader_port", "/dev/serial/by-id/usb-leader")]
+    assert backend_needs("ur", UR3BackendConfig(host="10.0.0.5")) == [
+        DeviceNeed("ur_dashboard", "ur.host", "10.0.0.5", 29999)]
+    assert backend_needs("lift", ArxLift2BackendConfig(fake=True)) == []
+    assert [n.target for n in backend_needs("lift", ArxLift2BackendConfig())] == ["can1", "can3", "can5"]
+
+
+def test_plugin_hook_wins_over_the_field_convention():
+    class Plugin:
+        @staticmethod
+        def devices(cfg):
+            return [DeviceNeed("serial", "x.bus", "/dev/ttyX")]
+
+    assert backend_needs("x", PiperBackendConfig(can="can0"), Plugin()) == [DeviceNeed("serial", "x.bus", "/dev/ttyX")]
+
+
+# --- device nodes ---------------------------------------------------------------------------
+
+
+def test_serial_port_missing_present_unstable_and_unwritable(tmp_path):
+    (tmp_path / "dev/serial/by-id").mkdir(parents=True)
+    (tmp_path / "dev/serial/by-id/usb-FTDI-if00").touch()
+    (tmp_path / "dev/ttyUSB0").touch()
+    host = fake_host(tmp_path)
+    [row] = check_device_node(host, DeviceNeed("serial", "arm.port", "/dev/ttyUSB1"))
+    assert row.status == "fail" and "missing" in row.found and "/dev/serial/by-id" in row.fix
+    [row] = check_device_node(host, DeviceNeed("serial", "arm.port", "/dev/serial/by-id/usb-FTDI-if00"))
+    assert row.status == "ok"
+    [row] = check_device_node(host, DeviceNeed("serial", "arm.port", "/dev/ttyUSB0"))
+    assert row.status == "warn" and "by-id" in row.fix
+    denied = fake_host(tmp_path, access=lambda p, m: False)
+    [row] = check_device_node(denied, DeviceNeed("serial", "arm.port", "/dev/ttyUSB0"))
+    assert row.status == "fail" and "usermod -aG dialout" in row.fix
+    [row] = check_device_node(host, DeviceNeed("serial", "arm.port", "{run_dir}/ttyFake"))
+    assert row.status == "skip"
+
+
+def test_device_groups(tmp_path):
+    row = check_device_groups(fake_host(tmp_path, groups=lambda: {"me", "video"}), {"dialout", "video"})
+    assert row.status == "warn" and "dialout" in row.fix and "video" not in row.found.split("(")[0]
+    assert check_device_groups(fake_host(tmp_path, groups=lambda: {"dialout"}), {"dialout"}).status == "ok"
+    assert check_device_groups(fake_host(tmp_path), set()).status == "skip"
+
+
+# --- CAN ------------------------------------------------------------------------------------
+
+
+def _ip_json(kind="can", bitrate=1_000_000, state="ERROR-ACTIVE") -> str:
+    return json.dumps([{"ifname": "can0", "linkinfo": {"info_kind": kind, "info_data": {
+        "state": state, "bittiming": {"bitrate": bitrate, "sample_point": "0.875"}}}}])
+
+
+def _net(tmp_path: Path, flags: str) -> None:
+    d = tmp_path / "sys/class/net/can0"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "flags").write_text(flags + "\n")
+
+
+NEED_CAN = DeviceNeed("can", "arm.can", "can0")
+
+
+def test_can_missing_down_wrong_bitrate_ok(tmp_path):
+    assert check_can(fake_host(tmp_path), NEED_CAN).status == "fail"
+    _net(tmp_path, "0x80")  # not IFF_UP
+    row = check_can(fake_host(tmp_path, run=commands({"ip": _ip_json()})), NEED_CAN)
+    assert row.status == "fail" and "down" in row.found and "bitrate 1000000" in row.fix
+    _net(tmp_path, "0xc1")
+    run = commands({"ip": _ip_json(bitrate=500_000)})
+    row = check_can(fake_host(tmp_path, run=run), NEED_CAN)
+    assert row.status == "fail" and "500000" in row.found
+    assert run.calls == [["ip", "-details", "-json", "link", "show", "can0"]]
+    row = check_can(fake_host(tmp_path, run=commands({"ip": _ip_json()})), NEED_CAN)
+    assert row.status == "ok" and "1000000" in row.found
+    row = check_can(fake_host(tmp_path, run=commands({"ip": _ip_json(state="BUS-OFF")})), NEED_CAN)
+    assert row.status == "warn" and "BUS-OFF" in row.found
+    assert check_can(fake_host(tmp_path, run=commands({"ip": _ip_json(kind="vcan")})), NEED_CAN).status == "fail"
+    assert check_can(fake_host(tmp_path), NEED_CAN).status == "warn"  # no ip: up, bitrate unknown
+
+
+# --- UR dashboard ---------------------------------------------------------------------------
+
+
+class Dashboard:
+    """A loopback stand-in for the UR dashboard server: a welcome line, then one canned answer.
+    Records what it was sent, so the test sees that only a query went out."""
+
+    def __init__(self, welcome: bytes, answer: bytes | None):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = b""
+        self.welcome, self.answer = welcome, answer
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(5)
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.sendall(self.welcome)
+            conn.settimeout(2)
+            try:
+                self.received = conn.recv(256)
+            except OSError:
+                return
+            if self.answer is not None:
+                conn.sendall(self.answer)
+            else:
+                time.sleep(1.0)  # a dashboard that never answers
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("answer,status", [(b"true\n", "ok"), (b"false\n", "fail"),
+                                           (b"could not understand: 'is in remote control'\n", "warn")])
+def test_ur_dashboard_remote_control(answer, status):
+    server = Dashboard(b"Connected: Universal Robots Dashboard Server\n", answer)
+    try:
+        row = check_ur_dashboard(Host(), DeviceNeed("ur_dashboard", "ur.host", "127.0.0.1", server.port))
+    finally:
+        server.close()
+    assert row.status == status, row
+    assert server.received == b"is in remote control\n"  # a query, nothing that loads or moves
+
+
+def test_ur_dashboard_silent_wrong_and_refused():
+    server = Dashboard(b"Connected: Universal Robots Dashboard Server\n", None)
+    t0 = time.monotonic()
+    try:
+        row = check_ur_dashboard(Host(), DeviceNeed("ur_dashboard", "ur.host", "127.0.0.1", server.port), timeout_s=0.3)
+    finally:
+        server.close()
+    assert row.status == "fail" and time.monotonic() - t0 < 2.0
+    server = Dashboard(b"SSH-2.0-OpenSSH\n", b"")
+    try:
+        row = check_ur_dashboard(Host(), DeviceNeed("ur_dashboard", "ur.host", "127.0.0.1", server.port))
+    finally:
+        server.close()
+    assert row.status == "fail" and "not a UR dashboard" in row.found
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    assert check_ur_dashboard(Host(), DeviceNeed("ur_dashboard", "ur.host", "127.0.0.1", port)).status == "fail"
+
+
+# --- RealSense ------------------------------------------------------------------------------
+
+
+def test_realsense_serial_usb_link_and_hang():
+    cams = [{"serial": "123", "name": "Intel RealSense D435", "usb": "3.2"},
+            {"serial": "456", "name": "Intel RealSense D405", "usb": "2.1"}]
+    assert check_realsense(DeviceNeed("realsense", "c.serial", "123"), lambda: cams).status == "ok"
+    row = check_realsense(DeviceNeed("realsense", "c.serial", "456"), lambda: cams)
+    assert row.status == "warn" and "USB 3" in row.fix
+    row = check_realsense(DeviceNeed("realsense", "c.serial", "789"), lambda: cams)
+    assert row.status == "fail" and "123" in row.found
+    assert check_realsense(DeviceNeed("realsense", "c.serial", ""), lambda: cams).status == "fail"  # which one?
+    t0 = time.monotonic()
+    row = check_realsense(DeviceNeed("realsense", "c.serial", "123"), lambda: time.sleep(5) or [], timeout_s=0.2)
+    assert row.status == "fail" and time.monotonic() - t0 < 1.0
+
+
+# --- limits, CPU, clock ---------------------------------------------------------------------
+
+
+def test_realtime_limits(tmp_path):
+    limits = {resource.RLIMIT_RTPRIO: (0, 0), resource.RLIMIT_MEMLOCK: (65536, 65536)}
+    rows = check_realtime(fake_host(tmp_path, getrlimit=limits.__getitem__), {"arm": 80})
+    assert [r.status for r in rows] == ["warn", "warn"]
+    assert "LimitRTPRIO" in rows[0].fix and "LimitMEMLOCK" in rows[1].fix
+    limits = {resource.RLIMIT_RTPRIO: (99, 99), resource.RLIMIT_MEMLOCK: (resource.RLIM_INFINITY,) * 2}
+    rows = check_realtime(fake_host(tmp_path, getrlimit=limits.__getitem__), {"arm": 80})
+    assert [r.status for r in rows] == ["ok", "ok"]
+    assert [r.status for r in check_realtime(fake_host(tmp_path), {})] == ["skip"]
+
+
+def test_cpu_governor_and_isolated_cores(tmp_path):
+    cpu = tmp_path / "sys/devices/system/cpu"
+    assert [r.status for r in check_cpu(fake_host(tmp_path), realtime=True)] == ["skip", "skip"]
+    for i, gov in enumerate(["performance", "powersave"]):
+        (cpu / f"cpu{i}/cpufreq").mkdir(parents=True)
+        (cpu / f"cpu{i}/cpufreq/scaling_governor").write_text(gov + "\n")
+    (cpu / "isolated").write_text("\n")
+    gov, iso = check_cpu(fake_host(tmp_path), realtime=True)
+    assert gov.status == "warn" and "powersave (1 CPUs)" in gov.found and "cpupower" in gov.fix
+    assert iso.status == "warn"
+    (cpu / "cpu1/cpufreq/scaling_governor").write_text("performance\n")
+    (cpu / "isolated").write_text("2-3\n")
+    assert [r.status for r in check_cpu(fake_host(tmp_path), realtime=True)] == ["ok", "ok"]
+
+
+CHRONY = """Reference ID    : C0A80001 (192.168.0.1)
+Stratum         : 3
+Ref time (UTC)  : Sat Dec 05 07:50:00 2026
+System time     : {offset} seconds fast of NTP time
+Last offset     : -0.000001234 seconds
+Leap status     : {leap}
+"""
+PMC = """sending: GET CURRENT_DATA_SET
+\t90e2ba.fffe.123456-0 seq 0 RESPONSE MANAGEMENT CURRENT_DATA_SET
+\t\tstepsRemoved     1
+\t\toffsetFromMaster {offset}
+\t\tmeanPathDelay    500.0
+"""
+
+
+def test_clock_chrony_ptp_and_neither(tmp_path):
+    def clock(**outputs):
+        return check_clock(fake_host(tmp_path, run=commands(outputs)))
+
+    assert clock(chronyc=CHRONY.format(offset="0.000012000", leap="Normal")).status == "ok"
+    row = clock(chronyc=CHRONY.format(offset="0.020000000", leap="Normal"))
+    assert row.status == "warn" and "20.0 ms" in row.found
+    assert clock(chronyc=CHRONY.format(offset="0.0", leap="Not synchronised")).status == "warn"
+    assert clock(chronyc=RuntimeError("chronyc -n tracking exited 1: 506 Cannot talk to daemon")).status == "warn"
+    assert clock(pmc=PMC.format(offset="-12.0")).status == "ok"
+    assert clock(pmc=PMC.format(offset="9000000.0")).status == "warn"
+    row = clock()
+    assert row.status == "skip" and "chronyc" in row.found
+
+
+# --- calibration and model ------------------------------------------------------------------
+
+
+def _latency_file(path: Path, date: str, value: float = 0.002, force: bool = False) -> Path:
+    rec = CalibrationRecord("camera_latency", "flash", {"fit_rms": Residual(value, "s", 0.005)},
+                            {"delay_s": 0.05}, date=date, tool_version="test")
+    return write_result(path, rec, force=force)
+
+
+def test_calibration_age_residual_forced(tmp_path):
+    now = time.time()
+    host = fake_host(tmp_path, now=lambda: now)
+    fresh = _latency_file(tmp_path / "fresh.yaml", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 5 * 86400)))
+    row = check_calibration(host, "cam.latency", fresh)
+    assert row.status == "ok" and "5 days old" in row.found and "fit_rms 0.002 s (max 0.005)" in row.found
+    old = _latency_file(tmp_path / "old.yaml", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 200 * 86400)))
+    row = check_calibration(host, "cam.latency", old)
+    assert row.status == "warn" and "200 days old" in row.found and "redo" in row.fix
+    forced = _latency_file(tmp_path / "forced.yaml", "2026-01-01T00:00:00Z", value=0.01, force=True)
+    assert check_calibration(host, "cam.latency", forced).status == "warn"
+
+
+def test_model_runtime_checks(tmp_path):
+    host = fake_host(tmp_path, run=commands({"nvidia-smi": "GPU 0: NVIDIA H100 (UUID: GPU-1)\n"}))
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    (tmp_path / "onnx").mkdir()
+    rows = check_onnxruntime(host, tmp_path / "onnx", lambda: gpu, lambda: True)
+    assert [(r.name, r.status) for r in rows] == [("model onnx_dir", "ok"), ("gpu", "ok"), ("onnxruntime", "ok")]
+    # onnxruntime-gpu lists CUDA without a driver: that is still the CPU.
+    rows = check_onnxruntime(host, None, lambda: gpu, lambda: False)
+    assert [r.status for r in rows] == ["warn"] and "no NVIDIA driver" in rows[0].found
+    rows = check_onnxruntime(host, tmp_path / "missing", lambda: ["CPUExecutionProvider"], lambda: False)
+    assert [r.status for r in rows] == ["fail", "warn"]
+    assert check_torch(lambda: None).status == "fail"
+    assert check_torch(lambda: []).status == "warn"
+    assert check_torch(lambda: ["NVIDIA H100"]).status == "ok"
+    assert check_bundle("tiny", tmp_path).status == "ok"
+    assert check_bundle("nope", tmp_path).status == "fail"
+
+
+# --- the whole cell -------------------------------------------------------------------------
+
+
+def _cell(tmp_path: Path, backend: dict, **driver) -> Path:
+    cell = {"name": "doc", "drivers": [{"name": "arm", "embodiment": "piper", "backend": backend,
+                                        "state": "ipc://{run_dir}/s", "cmd": "ipc://{run_dir}/c", **driver}],
+            "inference": {"ctl": "ipc://{run_dir}/ctl", "events": "ipc://{run_dir}/ev"}}
+    path = tmp_path / "cell.yaml"
+    path.write_text(yaml.safe_dump(cell))
+    return path
+
+
+def test_diagnose_a_can_cell_on_a_fake_machine(tmp_path):
+    root = tmp_path / "root"
+    cell = _cell(tmp_path, {"kind": "piper", "can": "can0"}, realtime_priority=80)
+    host = fake_host(root, run=commands({"chronyc": CHRONY.format(offset="0.0001", leap="Normal")}),
+                     getrlimit=lambda r: (99, 99) if r == resource.RLIMIT_RTPRIO else (resource.RLIM_INFINITY,) * 2)
+    report = diagnose(cell, host)
+    rows = {r.name: r for r in report.checks}
+    assert rows["config"].status == "ok"
+    assert rows["can arm.can"].status == "fail" and report.exit_code == 1
+    _net(root, "0x1")
+    host.run = commands({"ip": _ip_json(), "chronyc": CHRONY.format(offset="0.0001", leap="Normal")})
+    report = diagnose(cell, host)
+    assert report.exit_code == 0, format_table(report)
+    statuses = {r.name: r.status for r in report.checks}
+    assert statuses["can arm.can"] == "ok" and statuses["clock"] == "ok" and statuses["realtime priority"] == "ok"
+    assert statuses["model"] == "skip"
+    text = format_table(report)
+    assert "can arm.can" in text and "the cell can run here" in text
+
+
+def test_diagnose_bad_cell_is_exit_2(tmp_path):
+    report = diagnose(_cell(tmp_path, {"kind": "piper"}), fake_host(tmp_path))
+    assert report.exit_code == 2 and report.checks[0].status == "fail" and "drivers.0.backend.can" in report.checks[0].found
+    assert diagnose(tmp_path / "missing.yaml", fake_host(tmp_path)).exit_code == 2
+
+
+def _armada(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "armada.runtime.cli", "doctor", *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+def test_cli_json_and_exit_codes(tmp_path):
+    done = _armada(str(REPO / "configs/cells/piper_fake.yaml"), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["can_run"] is True and report["checks"][0] == {
+        "name": "config", "status": "ok", "found": "piper_fake: 1 drivers, 1 cameras, policy scripted", "fix": ""}
+    assert {c["status"] for c in report["checks"]} <= {"ok", "warn", "skip"}
+    done = _armada(str(_cell(tmp_path, {"kind": "nope"})))
+    assert done.returncode == 2 and "FAIL" in done.stdout and "unknown backend kind" in done.stdout
