@@ -30,6 +30,7 @@ import zmq
 from armada.drivers.cameras.factory import make_source
 from armada.drivers.cameras.source import Captured, CameraSource, SourceError
 from armada.drivers.cameras.timing import DropCounter
+from armada.drivers.core.notify import Notifier, WatchdogPacer
 from armada.runtime.config import DEFAULT_CELL, CameraConfig, CurveConfig, load_cell, named
 from armada.runtime.exit_deadline import ExitDeadline, on_stop_signals
 from armada.runtime.transport import FramePublisher, start_authenticator
@@ -54,6 +55,8 @@ class CameraProcess:
         self.stalls = 0
         self._fresh = True  # just (re)opened: the first frame may take longer
         self.fatal: str | None = None  # why a thread died, if one did
+        self.notifier = Notifier()  # systemd's, set by run_camera; does nothing by default
+        self._watchdog = WatchdogPacer(self.notifier)
 
     @property
     def drops(self) -> int:
@@ -63,13 +66,17 @@ class CameraProcess:
         try:
             info = self.source.open()
             log.info("camera %s up: %s; publishing on %s", self.cfg.name, info, self.cfg.frames)
+            self.notifier.ready("streaming")
+            self._watchdog = WatchdogPacer(self.notifier)
             while not self.stop_event.is_set() and (max_frames is None or self.frames_sent < max_frames):
+                self._watchdog.tick()  # from this loop: a read that never returns trips systemd's watchdog
                 captured = self._read()
                 if captured is not None:
                     self._publish(captured)
                 elif not self.stop_event.is_set():
                     self._recover()
         finally:
+            self.notifier.stopping()
             self.source.close()
             self.pub.close()
             if self.auth is not None:
@@ -113,8 +120,10 @@ class CameraProcess:
         log.warning("camera %s: no frame for %.2f s; publishing nothing and reopening (stall %d)", self.cfg.name,
                     self.cfg.first_frame_timeout_s if self._fresh else self.cfg.frame_timeout(), self.stalls)
         self.source.close()
+        self.notifier.status(f"stalled: reopening (stall {self.stalls})")
         backoff = self.cfg.reopen_backoff_s
         while not self.stop_event.wait(backoff):
+            self._watchdog.tick()  # reopening is this loop's work, not a hang
             try:
                 info = self.source.open()
             except SourceError as exc:
@@ -127,6 +136,7 @@ class CameraProcess:
             self._fresh = True
             log.info("camera %s: reopened after %.2f s (recovery %d): %s", self.cfg.name,
                      time.monotonic() - stalled_at, self.recoveries, info)
+            self.notifier.status("streaming")
             return
 
     def request_stop(self, *_: object) -> None:
@@ -148,6 +158,7 @@ def run_camera(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
     cfg = named(cell.camera, name, cell_path)
     base_dir = Path(cell_path).resolve().parent if cell_path is not None else DEFAULT_CELL.parent
     process = CameraProcess(cfg, cell.curve, base_dir)
+    process.notifier = Notifier.from_env()
     on_stop_signals(process.request_stop, deadline)
     threading.excepthook = process.thread_died
     try:

@@ -42,10 +42,12 @@ import zmq
 from armada.drivers.core import registry
 from armada.drivers.core.backend import Backend, BackendError
 from armada.drivers.core.driver import Driver, Mode, SlowJob, TickResult
+from armada.drivers.core.notify import Notifier, WatchdogPacer
 from armada.runtime import protocol
 from armada.runtime.config import CellConfig, DriverConfig, EmbodimentConfig, load_cell
 from armada.runtime.exit_deadline import ExitDeadline, on_stop_signals
 from armada.runtime.protocol import ErrorCode, ProtocolError
+from armada.runtime.rundir import RunDirError, prepare_run_dir
 from armada.runtime.transport import CommandServer, Publisher, Request, start_authenticator
 
 log = logging.getLogger("armada.driver")
@@ -62,6 +64,9 @@ BACKLOG_TOTAL = 64
 SLOW_POLL_S = 0.002
 # An e-stop this small is decoded before it acts (microseconds); a larger one acts first.
 SMALL_ESTOP_BYTES = 1024
+# Where the e-stop latch lives when not in the run dir: systemd's StateDirectory= (the run dir is
+# a RuntimeDirectory= on tmpfs, gone at reboot; a latched e-stop must not be).
+STATE_DIR_ENV = "ARMADA_STATE_DIR"
 
 
 def make_backend(cfg: DriverConfig, emb: EmbodimentConfig, cell_dir: Path | None = None) -> Backend:
@@ -183,11 +188,16 @@ class SlowWorker:
 
 class DriverProcess:
     def __init__(self, cfg: DriverConfig, emb: EmbodimentConfig, backend: Backend, cell: CellConfig | None = None,
-                 run_dir: Path | None = None):
+                 run_dir: Path | None = None, state_dir: Path | None = None, notifier: Notifier | None = None):
         self.cfg = cfg
-        # The e-stop latch lives in the run dir so a restarted driver starts latched; in-process
-        # tests and tools without a run dir keep it in memory only.
-        latch = Path(run_dir) / f"{cfg.name}.estop" if run_dir is not None else None
+        # The e-stop latch lives in the state dir (else the run dir) so a restarted driver starts
+        # latched; in-process tests and tools without either keep it in memory only.
+        latch_dir = state_dir if state_dir is not None else run_dir
+        latch = Path(latch_dir) / f"{cfg.name}.estop" if latch_dir is not None else None
+        # systemd (Type=notify): READY once connected, disarmed and serving; WATCHDOG=1 from the
+        # control loop; STATUS on every change of mode; STOPPING=1 on the way out.
+        self.notifier = notifier if notifier is not None else Notifier()
+        self._notified: tuple[Mode, str | None] | None = None
         self.driver = Driver(emb, backend, cfg.lease_ttl_s, latch)
         self.ctx = zmq.Context()
         if cfg.realtime_priority is not None and realtime_allowed(max(cfg.realtime_priority - 1, 1)):
@@ -230,6 +240,7 @@ class DriverProcess:
             self._guard("control loop", self._control_loop)()
         finally:
             self.stop_event.set()
+            self.notifier.stopping(f"stopping: {self.fatal}" if self.fatal else "stopping")
             commands.join(timeout=1.0)
             self.slow.stop(timeout_s=1.0)
             self._shutdown()
@@ -254,6 +265,10 @@ class DriverProcess:
         self._raise_priority()
         period = self.timing.period_ns
         deadline = time.monotonic_ns() + period
+        # READY from here: the device is connected, the driver disarmed (or still e-stopped from
+        # its latch), the command thread serving and this loop about to tick.
+        self._notify_mode(ready=True)
+        watchdog = WatchdogPacer(self.notifier)
         while not self.stop_event.is_set():
             _sleep_until(deadline)
             start = time.monotonic_ns()
@@ -265,6 +280,10 @@ class DriverProcess:
                 result = self.driver.tick(deadline)
                 if self.driver.counters.ticks % self.decimation == 0:
                     self._publish_state(result, deadline)
+            # Outside the lock, once per interval: only a loop that ticks keeps systemd's watchdog fed.
+            watchdog.tick(start)
+            if self.notifier.enabled:
+                self._notify_mode()
             deadline += period
             now = time.monotonic_ns()
             if now > deadline:
@@ -273,6 +292,20 @@ class DriverProcess:
                 with self.lock:
                     self.driver.counters.overruns += int(missed)
                 deadline += missed * period
+
+    def _notify_mode(self, ready: bool = False) -> None:
+        """STATUS (with READY=1 the first time) when the mode or its reason changed; two attribute
+        reads per tick otherwise."""
+        d = self.driver
+        key = (d.mode, d.reason)
+        if key == self._notified and not ready:
+            return
+        self._notified = key
+        status = f"{d.mode.value}: {d.reason}" if d.reason and d.mode in (Mode.ESTOP, Mode.FAULT) else d.mode.value
+        if ready:
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
 
     def _raise_priority(self, below: int = 0, what: str = "control loop") -> None:
         """Run this thread under SCHED_FIFO when configured: the loop at the configured priority, the
@@ -453,6 +486,7 @@ class DriverProcess:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        self.notifier.close()
 
 
 def realtime_allowed(priority: int) -> bool:
@@ -487,6 +521,13 @@ def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Pa
         backend = make_backend(cfg, emb, cell.folder)
     except ValueError as exc:  # a backend that cannot work with this embodiment or bus: say so, no traceback
         raise SystemExit(f"driver {cfg.name}: {exc}") from None
-    process = DriverProcess(cfg, emb, backend, cell, Path(run_dir) if run_dir is not None else None)
+    state_dir = os.environ.get(STATE_DIR_ENV) or None
+    if state_dir is not None:
+        try:  # private like the run dir: whoever can write the latch can clear an e-stop
+            state_dir = prepare_run_dir(state_dir)
+        except RunDirError as exc:
+            raise SystemExit(f"driver {cfg.name}: {STATE_DIR_ENV}: {exc}") from None
+    process = DriverProcess(cfg, emb, backend, cell, Path(run_dir) if run_dir is not None else None,
+                            state_dir=state_dir, notifier=Notifier.from_env())
     on_stop_signals(process.request_stop, deadline)
     process.run()

@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 
+from armada.drivers.core.notify import Notifier, WatchdogPacer
 from armada.runtime.config import CellConfig, load_cell
 from armada.runtime.exit_deadline import ExitDeadline, on_stop_signals
 from armada.runtime.inference.deadline import PolicyCaller
@@ -82,6 +83,7 @@ class InferenceProcess:
         self.runner: EpisodeRunner | None = None
         self.episode_counter = 0
         self.last_report: EpisodeReport | None = None
+        self.notifier = Notifier()  # systemd's, set by run_inference; does nothing by default
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         with self.events_lock:
@@ -92,8 +94,11 @@ class InferenceProcess:
     def run(self) -> None:
         log.info("inference up: ctl %s, events %s, %d driver(s), %d camera(s)", self.cell.inference.ctl,
                  self.cell.inference.events, len(self.links), len(self.builder.cameras))
+        self.notifier.ready("serving")
+        watchdog = WatchdogPacer(self.notifier)
         try:
             while not self.stop_event.is_set():
+                watchdog.tick()  # from the ctl loop: a ctl thread that hangs trips systemd's watchdog
                 if not self.ctl.poll(0.05):
                     continue
                 for _ in range(MAX_REQUESTS_PER_POLL):
@@ -102,6 +107,7 @@ class InferenceProcess:
                         break
                     self._serve_safely(req)
         finally:
+            self.notifier.stopping()
             self._shutdown()
 
     def _serve_safely(self, req: Request) -> None:
@@ -263,6 +269,7 @@ def run_inference(cell_path: str | Path | None, run_dir: str | Path | None,
                   deadline: ExitDeadline | None = None) -> None:
     cell = load_cell(cell_path, run_dir)
     process = InferenceProcess(cell, make_policy(cell))
+    process.notifier = Notifier.from_env()
     on_stop_signals(process.request_stop, deadline)
     threading.excepthook = process.thread_died
     process.run()
