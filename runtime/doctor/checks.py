@@ -14,6 +14,7 @@ import re
 import resource
 import stat
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -338,8 +339,10 @@ def check_cpu(host: Host, realtime: bool) -> list[Check]:
 # --- clocks ---------------------------------------------------------------------------------
 
 
-def check_clock(host: Host) -> Check:
-    """chrony's offset (chronyc tracking), else linuxptp's (pmc), else skip with the reason."""
+def check_clock(host: Host, multi_host: bool = False) -> Check:
+    """chrony's offset (chronyc tracking), else linuxptp's (pmc), else skip with the reason (a warning
+    when the cell spans hosts: their logs and recordings are then stamped by unsynchronised clocks;
+    the runtime's own cross-host offsets come from ping and do not need it)."""
     try:
         out = host.run(["chronyc", "-n", "tracking"], 2.0)
     except CommandMissing:
@@ -351,7 +354,8 @@ def check_clock(host: Host) -> Check:
     try:
         out = host.run(["pmc", "-u", "-b", "0", "GET CURRENT_DATA_SET"], 2.0)
     except CommandMissing:
-        return Check("clock", "skip", "neither chronyc nor pmc (linuxptp) installed: sync not checked",
+        return Check("clock", "warn" if multi_host else "skip",
+                     "neither chronyc nor pmc (linuxptp) installed: sync not checked",
                      "apt install chrony (hosts of one cell should share a time source)")
     except RuntimeError as exc:
         return Check("clock", "warn", f"pmc: {exc}", "start ptp4l, or use chrony")
@@ -381,6 +385,53 @@ def _ptp(out: str) -> Check:
     if offset > CLOCK_WARN_S:
         return Check("clock", "warn", f"PTP offset {offset * 1e3:.1f} ms", "check ptp4l / phc2sys")
     return Check("clock", "ok", f"PTP offset {offset * 1e6:.1f} us")
+
+
+def remote_endpoints(endpoints: list[tuple[str, str]]) -> dict[str, list[tuple[str, int]]]:
+    """tcp:// endpoints by host name: ``{host: [(key, port), ...]}`` (ipc and inproc are local)."""
+    from urllib.parse import urlsplit
+
+    out: dict[str, list[tuple[str, int]]] = {}
+    for key, endpoint in endpoints:
+        if endpoint.startswith("tcp://"):
+            parts = urlsplit(endpoint)
+            if parts.hostname and parts.port:
+                out.setdefault(parts.hostname, []).append((key, parts.port))
+    return out
+
+
+def check_remote_hosts(host: Host, endpoints: list[tuple[str, str]], timeout_s: float = 1.0) -> list[Check]:
+    """Each other host of a cell split over hosts: resolvable, and each of its endpoints answering a
+    TCP connect (a process listening) or refusing it (the host is up, the process not started yet).
+    The connect carries no ZeroMQ handshake and is closed at once: the peer drops it."""
+    rows: list[Check] = []
+    for name, ports in remote_endpoints(endpoints).items():
+        address = host.resolve(name)
+        if address is None:
+            rows.append(Check(f"host {name}", "fail", f"{name} does not resolve",
+                              "fix the host name in the cell's endpoints (or /etc/hosts)"))
+            continue
+        if host.is_local(address):
+            continue  # this host binds it
+        listening, refused, dead = [], [], []
+        for key, port in ports:
+            t0 = time.monotonic()
+            try:
+                host.connect(address, port, timeout_s).close()
+                listening.append(f"{key} :{port} {1e3 * (time.monotonic() - t0):.1f} ms")
+            except ConnectionRefusedError:
+                refused.append(f"{key} :{port}")
+            except OSError as exc:
+                dead.append(f"{key} :{port} ({exc})")
+        if dead:
+            rows.append(Check(f"host {name}", "fail", f"{address}: no answer: {'; '.join(dead)}",
+                              "check the network and the other host's firewall (the port must be open)"))
+        elif refused:
+            rows.append(Check(f"host {name}", "warn", f"{address} up; not listening yet: {', '.join(refused)}",
+                              f"start the cell's processes on {name} (armada systemd units there)"))
+        else:
+            rows.append(Check(f"host {name}", "ok", f"{address}: " + ", ".join(listening)))
+    return rows
 
 
 # --- calibration ----------------------------------------------------------------------------

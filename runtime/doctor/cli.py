@@ -29,6 +29,7 @@ from armada.runtime.doctor.checks import (
     check_onnxruntime,
     check_realsense,
     check_realtime,
+    check_remote_hosts,
     check_torch,
     check_ur_dashboard,
 )
@@ -98,7 +99,9 @@ def diagnose(cell_path: Path | None, host: Host | None = None) -> Report:
     priorities = {d.name: d.realtime_priority for d in cell.drivers if d.realtime_priority is not None}
     report.checks += check_realtime(host, priorities)
     report.checks += check_cpu(host, realtime=bool(priorities))
-    report.checks.append(check_clock(host))
+    remote = check_remote_hosts(host, cell_endpoints(cell))
+    report.checks += remote
+    report.checks.append(check_clock(host, multi_host=bool(remote)))
 
     for cam in cell.cameras:
         for key in ("intrinsics", "hand_eye", "latency"):
@@ -112,6 +115,13 @@ def diagnose(cell_path: Path | None, host: Host | None = None) -> Report:
 
     report.checks += model_checks(host, cell.inference.policy, path.parent)
     return report
+
+
+def cell_endpoints(cell: Any) -> list[tuple[str, str]]:
+    """Every endpoint of the cell with the key that names it."""
+    out = [(f"{d.name}.{k}", getattr(d, k)) for d in cell.drivers for k in ("state", "cmd")]
+    out += [(f"{c.name}.frames", c.frames) for c in cell.cameras]
+    return out + [("inference.ctl", cell.inference.ctl), ("inference.events", cell.inference.events)]
 
 
 def model_checks(host: Host, policy: Any, folder: Path) -> list[Check]:

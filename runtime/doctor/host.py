@@ -61,6 +61,36 @@ def connect_tcp(host: str, port: int, timeout_s: float) -> socket.socket:
     return socket.create_connection((host, port), timeout=timeout_s)
 
 
+def resolve(name: str, timeout_s: float = COMMAND_TIMEOUT_S) -> str | None:
+    """The IPv4/IPv6 address of ``name``, or None when it does not resolve in ``timeout_s``
+    (getaddrinfo has no timeout of its own: it runs in a thread the doctor stops waiting for)."""
+    import threading
+
+    found: list[str] = []
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0])
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=lookup, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return found[0] if found else None
+
+
+def is_local_address(address: str) -> bool:
+    """Whether ``address`` belongs to this machine: binding a UDP socket to it succeeds only then."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class Host:
     root: Path = Path("/")
@@ -70,6 +100,8 @@ class Host:
     group_name: Callable[[int], str] = group_name
     connect: Callable[[str, int, float], socket.socket] = connect_tcp
     access: Callable[[Path, int], bool] = os.access
+    resolve: Callable[[str], str | None] = resolve
+    is_local: Callable[[str], bool] = is_local_address
     is_root: bool = field(default_factory=lambda: os.geteuid() == 0)
     now: Callable[[], float] = time.time
 

@@ -33,6 +33,7 @@ from armada.runtime.doctor.checks import (
     check_onnxruntime,
     check_realsense,
     check_realtime,
+    check_remote_hosts,
     check_torch,
     check_ur_dashboard,
 )
@@ -391,3 +392,39 @@ def test_cli_json_and_exit_codes(tmp_path):
     assert {c["status"] for c in report["checks"]} <= {"ok", "warn", "skip"}
     done = _armada(str(_cell(tmp_path, {"kind": "nope"})))
     assert done.returncode == 2 and "FAIL" in done.stdout and "unknown backend kind" in done.stdout
+
+
+# --- other hosts of the cell ----------------------------------------------------------------
+
+
+def test_remote_hosts_listening_refused_unreachable_and_local(tmp_path):
+    listening = socket.create_server(("127.0.0.1", 0))
+    try:
+        open_port = listening.getsockname()[1]
+        closed = socket.create_server(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()
+        names = {"gpu": "127.0.0.1", "robot": "127.0.0.1", "gone": None, "me": "127.0.0.9"}
+
+        def connect(address, port, timeout_s):
+            assert timeout_s <= 1.0
+            if port == 9:
+                raise TimeoutError("timed out")
+            return socket.create_connection((address, port), timeout=timeout_s)
+
+        host = fake_host(tmp_path, resolve=names.get, is_local=lambda a: a == "127.0.0.9", connect=connect)
+        rows = check_remote_hosts(host, [
+            ("inference.ctl", f"tcp://gpu:{open_port}"), ("arm.cmd", f"tcp://robot:{closed_port}"),
+            ("cam.frames", "tcp://robot:9"), ("x.state", "tcp://gone:1"), ("y.state", "tcp://me:5"),
+            ("z.state", "ipc:///tmp/x")])
+    finally:
+        listening.close()
+    by = {r.name: r for r in rows}
+    assert set(by) == {"host gpu", "host robot", "host gone"}  # local and ipc endpoints are not checked
+    assert by["host gpu"].status == "ok" and "ms" in by["host gpu"].found
+    assert by["host robot"].status == "fail" and "cam.frames" in by["host robot"].found  # a dead port wins
+    assert by["host gone"].status == "fail" and "resolve" in by["host gone"].found
+    rows = check_remote_hosts(host, [("arm.cmd", f"tcp://robot:{closed_port}")])
+    assert [r.status for r in rows] == ["warn"] and "not listening yet" in rows[0].found
+    # A cell over several hosts without any time source: a warning, not a skip.
+    assert check_clock(host, multi_host=True).status == "warn"
