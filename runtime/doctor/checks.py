@@ -166,6 +166,9 @@ def check_can(host: Host, need: DeviceNeed, bitrate: int = DEFAULT_CAN_BITRATE) 
     if actual != bitrate:
         return Check(name, "fail", f"{iface} runs at {actual} bit/s, the arm needs {bitrate}",
                      f"sudo ip link set {iface} down && {up_fix}")
+    if state in ("BUS-OFF", "STOPPED"):  # the controller sends nothing until restarted
+        return Check(name, "fail", f"{iface} at {actual} bit/s, controller state {state}",
+                     f"check wiring, termination and power; then sudo ip link set {iface} down && {up_fix}")
     if state not in (None, "ERROR-ACTIVE"):
         return Check(name, "warn", f"{iface} up at {actual} bit/s, controller state {state}",
                      "check wiring, termination and that the arm is powered; then ip link set down/up")

@@ -151,8 +151,10 @@ def test_can_missing_down_wrong_bitrate_ok(tmp_path):
     assert run.calls == [["ip", "-details", "-json", "link", "show", "can0"]]
     row = check_can(fake_host(tmp_path, run=commands({"ip": _ip_json()})), NEED_CAN)
     assert row.status == "ok" and "1000000" in row.found
+    row = check_can(fake_host(tmp_path, run=commands({"ip": _ip_json(state="ERROR-PASSIVE")})), NEED_CAN)
+    assert row.status == "warn" and "ERROR-PASSIVE" in row.found
     row = check_can(fake_host(tmp_path, run=commands({"ip": _ip_json(state="BUS-OFF")})), NEED_CAN)
-    assert row.status == "warn" and "BUS-OFF" in row.found
+    assert row.status == "fail" and "BUS-OFF" in row.found
     assert check_can(fake_host(tmp_path, run=commands({"ip": _ip_json(kind="vcan")})), NEED_CAN).status == "fail"
     assert check_can(fake_host(tmp_path), NEED_CAN).status == "warn"  # no ip: up, bitrate unknown
 
