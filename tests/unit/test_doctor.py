@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -430,3 +431,12 @@ def test_remote_hosts_listening_refused_unreachable_and_local(tmp_path):
     assert [r.status for r in rows] == ["warn"] and "not listening yet" in rows[0].found
     # A cell over several hosts without any time source: a warning, not a skip.
     assert check_clock(host, multi_host=True).status == "warn"
+
+
+@pytest.mark.skipif(not Path("/sys/class/net/lo").exists() or shutil.which("ip") is None,
+                    reason="needs /sys/class/net/lo and iproute2's ip")
+def test_can_check_on_this_machine_reads_real_sys_and_ip():
+    """The real /sys and the real `ip -details -json` output: lo is up, and it is not a CAN link."""
+    row = check_can(Host(), DeviceNeed("can", "arm.can", "lo"))
+    assert row.status == "fail" and "not a CAN interface" in row.found, row
+    assert check_can(Host(), DeviceNeed("can", "arm.can", "nosuchcan9")).status == "fail"
