@@ -112,7 +112,8 @@ def check_device_node(host: Host, need: DeviceNeed) -> list[Check]:
     this user (the group that owns it is the fix when not)."""
     name = f"{need.kind} {need.owner}"
     if "{run_dir}" in need.target:
-        return [Check(name, "skip", f"{need.target}: made at run time by `armada fake` (not a real device)")]
+        return [Check(name, "skip", f"{need.target}: made at run time by `armada fake` "
+                      "(--run-dir DIR checks a running fake's)")]
     path = host.path(need.target)
     if not path.exists():
         where = "/dev/serial/by-id" if need.kind == "serial" else "/dev/v4l/by-id"

@@ -45,6 +45,8 @@ def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="check that a cell can run on this machine, with a fix for each problem")
     p.add_argument("cell", nargs="?", type=Path, default=None, help="cell YAML (default: the default cell)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="fill {run_dir} in the cell with this folder (to check a running fake's ptys)")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Report:
                 "counts": counts, "checks": [c.as_dict() for c in self.checks]}
 
 
-def diagnose(cell_path: Path | None, host: Host | None = None) -> Report:
+def diagnose(cell_path: Path | None, host: Host | None = None, run_dir: Path | None = None) -> Report:
     """Every check for one cell; ``host`` is the machine as the checks see it (tests pass a fake)."""
     from armada.runtime.config import DEFAULT_CELL, ConfigError, load_cell, resolve_cell_file
 
@@ -73,7 +75,7 @@ def diagnose(cell_path: Path | None, host: Host | None = None) -> Report:
     path = Path(cell_path) if cell_path is not None else DEFAULT_CELL
     report = Report(str(path))
     try:
-        cell = load_cell(path)
+        cell = load_cell(path, run_dir=run_dir)
     except (ConfigError, OSError) as exc:
         report.bad_cell = True
         report.checks.append(Check("config", "fail", str(exc), "fix the cell file (the key is named above)"))
@@ -174,7 +176,7 @@ def format_table(report: Report) -> str:
 
 def run_doctor(args: argparse.Namespace, host: Host | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    report = diagnose(args.cell, host)
+    report = diagnose(args.cell, host, getattr(args, "run_dir", None))
     if getattr(args, "json", False):
         out.write(json.dumps(report.as_dict(), indent=2) + "\n")
     else:

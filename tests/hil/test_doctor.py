@@ -4,6 +4,7 @@ the dashboard answers, the controller reports remote control, and the doctor mov
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ def _ur_cell(tmp_path: Path, host: str) -> Path:
     return path
 
 
-def _doctor(cell: Path) -> tuple[int, dict]:
-    done = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "doctor", str(cell), "--json"],
+def _doctor(cell: Path, *extra: str) -> tuple[int, dict]:
+    done = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "doctor", str(cell), "--json", *extra],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode in (0, 1), done.stderr
     return done.returncode, json.loads(done.stdout)
@@ -58,3 +59,23 @@ def test_doctor_with_no_controller_fails_fast(tmp_path):
     code, report = _doctor(_ur_cell(tmp_path, host))
     rows = {c["name"]: c for c in report["checks"]}
     assert code == 1 and rows["ur arm.host"]["status"] == "fail" and rows["ur arm.host"]["fix"]
+
+
+def test_doctor_finds_a_running_fake_so101s_ptys(short_tmp):
+    """--run-dir fills {run_dir}: the fake's pty symlinks are then checked like real serial ports."""
+    from armada.drivers.so101.fake.so101 import So101FakeProcess
+
+    cell = yaml.safe_load((REPO / "configs/cells/so101_fake.yaml").read_text())
+    for name in ("so101_fake_follower.json", "so101_fake_leader.json"):
+        shutil.copy(REPO / "configs/cells" / name, short_tmp / name)
+    path = short_tmp / "cell.yaml"
+    path.write_text(yaml.safe_dump(cell))
+    code, report = _doctor(path, "--run-dir", str(short_tmp))
+    rows = {c["name"]: c for c in report["checks"]}
+    assert code == 1 and rows["serial robot.port"]["status"] == "fail"  # no fake yet: missing
+    with So101FakeProcess(short_tmp):
+        code, report = _doctor(path, "--run-dir", str(short_tmp))
+    rows = {c["name"]: c for c in report["checks"]}
+    assert rows["serial robot.port"]["status"] == "ok", rows["serial robot.port"]
+    assert rows["serial robot.leader_port"]["status"] == "ok"
+    assert code == 0
