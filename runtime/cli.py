@@ -25,11 +25,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from armada.runtime.config import DEFAULT_CELL, ConfigError
 from armada.runtime.rundir import PARENT_PID_ENV, RunDirError
-from armada.runtime.terminal import Interrupted, StopSignals, say
+from armada.runtime.terminal import Interrupted, StopSignals, TerminalKeys, say
+
+if TYPE_CHECKING:
+    from armada.runtime.console import OperatorConsole
 
 _PR_SET_PDEATHSIG = 1
 SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record", "sim", "filter", "remote")
@@ -520,6 +523,8 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
 
 
 def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
+    from armada.runtime.console import HELP as CONSOLE_HELP
+    from armada.runtime.console import OperatorConsole, parse_keys
     from armada.runtime.inference.client import EpisodeClient
 
     cell = procs.cell
@@ -538,6 +543,8 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
     print(f"armada: all processes answer ({time.monotonic() - t:.1f} s); logs in {procs.run_dir / 'logs'}")
     client = EpisodeClient(procs.ctx, cell)
     recorder = viewer = None
+    keys = TerminalKeys(parse_keys)  # reads keys only when stdin is a terminal; piped runs as before
+    console = None
     try:
         if args.view:
             from armada.runtime.view import start_view
@@ -549,12 +556,24 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
             recorder = AutonomousRecorder.start(procs, args.record, args.repo_id)
         if not (args.arm or simulated_only) and not _drivers_armed(procs):
             return 1
-        for _ in range(args.episodes):
-            report = _one_episode(procs, client, args, simulated_only, cell.inference.episode_duration_s)
-            reports.append(report)
-            if procs.dead():
-                break  # the episode failed for it; no more episodes on a broken cell
+        with keys:
+            console = OperatorConsole(cell, procs.ctx, client, keys, say=print)
+            if console.interactive:
+                print(f"armada: {CONSOLE_HELP}", flush=True)
+            for i in range(args.episodes):
+                if console.estopped and not console.wait_after_estop():
+                    break  # after an e-stop no episode starts unless the operator says n
+                report = _one_episode(procs, client, args, simulated_only, cell.inference.episode_duration_s,
+                                      console)
+                reports.append(report)
+                if procs.dead():
+                    break  # the episode failed for it; no more episodes on a broken cell
+                if console.end_run and i + 1 < args.episodes:
+                    print(f"armada: the operator ended the run after episode {report['episode']}")
+                    break
     finally:
+        if console is not None:
+            console.close()
         client.close()
         if recorder is not None:
             recorder.close()  # waits for the last episode to be written; prints where
@@ -583,10 +602,13 @@ def _drivers_armed(procs) -> bool:
     return True
 
 
-def _one_episode(procs, client, args: argparse.Namespace, simulated_only: bool, default_duration: float) -> dict[str, Any]:
+def _one_episode(procs, client, args: argparse.Namespace, simulated_only: bool, default_duration: float,
+                 console: OperatorConsole | None = None) -> dict[str, Any]:
     from armada.runtime.transport import RemoteError
 
     duration = args.duration or default_duration
+    if console is not None:
+        console.new_episode()
     try:
         episode = client.start(args.instruction, duration_s=duration, arm=args.arm or simulated_only)
     except (TimeoutError, RemoteError) as exc:  # e.g. the inference process died just now
@@ -594,24 +616,47 @@ def _one_episode(procs, client, args: argparse.Namespace, simulated_only: bool, 
         report = _failed_report(0, f"failed to start: {why}")
         print(format_report(report))
         return report
-    progress = _Progress(episode, duration)
+    interactive = console is not None and console.interactive
+    progress = _Progress(episode, duration, console.status if interactive else None)
+
+    def on_event(event: str, data: dict[str, Any]) -> None:
+        if console is not None:
+            console.on_event(event, data)
+        progress.on_event(event, data)
+
+    def look(running: bool) -> None:  # between looks at the episode: the operator's keys, the status line
+        if interactive:
+            console.poll(running)
+            progress.refresh()
+
+    if console is not None:
+        console.say = progress.message  # its lines must not land in the middle of the status line
     try:
-        report = _follow_episode(procs, client, episode, duration + 20.0, progress.on_event)
+        report = _follow_episode(procs, client, episode, duration + 20.0, on_event, look)
     finally:
         progress.finish()
+        if console is not None:
+            console.say = print
+    if console is not None and console.operator_stop and not report["outcome"].startswith("completed"):
+        report = dict(report)  # say why the episode ended early: the inference side only knows "stopped"/"failed"
+        report["outcome"] = f"{report['outcome']} ({console.operator_stop})"
     print(format_report(report))
     return report
 
 
-def _follow_episode(procs, client, episode: int, timeout_s: float, on_event) -> dict[str, Any]:
+def _follow_episode(procs, client, episode: int, timeout_s: float, on_event,
+                    look: Callable[[bool], None] | None = None) -> dict[str, Any]:
     """Follow the episode's events until its report, watching the children all along: a child that
-    dies ends the episode as failed, naming it and how it died."""
+    dies ends the episode as failed, naming it and how it died. ``look`` runs between looks (the
+    operator console's keys)."""
     deadline = time.monotonic() + timeout_s
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         dead = procs.dead()
         if dead:
             return _child_died(procs, client, episode, [why for _, why in dead])
+        if look is not None:
+            look(True)
         msg = client.events.recv(0.1)
         if msg is not None:
             quiet_since = time.monotonic()
@@ -688,16 +733,21 @@ def _failed_report(episode: int, outcome: str) -> dict[str, Any]:
 
 
 class _Progress:
-    """One status line, updated in place on a terminal and every few seconds otherwise."""
+    """One status line, updated in place on a terminal and every few seconds otherwise. ``status``
+    (the operator console's: task, drivers' modes, rates, clamps, pause) is appended on a terminal."""
 
-    def __init__(self, episode: int, duration: float):
+    def __init__(self, episode: int, duration: float, status: Callable[[], str] | None = None):
         self.episode, self.duration = episode, duration
         self.tty = sys.stdout.isatty()
+        self.status = status
         self.last_print = 0.0
         self.chunks, self.latency_ms, self.elapsed = 0, 0.0, 0.0
+        self.started = time.monotonic()
+        self.in_place = False  # a line is being updated in place: a message needs a newline first
 
     def on_event(self, event: str, data: dict[str, Any]) -> None:
         if event == "route":
+            self._newline()
             print(f"episode {self.episode}: routed to task {data['task']!r} (margin {data['margin']:.2f})")
         elif event == "chunk":
             self.chunks, self.latency_ms, self.elapsed = data["chunk"] + 1, data["latency_ms"], data["elapsed_s"]
@@ -710,6 +760,17 @@ class _Progress:
             self._newline()
             print(f"episode {self.episode}: {event}: {data.get('reason', '')}".rstrip(": "))
 
+    def refresh(self) -> None:
+        """Redraw the line while no chunk comes (paused, e-stopped): the console's status moves on."""
+        if self.status is not None and time.monotonic() - self.last_print > 0.5:
+            self.elapsed = max(self.elapsed, min(self.duration, time.monotonic() - self.started))
+            self._show()
+
+    def message(self, text: str) -> None:
+        """A line of its own (the console's), over the status line, which is drawn again after it."""
+        print("\r\x1b[K" + text if self.tty and self.in_place else text, flush=True)
+        self.in_place = False
+
     def _show(self) -> None:
         now = time.monotonic()
         if not self.tty and now - self.last_print < 2.0:
@@ -718,11 +779,18 @@ class _Progress:
         bar = int(20 * min(1.0, self.elapsed / self.duration))
         line = (f"episode {self.episode} [{'#' * bar}{'.' * (20 - bar)}] {self.elapsed:5.1f}/{self.duration:.0f} s  "
                 f"chunks {self.chunks:4d}  latency {self.latency_ms:6.1f} ms")
-        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+        if self.status is not None:
+            line += "  " + self.status()
+        if self.tty:
+            print("\r\x1b[K" + line, end="", flush=True)  # erase to the end: a shorter line leaves no tail
+            self.in_place = True
+        else:
+            print(line, flush=True)
 
     def _newline(self) -> None:
-        if self.tty:
+        if self.tty and self.in_place:
             print()
+        self.in_place = False
 
     def finish(self) -> None:
         self._newline()
