@@ -480,10 +480,12 @@ def check_calibration(host: Host, owner: str, file: Path) -> Check:
 
 def check_onnxruntime(host: Host, onnx_dir: Path | None,
                       providers: Callable[[], list[str]] | None = None,
-                      gpu_driver: Callable[[], bool] | None = None) -> list[Check]:
-    """ONNX Runtime's providers and whether a GPU is really there: onnxruntime-gpu lists CUDA even
-    on a machine without a driver, so the NVIDIA driver and nvidia-smi are asked too. onnxruntime
-    is imported only here, for a cell that uses a model."""
+                      gpu_driver: Callable[[], bool] | None = None,
+                      session: Callable[[list[str]], list[str]] | None = None) -> list[Check]:
+    """ONNX Runtime's real providers and the GPU: onnxruntime-gpu lists CUDA even on a machine
+    without a driver or without cuDNN, so the NVIDIA driver and nvidia-smi are asked, and a one-node
+    session is created to read the providers it really got (``session``: requested -> used).
+    onnxruntime is imported only here, for a cell that uses a model."""
     rows: list[Check] = []
     if onnx_dir is not None:
         if not onnx_dir.is_dir():
@@ -517,8 +519,67 @@ def check_onnxruntime(host: Host, onnx_dir: Path | None,
         gpus = []
     else:
         rows.append(Check("gpu", "ok" if gpus else "warn", "; ".join(gpus) or "nvidia-smi lists no GPU"))
-    rows.append(Check("onnxruntime", "ok", f"providers {', '.join(listed)}"))
+    if "CUDAExecutionProvider" not in listed:
+        rows.append(Check("onnxruntime", "ok", f"providers {', '.join(listed)}"))
+        return rows
+    try:
+        used = _with_timeout(lambda: (session or _session_providers)(["CUDAExecutionProvider",
+                                                                       "CPUExecutionProvider"]), SESSION_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 (onnxruntime and onnx raise their own types: report any)
+        rows.append(Check("onnxruntime", "warn", f"providers {', '.join(listed)}; a CUDA test session failed: "
+                          f"{type(exc).__name__}: {str(exc)[:120]}", "check the CUDA and cuDNN libraries"))
+        return rows
+    if used is None:
+        rows.append(Check("onnxruntime", "skip", f"providers {', '.join(listed)}; no test session (onnx missing)",
+                          "pip install onnx to let the doctor try a CUDA session"))
+    elif "CUDAExecutionProvider" in used:
+        rows.append(Check("onnxruntime", "ok", f"a test session runs on {', '.join(used)}"))
+    else:
+        rows.append(Check("onnxruntime", "warn", f"CUDA listed, but a test session got only {', '.join(used)}",
+                          "install the CUDA/cuDNN libraries onnxruntime-gpu was built for (its log names the missing one)"))
     return rows
+
+
+SESSION_TIMEOUT_S = 30.0  # creating a CUDA context takes seconds on a cold GPU
+
+
+def _with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            error.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _session_providers(requested: list[str]) -> list[str] | None:
+    """The providers a real one-node (Identity) session gets; None when onnx is not installed."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    import onnxruntime
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "doctor", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, 8)  # readable by older onnxruntime builds too
+    onnx.checker.check_model(model)
+    sess = onnxruntime.InferenceSession(model.SerializeToString(), providers=requested)
+    return list(sess.get_providers())
 
 
 def check_torch(cuda_devices: Callable[[], list[str] | None] | None = None) -> Check:

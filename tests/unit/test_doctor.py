@@ -329,8 +329,20 @@ def test_model_runtime_checks(tmp_path):
     host = fake_host(tmp_path, run=commands({"nvidia-smi": "GPU 0: NVIDIA H100 (UUID: GPU-1)\n"}))
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     (tmp_path / "onnx").mkdir()
-    rows = check_onnxruntime(host, tmp_path / "onnx", lambda: gpu, lambda: True)
+    asked = []
+    rows = check_onnxruntime(host, tmp_path / "onnx", lambda: gpu, lambda: True,
+                             lambda req: asked.append(req) or ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert [(r.name, r.status) for r in rows] == [("model onnx_dir", "ok"), ("gpu", "ok"), ("onnxruntime", "ok")]
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+    # A driver, but the CUDA provider does not load (cuDNN missing): the session falls back to the CPU.
+    rows = check_onnxruntime(host, None, lambda: gpu, lambda: True, lambda req: ["CPUExecutionProvider"])
+    assert rows[-1].status == "warn" and "only CPUExecutionProvider" in rows[-1].found
+
+    def broken(req):
+        raise RuntimeError("libcudnn.so.9: cannot open shared object file")
+
+    rows = check_onnxruntime(host, None, lambda: gpu, lambda: True, broken)
+    assert rows[-1].status == "warn" and "libcudnn" in rows[-1].found
     # onnxruntime-gpu lists CUDA without a driver: that is still the CPU.
     rows = check_onnxruntime(host, None, lambda: gpu, lambda: False)
     assert [r.status for r in rows] == ["warn"] and "no NVIDIA driver" in rows[0].found
@@ -341,6 +353,15 @@ def test_model_runtime_checks(tmp_path):
     assert check_torch(lambda: ["NVIDIA H100"]).status == "ok"
     assert check_bundle("tiny", tmp_path).status == "ok"
     assert check_bundle("nope", tmp_path).status == "fail"
+
+
+def test_a_real_onnxruntime_session_reports_its_providers():
+    """The probe session itself, on this machine's onnxruntime (CPU here: no GPU in CI)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from armada.runtime.doctor.checks import _session_providers
+
+    assert _session_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
 
 # --- the whole cell -------------------------------------------------------------------------
