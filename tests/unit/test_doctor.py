@@ -244,6 +244,17 @@ def test_realsense_serial_usb_link_and_hang():
     assert row.status == "fail" and time.monotonic() - t0 < 1.0
 
 
+def test_realsense_through_this_machines_librealsense():
+    """The real pyrealsense2 query (no camera on a CI machine): lists devices, finds none of ours."""
+    pytest.importorskip("pyrealsense2", reason="pyrealsense2 (armada[devices]) is not installed")
+    from armada.runtime.doctor.checks import _realsense_devices
+
+    connected = _realsense_devices()
+    assert all(set(d) == {"serial", "name", "usb"} for d in connected)
+    row = check_realsense(DeviceNeed("realsense", "c.serial", "no-such-serial"))
+    assert row.status == "fail" and "no RealSense no-such-serial connected" in row.found
+
+
 # --- limits, CPU, clock ---------------------------------------------------------------------
 
 
