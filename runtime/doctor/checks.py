@@ -438,6 +438,41 @@ def check_remote_hosts(host: Host, endpoints: list[tuple[str, str]], timeout_s: 
     return rows
 
 
+def check_curve(curve: Any) -> list[Check]:
+    """The cell's CURVE key files: present, secret keys private to their owner (0600, as `armada
+    keys` writes them), and an allow-list folder holding at least one public key."""
+    if curve is None:
+        return [Check("curve keys", "skip", "the cell uses no CURVE (ipc or loopback only)")]
+    rows: list[Check] = []
+    publics = {"server_public_key": getattr(curve, "server_public_key", None),
+               **{f"server_keys.{h}": p for h, p in (getattr(curve, "server_keys", None) or {}).items()}}
+    for key, file in publics.items():
+        if file is not None and not Path(file).is_file():
+            rows.append(Check(f"curve {key}", "fail", f"{file} is missing", "write keys with armada keys FOLDER --hosts ..."))
+    for key in ("server_secret_key", "client_secret_key"):
+        file = getattr(curve, key, None)
+        if file is None:
+            continue
+        file = Path(file)
+        if not file.is_file():
+            rows.append(Check(f"curve {key}", "fail", f"{file} is missing", "write keys with armada keys FOLDER --hosts ..."))
+        elif file.stat().st_mode & 0o077:
+            rows.append(Check(f"curve {key}", "warn", f"{file} is readable by others "
+                              f"(mode {stat.S_IMODE(file.stat().st_mode):o}): anyone who reads it can pose as this host",
+                              f"chmod 600 {file}"))
+    allowed = getattr(curve, "authorized_clients", None)
+    if allowed is not None:
+        folder = Path(allowed)
+        count = len(list(folder.glob("*.key"))) if folder.is_dir() else 0
+        if count == 0:
+            rows.append(Check("curve authorized_clients", "fail", f"{folder}: no *.key public keys: nobody may connect",
+                              "copy the client hosts' public keys there (armada keys writes the allow-lists)"))
+    if not rows:
+        rows.append(Check("curve keys", "ok", "key files present, secret keys private"
+                          + (f", {count} allowed clients" if allowed is not None else "")))
+    return rows
+
+
 # --- calibration ----------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from armada.runtime.doctor.checks import (
     check_calibration,
     check_can,
     check_clock,
+    check_curve,
     check_cpu,
     check_device_groups,
     check_device_node,
@@ -78,7 +79,7 @@ def diagnose(cell_path: Path | None, host: Host | None = None, run_dir: Path | N
         cell = load_cell(path, run_dir=run_dir)
     except (ConfigError, OSError) as exc:
         report.bad_cell = True
-        report.checks.append(Check("config", "fail", str(exc), "fix the cell file (the key is named above)"))
+        report.checks.append(Check("config", "fail", str(exc), "fix the key it names in the cell file"))
         return report
     except Exception as exc:  # noqa: BLE001 (a plugin's check raising its own error is still a bad cell)
         report.bad_cell = True
@@ -101,6 +102,7 @@ def diagnose(cell_path: Path | None, host: Host | None = None, run_dir: Path | N
     priorities = {d.name: d.realtime_priority for d in cell.drivers if d.realtime_priority is not None}
     report.checks += check_realtime(host, priorities)
     report.checks += check_cpu(host, realtime=bool(priorities))
+    report.checks += check_curve(cell.curve)
     remote = check_remote_hosts(host, cell_endpoints(cell))
     report.checks += remote
     report.checks.append(check_clock(host, multi_host=bool(remote)))

@@ -28,6 +28,7 @@ from armada.runtime.doctor.checks import (
     check_calibration,
     check_can,
     check_clock,
+    check_curve,
     check_cpu,
     check_device_groups,
     check_device_node,
@@ -472,3 +473,32 @@ def test_can_check_on_this_machine_reads_real_sys_and_ip():
     row = check_can(Host(), DeviceNeed("can", "arm.can", "lo"))
     assert row.status == "fail" and "not a CAN interface" in row.found, row
     assert check_can(Host(), DeviceNeed("can", "arm.can", "nosuchcan9")).status == "fail"
+
+
+# --- CURVE keys -----------------------------------------------------------------------------
+
+
+def test_curve_key_files(tmp_path):
+    import zmq.auth
+
+    from armada.runtime.config import CurveConfig
+
+    assert [r.status for r in check_curve(None)] == ["skip"]
+    server_pub, server_sec = zmq.auth.create_certificates(tmp_path, "server")
+    client_pub, client_sec = zmq.auth.create_certificates(tmp_path, "client")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    Path(server_sec).chmod(0o600)
+    Path(client_sec).chmod(0o600)
+    curve = CurveConfig(server_public_key=server_pub, server_secret_key=server_sec, authorized_clients=allowed)
+    rows = check_curve(curve)
+    assert [(r.name, r.status) for r in rows] == [("curve authorized_clients", "fail")]
+    (allowed / "client.key").write_bytes(Path(client_pub).read_bytes())
+    rows = check_curve(curve)
+    assert [r.status for r in rows] == ["ok"] and "1 allowed clients" in rows[0].found
+    Path(server_sec).chmod(0o644)
+    rows = check_curve(curve)
+    assert [r.status for r in rows] == ["warn"] and "chmod 600" in rows[0].fix
+    gone = CurveConfig(server_public_key=tmp_path / "nope.key", client_secret_key=client_sec,
+                       authorized_clients=allowed)
+    assert [(r.name, r.status) for r in check_curve(gone)] == [("curve server_public_key", "fail")]
