@@ -43,6 +43,7 @@ INFERENCE_WATCHDOG_S = 30.0
 # Groups of the dedicated user: serial adapters and CAN-USB (dialout), USB devices such as
 # RealSense through udev rules (plugdev), V4L2 cameras and the GPU's render nodes (video, render).
 DEVICE_GROUPS = ("dialout", "plugdev", "video", "render")
+ROLES = ("driver", "camera", "infer")
 ROLE_GROUPS = {"driver": ("dialout", "plugdev"), "camera": ("video", "plugdev"), "infer": ("video", "render")}
 # systemd unit names allow more, but these names also become file names and ExecStart arguments.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -58,6 +59,11 @@ class Options:
     user: str = DEFAULT_USER
     venv: Path = Path(sys.prefix)
     driver_watchdog_s: float = DRIVER_WATCHDOG_S
+    # This host's CURVE key set (`armada keys`), passed as ARMADA_KEYS (runtime/remote/hostkeys.py).
+    keys: Path | None = None
+    # Which processes run on this host: a cell split over hosts writes the drivers and cameras on
+    # the robot PC and the inference process on the GPU host.
+    roles: tuple[str, ...] = ROLES
 
 
 @dataclass
@@ -102,7 +108,11 @@ def render(cell: CellConfig, opts: Options) -> UnitSet:
     target = f"{prefix}.target"
     run_dir = f"%t/armada/{cell_name}"
     common_args = f"{_arg(opts.cell_path)}"
-    home = "read-only" if _under_home(opts.venv, opts.cell_path) else "yes"
+    home = "read-only" if _under_home(opts.venv, opts.cell_path, *([opts.keys] if opts.keys else [])) else "yes"
+    unknown = set(opts.roles) - set(ROLES)
+    if unknown or not opts.roles:
+        raise UnitError(f"roles {sorted(unknown) or '(none)'}: choose among {', '.join(ROLES)}")
+    keys_env = [f"Environment=ARMADA_KEYS={_arg(opts.keys)}"] if opts.keys is not None else []
     units = UnitSet(target)
 
     def service(role: str, name: str | None, description: str, exec_args: str, watchdog_s: float,
@@ -135,6 +145,7 @@ def render(cell: CellConfig, opts: Options) -> UnitSet:
             "StateDirectoryMode=0700",
             "UMask=0077",
             "Environment=PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1",
+            *keys_env,
             f"ExecStart={_arg(armada)} {exec_args} --run-dir {run_dir}",
             "Restart=on-failure",
             "RestartSec=2",
@@ -150,7 +161,8 @@ def render(cell: CellConfig, opts: Options) -> UnitSet:
             "LockPersonality=yes",
             "",
         ]
-        units.files[unit] = "\n".join(lines)
+        if role in opts.roles:
+            units.files[unit] = "\n".join(lines)
         return unit
 
     drivers, cameras = [], []
@@ -164,7 +176,7 @@ def render(cell: CellConfig, opts: Options) -> UnitSet:
                         "TimeoutStartSec=30",
                         "TimeoutStopSec=5"])
         drivers.append(unit)
-        if d.realtime_priority is not None:
+        if d.realtime_priority is not None and "driver" in opts.roles:
             units.files[f"{unit}.d/10-realtime.conf"] = "\n".join([
                 f"# Driver {name} asks for SCHED_FIFO priority {d.realtime_priority} (realtime_priority in the cell):",
                 "# the process sets each thread's priority itself within these limits. Delete this drop-in",
@@ -187,7 +199,7 @@ def render(cell: CellConfig, opts: Options) -> UnitSet:
                      "TimeoutStartSec=300",
                      "TimeoutStopSec=10"],
                     after=drivers + cameras)
-    services = drivers + cameras + [infer]
+    services = [u for u in drivers + cameras + [infer] if u in units.files]
     units.files[target] = "\n".join([
         "# Written by `armada systemd`: every process of the cell; `systemctl start|stop` this target.",
         "[Unit]",
@@ -243,6 +255,10 @@ def add_systemd_parser(sub: argparse._SubParsersAction) -> None:
                    help="the virtual environment holding armada (default: the one running this command)")
     p.add_argument("--cell-path", type=Path, default=None,
                    help="where the cell file will be on the robot PC (default: CELL's absolute path)")
+    p.add_argument("--keys", type=Path, default=None,
+                   help="this host's CURVE key folder written by `armada keys` (set as ARMADA_KEYS)")
+    p.add_argument("--roles", default=",".join(ROLES),
+                   help="the processes that run on this host, comma separated (default: all: driver,camera,infer)")
     p.add_argument("--driver-watchdog-s", type=float, default=DRIVER_WATCHDOG_S,
                    help=f"WatchdogSec of the drivers: a control loop silent this long is restarted "
                         f"(default {DRIVER_WATCHDOG_S:g})")
@@ -253,8 +269,10 @@ def run_systemd(args: argparse.Namespace) -> int:
     venv = Path(args.venv if args.venv is not None else sys.prefix).absolute()
     cell_path = Path(args.cell_path if args.cell_path is not None else args.cell).absolute()
     try:
+        keys = Path(args.keys).absolute() if args.keys is not None else None
+        roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
         units = render(cell, Options(cell_path=cell_path, user=args.user, venv=venv,
-                                     driver_watchdog_s=args.driver_watchdog_s))
+                                     driver_watchdog_s=args.driver_watchdog_s, keys=keys, roles=roles))
     except UnitError as exc:
         print(f"armada systemd: {exc}", file=sys.stderr)
         return 2

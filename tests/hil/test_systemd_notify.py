@@ -207,3 +207,28 @@ def test_without_notify_socket_nothing_is_sent(short_tmp, listener):
         proc.wait(10)
         ctx.term()
     assert listener.got == []
+
+
+@pytest.mark.parametrize("role,args,ready", [("camera", ["--name", "front"], "READY=1\nSTATUS=streaming"),
+                                             ("infer", [], "READY=1\nSTATUS=serving")])
+def test_camera_and_inference_processes_speak_sd_notify(short_tmp, listener, role, args, ready):
+    env = dict(os.environ, NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="1000000")
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "armada.runtime.cli", role, str(SCRIPTED_CELL), *args,
+                             "--run-dir", str(short_tmp / "run")], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t_ready, got = listener.wait_for("READY=1", 30.0)
+        assert got == ready
+        time.sleep(1.6)
+        end = time.monotonic()
+        pings = listener.pings(t_ready, end)
+        assert len(pings) >= 2 and _max_gap(pings, t_ready, end) < 1.0, pings
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        listener.wait_for("STOPPING=1", 5.0, after=t)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

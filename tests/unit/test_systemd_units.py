@@ -159,3 +159,22 @@ def test_cli_bad_cell_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None
     assert main(["systemd", str(bad), "--out", str(tmp_path / "units")]) == 2
     assert "config error" in capsys.readouterr().err
     assert not (tmp_path / "units").exists()
+
+
+def test_a_cell_split_over_hosts_writes_this_hosts_processes_with_its_keys(tmp_path: Path) -> None:
+    cell = load_cell(CELLS / "scripted.yaml", "/run/armada/x")
+    keys = tmp_path / "keys" / "gpu"
+    gpu = render(cell, Options(cell_path=CELLS / "scripted.yaml", venv=Path(sys.prefix), roles=("infer",), keys=keys))
+    assert gpu.services == ["armada-scripted-infer.service"]
+    assert _section(gpu.files[gpu.target])["Wants"] == ["armada-scripted-infer.service"]
+    assert f"ARMADA_KEYS={keys}" in _section(gpu.files["armada-scripted-infer.service"])["Environment"]
+    robot = render(cell, Options(cell_path=CELLS / "scripted.yaml", venv=Path(sys.prefix), roles=("driver", "camera")))
+    assert robot.services == ["armada-scripted-driver-arm.service", "armada-scripted-camera-front.service",
+                              "armada-scripted-camera-wrist.service"]
+    assert "ARMADA_KEYS" not in robot.files["armada-scripted-driver-arm.service"]
+    with pytest.raises(UnitError, match="roles"):
+        render(cell, Options(cell_path=CELLS / "scripted.yaml", roles=("gpu",)))
+    if SYSTEMD_ANALYZE is not None:
+        write(gpu, tmp_path / "gpu")
+        result = _verify(tmp_path / "gpu")
+        assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
