@@ -178,3 +178,28 @@ def test_a_cell_split_over_hosts_writes_this_hosts_processes_with_its_keys(tmp_p
         write(gpu, tmp_path / "gpu")
         result = _verify(tmp_path / "gpu")
         assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+TEMPLATES = REPO_ROOT / "systemd"
+
+
+def test_the_shipped_templates_say_the_same_as_the_generated_units() -> None:
+    for name in ("armada-driver@.service", "armada-camera@.service", "armada-infer.service"):
+        unit = _section((TEMPLATES / name).read_text())
+        assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["main"] and unit["WatchdogSec"], name
+        assert unit["RuntimeDirectoryPreserve"] == ["yes"] and unit["StateDirectory"] == ["armada"], name
+        for key, value in [("ProtectSystem", "strict"), ("PrivateTmp", "yes"), ("NoNewPrivileges", "yes")]:
+            assert unit[key] == [value], (name, key)
+    driver = _section((TEMPLATES / "armada-driver@.service").read_text())
+    assert "ARMADA_STATE_DIR=%S/armada" in driver["Environment"] and driver["LimitRTPRIO"]
+
+
+@needs_analyze
+def test_the_shipped_templates_verify(tmp_path: Path) -> None:
+    for path in TEMPLATES.glob("*.service"):
+        # Their ExecStart names the deployment's venv (/opt/armada/.venv); verify against ours.
+        (tmp_path / path.name).write_text(path.read_text().replace("/opt/armada/.venv", sys.prefix))
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{tmp_path}:")
+    result = subprocess.run([SYSTEMD_ANALYZE, "verify", "armada-driver@arm.service", "armada-camera@front.service",
+                             "armada-infer.service"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
