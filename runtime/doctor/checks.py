@@ -404,10 +404,12 @@ def remote_endpoints(endpoints: list[tuple[str, str]]) -> dict[str, list[tuple[s
     return out
 
 
-def check_remote_hosts(host: Host, endpoints: list[tuple[str, str]], timeout_s: float = 1.0) -> list[Check]:
+def check_remote_hosts(host: Host, endpoints: list[tuple[str, str]], timeout_s: float = 1.0,
+                       peers: dict[str, str] | None = None) -> list[Check]:
     """Each other host of a cell split over hosts: resolvable, and each of its endpoints answering a
     TCP connect (a process listening) or refusing it (the host is up, the process not started yet).
-    The connect carries no ZeroMQ handshake and is closed at once: the peer drops it."""
+    The connect carries no ZeroMQ handshake and is closed at once: the peer drops it. ``peers``
+    collects the other hosts' addresses (name -> address) for the clock check."""
     rows: list[Check] = []
     for name, ports in remote_endpoints(endpoints).items():
         address = host.resolve(name)
@@ -417,6 +419,8 @@ def check_remote_hosts(host: Host, endpoints: list[tuple[str, str]], timeout_s: 
             continue
         if host.is_local(address):
             continue  # this host binds it
+        if peers is not None:
+            peers[name] = address
         listening, refused, dead = [], [], []
         for key, port in ports:
             t0 = time.monotonic()
@@ -435,6 +439,38 @@ def check_remote_hosts(host: Host, endpoints: list[tuple[str, str]], timeout_s: 
                               f"start the cell's processes on {name} (armada systemd units there)"))
         else:
             rows.append(Check(f"host {name}", "ok", f"{address}: " + ", ".join(listening)))
+    return rows
+
+
+_CHRONY_SOURCE = re.compile(r"^[\^=#][*+\-?x~ ]\s+(\S+)\s+\d+\s+\d+\s+\d+\s+\S+\s+([+-]?[0-9.]+)(ns|us|ms|s)\[")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def check_peer_clocks(host: Host, peers: dict[str, str]) -> list[Check]:
+    """The clock offset to each other host of the cell, where chrony measures it: when that host is
+    one of this host's time sources (`chronyc -n sources`). ``peers``: host name -> address."""
+    if not peers:
+        return []
+    try:
+        out = host.run(["chronyc", "-n", "sources"], 2.0)
+    except (CommandMissing, RuntimeError):
+        return []  # the clock row already says what is missing
+    offsets: dict[str, float] = {}
+    for line in out.splitlines():
+        m = _CHRONY_SOURCE.match(line)
+        if m:
+            offsets[m.group(1)] = float(m.group(2)) * _UNIT_S[m.group(3)]
+    rows = []
+    for name, address in peers.items():
+        if address not in offsets:
+            rows.append(Check(f"clock to {name}", "skip", f"{address} is not a chrony source of this host",
+                              f"optional: serve time from one host (chrony `allow`) and add `server {name}` "
+                              "on the other, so their offset is measured"))
+        elif abs(offsets[address]) > CLOCK_WARN_S:
+            rows.append(Check(f"clock to {name}", "warn", f"offset to {address} {offsets[address] * 1e3:+.1f} ms",
+                              "sudo chronyc makestep, and check that both hosts sync to the same source"))
+        else:
+            rows.append(Check(f"clock to {name}", "ok", f"offset to {address} {offsets[address] * 1e6:+.0f} us"))
     return rows
 
 

@@ -28,6 +28,7 @@ from armada.runtime.doctor.checks import (
     check_device_groups,
     check_device_node,
     check_onnxruntime,
+    check_peer_clocks,
     check_realsense,
     check_realtime,
     check_remote_hosts,
@@ -103,9 +104,10 @@ def diagnose(cell_path: Path | None, host: Host | None = None, run_dir: Path | N
     report.checks += check_realtime(host, priorities)
     report.checks += check_cpu(host, realtime=bool(priorities))
     report.checks += check_curve(cell.curve)
-    remote = check_remote_hosts(host, cell_endpoints(cell))
-    report.checks += remote
-    report.checks.append(check_clock(host, multi_host=bool(remote)))
+    peers: dict[str, str] = {}
+    report.checks += check_remote_hosts(host, cell_endpoints(cell), peers=peers)
+    report.checks.append(check_clock(host, multi_host=bool(peers)))
+    report.checks += check_peer_clocks(host, peers)
 
     for cam in cell.cameras:
         for key in ("intrinsics", "hand_eye", "latency"):

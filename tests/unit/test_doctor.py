@@ -33,6 +33,7 @@ from armada.runtime.doctor.checks import (
     check_device_groups,
     check_device_node,
     check_onnxruntime,
+    check_peer_clocks,
     check_realsense,
     check_realtime,
     check_remote_hosts,
@@ -502,3 +503,58 @@ def test_curve_key_files(tmp_path):
     gone = CurveConfig(server_public_key=tmp_path / "nope.key", client_secret_key=client_sec,
                        authorized_clients=allowed)
     assert [(r.name, r.status) for r in check_curve(gone)] == [("curve server_public_key", "fail")]
+
+
+SOURCES = """MS Name/IP address         Stratum Poll Reach LastRx Last sample
+===============================================================================
+^* 192.168.0.10                  2   6   377    35    -12us[  -15us] +/-   20ms
+^- 10.0.0.7                      3   7   377    2m  +8123us[+8123us] +/-   40ms
+^? 10.0.0.8                      0   7     0     -     +0ns[   +0ns] +/-    0ns
+"""
+
+
+def test_clock_offset_to_the_other_hosts(tmp_path):
+    host = fake_host(tmp_path, run=commands({"chronyc": SOURCES}))
+    rows = check_peer_clocks(host, {"robot": "192.168.0.10", "gpu": "10.0.0.7", "cam": "10.0.0.99"})
+    by = {r.name: r for r in rows}
+    assert by["clock to robot"].status == "ok" and "-12 us" in by["clock to robot"].found
+    assert by["clock to gpu"].status == "warn" and "+8.1 ms" in by["clock to gpu"].found
+    assert by["clock to cam"].status == "skip" and "not a chrony source" in by["clock to cam"].found
+    assert check_peer_clocks(fake_host(tmp_path), {"robot": "192.168.0.10"}) == []  # no chronyc: the clock row says so
+    assert check_peer_clocks(host, {}) == []
+
+
+def test_diagnose_a_cell_split_over_two_hosts(tmp_path):
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    pub, sec = zmq.auth.create_certificates(keys, "robot")
+    cpub, _ = zmq.auth.create_certificates(keys, "gpu")
+    (keys / "allowed").mkdir()
+    (keys / "allowed" / "gpu.key").write_bytes(Path(cpub).read_bytes())
+    Path(sec).chmod(0o600)
+    cell = {"name": "split", "curve": {"server_public_key": str(pub), "server_secret_key": str(sec),
+                                       "authorized_clients": str(keys / "allowed")},
+            "drivers": [{"name": "arm", "embodiment": "mock_arm", "backend": {"kind": "mock"},
+                         "state": "tcp://robot:5601", "cmd": "tcp://robot:5602"}],
+            "inference": {"ctl": "tcp://gpu:5701", "events": "tcp://gpu:5702"}}
+    path = tmp_path / "split.yaml"
+    path.write_text(yaml.safe_dump(cell))
+    addresses = {"robot": "10.9.9.1", "gpu": "10.9.9.2"}
+    connected = []
+
+    def connect(address, port, timeout_s):
+        connected.append((address, port))
+        raise ConnectionRefusedError  # the gpu host is up, its inference process not started
+
+    sources = SOURCES.replace("192.168.0.10", "10.9.9.2")
+    host = fake_host(tmp_path, resolve=addresses.get, is_local=lambda a: a == "10.9.9.1", connect=connect,
+                     run=commands({"chronyc": sources}))
+    report = diagnose(path, host)
+    rows = {r.name: r for r in report.checks}
+    assert rows["curve keys"].status == "ok"
+    assert rows["host gpu"].status == "warn" and "host robot" not in rows  # this is the robot host
+    assert sorted(connected) == [("10.9.9.2", 5701), ("10.9.9.2", 5702)]
+    assert rows["clock to gpu"].status == "ok"
+    assert report.exit_code == 0, format_table(report)
