@@ -232,3 +232,36 @@ def test_camera_and_inference_processes_speak_sd_notify(short_tmp, listener, rol
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_no_ready_before_the_device_is_connected(short_tmp, listener):
+    """READY waits for the device: a connect that takes its time holds it back (and one that fails
+    sends nothing: the process exits and systemd sees a failed start)."""
+    cell = load_cell(SCRIPTED_CELL, short_tmp)
+    cfg = cell.drivers[0]
+    emb = cell.embodiment(cfg)
+    backend = make_backend(cfg, emb, cell.folder)
+    connected = threading.Event()
+    connect = backend.connect
+
+    def slow_connect(timeout_s: float) -> None:
+        connected.wait(10.0)
+        connect(timeout_s)
+
+    backend.connect = slow_connect
+    process = DriverProcess(cfg, emb, backend, cell, short_tmp,
+                            notifier=Notifier.from_env({"NOTIFY_SOCKET": listener.address}))
+    switch = sys.getswitchinterval()
+    runner = threading.Thread(target=process.run, daemon=True)
+    runner.start()
+    try:
+        time.sleep(0.5)
+        assert listener.got == []
+        t = time.monotonic()
+        connected.set()
+        listener.wait_for("READY=1\nSTATUS=idle", 5.0, after=t)
+    finally:
+        connected.set()
+        process.request_stop()
+        runner.join(5.0)
+        sys.setswitchinterval(switch)
