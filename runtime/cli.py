@@ -561,6 +561,10 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
             if console.interactive:
                 print(f"armada: {CONSOLE_HELP}", flush=True)
             for i in range(args.episodes):
+                console.poll(running=False)  # keys pressed between episodes: an e pressed then counts
+                if console.end_run:
+                    print("armada: the operator ended the run")
+                    break
                 if console.estopped and not console.wait_after_estop():
                     break  # after an e-stop no episode starts unless the operator says n
                 report = _one_episode(procs, client, args, simulated_only, cell.inference.episode_duration_s,

@@ -188,7 +188,7 @@ class OperatorConsole:
         self.end_run = True
         if running:
             self._end_episode("stopped by the operator (s)")
-        self.say("console: stopping" + (" the episode;" if running else "") + " no more episodes")
+        self.say("console: stopping the episode; no more episodes" if running else "console: no more episodes")
 
     def _next(self, running: bool) -> None:
         if running:

@@ -183,3 +183,11 @@ def test_driver_watch_turns_stats_into_mode_rate_and_clamps(monkeypatch):
     second = console_mod.DriverWatch._ask("arm", client, last)
     assert second.rate_hz == pytest.approx(500.0) and second.clamps == 3
     assert console_mod.DriverWatch._ask("arm", Silent(), last).text() == "arm no answer" and "arm" not in last
+
+
+def test_stop_between_episodes_ends_the_run_and_sends_nothing(cell):
+    keys, client = FakeKeys(), FakeClient()
+    con, lines = make(cell, keys, client)
+    keys.pending = ["next", "stop"]
+    con.poll(running=False)
+    assert con.end_run and client.calls == [] and lines == ["console: no more episodes"]
