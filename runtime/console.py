@@ -203,14 +203,16 @@ class OperatorConsole:
             self.say(f"console: the inference process did not take the stop: {_why(exc)}")
 
     def _estop(self, running: bool) -> None:
-        answers = operator.estop(self.cell, reason="operator console (e)")
+        answers = operator.estop(self.cell, reason="operator console (e)")  # first, before anything else
         self.estopped = True
-        if running:
-            self.operator_stop = "e-stop pressed on the console"
         for a in answers:
             self.say(f"console: E-STOP {a.name}: {a.mode if a.ok else 'NOT CONFIRMED ' + (a.detail or a.mode)}")
         if not all(a.ok for a in answers):
             self.say("console: a driver did not confirm its e-stop: use the hardware e-stop")
+        if running:
+            # The episode fails on its own when a driver refuses its next chunk, but not while it is
+            # paused (no chunks go out): end it, so no e-stopped episode reads "completed".
+            self._end_episode("e-stop pressed on the console")
 
     def _reset(self, running: bool) -> None:
         names = [d.name for d in self.cell.drivers if _mode(self.cell, d.name) == "estop"]

@@ -119,7 +119,7 @@ def test_estop_presses_every_driver_and_latches_the_console(cell, monkeypatch):
     con.poll(running=True)
     assert pressed == ["operator console (e)"] and con.estopped
     assert "e-stop" in con.operator_stop and "E-STOP latched" in con.status()
-    assert client.calls == []  # the driver refuses the episode's chunks: it fails on its own, saying why
+    assert client.calls == ["stop"]  # also ended: a paused episode sends no chunk that the driver could refuse
 
 
 def test_an_unconfirmed_estop_says_to_use_the_hardware_one(cell, monkeypatch):
