@@ -7,6 +7,7 @@ cell file without reading a traceback.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
@@ -237,6 +238,9 @@ class CurveConfig(_Strict):
     """CURVE keys for TCP between hosts; files as written by zmq.auth.create_certificates."""
 
     server_public_key: Path
+    # The server public key per endpoint host (the host as written in tcp:// endpoints), for a cell
+    # whose hosts each have their own key pair (`armada keys`); a host not listed uses server_public_key.
+    server_keys: dict[str, Path] = {}
     server_secret_key: Path | None = None  # only on the binding side
     client_secret_key: Path | None = None  # only on connecting sides
     # A folder of the public keys allowed to connect (``*.key`` files). Encryption alone would let
@@ -565,6 +569,12 @@ def load_cell(path: str | Path | None = None, run_dir: str | Path | None = None)
     data = _read_yaml(path)
     if run_dir is not None:
         data = _substitute(data, "{run_dir}", str(run_dir))
+    from armada.runtime.remote.hostkeys import HostKeysError, apply_host_keys  # late: a small module
+
+    try:
+        data = apply_host_keys(data, path, os.environ)  # this host's key set, for a cell split over hosts
+    except HostKeysError as exc:
+        raise ConfigError(path, "curve", str(exc)) from None
     data = _validate_backends(data, path)
     data = _validate_cameras_and_policy(data, path)
     cell = _validate(CellConfig, data, path)

@@ -126,7 +126,10 @@ class CellProcesses:
             args += ["--name", name]
         label = name or role
         log_path = self.run_dir / "logs" / f"{label}.log"
-        env = os.environ | {"PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
+        # NOTIFY_SOCKET & co. belong to the supervisor's own unit (if `armada run` runs under one): a child
+        # would otherwise send READY/WATCHDOG for it (systemd logs and drops them under NotifyAccess=main).
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env |= {"PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
         # Its own process group: Ctrl-C or a hangup at the terminal reaches only us, and we stop the
         # children in order (inference first, so drivers see the lease released and hold).
         with open_log(log_path) as log:

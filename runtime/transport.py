@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
@@ -64,7 +65,8 @@ def _prepare(sock: zmq.Socket, endpoint: str, curve: "CurveConfig | None", serve
     # frame once took a driver to 1.17 GB). Set before bind/connect: options apply to new pipes.
     sock.setsockopt(zmq.MAXMSGSIZE, max_inbound_bytes)
     if curve is not None and endpoint.startswith("tcp://"):
-        server_public, _ = zmq.auth.load_certificate(curve.server_public_key)
+        server_public, _ = zmq.auth.load_certificate(
+            curve.server_keys.get(urlsplit(endpoint).hostname or "", curve.server_public_key))
         if server:
             if curve.server_secret_key is None:
                 raise ValueError("curve.server_secret_key is required on the binding side")

@@ -56,6 +56,9 @@ class BackendPlugin:
     fake: "Callable[[list[str]], int] | None" = None
     # `armada bench KIND`: the real SDK against the fake; returns a dict of results to print.
     bench: "Callable[[float], dict[str, Any]] | None" = None
+    # `armada doctor`: the devices this backend's config names (a list of
+    # armada.runtime.doctor.checks.DeviceNeed); None: the doctor reads the usual fields (port, can, host).
+    devices: "Callable[[Any], list[Any]] | None" = None
 
 
 class RegistryError(LookupError):
