@@ -43,6 +43,7 @@ from armada.runtime.inference.link import DriverLink
 from armada.runtime.inference.observation import ObservationBuilder, StaleObservation
 from armada.runtime.inference.policy import ActionSpace, Policy, PolicyError
 from armada.runtime.protocol import ErrorCode
+from armada.runtime.remote.clock import stream_offsets
 from armada.runtime.transport import RemoteError
 
 log = logging.getLogger("armada.inference")
@@ -296,6 +297,9 @@ class EpisodeRunner:
             self._stamp()
             if self.stop_event.is_set():
                 raise Stopped("stopped before the first observation")
+            # Streams from other hosts: their clocks against ours, from the links' synced pings.
+            self.builder.poll()
+            self.builder.sender_offset_ns = stream_offsets(self.links, self.builder.latest_states, self.builder.cameras)
             try:
                 return self.builder.build()
             except StaleObservation as exc:

@@ -89,6 +89,9 @@ class ObservationBuilder:
         self.frame_arrivals: dict[str, Arrival[Frame]] = {}
         self.state_arrivals: dict[str, Arrival[dict]] = {}
         self.counters: dict[str, StreamCounters] = {n: StreamCounters() for n in [*cameras, *states]}
+        # Stream -> its sender's wall clock minus ours (a stream from another host; runtime/remote/clock.py):
+        # stamps are taken back to our clock before they age a message. Absent: the same clock.
+        self.sender_offset_ns: dict[str, int] = {}
 
     @property
     def latest_states(self) -> dict[str, dict]:
@@ -154,7 +157,8 @@ class ObservationBuilder:
     def age_s(self, name: str, arrival: Arrival, now_mono_ns: int) -> float:
         """Seconds since the message arrived, or since the sender stamped it if that is longer."""
         local = (now_mono_ns - arrival.mono_ns) * 1e-9
-        at_arrival = (arrival.t_ns - arrival.sender_ns) * 1e-9  # how old the sender says it was then
+        sender_ns = arrival.sender_ns - self.sender_offset_ns.get(name, 0)  # on our wall clock
+        at_arrival = (arrival.t_ns - sender_ns) * 1e-9  # how old the sender says it was then
         if at_arrival < -FUTURE_TOLERANCE_S:
             self._flag_future(name, arrival, -at_arrival)
             return local
