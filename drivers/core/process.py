@@ -20,7 +20,13 @@ A message whose kind reads ``estop`` stops the arm even if the rest of it is mal
 garbled stop is still a stop, and anyone may press the e-stop anyway.
 
 A thread that dies takes the process down (exit status 1, after the device is closed holding
-position), so its supervisor restarts it: disarmed, with the e-stop latch kept in the run dir.
+position), so its supervisor restarts it: disarmed, with the e-stop latch kept in the run dir (or in
+``$ARMADA_STATE_DIR``, systemd's StateDirectory=, when set).
+
+Under systemd (``Type=notify``, drivers/core/notify.py): READY=1 once the device is connected and
+the command thread serves, with the mode as STATUS (idle, or estop from a latch); STATUS again on
+every change of mode; WATCHDOG=1 from the control loop itself, so a loop stuck in a device call
+is what trips ``WatchdogSec=``, not a process that is merely alive; STOPPING=1 on the way out.
 """
 
 from __future__ import annotations

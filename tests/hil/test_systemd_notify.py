@@ -265,3 +265,18 @@ def test_no_ready_before_the_device_is_connected(short_tmp, listener):
         process.request_stop()
         runner.join(5.0)
         sys.setswitchinterval(switch)
+
+
+def test_a_state_dir_others_can_write_is_refused(short_tmp):
+    """Whoever can write the latch can clear an e-stop: a state dir open to others stops the driver."""
+    state_dir = short_tmp / "state"
+    state_dir.mkdir()
+    os.chmod(state_dir, 0o777)
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    env["ARMADA_STATE_DIR"] = str(state_dir)
+    result = subprocess.run([sys.executable, "-m", "armada.runtime.cli", "driver", str(SCRIPTED_CELL), "--name", "arm",
+                             "--run-dir", str(short_tmp / "run")], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "ARMADA_STATE_DIR" in result.stderr and "open to group or other users" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
