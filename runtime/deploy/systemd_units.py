@@ -159,6 +159,8 @@ def render(cell: CellConfig, opts: Options) -> UnitSet:
             "ProtectControlGroups=yes",
             "RestrictSUIDSGID=yes",
             "LockPersonality=yes",
+            # Deliberately not: PrivateDevices= (the devices), RestrictRealtime= (the control loop's
+            # SCHED_FIFO), MemoryDenyWriteExecute= (JIT in ONNX Runtime and NumPy's dependencies).
             "",
         ]
         if role in opts.roles:

@@ -71,7 +71,12 @@ def test_every_process_of_the_cell_has_a_unit_under_one_target() -> None:
     assert "ARMADA_STATE_DIR=%S/armada/cameras_fake" in driver["Environment"]
     assert set(driver["SupplementaryGroups"][0].split()) == {"dialout", "plugdev"}
     sysusers = units.files["sysusers.d/armada-armada.conf"]
-    assert {line.split()[2] for line in sysusers.splitlines() if line.startswith("m ")} >= {"dialout", "plugdev", "video"}
+    member_of = {line.split()[2] for line in sysusers.splitlines() if line.startswith("m ")}
+    assert member_of >= {"dialout", "plugdev", "video"}
+    # A SupplementaryGroups= group that does not exist fails the start: sysusers creates every one.
+    for name in expected:
+        assert set(_section(units.files[name])["SupplementaryGroups"][0].split()) <= member_of
+    assert "RestrictRealtime" not in driver  # it would forbid the control loop's SCHED_FIFO
 
 
 def test_exec_start_is_a_command_line_armada_accepts() -> None:
