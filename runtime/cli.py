@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run episodes on a cell, all processes included")
+    run = sub.add_parser("run", help="run episodes on a cell, all processes included",
+                         description="Run episodes on a cell, all processes included. On a terminal, keys while "
+                                     "it runs: p pause/resume (the drivers hold), s stop the episode and the run, "
+                                     "e e-stop every driver (latched), r reset the e-stop (drivers stay disarmed), "
+                                     "n next episode. Piped, no keys are read.")
     run.add_argument("cell", nargs="?", type=Path, default=None, help=f"cell YAML (default: {DEFAULT_CELL.name})")
     run.add_argument("--run-dir", type=Path, default=None, help=RUN_DIR_HELP)
     run.add_argument("--episodes", type=int, default=1)
@@ -629,14 +633,14 @@ def _one_episode(procs, client, args: argparse.Namespace, simulated_only: bool, 
         progress.on_event(event, data)
 
     def look(running: bool) -> None:  # between looks at the episode: the operator's keys, the status line
-        if interactive:
-            console.poll(running)
-            progress.refresh()
+        console.poll(running)
+        progress.refresh()
 
     if console is not None:
         console.say = progress.message  # its lines must not land in the middle of the status line
     try:
-        report = _follow_episode(procs, client, episode, duration + 20.0, on_event, look)
+        report = _follow_episode(procs, client, episode, duration + 20.0, on_event,
+                                 look if interactive else None)
     finally:
         progress.finish()
         if console is not None:
@@ -661,7 +665,7 @@ def _follow_episode(procs, client, episode: int, timeout_s: float, on_event,
             return _child_died(procs, client, episode, [why for _, why in dead])
         if look is not None:
             look(True)
-        msg = client.events.recv(0.1)
+        msg = client.events.recv(0.1 if look is None else 0.03)  # keys: an e-stop must not wait long
         if msg is not None:
             quiet_since = time.monotonic()
             data = msg.get("data") or {}
