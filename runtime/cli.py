@@ -569,7 +569,8 @@ def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -
                 if console.end_run:
                     print("armada: the operator ended the run")
                     break
-                if console.estopped and not console.wait_after_estop():
+                if console.estopped and not console.wait_after_estop(
+                        lambda: "; ".join(why for _, why in procs.dead())):
                     break  # after an e-stop no episode starts unless the operator says n
                 report = _one_episode(procs, client, args, simulated_only, cell.inference.episode_duration_s,
                                       console)

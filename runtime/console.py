@@ -228,12 +228,18 @@ class OperatorConsole:
 
     # ------------------------------------------------------------------ between episodes
 
-    def wait_after_estop(self) -> bool:
+    def wait_after_estop(self, broken: Callable[[], str] = lambda: "") -> bool:
         """After an e-stop no episode starts by itself: wait for n (go on) or s (end the run); r
-        resets meanwhile. Returns True to start the next episode."""
+        resets meanwhile. ``broken`` says why the cell cannot go on (a child died), ending the wait.
+        Returns True to start the next episode."""
         self.say("console: e-stop pressed: r resets it (drivers stay disarmed), n starts the next episode, "
                  "s ends the run")
         while True:
+            why = broken()
+            if why:
+                self.say(f"console: {why}: no more episodes")
+                self.end_run = True
+                return False
             for action in self.keys.read(0.2):
                 if action == "next":
                     return True

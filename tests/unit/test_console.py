@@ -191,3 +191,11 @@ def test_stop_between_episodes_ends_the_run_and_sends_nothing(cell):
     keys.pending = ["next", "stop"]
     con.poll(running=False)
     assert con.end_run and client.calls == [] and lines == ["console: no more episodes"]
+
+
+def test_wait_after_estop_ends_when_the_cell_breaks(cell):
+    keys, client = FakeKeys(), FakeClient()
+    con, lines = make(cell, keys, client)
+    looks = iter(["", "", "driver arm exited with code 1"])
+    assert con.wait_after_estop(lambda: next(looks)) is False
+    assert con.end_run and lines[-1] == "console: driver arm exited with code 1: no more episodes"
