@@ -1,7 +1,8 @@
 """Operator commands for a running cell: `armada status`, `armada estop`, `armada reset-estop`.
 
 An e-stop latches in the driver and survives a driver restart (the latch is a file in the run
-dir), so an operator needs a way to see it and to reset it that does not go through an episode.
+dir, or in $ARMADA_STATE_DIR under systemd, where it survives a reboot too), so an operator needs
+a way to see it and to reset it that does not go through an episode.
 Every call has a timeout; a driver that does not answer is reported, never waited on forever.
 Resetting needs the control lease, taken and released on one connection (the driver binds a
 lease to the connection that acquired it); it leaves the driver disarmed.
