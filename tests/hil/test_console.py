@@ -27,14 +27,14 @@ def armada_run(run_dir, *args: str) -> Terminal:
     return Terminal([sys.executable, "-m", "armada.runtime.cli", "run", str(CELL), "--run-dir", str(run_dir), *args])
 
 
-def driver_status(run_dir) -> operator.DriverAnswer:
-    return operator.status(operator.load_running_cell(CELL, run_dir))[0]
+def driver_status(run_dir, cell: Path = CELL) -> operator.DriverAnswer:
+    return operator.status(operator.load_running_cell(cell, run_dir))[0]
 
 
-def wait_mode(run_dir, mode: str, timeout_s: float = 5.0) -> operator.DriverAnswer:
+def wait_mode(run_dir, mode: str, timeout_s: float = 5.0, cell: Path = CELL) -> operator.DriverAnswer:
     deadline = time.monotonic() + timeout_s
     while True:
-        answer = driver_status(run_dir)
+        answer = driver_status(run_dir, cell)
         if answer.mode == mode or time.monotonic() > deadline:
             return answer
         time.sleep(0.1)
@@ -45,7 +45,7 @@ def test_pause_resume_estop_and_reset_from_the_keyboard(short_tmp):
     try:
         term.wait_for("keys: p pause/resume")
         term.wait_for("routed to task")
-        time.sleep(0.8)  # chunks flowing: the episode is in its loop
+        assert wait_mode(short_tmp, "running", 10.0).mode == "running"  # chunks flowing: the episode is in its loop
         term.type("p")
         term.wait_for("console: episode 1 paused")
         held = wait_mode(short_tmp, "armed")
@@ -117,7 +117,7 @@ def test_estop_while_paused_and_reset_reach_every_driver_process(short_tmp):
     try:
         term.wait_for("2 driver(s)")
         term.wait_for("routed to task")
-        time.sleep(0.8)
+        assert wait_mode(short_tmp, "running", 10.0, cell).mode == "running"
         term.type("p")  # paused first: no chunk goes out that a driver could refuse
         term.wait_for("console: episode 1 paused")
         term.type("e")
