@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 _POLL_S = 0.002  # how often a pump looks for due data: bounds the delay's error
 _CHUNK = 256 * 1024
-_MAX_QUEUED = 16 * 1024 * 1024
+# About a socket buffer: a real link holds little in flight, and a deep queue here would feed a
+# subscriber that stopped reading seconds of old messages once it reads again.
+_MAX_QUEUED = 256 * 1024
 
 
 @dataclass
@@ -146,16 +148,20 @@ class DelayProxy:
             if now < self._stalled_until or self._cut:
                 return True
         while queue and queue[0][0] <= now:
-            data = queue.popleft()[1]
-            queued[0] -= len(data)
+            due, data = queue[0]
             try:
-                dst.settimeout(1.0)  # a full peer buffer blocks at most this long per chunk
-                dst.sendall(data)
-                dst.settimeout(_POLL_S)
+                sent = dst.send(data)  # short timeout: a full peer is backpressure, not an error
+            except socket.timeout:
+                return True
             except OSError:
                 return False
-            if up:
-                self.stats.bytes_up += len(data)
+            queued[0] -= sent
+            if sent < len(data):
+                queue[0] = (due, data[sent:])
             else:
-                self.stats.bytes_down += len(data)
+                queue.popleft()
+            if up:
+                self.stats.bytes_up += sent
+            else:
+                self.stats.bytes_down += sent
         return True
