@@ -12,6 +12,7 @@ A cell with a full ``curve:`` section and no ``ARMADA_KEYS`` is left as it is.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -66,4 +67,4 @@ def host_curve(folder: Path | str) -> dict[str, Any]:
 
 def _under(folder: Path, name: Any) -> Path:
     path = Path(str(name))
-    return path if path.is_absolute() else folder / path
+    return Path(os.path.normpath(path if path.is_absolute() else folder / path))  # no `..` in messages
