@@ -151,3 +151,30 @@ def test_hosts_talk_with_their_own_keys_and_a_stranger_is_refused(tmp_path):
 def _curve_with_server(folder: Path, server_key: Path) -> CurveConfig:
     c = _curve(folder)
     return c.model_copy(update={"server_public_key": server_key})
+
+
+# ---------------------------------------------------------------- the shipped split cell
+
+
+def test_the_shipped_split_cell_loads_with_each_hosts_keys(tmp_path, monkeypatch):
+    from armada.runtime.config import CONFIG_DIR, load_cell
+
+    dirs = make_keys(tmp_path, parse_hosts("robot=10.0.0.2,gpu=10.0.0.3"))
+    path = CONFIG_DIR / "cells" / "remote_scripted.yaml"
+    for host, other in (("robot", "gpu"), ("gpu", "robot")):
+        monkeypatch.setenv("ARMADA_KEYS", str(dirs[host]))
+        curve = load_cell(path, tmp_path / "run").curve
+        assert curve.server_secret_key == dirs[host] / f"{host}.key_secret"
+        assert curve.server_keys == {"10.0.0.2": dirs[host] / "servers" / "robot.key",
+                                     "10.0.0.3": dirs[host] / "servers" / "gpu.key"}
+
+
+def test_the_split_cell_without_keys_is_a_clear_config_error(monkeypatch):
+    from armada.runtime.config import CONFIG_DIR, load_cell
+    from armada.runtime.errors import ConfigError
+
+    if Path("/etc/armada/keys/curve.yaml").exists():
+        pytest.skip("this machine has a key set in /etc/armada/keys")
+    monkeypatch.delenv("ARMADA_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="curve.*armada keys"):
+        load_cell(CONFIG_DIR / "cells" / "remote_scripted.yaml", "/tmp/x")
