@@ -225,6 +225,26 @@ def test_link_cut_mid_episode_the_arm_holds_within_the_lease_ttl_and_the_report_
     assert "silent" in report["outcome"] or "answer" in report["outcome"] or "lease" in report["outcome"], report
 
 
+def test_loss_as_a_short_stall_is_ridden_out(split):
+    # TCP turns loss into a stall; one shorter than the lease TTL pauses the episode at most.
+    state = Subscriber(split.ctx, split.robot_eps["state"], curve=split.robot.curve, hwm=100_000)
+    client = EpisodeClient(split.ctx, split.robot)
+    try:
+        episode = client.start("remote", duration_s=4, arm=True)
+        _wait_mode(state, "running", 15)
+        lost_before = _latest(state)["counters"]["lease_lost"]
+        time.sleep(0.5)
+        for proxy in split.proxies.values():
+            proxy.stall(0.3)
+        report = client.wait_report(episode, 30)
+        lost_after = _latest(state)["counters"]["lease_lost"]
+    finally:
+        client.close()
+        state.close()
+    assert report["outcome"] == "completed", (report, split.logs())
+    assert lost_after == lost_before  # the lease held across the stall
+
+
 def _latest(sub: Subscriber) -> dict:
     msg = sub.recv_latest(1.0)
     assert msg is not None, "no state from the driver"
