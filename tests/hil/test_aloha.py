@@ -124,7 +124,9 @@ def test_connect_sets_modes_and_enables_torque_at_the_present_pose(fake, backend
         assert fake.bus(bus).received_goals == []
     r = backend.read()
     assert r.fault is None and r.position.shape == (14,)
-    assert np.allclose(r.position[:6], 0.0) and 0.0184 < r.position[6] < 0.058
+    # The fake rests folded, as a powered-up ALOHA does: waist 0, shoulder -0.96, elbow 1.16, wrist -0.3 rad.
+    assert np.allclose(r.position[:6], [0.0, -0.96, 1.16, 0.0, -0.3, 0.0], atol=2e-3), r.position[:6]
+    assert 0.0184 < r.position[6] < 0.058
 
 
 def test_a_missing_servo_fails_connect_naming_the_ids_found_and_missing(fake):

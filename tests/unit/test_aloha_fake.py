@@ -32,12 +32,13 @@ def test_a_shadow_executes_writes_to_its_primary_silently(bus):
     assert port.getBytesAvailable() == 0  # the shadow did not answer too
     assert f.register(3, TORQUE_ENABLE) == 1 and f.register(1, TORQUE_ENABLE) == 0
     # A sync write of the shoulder's goal moves both motors of the joint.
+    goal = f.present_position(2) + 100
     sw = dx.GroupSyncWrite(port, ph, GOAL_POSITION, 4)
-    sw.addParam(2, list((2148).to_bytes(4, "little")))
+    sw.addParam(2, list(goal.to_bytes(4, "little")))
     assert sw.txPacket() == dx.COMM_SUCCESS
     time.sleep(0.3)
-    assert f.present_position(2) == 2148 and f.present_position(3) == 2148
-    assert (3, 2148) in f.received_goals
+    assert f.present_position(2) == goal and f.present_position(3) == goal
+    assert (3, goal) in f.received_goals
     # The shadow still answers to its own ID (ping, reads of its error status).
     assert ph.ping(port, 3)[1] == dx.COMM_SUCCESS
 

@@ -27,6 +27,7 @@ JSON object per line in, one JSON reply per line out, e.g.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,12 @@ FOLLOWER = {1: "xm540-w270", 2: "xm540-w270", 3: "xm540-w270", 4: "xm540-w270", 
 LEADER = {1: "xm430-w350", 2: "xm430-w350", 3: "xm430-w350", 4: "xm430-w350", 5: "xm430-w350",
           6: "xm430-w350", 7: "xm430-w350", 8: "xl430-w250", 9: "xc430-w150"}
 SHADOW_LINKS = {3: 2, 5: 4}
-# Start mid-range: joints at 2048 (0 rad), grippers half open between ALOHA's open/close readings.
+# Start where a powered-up ALOHA rests: folded (shoulder -0.96, elbow 1.16, wrist angle -0.3 rad, the
+# embodiment's home; shadows 3 and 5 with their primaries), the other joints at 2048 (0 rad), grippers
+# half open between ALOHA's open/close readings. Not all zeros: that is both arms stretched out
+# horizontally, which on the ALOHA's table meets the other arm in the middle.
+REST_RAD = {2: -0.96, 3: -0.96, 4: 1.16, 5: 1.16, 7: -0.3}
+REST_TICKS = {sid: 2048 + round(rad * 4096 / (2 * math.pi)) for sid, rad in REST_RAD.items()}
 FOLLOWER_GRIPPER_START = 2331
 LEADER_GRIPPER_START = 1925
 
@@ -53,7 +59,7 @@ class AlohaFake(BusSet[DynamixelBusFake]):
         for name in BUSES if leaders else BUSES[:2]:
             follower = name.startswith("puppet")
             servos = FOLLOWER if follower else LEADER
-            positions = {i: 2048 for i in servos}
+            positions = {i: REST_TICKS.get(i, 2048) for i in servos}
             positions[9] = FOLLOWER_GRIPPER_START if follower else LEADER_GRIPPER_START
             bus = DynamixelBusFake(dict(servos), positions=positions, max_speed=max_speed, tick_s=tick_s)
             for shadow, primary in SHADOW_LINKS.items():
