@@ -267,10 +267,10 @@ def run_remote_bench(args: argparse.Namespace) -> int:
         return 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_table(result))
+    print(format_table(result))
+    if getattr(args, "json", None):  # `armada bench --json PATH`: also write the results there
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"results written to {args.json}")
     return 0
 
 

@@ -17,12 +17,14 @@ Threads, one per direction per connection; every blocking call has a timeout so 
 from __future__ import annotations
 
 import collections
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
-_POLL_S = 0.002  # how often a pump looks for due data: bounds the delay's error
+_POLL_S = 0.002  # a send to a full peer waits this long before the pump looks again
+_IDLE_S = 0.05  # the longest a pump sleeps (how soon it sees close())
 _CHUNK = 256 * 1024
 # About a socket buffer: a real link holds little in flight, and a deep queue here would feed a
 # subscriber that stopped reading seconds of old messages once it reads again.
@@ -117,18 +119,27 @@ class DelayProxy:
         queue: collections.deque[tuple[float, bytes]] = collections.deque()
         queued = [0]
         while not self._stop.is_set():
+            # Sleep until data arrives or the queue's head is due (not a fixed poll: six pumps
+            # polling every few ms would load a small host more than the link they stand for).
+            wait = _IDLE_S
+            if queue:
+                wait = max(0.0, min(wait, queue[0][0] - time.monotonic()))
+                with self._lock:
+                    held = self._cut or time.monotonic() < self._stalled_until
+                if held:
+                    wait = _POLL_S * 5
+            watch = [src] if queued[0] < _MAX_QUEUED else []
             try:
-                if queued[0] < _MAX_QUEUED:
+                readable = select.select(watch, [], [], wait)[0] if watch else time.sleep(wait)
+                if readable:
                     data = src.recv(_CHUNK)
                     if not data:
                         break  # peer closed: pass the close on once the queue is out
                     queue.append((time.monotonic() + self.delay_s, data))
                     queued[0] += len(data)
-                else:
-                    time.sleep(_POLL_S)
             except socket.timeout:
                 pass
-            except OSError:
+            except (OSError, ValueError):  # ValueError: select on a closed socket at shutdown
                 break
             if not self._send_due(queue, dst, up, queued):
                 break
