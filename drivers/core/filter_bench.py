@@ -16,9 +16,12 @@ import numpy as np
 
 from armada.drivers.core.filters import build_filter
 from armada.drivers.core.modes import build_group_filter
-from armada.runtime.config import load_embodiment
+from armada.runtime.config import CONFIG_DIR, load_embodiment
 
-EMBODIMENTS = ("ur3", "piper", "so101", "aloha", "cobot_magic", "arx_lift2")
+
+def shipped_embodiments() -> tuple[str, ...]:
+    """Every embodiment under configs/embodiments/ (the core names no device itself)."""
+    return tuple(sorted(p.stem for p in (CONFIG_DIR / "embodiments").glob("*.yaml")))
 
 
 def _targets(emb: Any, kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -49,8 +52,10 @@ def _time_steps(filt: Any, emb: Any, targets: np.ndarray) -> tuple[np.ndarray, i
     return costs * 1e-3, int(c.workspace + c.separation)
 
 
-def bench_filter(seconds: float = 40.0, embodiments: tuple[str, ...] = EMBODIMENTS) -> dict[str, Any]:
-    """Per embodiment and stream: inner and guarded per-step cost in microseconds, and refusals."""
+def bench_filter(seconds: float = 40.0, embodiments: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Per embodiment (default: every shipped one) and stream: inner and guarded per-step cost in
+    microseconds, and refusals."""
+    embodiments = embodiments if embodiments is not None else shipped_embodiments()
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {}
     for name in embodiments:
