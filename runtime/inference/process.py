@@ -99,6 +99,10 @@ class InferenceProcess:
         try:
             while not self.stop_event.is_set():
                 watchdog.tick()  # from the ctl loop: a ctl thread that hangs trips systemd's watchdog
+                if not self.episode_active:
+                    # Between episodes too: else the state and frame streams queue up (seconds of them on
+                    # a TCP link with large buffers) and the next episode starts on a stale backlog.
+                    self.builder.poll()
                 if not self.ctl.poll(0.05):
                     continue
                 for _ in range(MAX_REQUESTS_PER_POLL):
