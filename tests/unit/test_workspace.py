@@ -21,10 +21,10 @@ from armada.runtime.config import EmbodimentConfig  # noqa: E402
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # How far a check point may pass the box (or two arms come inside min_separation) while braking:
 # the stop pose bounds every joint, but the Cartesian braking path between here and there is curved.
-TOLERANCE = 0.005
-# The real arms at full speed: up to 5.05 mm was found (UR3, a seed of this test), between samples of
-# a wrist braking over a radian. The bound the docs state.
-FULL_SPEED_TOLERANCE = 0.010
+# Found so far: 5.05 mm past a box (a UR3 wrist at full speed) and 6.8 mm inside min_separation (this
+# file's two-arm robot, bang-bang streams), between samples of the braking path. The bound the docs state.
+TOLERANCE = 0.010
+FULL_SPEED_TOLERANCE = TOLERANCE
 DT = 0.01
 MIN_SEP = 0.12
 
