@@ -238,7 +238,8 @@ def _capture_to_chunk_ms(e: dict[str, Any]) -> float:
     return e["frame_age_p50_ms"] + e["chunk_latency_p50_ms"] + e["driver_rtt_p50_ms"] / 2
 
 
-def _loopback_aliases() -> bool:
+def loopback_aliases() -> bool:
+    """Whether this machine can bind the robot and GPU hosts' loopback addresses (127.0.0.2/3)."""
     try:
         for host in (ROBOT, GPU):
             with socket.create_server((host, 0)):
@@ -258,7 +259,7 @@ def run_remote_bench(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="armada-bench-remote-"))
     try:
         result["episodes"] = [run_setup(root / "local", False, seconds, 0.0)]
-        if _loopback_aliases():
+        if loopback_aliases():
             result["episodes"].append(run_setup(root / "remote", True, seconds, delay_ms / 1000))
         else:
             result["remote_skipped"] = "this machine cannot bind 127.0.0.2/127.0.0.3"

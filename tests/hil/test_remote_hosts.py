@@ -30,6 +30,7 @@ from armada.runtime.config import SCRIPTED_CELL, CurveConfig, load_cell
 from armada.runtime.inference.client import EpisodeClient
 from armada.runtime.remote.hostkeys import host_curve
 from armada.runtime.remote.keys import make_keys, parse_hosts
+from armada.runtime.remote.bench import loopback_aliases
 from armada.runtime.remote.proxy import DelayProxy
 from armada.runtime.supervisor import answers_hello
 from armada.runtime.transport import FrameSubscriber, Subscriber
@@ -41,17 +42,7 @@ LINK_DELAY_S = 0.02
 LEASE_TTL_S = 1.0  # a loaded CI host (load 12 on 2 cores) misses 0.3 s heartbeats; the bound is the same law
 
 
-def _loopback_alias_works() -> bool:
-    try:
-        for host in (ROBOT, GPU):
-            with socket.create_server((host, 0)):
-                pass
-        return True
-    except OSError:
-        return False
-
-
-if not _loopback_alias_works():
+if not loopback_aliases():
     pytest.skip("this machine cannot bind 127.0.0.2/127.0.0.3 (no 127/8 loopback)", allow_module_level=True)
 
 
