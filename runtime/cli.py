@@ -8,7 +8,9 @@
     armada reset-estop CELL --name N   reset one driver's latched e-stop (it stays disarmed)
     armada model make-tiny OUT      a tiny merged bundle with the real layout
     armada model inspect BUNDLE     what a bundle holds
-    armada bench [loop|rtt|state|frames|all|model|cameras|estop|record|sim|filter|remote|KIND]   KIND: a device with a bench
+    armada bench [loop|rtt|state|frames|all|model|cameras|estop|record|sim|filter|remote|anchors|fleet|KIND]
+                                    KIND: a device with a bench
+    armada serve BUNDLE             the merged VLA as a Ray Serve deployment (a fleet's model service)
     armada fake KIND ARGS           a device's protocol-level fake, for HIL tests and dry runs
     armada calibrate ...            intrinsics, hand-eye, joints, camera latency
 """
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
     from armada.runtime.console import OperatorConsole
 
 _PR_SET_PDEATHSIG = 1
-SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record", "sim", "filter", "remote")
+SPINE_BENCHES = ("loop", "rtt", "state", "frames", "all", "model", "cameras", "estop", "record", "sim", "filter", "remote",
+                 "anchors", "fleet")
 RUN_DIR_HELP = ("private folder for ipc sockets, locks and logs ({run_dir} in the cell); default "
                 "$XDG_RUNTIME_DIR/armada-UID/CELL, or /tmp/armada-UID/CELL without XDG_RUNTIME_DIR")
 
@@ -137,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="model: tiny size only, fewer repeats")
     bench.add_argument("--seconds", type=float, default=None, help="duration of timed runs (10 s; record: 60 s)")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
+    bench.add_argument("--delay-ms", type=float, default=None,
+                       help="remote: one-way delay the proxy adds between the hosts (default 5 ms)")
+    bench.add_argument("--cells", default=None, help="fleet: how many cells, comma-separated (default 1,2,4,8)")
+    bench.add_argument("--rates", default=None, help="anchors: control rates in Hz, comma-separated (default 50,500)")
+    bench.add_argument("--loads", default=None,
+                       help="anchors: inference time as a share of a chunk's duration, comma-separated "
+                            "(default 0.3,0.6,0.9)")
 
     fake = sub.add_parser("fake", help="run a device fake that the real vendor SDK talks to (see --help of each)")
     fake.add_argument("device", choices=sorted(k for k, p in plugins.items() if p.fake is not None))
@@ -160,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_systemd_parser(sub)
     add_doctor_parser(sub)
     add_keys_parser(sub)
+    from armada.runtime.fleet.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -238,6 +251,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from armada.runtime.remote.keys import run_keys
 
         return run_keys(args)
+    if args.command == "serve":
+        from armada.runtime.fleet.serve import run_serve
+
+        return run_serve(args)
     elif args.command == "model":
         return run_model_command(args)
     elif args.command == "fake":
@@ -263,6 +280,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             from armada.runtime.remote.bench import run_remote_bench
 
             return run_remote_bench(args)
+        if args.what == "anchors":
+            from armada.runtime.anchors.bench import run_anchors_bench
+
+            return run_anchors_bench(args)
+        if args.what == "fleet":
+            from armada.runtime.fleet.bench import run_fleet_bench
+
+            return run_fleet_bench(args)
         if args.what not in SPINE_BENCHES or args.what == "cameras":
             return _bench_device(args)
         from armada.runtime.bench import run_bench

@@ -1,0 +1,1 @@
+"""`armada bench anchors`: armada beside openpi's client and LeRobot's async inference, in one run."""
