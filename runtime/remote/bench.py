@@ -249,11 +249,31 @@ def loopback_aliases() -> bool:
         return False
 
 
+DEFAULT_DELAY_MS = 5.0
+MAX_DELAY_MS = 2000.0  # beyond a lease TTL the episode cannot run at all: nothing to measure
+
+
+def link_delay_ms(value: float | None) -> float:
+    """`--delay-ms`: the proxy's one-way delay; None is the default, 0 a link with no added delay."""
+    if value is None:
+        return DEFAULT_DELAY_MS
+    delay = float(value)
+    if not 0.0 <= delay <= MAX_DELAY_MS:  # also refuses nan
+        raise ValueError(f"--delay-ms {value}: the one-way delay must be between 0 and {MAX_DELAY_MS:.0f} ms")
+    return delay
+
+
 def run_remote_bench(args: argparse.Namespace) -> int:
+    from armada.runtime.bench import machine
+
     seconds = float(getattr(args, "seconds", 10) or 10)
-    delay_ms = float(getattr(args, "delay_ms", 5.0) or 0.0)
+    try:
+        delay_ms = link_delay_ms(getattr(args, "delay_ms", None))
+    except ValueError as exc:
+        print(f"armada bench remote: {exc}", file=sys.stderr)
+        return 2
     result: dict[str, Any] = {"host": socket.gethostname(), "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0],
-                              "link_delay_ms_one_way": delay_ms}
+                              "machine": machine(), "link_delay_ms_one_way": delay_ms}
     result["curve"] = curve_cpu()
     result["jpeg"] = jpeg_cost()
     root = Path(tempfile.mkdtemp(prefix="armada-bench-remote-"))
@@ -279,6 +299,7 @@ def format_table(r: dict[str, Any]) -> str:
     c, j = r["curve"], r["jpeg"]
     lines = [f"armada bench remote on {r['host']} ({r['cpus']} CPUs, load {r['load_1m']:.1f}); "
              f"remote link: +{r['link_delay_ms_one_way']:.1f} ms each way (proxy)",
+             *([f"machine: {r['machine']}"] if r.get("machine") else []),
              "",
              f"{'setup':8} {'frame age p50/p99 (ms)':>24} {'obs->chunk p50/p99 (ms)':>26} "
              f"{'driver rtt (ms)':>16} {'capture->chunk at driver (ms)':>30} {'chunks':>7}  outcome"]
