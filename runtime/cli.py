@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dry-run the cell in simulation: every driver and camera replaced by its MuJoCo twin")
     run.add_argument("--view", default=None, metavar="MODE",
                      help="a live rerun view: spawn (a viewer window), serve (web viewer), or save:FILE.rrd")
+    run.add_argument("--this-host", action="append", default=None, metavar="ADDR",
+                     help="a cell split over hosts: this host's address as the cell's tcp endpoints write it "
+                          "(repeatable). Only processes binding here (or on ipc) are started; the others are "
+                          "waited for. Default: every address this machine can bind (docs/remote.md)")
+    run.add_argument("--remote-timeout", type=float, default=None, metavar="S",
+                     help="how long to wait for the processes of other hosts to answer (default 30 s)")
 
     for role in ("driver", "camera"):
         _add_process_args(sub.add_parser(role, help=f"run one {role} process of a cell"), named=True)
@@ -519,7 +525,6 @@ def run_cell(args: argparse.Namespace) -> int:
 def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
     from armada.runtime.config import load_cell
     from armada.runtime.rundir import resolve_run_dir
-    from armada.runtime.supervisor import CellProcesses
 
     cell_path = args.cell or DEFAULT_CELL
     cell = load_cell(cell_path)  # a bad cell is refused before anything is created
@@ -534,7 +539,9 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
         procs = None
         code = 1
         try:
-            procs = CellProcesses(cell_path, run_dir)
+            procs = _split_cell_processes(cell_path, run_dir, args)
+            if procs is None:
+                return 2
             code = _supervise(procs, args, reports)
         except Interrupted as exc:
             signals.defer()
@@ -549,6 +556,30 @@ def _run_cell(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
             say(f"armada: stopped by {signal.Signals(signals.received).name}; all processes stopped")
             return 128 + signals.received
         return code
+
+
+def _split_cell_processes(cell_path: Path, run_dir: Path, args: argparse.Namespace):
+    """The cell's CellProcesses, started here only where they bind here (a cell split over hosts);
+    None, having said why, when the split is wrong (a process on two hosts, a bad --this-host)."""
+    from armada.runtime.remote.hosts import HostSplitError
+    from armada.runtime.supervisor import REMOTE_READY_TIMEOUT_S, CellProcesses
+
+    timeout_s = REMOTE_READY_TIMEOUT_S if args.remote_timeout is None else args.remote_timeout
+    if not 0 < timeout_s <= 3600:
+        print(f"armada: --remote-timeout {args.remote_timeout}: between 0 and 3600 s", file=sys.stderr)
+        return None
+    this_host = tuple(args.this_host) if args.this_host else None
+    try:
+        procs = CellProcesses(cell_path, run_dir, this_host=this_host, remote_timeout_s=timeout_s)
+    except HostSplitError as exc:
+        print(f"armada: {cell_path}: {exc}", file=sys.stderr)
+        return None
+    if procs.remote:
+        here = [p.title for p in procs.placements if p.local]
+        print(f"armada: split cell: this host runs {', '.join(here) or 'nothing'}; other hosts run "
+              + ", ".join(f"{p.title} ({p.host})" for p in procs.remote)
+              + f" (waited for up to {timeout_s:.0f} s)", flush=True)
+    return procs
 
 
 def _supervise(procs, args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:

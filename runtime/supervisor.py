@@ -3,6 +3,12 @@
 Used by ``armada run``, the HIL tests and the benchmarks: the processes are the same ones
 systemd runs in production (``armada driver|camera|infer CELL``), started as children.
 
+On a cell split over hosts (drivers and cameras on the robot PC, inference on a GPU host) it
+starts only the processes whose endpoints bind on this host (runtime/remote/hosts.py: the addresses
+this machine owns, or ``this_host``/``--this-host``) and waits, bounded, for the others to answer
+over the network: a driver's hello, a camera's frame, inference's hello. The error names the
+process, its host and the command that starts it there.
+
 Children live and die with their supervisor: each is told our pid (``ARMADA_PARENT_PID``) and
 asks the kernel for SIGTERM when we die, whatever kills us (``armada`` does this first thing,
 see ``runtime.cli``). The kernel sends it when the *thread* that started the child exits, so
@@ -24,11 +30,14 @@ import zmq
 
 from armada.runtime.config import DEFAULT_CELL, CellConfig, load_cell
 from armada.runtime.protocol import PROTOCOL_VERSION
+from armada.runtime.remote.hosts import Placement, ThisHost, bound_endpoints, placements
 from armada.runtime.rundir import (PARENT_PID_ENV, InstanceLock, RunDirError, instance_label, open_log, prepare_run_dir,
                             remove_ipc_sockets, resolve_run_dir)
 from armada.runtime.transport import CommandClient, FrameSubscriber, RemoteError
 
 READY_TIMEOUT_S = 15.0
+# Processes of other hosts: started there by systemd or by hand, maybe after us; wait this long.
+REMOTE_READY_TIMEOUT_S = 30.0
 # The inference process may import torch and build the tiny bundle on first use.
 INFER_READY_TIMEOUT_S = 90.0
 
@@ -40,12 +49,7 @@ def default_run_dir(cell_name: str) -> Path:
 
 def process_endpoints(cell: CellConfig, role: str, name: str | None) -> list[str]:
     """The endpoints one process of a cell binds."""
-    if role == "driver":
-        d = cell.driver(name)
-        return [d.state, d.cmd]
-    if role == "camera":
-        return [cell.camera(name).frames]
-    return [cell.inference.ctl, cell.inference.events]
+    return [ep for _, ep in bound_endpoints(cell, role, name)]
 
 
 def describe_exit(returncode: int) -> str:
@@ -101,11 +105,16 @@ class CellProcesses:
     children: list[Child] = field(default_factory=list)
     ctx: zmq.Context = field(default_factory=zmq.Context)
     lock: InstanceLock = field(init=False)
+    # The addresses that are this host in the cell's endpoints; None: every address it can bind.
+    this_host: tuple[str, ...] | None = None
+    placements: list[Placement] = field(init=False)
+    remote_timeout_s: float = REMOTE_READY_TIMEOUT_S
 
     def __post_init__(self) -> None:
         self.cell_path = Path(self.cell_path)
         self.run_dir = Path(os.path.abspath(self.run_dir))
         self.cell = load_cell(self.cell_path, self.run_dir)  # a bad cell is refused before anything is created
+        self.placements = placements(self.cell, ThisHost.of(self.this_host))  # so is a process split over hosts
         self.run_dir = prepare_run_dir(self.run_dir)
         self.lock = InstanceLock(self.run_dir, "run")  # one supervisor per run dir
         try:
@@ -139,19 +148,43 @@ class CellProcesses:
         self.children.append(child)
         return child
 
+    @property
+    def remote(self) -> list[Placement]:
+        """The cell's processes that run on other hosts (none on a cell that is all here)."""
+        return [p for p in self.placements if not p.local]
+
     def start_all(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        for d in self.cell.drivers:
-            self.spawn("driver", d.name)
-        for c in self.cell.cameras:
-            self.spawn("camera", c.name)
-        self.spawn("infer")
+        """Start this host's processes and wait until they, and the other hosts' ones, answer."""
+        for p in self.placements:
+            if p.local:
+                self.spawn(p.role, p.name)
         self.wait_ready(timeout_s)
+        self.wait_remote(self.remote_timeout_s)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         for child in list(self.children):
             extra = INFER_READY_TIMEOUT_S - timeout_s if child.role == "infer" else 0.0
             self._wait_child(child, deadline + max(0.0, extra))
+
+    def wait_remote(self, timeout_s: float = REMOTE_READY_TIMEOUT_S) -> None:
+        """Wait until every process of another host answers; a TimeoutError names the ones that do
+        not, their hosts and how to start them there. Our own children dying meanwhile is an error too."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.remote)
+        while waiting:
+            waiting = [p for p in waiting if not self._answers_at(p.role, p.name)]
+            if not waiting:
+                return
+            if self.dead():
+                raise RuntimeError("; ".join(why for _, why in self.dead()) + " while waiting for the other hosts")
+            if time.monotonic() > deadline:
+                lines = [f"  {p.title} on {p.host} ({', '.join(p.endpoints)}): start it there: "
+                         f"`{p.start_command(str(self.cell_path))}` (or its systemd unit, `armada systemd`)"
+                         for p in waiting]
+                raise TimeoutError(f"{len(waiting)} process(es) of other hosts did not answer within "
+                                   f"{timeout_s:g} s:\n" + "\n".join(lines))
+            time.sleep(0.2)
 
     def _wait_child(self, child: Child, deadline: float) -> None:
         while True:
@@ -165,14 +198,21 @@ class CellProcesses:
             time.sleep(0.05)
 
     def _answers(self, child: Child) -> bool:
-        if child.role == "camera":
-            sub = FrameSubscriber(self.ctx, self.cell.camera(child.name).frames)
+        return self._answers_at(child.role, child.name)
+
+    def _answers_at(self, role: str, name: str | None) -> bool:
+        """A driver or inference answers a hello, a camera sends a frame (over CURVE where the cell says
+        so: this host's keys; ipc endpoints ignore them)."""
+        curve = self.cell.curve
+        if role == "camera":
+            sub = FrameSubscriber(self.ctx, self.cell.camera(name).frames, curve=curve)
             try:
                 return sub.recv(0.5) is not None
             finally:
                 sub.close()
-        endpoint = self.cell.inference.ctl if child.role == "infer" else self.cell.driver(child.name).cmd
-        return answers_hello(self.ctx, endpoint, None, "supervisor", 0.3)
+        endpoint = self.cell.inference.ctl if role == "infer" else self.cell.driver(name).cmd
+        # A remote host over a slow link needs longer than a local socket; the CURVE handshake too.
+        return answers_hello(self.ctx, endpoint, curve, "supervisor", 0.3 if curve is None else 1.0)
 
     # ------------------------------------------------------------------ watching
 

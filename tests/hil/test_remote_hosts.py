@@ -9,15 +9,22 @@ and to inference on the GPU host: one key set, a server key per endpoint host.
 - an episode completes across the link (CURVE, JPEG, 20 ms each way);
 - a key set the robot host does not allow is refused;
 - the link cut mid-episode: the driver's lease lapses and the arm holds within its TTL, and the
-  episode's report says the driver went silent.
+  episode's report says the driver went silent;
+- `armada run` on the GPU host (``--this-host 127.0.0.3``) starts only its inference process, finds
+  the robot's driver and camera answering across the link and drives an episode.
+
+One set of processes serves the whole file (module fixture): starting them is most of its time.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +58,7 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _write_cell(folder: Path, endpoints: dict[str, str], keys: Path) -> Path:
+def _write_cell(folder: Path, endpoints: dict[str, str], keys: Path, duration_s: float = 3) -> Path:
     data = yaml.safe_load(SCRIPTED_CELL.read_text())
     data["name"] = "remote-test"
     drv = data["drivers"][0]
@@ -59,7 +66,7 @@ def _write_cell(folder: Path, endpoints: dict[str, str], keys: Path) -> Path:
     data["cameras"] = [{"name": "front", "width": 320, "height": 240, "fps": 30, "jpeg_quality": 80,
                         "frames": endpoints["frames"]}]
     data["inference"]["ctl"], data["inference"]["events"] = endpoints["ctl"], endpoints["events"]
-    data["inference"]["episode_duration_s"] = 3
+    data["inference"]["episode_duration_s"] = duration_s
     data["curve"] = {"keys": os.path.relpath(keys, folder)}  # this host's folder, relative to the cell
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "cell.yaml"
@@ -141,14 +148,16 @@ class Split:
         self.ctx.destroy(linger=0)
 
 
-@pytest.fixture()
-def split(short_tmp):
-    s = Split(short_tmp)
+@pytest.fixture(scope="module")
+def split():
+    root = Path(tempfile.mkdtemp(prefix="armada-rh-"))
+    s = Split(root)
     try:
         s.start()
         yield s
     finally:
         s.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_each_host_loads_its_own_key_set(split):
@@ -252,3 +261,22 @@ def _wait_mode(sub: Subscriber, mode: str, timeout_s: float) -> dict:
             if msg["mode"] == mode:
                 return msg
     raise AssertionError(f"driver not {mode} within {timeout_s} s (last: {last and last['mode']})")
+
+
+def test_armada_run_on_the_gpu_host_starts_only_inference_and_drives_the_robots_processes(split):
+    # A second GPU-side cell (its own inference ports; the robot's driver and camera through the link):
+    # `armada run` there must start inference only and find the robot's processes answering.
+    ports = {k: f"tcp://{GPU}:{_free_port(GPU)}" for k in ("ctl", "events")}
+    eps = {k: split.proxies[k].address for k in ("state", "cmd", "frames")} | ports
+    cell = _write_cell(split.root / "gpu-run", eps, split.keys["gpu"], duration_s=2)
+    run_dir = split.root / "run-gpu-run"
+    args = [sys.executable, "-m", "armada.runtime.cli", "run", str(cell), "--run-dir", str(run_dir), "--arm",
+            "--json", "--this-host", GPU, "--remote-timeout", "20"]
+    env = {k: v for k, v in os.environ.items() if k != "ARMADA_KEYS"} | {"PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, timeout=150, env=env, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, (out.stdout, out.stderr[-4000:])
+    assert (f"this host runs inference; other hosts run driver arm ({ROBOT}), camera front ({ROBOT})"
+            in out.stderr), out.stderr
+    reports = json.loads(out.stdout)
+    assert [r["outcome"] for r in reports] == ["completed"] and reports[0]["chunks"] > 0, reports
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["infer.log"]  # nothing else started here
