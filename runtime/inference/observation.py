@@ -92,6 +92,10 @@ class ObservationBuilder:
         # Stream -> its sender's wall clock minus ours (a stream from another host; runtime/remote/clock.py):
         # stamps are taken back to our clock before they age a message. Absent: the same clock.
         self.sender_offset_ns: dict[str, int] = {}
+        # Cameras on a host with no driver: their hosts' offsets from the clock pings they answer
+        # (runtime/remote/clock.py CameraClocks, measured from a thread of its own); used for a
+        # stream that ``sender_offset_ns`` has no offset for. None: no camera answers clock pings.
+        self.camera_clocks: Any = None
 
     @property
     def latest_states(self) -> dict[str, dict]:
@@ -157,12 +161,24 @@ class ObservationBuilder:
     def age_s(self, name: str, arrival: Arrival, now_mono_ns: int) -> float:
         """Seconds since the message arrived, or since the sender stamped it if that is longer."""
         local = (now_mono_ns - arrival.mono_ns) * 1e-9
-        sender_ns = arrival.sender_ns - self.sender_offset_ns.get(name, 0)  # on our wall clock
+        sender_ns = arrival.sender_ns - self.offset_ns(name)  # on our wall clock
         at_arrival = (arrival.t_ns - sender_ns) * 1e-9  # how old the sender says it was then
         if at_arrival < -FUTURE_TOLERANCE_S:
             self._flag_future(name, arrival, -at_arrival)
             return local
         return local + max(0.0, at_arrival)
+
+    def offset_ns(self, name: str) -> int:
+        """Stream ``name``'s sender wall clock minus ours: its driver host's, else its own clock pings', else 0."""
+        offset = self.sender_offset_ns.get(name)
+        if offset is None and self.camera_clocks is not None:
+            offset = self.camera_clocks.offset_ns(name)
+        return offset or 0
+
+    def close_clocks(self) -> None:
+        """Stop measuring camera clocks (the owner's shutdown)."""
+        if self.camera_clocks is not None:
+            self.camera_clocks.close()
 
     def _flag_future(self, name: str, arrival: Arrival, ahead_s: float) -> None:
         counters = self.counters.setdefault(name, StreamCounters())

@@ -13,14 +13,17 @@ message carries both clocks of the driver host at one instant (``t_ns``, ``mono_
 
 A camera whose frames come from the same host as a driver (same tcp host in the endpoints) gets
 that host's offset; streams over ipc/inproc are on this host (no offset); a camera on a host with
-no driver keeps its stamps as they are (noted in the log once).
+no driver gets its host's offset from clock pings it answers itself (``CameraClocks``, below), or,
+if it names no clock endpoint, keeps its stamps as they are (noted in the log once).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import zmq
@@ -63,8 +66,9 @@ def stream_offsets(links: Mapping[str, Any], states: Mapping[str, Mapping[str, A
         if host in by_host:
             offsets[name] = by_host[host]
         else:
-            log.info("camera %s on host %s: no driver there to measure its clock against; its frames' "
-                     "ages trust that host's wall clock (keep it NTP-synced: `armada doctor`)", name, host)
+            log.debug("camera %s on host %s: no driver there to measure its clock against; its own clock "
+                      "pings give the offset if it names a clock endpoint, else its frames' ages trust that "
+                      "host's wall clock (keep it NTP-synced: `armada doctor`)", name, host)
     return offsets
 
 
@@ -73,3 +77,120 @@ def _connected_endpoint(sub: Any) -> str:
         return sub.socket.getsockopt_string(zmq.LAST_ENDPOINT)
     except (AttributeError, zmq.ZMQError):
         return ""
+
+
+# --------------------------------------------------------------------------- clock pings of cameras
+#
+# A camera on a host with no driver has no state stream to carry its host's clocks, so its process
+# answers clock pings on an endpoint of its own (``clock:`` in the camera's config): the reply
+# carries that host's wall clock, and the ping with the lowest round trip gives the offset the
+# NTP way (their stamp against the midpoint of our send and receive). Its error is at most half
+# that round trip.
+
+CLOCK_SAMPLES = 8
+CLOCK_TIMEOUT_S = 0.5
+CLOCK_PERIOD_S = 5.0  # clocks drift by ppm: re-measuring every few seconds is plenty
+
+
+@dataclass(frozen=True)
+class ClockSample:
+    offset_ns: int  # their wall clock minus ours
+    rtt_ns: int  # the round trip of the ping it came from: the estimate is within rtt/2
+
+
+def ping_clock(client: Any, samples: int = CLOCK_SAMPLES, timeout_s: float = CLOCK_TIMEOUT_S) -> ClockSample:
+    """NTP-style offset of the host behind ``client`` (a CommandClient on a clock endpoint that
+    answers ``ping`` with its wall clock ``t_ns``); raises TimeoutError/RemoteError as the client does."""
+    best: ClockSample | None = None
+    for _ in range(samples):
+        sent_mono, sent_wall = time.monotonic_ns(), time.time_ns()
+        reply = client.request("ping", timeout_s=timeout_s)
+        rtt = time.monotonic_ns() - sent_mono
+        their = reply.get("t_ns")
+        if type(their) is not int:
+            raise ValueError(f"clock ping to {getattr(client, 'endpoint', '?')}: the reply carries no wall clock "
+                             "(t_ns): not a camera's clock endpoint")
+        sample = ClockSample(their - (sent_wall + rtt // 2), rtt)
+        if best is None or sample.rtt_ns < best.rtt_ns:
+            best = sample
+    assert best is not None, "samples must be at least 1"
+    return best
+
+
+def camera_clock_endpoints(cameras: Iterable[Any]) -> dict[str, str]:
+    """{camera name: its clock endpoint} for the cameras that name one on another host (tcp)."""
+    out = {}
+    for cam in cameras:
+        endpoint = getattr(cam, "clock", None)  # CameraBaseConfig.clock
+        if endpoint and endpoint_host(endpoint) is not None:
+            out[cam.name] = endpoint
+    return out
+
+
+class CameraClocks:
+    """The wall-clock offsets of camera hosts, measured from a thread every ``period_s``.
+
+    The episode loop never waits for a ping: it reads the latest measurement (``offset_ns``). The
+    thread has its own ZeroMQ context, so it can neither block the owner's ``ctx.term()`` nor share a
+    socket across threads; it is a daemon: a process exiting without ``close()`` is not held up.
+    """
+
+    def __init__(self, endpoints: Mapping[str, str], curve: Any = None, period_s: float = CLOCK_PERIOD_S,
+                 samples: int = CLOCK_SAMPLES, timeout_s: float = CLOCK_TIMEOUT_S):
+        self.endpoints = dict(endpoints)
+        self.curve, self.period_s, self.samples, self.timeout_s = curve, period_s, samples, timeout_s
+        self.samples_ns: dict[str, ClockSample] = {}  # replaced whole, never mutated: readers need no lock
+        self.errors: dict[str, str] = {}
+        self.measured = threading.Event()  # set after the first round (whatever its outcome)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="camera-clocks")
+        self._thread.start()
+
+    @classmethod
+    def of_cell(cls, cell: Any, **kwargs: Any) -> "CameraClocks | None":
+        """Clocks for the cell's cameras that have a clock endpoint on another host; None if none has."""
+        endpoints = camera_clock_endpoints(cell.cameras)
+        return cls(endpoints, cell.curve, **kwargs) if endpoints else None
+
+    def offset_ns(self, name: str) -> int | None:
+        sample = self.samples_ns.get(name)
+        return None if sample is None else sample.offset_ns
+
+    def offsets_ns(self) -> dict[str, int]:
+        return {name: s.offset_ns for name, s in self.samples_ns.items()}
+
+    def _run(self) -> None:
+        from armada.runtime.transport import CommandClient, RemoteError
+
+        ctx = zmq.Context()
+        clients = {}
+        try:
+            while not self._stop.is_set():
+                for name, endpoint in self.endpoints.items():
+                    if self._stop.is_set():
+                        break
+                    try:
+                        if name not in clients:
+                            clients[name] = CommandClient(ctx, endpoint, self.curve, self.timeout_s)
+                        sample = ping_clock(clients[name], self.samples, self.timeout_s)
+                    except (TimeoutError, RemoteError, ValueError, zmq.ZMQError) as exc:
+                        if self.errors.get(name) is None:
+                            log.warning("camera %s: no clock offset from %s (%s); its frames' ages keep the last "
+                                        "one measured, or trust that host's wall clock", name, endpoint, exc)
+                        self.errors = {**self.errors, name: str(exc)}
+                        continue
+                    if name not in self.samples_ns:
+                        log.info("camera %s: its host's clock is %+.1f ms off ours (ping rtt %.1f ms)", name,
+                                 sample.offset_ns / 1e6, sample.rtt_ns / 1e6)
+                    self.samples_ns = {**self.samples_ns, name: sample}
+                    self.errors = {**self.errors, name: None}
+                self.measured.set()
+                self._stop.wait(self.period_s)
+        finally:
+            for client in clients.values():
+                client.close()
+            ctx.destroy(linger=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.samples * self.timeout_s * max(1, len(self.endpoints)) + 1.0)
