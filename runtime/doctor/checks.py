@@ -474,6 +474,74 @@ def check_peer_clocks(host: Host, peers: dict[str, str]) -> list[Check]:
     return rows
 
 
+@dataclass(frozen=True)
+class ClockProbe:
+    """How to measure one other host's clock: through a driver there (ping + one state) or a camera's
+    clock endpoint (runtime/remote/clock.py)."""
+
+    host: str  # as the cell's endpoints name it
+    owner: str  # "driver arm", "camera ceiling"
+    endpoints: tuple[str, ...]  # driver: (cmd, state); camera: (clock,)
+
+    @property
+    def kind(self) -> str:
+        return self.owner.split(" ", 1)[0]
+
+
+def clock_probes(cell: Any, peers: dict[str, str]) -> tuple[list[ClockProbe], dict[str, list[str]]]:
+    """One probe per other host (``peers``: its name in the endpoints -> address): a driver there if
+    there is one, else a camera with a clock endpoint; and {host: [cameras]} for the hosts that have
+    only cameras naming no clock endpoint (nothing there answers a clock ping)."""
+    from armada.runtime.remote.clock import endpoint_host
+
+    probes: dict[str, ClockProbe] = {}
+    for d in cell.drivers:
+        h = endpoint_host(d.cmd)
+        if h in peers and h not in probes:
+            probes[h] = ClockProbe(h, f"driver {d.name}", (d.cmd, d.state))
+    silent: dict[str, list[str]] = {}
+    for c in cell.cameras:
+        h = endpoint_host(c.frames)
+        if h not in peers or h in probes:
+            continue
+        clock = getattr(c, "clock", None)
+        if clock:
+            probes[h] = ClockProbe(h, f"camera {c.name}", (clock,))
+        else:
+            silent.setdefault(h, []).append(c.name)
+    return list(probes.values()), {h: names for h, names in silent.items() if h not in probes}
+
+
+def check_measured_clocks(host: Host, cell: Any, peers: dict[str, str], timeout_s: float = 1.0) -> list[Check]:
+    """Each other host's wall clock against ours, measured by armada itself (NTP-style: the ping
+    with the lowest round trip; the error is within half of it), whatever chrony says. The runtime
+    corrects frame and state ages by these offsets where it can measure them; a large one still
+    means the hosts' time sync is broken (logs, recordings and any host it cannot measure)."""
+    probes, silent = clock_probes(cell, peers)
+    rows: list[Check] = []
+    for probe in probes:
+        name = f"clock of {probe.host}"
+        try:
+            sample = host.measure_clock(probe, cell.curve, timeout_s)
+        except (TimeoutError, OSError, ValueError, RuntimeError) as exc:
+            rows.append(Check(name, "warn", f"{probe.owner} did not answer a clock ping: {exc}",
+                              f"start the cell's processes on {probe.host}, then run the doctor again"))
+            continue
+        offset_ms, rtt_ms = sample.offset_ns / 1e6, sample.rtt_ns / 1e6
+        found = f"{offset_ms:+.1f} ms +- {rtt_ms / 2:.1f} ms (via {probe.owner}, ping rtt {rtt_ms:.1f} ms)"
+        if abs(sample.offset_ns) - sample.rtt_ns / 2 > CLOCK_WARN_S * 1e9:
+            rows.append(Check(name, "warn", found,
+                              f"sync both hosts to one time source (chrony on {probe.host}: `server <this host> "
+                              "iburst`, or the same NTP server on both), then `sudo chronyc makestep`"))
+        else:
+            rows.append(Check(name, "ok", found))
+    for h, names in silent.items():
+        rows.append(Check(f"clock of {h}", "skip", f"no driver there and camera(s) {', '.join(names)} name no "
+                          "clock endpoint: its offset is not measured",
+                          f"give camera {names[0]} a `clock: tcp://{h}:PORT` endpoint (docs/remote.md)"))
+    return rows
+
+
 def check_curve(curve: Any) -> list[Check]:
     """The cell's CURVE key files: present, secret keys private to their owner (0600, as `armada
     keys` writes them), and an allow-list folder holding at least one public key."""

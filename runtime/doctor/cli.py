@@ -25,6 +25,7 @@ from armada.runtime.doctor.checks import (
     check_clock,
     check_curve,
     check_cpu,
+    check_measured_clocks,
     check_device_groups,
     check_device_node,
     check_onnxruntime,
@@ -108,6 +109,7 @@ def diagnose(cell_path: Path | None, host: Host | None = None, run_dir: Path | N
     report.checks += check_remote_hosts(host, cell_endpoints(cell), peers=peers)
     report.checks.append(check_clock(host, multi_host=bool(peers)))
     report.checks += check_peer_clocks(host, peers)
+    report.checks += check_measured_clocks(host, cell, peers)
 
     for cam in cell.cameras:
         for key in ("intrinsics", "hand_eye", "latency"):
@@ -127,6 +129,7 @@ def cell_endpoints(cell: Any) -> list[tuple[str, str]]:
     """Every endpoint of the cell with the key that names it."""
     out = [(f"{d.name}.{k}", getattr(d, k)) for d in cell.drivers for k in ("state", "cmd")]
     out += [(f"{c.name}.frames", c.frames) for c in cell.cameras]
+    out += [(f"{c.name}.clock", c.clock) for c in cell.cameras if getattr(c, "clock", None)]
     return out + [("inference.ctl", cell.inference.ctl), ("inference.events", cell.inference.events)]
 
 

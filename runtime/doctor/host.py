@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 COMMAND_TIMEOUT_S = 2.0
 
@@ -91,6 +91,23 @@ def is_local_address(address: str) -> bool:
     return True
 
 
+def measure_clock(probe: Any, curve: Any, timeout_s: float) -> Any:
+    """Another host's wall-clock offset through one of the cell's processes there (a ClockProbe):
+    a driver's ping and state, or a camera's clock endpoint; a ClockSample. Bounded by ``timeout_s``
+    per wait; TimeoutError when nothing answers."""
+    import zmq
+
+    from armada.runtime.remote.clock import measure_camera_clock, measure_driver_clock
+
+    ctx = zmq.Context()
+    try:
+        if probe.kind == "driver":
+            return measure_driver_clock(ctx, probe.endpoints[0], probe.endpoints[1], curve, timeout_s=timeout_s)
+        return measure_camera_clock(ctx, probe.endpoints[0], curve, timeout_s=timeout_s)
+    finally:
+        ctx.destroy(linger=0)
+
+
 @dataclass
 class Host:
     root: Path = Path("/")
@@ -104,6 +121,7 @@ class Host:
     is_local: Callable[[str], bool] = is_local_address
     is_root: bool = field(default_factory=lambda: os.geteuid() == 0)
     now: Callable[[], float] = time.time
+    measure_clock: Callable[[Any, Any, float], Any] = measure_clock
 
     def path(self, absolute: str | Path) -> Path:
         """``absolute`` (a /dev or /sys path) under this host's root."""

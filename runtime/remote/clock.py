@@ -194,3 +194,42 @@ class CameraClocks:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.samples * self.timeout_s * max(1, len(self.endpoints)) + 1.0)
+
+
+def measure_driver_clock(ctx: zmq.Context, cmd: str, state: str, curve: Any = None, samples: int = CLOCK_SAMPLES,
+                         timeout_s: float = 1.0) -> ClockSample:
+    """A driver host's wall-clock offset, the way the inference side measures it: the lowest-rtt
+    ping gives the driver's monotonic clock against ours, one state message its host's wall and
+    monotonic stamps of one instant (``wall_offset_ns``). Raises TimeoutError naming what did not
+    answer; every wait is bounded by ``timeout_s``."""
+    from armada.runtime.transport import CommandClient, Subscriber
+
+    client = CommandClient(ctx, cmd, curve, default_timeout_s=timeout_s)
+    sub = Subscriber(ctx, state, curve, hwm=10)
+    try:
+        best_rtt, mono_offset = None, 0
+        for _ in range(samples):
+            sent = time.monotonic_ns()
+            their_mono = int(client.request("ping", timeout_s=timeout_s)["mono_ns"])
+            rtt = time.monotonic_ns() - sent
+            if best_rtt is None or rtt < best_rtt:
+                best_rtt, mono_offset = rtt, their_mono - (sent + rtt // 2)
+        msg = sub.recv(timeout_s)
+        if msg is None or "mono_ns" not in msg or "t_ns" not in msg:
+            raise TimeoutError(f"no state on {state} within {timeout_s:g} s")
+        return ClockSample(wall_offset_ns(mono_offset, msg), best_rtt or 0)
+    finally:
+        client.close()
+        sub.close()
+
+
+def measure_camera_clock(ctx: zmq.Context, clock: str, curve: Any = None, samples: int = CLOCK_SAMPLES,
+                         timeout_s: float = 1.0) -> ClockSample:
+    """A camera host's wall-clock offset from the clock pings its process answers."""
+    from armada.runtime.transport import CommandClient
+
+    client = CommandClient(ctx, clock, curve, default_timeout_s=timeout_s)
+    try:
+        return ping_clock(client, samples, timeout_s)
+    finally:
+        client.close()

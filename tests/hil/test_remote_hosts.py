@@ -280,3 +280,22 @@ def test_armada_run_on_the_gpu_host_starts_only_inference_and_drives_the_robots_
     reports = json.loads(out.stdout)
     assert [r["outcome"] for r in reports] == ["completed"] and reports[0]["chunks"] > 0, reports
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["infer.log"]  # nothing else started here
+
+
+def test_the_doctor_on_the_gpu_host_measures_the_robot_hosts_clock_through_its_driver(split):
+    from armada.runtime.doctor.cli import diagnose
+    from armada.runtime.doctor.host import CommandMissing, Host
+
+    def no_commands(argv, timeout_s):  # chrony is not what is tested here
+        raise CommandMissing(argv[0])
+
+    # This machine binds both addresses; the GPU host is only 127.0.0.3.
+    report = diagnose(split.gpu_cell, Host(is_local=lambda a: a == GPU, run=no_commands))
+    rows = {r.name: r for r in report.checks}
+    row = rows[f"clock of {ROBOT}"]
+    # One machine: the true offset is 0; the estimate is within half the ping's round trip (>= 40 ms here).
+    print(f"doctor on the GPU host: clock of {ROBOT}: {row.found}")
+    assert row.status == "ok" and "via driver arm" in row.found, row
+    offset_ms = float(row.found.split(" ms")[0])
+    rtt_ms = float(row.found.split("ping rtt ")[1].split(" ms")[0])
+    assert rtt_ms >= 2 * LINK_DELAY_S * 1000 and abs(offset_ms) <= rtt_ms / 2 + 1, row
