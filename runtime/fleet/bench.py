@@ -108,6 +108,26 @@ def measure_overhead(url: str, n: int) -> dict[str, Any]:
             "overhead_ms": _pct(over), "in_replica_queue_ms": _pct(queue)}
 
 
+def measure_residency(bundle: Path, switches: int) -> dict[str, Any]:
+    """What keeping the tasks' weight sets materialized buys: a batch that alternates between two
+    tasks, with every switch materialized from the masks (resident 0) or copied from a kept set."""
+    from armada.runtime.fleet.model import FleetModel
+    from armada.runtime.fleet.wire import ModelRequest
+
+    frames = {c: np.zeros((480, 640, 3), np.uint8) for c in ("front", "wrist")}
+    state = np.array([0.0, -1.57, 1.57, -1.57, -1.57, 0.0, 0.04])
+    out: dict[str, Any] = {}
+    for resident in (0, len(TASKS)):
+        model = FleetModel(bundle, resident_tasks=resident, threads=1)
+        for i in range(switches + 2):
+            model.infer_batch([ModelRequest("infer", "auto", state, frames, TASKS[i % 2], 5000.0)])
+        stats = model.stats.as_dict()
+        out[f"resident_{resident}"] = {"swap_ms": stats["swap_ms"], "forward_ms": stats["forward_ms"],
+                                       "extra_mb": resident * model.weight_set_bytes / 2**20}
+        out["weight_set_mb"] = model.weight_set_bytes / 2**20
+    return out
+
+
 class _Watch:
     """The driver's requested targets over time (to see when an arm held and moved again)."""
 
@@ -242,6 +262,7 @@ def run_fleet_bench(args: argparse.Namespace) -> int:
         print(f"  one client, {o['body_kb']:.0f} KB request: round trip p50 {o['rtt_ms']['p50']:.1f} ms "
               f"p99 {o['rtt_ms']['p99']:.1f}; model {o['model_ms']['p50']:.1f} / {o['model_ms']['p99']:.1f}; "
               f"service overhead {o['overhead_ms']['p50']:.1f} / {o['overhead_ms']['p99']:.1f} ms", flush=True)
+        result["residency"] = measure_residency(bundle, 20 if args.quick else 100)
         with tempfile.TemporaryDirectory(prefix="flb", dir="/tmp") as tmp:
             root = Path(tmp)
             for n in counts:
@@ -280,6 +301,14 @@ def format_table(r: dict[str, Any]) -> str:
                       ("overhead_ms", "service overhead (round trip - model)"),
                       ("in_replica_queue_ms", "of which in the replica before the model (body, decode, batch wait)")):
         lines.append(f"| {name} | {o[key]['p50']:.1f} | {o[key]['p99']:.1f} |")
+    res = r.get("residency")
+    if res:
+        lines += ["", f"task weight switches, one replica, tasks alternating (a weight set is {res['weight_set_mb']:.1f} MB):",
+                  "| kept materialized | switch p50 ms | p99 ms | forward p50 ms | extra memory MB |", "|---|---|---|---|---|"]
+        for key in sorted(k for k in res if k.startswith("resident_")):
+            x = res[key]
+            lines.append(f"| {key.split('_')[1]} task(s) | {x['swap_ms']['p50']:.2f} | {x['swap_ms']['p99']:.2f} | "
+                         f"{x['forward_ms']['p50']:.1f} | {x['extra_mb']:.1f} |")
     lines += ["", "| cells | where | chunks/s | obs-to-chunk p50 ms | p99 ms | starved ticks | late chunks | "
                   "service CPU % | service RSS MB | batching factor | task switches |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

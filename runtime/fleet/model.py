@@ -54,7 +54,10 @@ class ModelStats:
 class FleetModel:
     """One replica's model. Every method is safe to call from several threads: one model call at a time."""
 
-    def __init__(self, bundle_dir: str | Path, resident_tasks: int = 0, verify: bool = True, threads: int | None = None):
+    def __init__(self, bundle_dir: str | Path, resident_tasks: int = 0, verify: bool = True, threads: int | None = None,
+                 resident_budget_mb: float = 2048.0):
+        """``resident_tasks`` < 0: as many as fit in ``resident_budget_mb`` (all of the tiny bundle's;
+        at real size a weight set is gigabytes, and the budget decides)."""
         import torch
 
         from armada.runtime.model.policy import MergedVLAPolicy
@@ -66,12 +69,13 @@ class FleetModel:
         self.engine = self.policy.engine
         self.manifest = self.policy.manifest
         self.tasks = {t.name: t for t in self.manifest.tasks}
-        self.resident_tasks = max(0, int(resident_tasks))
+        self.weight_set_bytes = sum(w.numel() * w.element_size() for w in self.engine.weights.values())
+        fit = int(resident_budget_mb * 2**20 // max(1, self.weight_set_bytes))
+        self.resident_tasks = min(len(self.tasks), fit) if resident_tasks < 0 else int(resident_tasks)
         self._resident: OrderedDict[int, dict[str, Any]] = OrderedDict()  # expert index -> weights
         self._prompts: dict[tuple[str, str], np.ndarray] = {}
         self._lock = threading.Lock()
         self.stats = ModelStats()
-        self.weight_set_bytes = sum(w.numel() * w.element_size() for w in self.engine.weights.values())
 
     # ------------------------------------------------------------------ route
 

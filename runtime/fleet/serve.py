@@ -28,8 +28,11 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests batched per replica (default 8)")
     serve.add_argument("--batch-wait-ms", type=float, default=2.0,
                        help="how long a batch waits for more requests (default 2 ms; added to every request)")
-    serve.add_argument("--resident-tasks", type=int, default=0,
-                       help="task weight sets kept materialized per replica (default 0: materialize on each switch)")
+    serve.add_argument("--resident-tasks", type=int, default=-1,
+                       help="task weight sets kept materialized per replica: 0 materializes on each switch; "
+                            "default -1: as many as fit in --resident-budget-mb")
+    serve.add_argument("--resident-budget-mb", type=float, default=2048.0,
+                       help="memory per replica for kept task weight sets (default 2048 MB)")
     serve.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
     serve.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     serve.add_argument("--tiny-tasks", type=int, default=2, help="tasks of the tiny bundle (with BUNDLE 'tiny')")
@@ -42,11 +45,13 @@ def options_from_args(args: argparse.Namespace) -> Any:
     for name in ("replicas", "max_batch_size", "port", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.resident_tasks < 0 or args.batch_wait_ms < 0 or args.replica_cpus < 0:
-        raise ValueError("--resident-tasks, --batch-wait-ms and --replica-cpus must not be negative")
+    if args.resident_tasks < -1 or args.batch_wait_ms < 0 or args.replica_cpus < 0 or args.resident_budget_mb < 0:
+        raise ValueError("--resident-tasks must be -1 or more; --batch-wait-ms, --replica-cpus and "
+                         "--resident-budget-mb must not be negative")
     return ServiceOptions(bundle=str(resolve_bundle_arg(args.bundle, args.tiny_tasks)), replicas=args.replicas,
                           max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1e3,
-                          resident_tasks=args.resident_tasks, replica_cpus=args.replica_cpus, threads=args.threads,
+                          resident_tasks=args.resident_tasks, resident_budget_mb=args.resident_budget_mb,
+                          replica_cpus=args.replica_cpus, threads=args.threads,
                           verify=not args.no_verify, host=args.host, port=args.port)
 
 

@@ -45,7 +45,10 @@ class ServiceOptions:
     replicas: int = 1
     max_batch_size: int = 8
     batch_wait_s: float = 0.002  # how long a batch waits for more requests: added to every request's latency
-    resident_tasks: int = 0  # materialized task weight sets kept per replica (0: materialize on every switch)
+    # Materialized task weight sets kept per replica: 0 materializes on every switch; -1 keeps as
+    # many as fit in resident_budget_mb (armada bench fleet measures what a switch costs either way).
+    resident_tasks: int = -1
+    resident_budget_mb: float = 2048.0
     replica_cpus: float = 1.0
     threads: int = 1  # torch threads per replica
     verify: bool = True
@@ -62,7 +65,7 @@ class FleetService:
         opts = ServiceOptions(**options)
         self.options = opts
         self.model = FleetModel(opts.bundle, resident_tasks=opts.resident_tasks, verify=opts.verify,
-                                threads=opts.threads)
+                                threads=opts.threads, resident_budget_mb=opts.resident_budget_mb)
         # Wrapped here rather than decorated in the class body: the module must import without ray.
         self._batched = serve.batch(max_batch_size=opts.max_batch_size,
                                     batch_wait_timeout_s=opts.batch_wait_s)(self._run_batch)

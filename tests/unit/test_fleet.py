@@ -72,6 +72,28 @@ def _request(task: str | None = "pick_cube", **changes) -> ModelRequest:
     return ModelRequest(**(fields | changes))
 
 
+def test_a_batch_of_robots_with_mixed_tasks_gets_what_each_local_policy_would():
+    """The service's batched, task-grouped forward pass against MergedVLAPolicy.infer, per robot."""
+    from armada.runtime.fleet.model import FleetModel
+    from armada.runtime.fleet.serve import resolve_bundle_arg
+    from armada.runtime.inference.observation import Observation
+    from armada.runtime.model.policy import MergedVLAPolicy
+
+    bundle = resolve_bundle_arg(Path("tiny"))
+    rng = np.random.default_rng(3)
+    requests = [_request(task=t, state=HOME + rng.normal(0, 0.01, 7),
+                         frames={c: rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for c in ("front", "wrist")})
+                for t in (TASKS[0], TASKS[1], TASKS[0], TASKS[0])]
+    model = FleetModel(bundle, resident_tasks=-1)
+    replies = model.infer_batch(requests)
+    assert model.stats.groups == 2 and model.stats.requests == 4  # one forward pass per task
+    local = MergedVLAPolicy(bundle)
+    for req, reply in zip(requests, replies):
+        obs = Observation(0, 0, req.state, req.frames)
+        assert local.route(obs, "auto", req.task).task == req.task == reply.task
+        np.testing.assert_allclose(reply.actions, local.infer(obs).actions, atol=1e-6)
+
+
 def test_malformed_or_oversized_requests_get_a_clear_4xx_and_change_nothing(service):
     before = get_json(service.url, "/stats")
     cases = {
