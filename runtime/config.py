@@ -305,6 +305,10 @@ class CameraBaseConfig(_Strict):
     height: int = Field(default=480, gt=0, le=4096)
     fps: float = Field(default=30.0, ge=1, le=240)
     frames: str  # PUB endpoint
+    # Where the camera process answers clock pings (a ROUTER endpoint on its host, tcp): a camera on a
+    # host with no driver gets its host's clock offset measured from it (runtime/remote/clock.py).
+    # None: no clock pings (ipc cameras, or a camera beside a driver, whose host offset is measured anyway).
+    clock: str | None = None
     # JPEG on the wire (remote inference over TCP), quality 1-100; None sends raw pixels zero-copy.
     jpeg_quality: int | None = Field(default=None, ge=1, le=100)
     # No frame for this long is a stall: publish nothing, log, reopen. None: 3 frame intervals, at
@@ -730,6 +734,7 @@ def _load_calibration(load: Callable[[Path], Any], file: Path, cell_path: Path, 
 def _endpoints(cell: CellConfig) -> list[tuple[str, str]]:
     out = [(f"drivers.{i}.{k}", getattr(d, k)) for i, d in enumerate(cell.drivers) for k in ("state", "cmd")]
     out += [(f"cameras.{i}.frames", c.frames) for i, c in enumerate(cell.cameras)]
+    out += [(f"cameras.{i}.clock", c.clock) for i, c in enumerate(cell.cameras) if c.clock is not None]
     out += [("inference.ctl", cell.inference.ctl), ("inference.events", cell.inference.events)]
     return out
 

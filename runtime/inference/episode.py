@@ -123,6 +123,8 @@ class EpisodeReport:
     tracking_error_mean: float = 0.0
     rejected_inputs: dict[str, int] = field(default_factory=dict)  # wrong kind or shape, per stream
     future_stamps: dict[str, int] = field(default_factory=dict)  # sender clock ahead of ours, per stream
+    # What a policy has to say about the episode (a remote policy: failed requests, failovers, time held).
+    policy_notes: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -648,6 +650,9 @@ class EpisodeRunner:
                 delta = count - before[name]["clamps"].get(kind, 0)
                 report.clamps_by_kind[kind] = report.clamps_by_kind.get(kind, 0) + delta
         report.clamps = sum(report.clamps_by_kind.values())
+        notes = getattr(self.policy, "episode_notes", None)
+        if callable(notes):
+            report.policy_notes = notes()
 
 
 def _ends_before(t0_ns: int, dt: float, n_points: int, when_ns: int) -> bool:

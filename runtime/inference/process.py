@@ -26,6 +26,7 @@ from armada.drivers.core.notify import Notifier, WatchdogPacer
 from armada.runtime.config import CellConfig, load_cell
 from armada.runtime.exit_deadline import ExitDeadline, on_stop_signals
 from armada.runtime.inference.deadline import PolicyCaller
+from armada.runtime.remote.clock import CameraClocks
 from armada.runtime.inference.episode import (Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner,
                                               InterventionError)
 from armada.runtime.inference.link import DriverLink
@@ -73,6 +74,8 @@ class InferenceProcess:
         self.builder = ObservationBuilder(cameras, {n: link.state for n, link in self.links.items()},
                                           inf.max_frame_age_s, inf.max_state_age_s,
                                           frame_shapes={c.name: (c.height, c.width, 3) for c in cell.cameras})
+        # Cameras on hosts with no driver answer clock pings; their offsets age their frames (docs/remote.md).
+        self.builder.camera_clocks = CameraClocks.of_cell(cell)
         self.caller = PolicyCaller()  # one per process: a hung call keeps the policy busy across episodes
         self.stop_event = threading.Event()
         self.fatal: str | None = None  # why a thread died, if one did
@@ -254,6 +257,7 @@ class InferenceProcess:
             link.close()
         for sub in self.builder.cameras.values():
             sub.close()
+        self.builder.close_clocks()
         self.ctl.close()
         self.events.close()
         if self.auth is not None:

@@ -199,3 +199,11 @@ def test_no_file_imports_the_old_top_level_names():
     hits = [f"{p.relative_to(REPO)}:{line}: {imported}" for p in files for line, _, imported in _imports(p)
             if imported.split(".")[0] in PACKAGES]
     assert hits == [], "\n".join(hits)
+
+
+def test_a_cell_with_a_remote_policy_imports_no_ray_and_no_model_stack():
+    # The cell side of a fleet talks HTTP + msgpack to the service (issue 16); Ray stays in the service.
+    code = ("import sys, armada.runtime.inference.process, armada.runtime.fleet.plugin, armada.runtime.fleet.wire; "
+            "print(','.join(m for m in ('ray', 'torch', 'onnxruntime', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "", f"the cell side of the fleet imported {out.stdout.strip()}"
