@@ -90,6 +90,7 @@ def _connected_endpoint(sub: Any) -> str:
 CLOCK_SAMPLES = 8
 CLOCK_TIMEOUT_S = 0.5
 CLOCK_PERIOD_S = 5.0  # clocks drift by ppm: re-measuring every few seconds is plenty
+RETRY_S = 0.5  # a camera whose clock has not answered yet
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,10 @@ class CameraClocks:
                     self.samples_ns = {**self.samples_ns, name: sample}
                     self.errors = {**self.errors, name: None}
                 self.measured.set()
-                self._stop.wait(self.period_s)
+                # A camera not measured yet (its process still starting, a link down) is retried soon:
+                # until then its frames are aged on its host's stamps, which may pause the episode.
+                missing = any(name not in self.samples_ns for name in self.endpoints)
+                self._stop.wait(min(self.period_s, RETRY_S) if missing else self.period_s)
         finally:
             for client in clients.values():
                 client.close()

@@ -42,12 +42,13 @@ def test_frames_of_a_camera_host_with_a_wrong_clock_are_aged_by_its_measured_off
     data["cameras"] = [{"name": "ceiling", "width": 160, "height": 120, "fps": 30,
                         "frames": f"tcp://{CAMERA_HOST}:{_port()}", "clock": f"tcp://{CAMERA_HOST}:{_port()}"}]
     data["inference"]["episode_duration_s"] = 2
+    data["drivers"][0]["lease_ttl_s"] = 1.0  # a loaded 2-core CI host misses 0.3 s heartbeats
     data["plain_tcp_loopback"] = True
     cell = short_tmp / "cell.yaml"
     cell.write_text(yaml.safe_dump(data))
     monkeypatch.setenv("ARMADA_TEST_CLOCK_SKEW_S", str(SKEW_S))  # the children inherit it; cameras read it
     with CellProcesses(cell, short_tmp / "run") as procs:
-        procs.start_all()
+        procs.start_all(timeout_s=40)  # a loaded 2-core CI host can take 15 s to start a driver
         client = EpisodeClient(procs.ctx, procs.cell)
         try:
             report = client.wait_report(client.start("clock", arm=True), 30)
