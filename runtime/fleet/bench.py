@@ -1,6 +1,8 @@
 """`armada bench fleet`: N mock cells against one model service, then each with its own model.
 
-Phases (the tiny bundle, two 640x480 cameras per cell, a mock arm at 500 Hz, 8-action chunks at 50 Hz):
+Phases (the tiny bundle, a mock arm at 500 Hz, 8-action chunks at 50 Hz, two cameras per cell at
+320x240: eight cells of two 640x480 cameras at 30 fps are more pixels than a 2-core machine moves;
+the one-client phase sends 640x480 frames):
 
 1. overhead: one client, no cells: a request's round trip beside the replica's own model time
    (the rest is HTTP, Serve's proxy and router, the batch wait and msgpack).
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 REPLICAS = 2
+CELL_CAMERAS = (320, 240)
 TASKS = ("pick_cube", "open_drawer")
 
 
@@ -175,9 +178,9 @@ def _run_cells(n: int, url: str | None, seconds: float, root: Path, inprocess: b
     lock = threading.Lock()
     watches: list[_Watch] = []
     with ExitStack() as stack:
-        cells = [stack.enter_context(FleetCell(root / f"c{i}", CellSpec(f"cell{i}", url, policy_timeout_s=30.0,
-                                                                        failover_s=25.0), inprocess=inprocess))
-                 for i in range(n)]
+        spec = [CellSpec(f"cell{i}", url, camera_size=CELL_CAMERAS, policy_timeout_s=30.0, failover_s=25.0)
+                for i in range(n)]
+        cells = [stack.enter_context(FleetCell(root / f"c{i}", spec[i], inprocess=inprocess)) for i in range(n)]
         if kill is not None:
             watches = [_Watch(c.ctx, c.cell.drivers[0].state) for c in cells]
 
@@ -242,18 +245,23 @@ def run_fleet_bench(args: argparse.Namespace) -> int:
         print(f"armada bench fleet: --cells must be counts 1..16, comma-separated, got {args.cells!r}", file=sys.stderr)
         return 2
     seconds = 3.0 if args.quick else float(args.seconds)
-    inprocess = not remote_registered()
+    inprocess = False  # every cell's inference in a process of its own (as `armada run` starts it)
     result: dict[str, Any] = {"machine": machine(), "load_before": os.getloadavg(), "replicas": REPLICAS,
                               "seconds": seconds, "remote_inference": "in-process threads" if inprocess else "processes",
+                              "cell_cameras": f"2x {CELL_CAMERAS[0]}x{CELL_CAMERAS[1]}",
                               "phases": []}
     print(f"armada bench fleet: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
-    if inprocess:
-        print("  note: the `remote` policy kind is not registered (pip install -e .): remote cells run their inference "
-              "in this process's threads", flush=True)
+    if not remote_registered():
+        print("  note: the `remote` policy kind is not installed yet (pip install -e .); the remote cells' inference "
+              "processes register it themselves", flush=True)
     bundle = resolve_bundle_arg(Path("tiny"))
+    # Ctrl-C or SIGTERM must reach the finally below: it shuts Serve and the local Ray down (else
+    # Ray's agents outlive us).
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     service = start_service(ServiceOptions(bundle=str(bundle), replicas=REPLICAS, port=_free_port(),
                                            replica_cpus=0.5, resident_tasks=2, batch_wait_s=0.002))
+    signal.signal(signal.SIGINT, _interrupt)  # whatever Ray installed
     result["service_start_s"] = time.monotonic() - started
     print(f"  service: {REPLICAS} replicas up in {result['service_start_s']:.1f} s at {service.url}", flush=True)
     try:
@@ -290,10 +298,15 @@ def run_fleet_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def format_table(r: dict[str, Any]) -> str:
     lines = [f"machine: {r['machine']}; load average {r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after",
              f"service: {r['replicas']} replicas of the tiny bundle, started in {r['service_start_s']:.1f} s; "
-             f"remote cells' inference: {r['remote_inference']}; {r['seconds']:.0f} s episodes",
+             f"remote cells' inference: {r['remote_inference']}; {r['seconds']:.0f} s episodes; cameras "
+             f"{r.get('cell_cameras', '?')} per cell",
              ""]
     o = r["overhead"]
     lines += ["| one client, 2x 640x480 | p50 ms | p99 ms |", "|---|---|---|"]

@@ -2,15 +2,21 @@
 that is either ``remote`` (the model service) or the same tiny bundle run locally (``mergevla``).
 
 ``FleetCell`` starts the cell's driver and cameras as processes (CellProcesses) and its inference
-process either as a process of its own (``armada infer``, when the ``remote`` kind is registered
-under ``armada.policies``) or in this process, in a thread (``inprocess``): the same
-InferenceProcess class, whose policy object (and its service notes) the caller can then read.
+process either as a process of its own (``armada infer``, or ``python -m armada.runtime.fleet.cells``
+which registers the ``remote`` kind first where the installed package does not yet name it) or
+in this process, in a thread (``inprocess``): the same InferenceProcess class, whose policy object
+(and its service notes) the caller can then read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,12 +106,14 @@ class FleetCell:
     _procs: Any = None
     _thread: threading.Thread | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _infer: subprocess.Popen | None = None
 
     def __enter__(self) -> "FleetCell":
         from armada.runtime.supervisor import CellProcesses
 
         cell_path, io_path = write_cell(self.run_dir, self.spec)
         subprocess_inference = not self.inprocess and (self.spec.url is None or remote_registered())
+        own_launcher = not self.inprocess and not subprocess_inference
         self._procs = CellProcesses(cell_path if subprocess_inference else io_path, self.run_dir)
         try:
             for d in self._procs.cell.drivers:
@@ -115,6 +123,13 @@ class FleetCell:
             if subprocess_inference:
                 self._procs.spawn("infer")
                 self.cell = self._procs.cell
+            elif own_launcher:
+                with policy_kind_available():
+                    self.cell = load_cell(cell_path, self.run_dir)
+                with open(self.run_dir / "logs" / "infer.log", "ab") as log:
+                    self._infer = subprocess.Popen([sys.executable, "-m", "armada.runtime.fleet.cells", str(cell_path),
+                                                    str(self.run_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL)
             else:
                 # Registered for the cell's whole life: the process looks the kind up at each episode start.
                 self._stack.enter_context(policy_kind_available())
@@ -125,6 +140,8 @@ class FleetCell:
                 self._thread = threading.Thread(target=self.process.run, daemon=True, name=f"infer-{self.spec.name}")
                 self._thread.start()
             self._procs.wait_ready()
+            if self._infer is not None:
+                self._wait_inference(90.0)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -141,7 +158,26 @@ class FleetCell:
             out["infer"] = os.getpid()
         return out
 
+    def _wait_inference(self, timeout_s: float) -> None:
+        from armada.runtime.supervisor import answers_hello
+
+        deadline = time.monotonic() + timeout_s
+        while not answers_hello(self.ctx, self.cell.inference.ctl, self.cell.curve, "fleet", 0.3):
+            if self._infer is not None and self._infer.poll() is not None:
+                raise RuntimeError(f"the inference process of {self.spec.name} exited ({self._infer.returncode}); "
+                                   f"see {self.run_dir / 'logs' / 'infer.log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the inference process of {self.spec.name} did not answer within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
     def __exit__(self, *exc: object) -> None:
+        if self._infer is not None and self._infer.poll() is None:
+            self._infer.send_signal(signal.SIGTERM)  # it ends its episode and releases the leases first
+            try:
+                self._infer.wait(10)
+            except subprocess.TimeoutExpired:
+                self._infer.kill()
+                self._infer.wait(5)
         if self.process is not None:
             self.process.request_stop()
             if self._thread is not None:
@@ -151,3 +187,18 @@ class FleetCell:
                 self._procs.close()  # stops the children (inference first), releases the run dir
         finally:
             self._stack.close()
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m armada.runtime.fleet.cells CELL RUN_DIR``: a cell's inference process with the
+    ``remote`` kind registered (for the benchmark, where the installed package may not name it yet)."""
+    from armada.runtime.inference.process import run_inference
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    with policy_kind_available():
+        run_inference(argv[0], argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -228,6 +228,8 @@ def start_service(opts: ServiceOptions, address: str | None = None, ready_timeou
     import ray
     from ray import serve
 
+    if address is None:
+        _check_port_free(opts.host, opts.port)
     started_ray = False
     if not ray.is_initialized():
         if address is None:
@@ -246,6 +248,17 @@ def start_service(opts: ServiceOptions, address: str | None = None, ready_timeou
         service.shutdown()
         raise
     return service
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A port in use makes Serve's proxy fail in the background; say so before anything starts."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another with --port") from None
 
 
 def wait_replicas(url: str, replicas: int, timeout_s: float) -> set[str]:
