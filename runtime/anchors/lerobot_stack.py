@@ -144,11 +144,11 @@ def run_client(args: argparse.Namespace) -> int:
         threading.Timer(end - time.monotonic(), client.shutdown_event.set).start()
         client.control_loop(task="bench")
         result = client_result(arm, spec, window["start"], end, latencies,
-                               dump=args.out.with_suffix('.npz') if args.out else None)
+                               dump=args.out.with_suffix(".npz") if args.out else None)
+        if args.out is not None:
+            write_result(args.out, result)  # before stop: gRPC may abort the process on its way out
     finally:
         client.stop()  # disconnects the robot: lease released
-    if args.out is not None:
-        write_result(args.out, result)
     return 0
 
 
