@@ -86,7 +86,7 @@ class ScriptedPolicy(Policy):
         self._space: ActionSpace | None = None
         self._center: np.ndarray | None = None
         self._swing = np.zeros(0)  # signed per-joint amplitude
-        self._start_ns = 0
+        self._start_ns: int | None = None
 
     def reset(self, space: ActionSpace) -> None:
         self._space = space
@@ -109,7 +109,9 @@ class ScriptedPolicy(Policy):
         room = np.maximum(room_up, room_down) - 0.05 * span
         wanted = np.where(space.gripper, 0.2 * span, self.amplitude)
         self._swing = direction * np.clip(np.minimum(wanted, room / 2), 0.0, None)
-        self._start_ns = obs.mono_ns
+        # The motion's clock starts at the first chunk's observation, not here: routing and the first
+        # inference may take a while (a loaded host, a warming model), and the arm rests meanwhile.
+        self._start_ns = None
 
     def resume(self, obs: Observation) -> None:
         self._start(obs)  # carry on from where the arm stopped, at rest
@@ -117,6 +119,8 @@ class ScriptedPolicy(Policy):
     def infer(self, obs: Observation) -> Chunk:
         if self._center is None:
             self._start(obs)
+        if self._start_ns is None:
+            self._start_ns = obs.mono_ns
         if self.latency_s:
             time.sleep(self.latency_s)  # stands in for a model's compute time
         t = (obs.mono_ns - self._start_ns) * 1e-9 + self.dt * np.arange(1, self.chunk_size + 1)
