@@ -61,4 +61,5 @@ def test_frames_of_a_camera_host_with_a_wrong_clock_are_aged_by_its_measured_off
     line = next((ln for ln in infer_log.splitlines() if "camera ceiling: its host's clock is" in ln), None)
     assert line is not None, infer_log
     offset_ms = float(line.split("clock is ")[1].split(" ms")[0])
+    print(f"measured: {line.split('camera ceiling: ')[1]}")
     assert offset_ms == pytest.approx(SKEW_S * 1000, abs=20), line
