@@ -131,6 +131,19 @@ def measure_residency(bundle: Path, switches: int) -> dict[str, Any]:
     return out
 
 
+def _health_with_retry(url: str, tries: int = 10) -> dict[str, Any]:
+    from armada.runtime.fleet.service import get_json
+
+    for attempt in range(tries):
+        try:
+            return get_json(url, "/health", timeout_s=10.0)
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 class _Watch:
     """The driver's requested targets over time (to see when an arm held and moved again)."""
 
@@ -218,6 +231,10 @@ def _run_cells(n: int, url: str | None, seconds: float, root: Path, inprocess: b
         "outcomes": sorted({r["outcome"][:80] for r in reports.values()}),
         "latency_ms": _pct(latencies), "starved_ticks": sum(r.get("starved_ticks", 0) for r in reports.values()),
         "late_chunks": sum(r.get("late_chunks", 0) for r in reports.values()),
+        # What the remote policies reported (EpisodeReport.policy_notes): failed requests, failovers, time held.
+        "failures": sum(r.get("policy_notes", {}).get("failures", 0) for r in reports.values()),
+        "failovers": sum(r.get("policy_notes", {}).get("failovers", 0) for r in reports.values()),
+        "held_s": [round(r.get("policy_notes", {}).get("held_s", 0.0), 2) for r in reports.values()],
         "control_hz": float(np.mean([np.mean(list(r["control_rate_hz"].values()) or [0]) for r in reports.values()]))
         if reports else 0.0}
     if killed_at is not None:
@@ -235,7 +252,7 @@ def run_fleet_bench(args: argparse.Namespace) -> int:
     from armada.runtime.bench import machine
     from armada.runtime.fleet.cells import remote_registered
     from armada.runtime.fleet.serve import resolve_bundle_arg
-    from armada.runtime.fleet.service import ServiceOptions, get_json, start_service
+    from armada.runtime.fleet.service import ServiceOptions, start_service
 
     try:
         counts = [int(c) for c in (args.cells or ("1,2" if args.quick else "1,2,4,8")).split(",")]
@@ -281,14 +298,23 @@ def run_fleet_bench(args: argparse.Namespace) -> int:
                 result["phases"].append({"cells": n, "remote": remote, "local": local})
                 print(f"  {n} cell(s): done (load {os.getloadavg()[0]:.1f})", flush=True)
 
+                if args.json:  # what is measured so far survives a later failure
+                    Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+
+            # The victim is picked before the cells load the machine (a /health then may take seconds).
+            victim = _health_with_retry(service.url)
+
             def kill() -> float:
-                victim = get_json(service.url, "/health")
                 t = time.monotonic()
                 os.kill(victim["pid"], signal.SIGKILL)
                 return t
 
             n = max(counts)
-            result["kill"] = _run_cells(n, service.url, max(seconds, 6.0), root / "k", inprocess, kill=kill)
+            try:
+                result["kill"] = _run_cells(n, service.url, max(seconds, 6.0), root / "k", inprocess, kill=kill)
+                result["kill"]["replica"] = victim["replica"]
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                result["kill_error"] = f"{type(exc).__name__}: {exc}"
     finally:
         service.shutdown()
     result["load_after"] = os.getloadavg()
@@ -336,11 +362,15 @@ def format_table(r: dict[str, Any]) -> str:
                          f"{x['starved_ticks']} | {x['late_chunks']} | {svc} |")
             if any(not o.startswith("completed") for o in x["outcomes"]):
                 lines.append(f"|  | outcomes: {'; '.join(x['outcomes'])} |")
+    if r.get("kill_error"):
+        lines += ["", f"kill phase failed: {r['kill_error']}"]
     k = r.get("kill")
     if k:
         kk = k["kill"]
-        lines += ["", f"kill one of {r['replicas']} replicas mid-run, {k['cells']} cell(s): {kk['cells_held']} arm(s) "
+        lines += ["", f"kill one of {r['replicas']} replicas (SIGKILL) a third into {k['cells']} cell(s)' episodes: "
+                      f"{kk['cells_held']} arm(s) "
                       f"held; hold after the kill (s): {kk['hold_s']}; moving again after (s): {kk['resume_s']}; "
                       f"outcomes: {'; '.join(k['outcomes'])}; starved ticks {k['starved_ticks']}, "
-                      f"late chunks {k['late_chunks']}"]
+                      f"late chunks {k['late_chunks']}; the episode reports: {k['failures']} failed request(s), "
+                      f"{k['failovers']} failover(s), held (s) {k['held_s']}"]
     return "\n".join(lines)

@@ -133,6 +133,7 @@ def test_a_cell_with_a_remote_policy_runs_an_episode_through_the_service(service
     assert report["outcome"] == "completed", report
     assert report["task"] == "pick_cube" and report["chunks"] >= 5, report
     assert notes["failures"] == 0 and len(notes["replicas"]) == 1, notes
+    assert report["policy_notes"] == notes and notes["requests"] >= report["chunks"] + 1  # route + infers
 
 
 def test_two_cells_with_different_tasks_share_one_replica_each_with_its_own_task(service, run_dir):
@@ -191,7 +192,9 @@ def test_a_replica_killed_mid_episode_makes_the_arm_hold_and_the_episode_go_on_o
         notes = cell.process.policy.episode_notes()
     wait_replicas(service.url, 1, 60)  # the replacement is up (for whatever runs next)
     assert report["outcome"] == "completed", report
-    assert notes["failures"] >= 1 and notes["failovers"] >= 1, notes
+    # The episode report says what happened: failed requests, a failover, the time held, both replicas.
+    assert report["policy_notes"] == notes, (report["policy_notes"], notes)
+    assert notes["failures"] >= 1 and notes["failovers"] >= 1 and notes["held_s"] > 0.5, notes
     assert len(notes["replicas"]) == 2, notes  # the killed one, then its replacement
     assert report["starved_ticks"] > 0 and report["chunks"] >= 3, report
     # The arm held: from the kill, its target stopped moving within the chunk's span plus the
