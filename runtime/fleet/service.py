@@ -238,14 +238,14 @@ def start_service(opts: ServiceOptions, address: str | None = None, ready_timeou
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         started_ray = True
-    serve.start(http_options={"host": opts.host, "port": opts.port})
-    serve.run(build_app(opts), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if opts.host in ('0.0.0.0', '::') else opts.host}:{opts.port}"
     service = RunningService(url, opts, started_ray)
     try:
+        serve.start(http_options={"host": opts.host, "port": opts.port})
+        serve.run(build_app(opts), name=APP_NAME, route_prefix="/", blocking=False)
         wait_replicas(url, opts.replicas, ready_timeout_s)
     except BaseException:
-        service.shutdown()
+        service.shutdown()  # Ray's processes must not outlive a failed start
         raise
     return service
 
