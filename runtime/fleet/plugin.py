@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("armada.inference")
 
 RETRY_PAUSE_S = 0.05
+MAX_RETRY_PAUSE_S = 0.8
 MAX_REPLY_BYTES = 1024 * 1024
 RETRYABLE_STATUS = (500, 502, 503, 504)
 
@@ -137,27 +138,35 @@ class RemotePolicy(Policy):
     def _post(self, path: str, body: bytes, timeout_s: float, what: str) -> bytes:
         started = time.monotonic()
         end = started + self.failover_s
-        tries = 0
+        tries = timeouts = 0
         while True:
             tries += 1
             self.notes.requests += 1
-            # A retry never runs past the failover window by more than a short attempt.
-            attempt_s = timeout_s if tries == 1 else min(timeout_s, max(0.05, end - time.monotonic()))
+            # A slow service is not a dead one: after each timeout the next attempt waits twice as
+            # long (and the pause before it grows), so an overloaded service is not flooded with
+            # re-sent requests; a refused connection or a 5xx is re-sent after a short pause.
+            attempt_s = timeout_s * 2 ** timeouts
+            if tries > 1:  # never past the failover window by more than a short attempt
+                attempt_s = min(attempt_s, max(0.05, end - time.monotonic()))
             try:
                 raw = self._once(path, body, attempt_s)
             except _Retryable as exc:
                 self._close()
                 self.notes.failures += 1
                 self.notes.last_error = str(exc)
+                pause = RETRY_PAUSE_S
+                if exc.timed_out:
+                    pause = min(MAX_RETRY_PAUSE_S, RETRY_PAUSE_S * 2 ** timeouts)
+                    timeouts += 1
                 if tries == 1:
                     log.warning("model service %s: %s %s; the arm holds while it is sent again (for up to %.1f s)",
                                 self.url, what, exc, self.failover_s)
-                if time.monotonic() + RETRY_PAUSE_S >= end:
+                if time.monotonic() + pause >= end:
                     self.notes.held_s += time.monotonic() - started
                     raise PolicyError(f"the model service at {self.url} did not answer {what} within "
                                       f"{self.failover_s:.1f} s ({tries} tries; last: {exc}); the arm held. "
                                       "Check that `armada serve` runs and has a live replica") from None
-                time.sleep(RETRY_PAUSE_S)
+                time.sleep(pause)
                 continue
             except WireError as exc:
                 raise PolicyError(f"the model service at {self.url} refused {what}: {exc.reason}") from None
@@ -180,9 +189,10 @@ class RemotePolicy(Policy):
             reply = conn.getresponse()
             raw = reply.read(MAX_REPLY_BYTES + 1)
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
-            raise _Retryable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
-        if reply.status in RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {reply.status}: {_text(raw)}")
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise _Retryable(text, timed_out=isinstance(exc, TimeoutError)) from None
+        if reply.status in RETRYABLE_STATUS:  # 504: it waited in the service's queue past its deadline
+            raise _Retryable(f"HTTP {reply.status}: {_text(raw)}", timed_out=reply.status == 504)
         if reply.status != 200:
             raise WireError(reply.status, f"HTTP {reply.status}: {_text(raw)}")
         if len(raw) > MAX_REPLY_BYTES:
@@ -197,6 +207,10 @@ class RemotePolicy(Policy):
 
 class _Retryable(Exception):
     """A failure another replica may not have: send the request again."""
+
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out  # slow rather than dead: back off
 
 
 def _text(raw: bytes) -> str:

@@ -161,6 +161,17 @@ def test_a_dead_replica_or_a_timeout_is_retried_and_the_notes_say_so(stand_in):
     assert 0.6 <= notes["held_s"] <= time.monotonic() - started and not stand_in.script
 
 
+def test_a_slow_service_is_not_flooded_each_timeout_doubles_the_next_wait(stand_in):
+    policy = _policy(stand_in.url, timeout_s=0.2, failover_s=5.0)
+    policy.route(_obs(), "auto", "pick_cube")
+    stand_in.script = ["hang", "hang"]  # each held for 1.5 s: past the 0.2 s and 0.4 s attempts
+    sent = len(stand_in.requests)
+    policy.infer(_obs())
+    assert len(stand_in.requests) - sent == 3  # not one every 50 ms
+    notes = policy.episode_notes()
+    assert notes["failures"] == 2 and notes["held_s"] >= 0.2 + 0.05 + 0.4 + 0.1, notes
+
+
 @pytest.mark.parametrize("down", ["503", "refused"])
 def test_a_service_that_stays_down_fails_the_call_after_failover_s_naming_it(stand_in, down):
     policy = _policy(stand_in.url, failover_s=0.5)
