@@ -203,11 +203,16 @@ class OrtEngine:
         after_vision = time.perf_counter()
         inputs_embeds = self.assemble_inputs_embeds(image_embeds, prompt_ids)
         after_embed = time.perf_counter()
-        task_hidden, action_hidden = self.sessions["llm"].run(None, {"inputs_embeds": inputs_embeds})
+        # The LLM's hidden states go to the head as ONNX Runtime values, never through numpy: no
+        # copy out and back in on the CPU, and on a GPU they stay on the device.
+        hidden = self.sessions["llm"].run_with_ort_values(
+            ["task_hidden", "action_hidden"], {"inputs_embeds": ort.OrtValue.ortvalue_from_numpy(inputs_embeds)})
         after_llm = time.perf_counter()
-        (actions,) = self.sessions["head"].run(None, self._feed(
-            "head", task_hidden=task_hidden, action_hidden=action_hidden,
-            proprio_normalized=proprio_normalized, expert=np.array([int(expert)], dtype=np.int64)))
+        head_feed = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in self._feed(
+            "head", proprio_normalized=proprio_normalized, expert=np.array([int(expert)], dtype=np.int64)).items()}
+        head_feed["task_hidden"], head_feed["action_hidden"] = hidden
+        (actions,) = self.sessions["head"].run_with_ort_values(["actions"], head_feed)
+        actions = actions.numpy()
         finished = time.perf_counter()
 
         timing["vision"] = (after_vision - started) * 1e3
