@@ -39,6 +39,9 @@ STACKS = ("armada", "openpi", "lerobot")
 DEFAULT_RATES = (50.0, 500.0)
 DEFAULT_LOADS = (0.3, 0.6, 0.9)
 WARMUP_S = 1.5
+# Longer than `armada run` waits: beside other test runs (load average 20 on 2 cores) a 500 Hz driver
+# took over 15 s to answer its first hello.
+CELL_READY_S = 60.0
 SERVER_READY_S = 120.0  # lerobot's server imports torch: ten seconds, and a minute on an overloaded machine
 PACKAGES = ("armada", "openpi-client", "lerobot", "grpcio", "protobuf", "websockets", "msgpack", "torch", "numpy",
             "pyzmq")
@@ -96,7 +99,7 @@ def _run_armada(procs: CellProcesses, spec: RunSpec) -> dict[str, Any]:
     from armada.runtime.inference.client import EpisodeClient
 
     procs.spawn("infer")
-    procs.wait_ready()
+    procs.wait_ready(CELL_READY_S)
     drv = procs.cell.drivers[0]
     pids = {c.title: c.proc.pid for c in procs.children}
     cmd = CommandClient(procs.ctx, drv.cmd)
@@ -255,16 +258,20 @@ def run_one(stack: str, spec: RunSpec) -> dict[str, Any]:
         return {"stack": stack, "skipped": reason}
     run_dir = default_run_dir("anchors")
     cell_path = write_cell(run_dir, spec)
+    result: dict[str, Any] | None = None
     try:
         with CellProcesses(cell_path, run_dir) as procs:
             procs.spawn("driver", procs.cell.drivers[0].name)
             for cam in procs.cell.cameras:
                 procs.spawn("camera", cam.name)
-            procs.wait_ready()
+            procs.wait_ready(CELL_READY_S)
             result = _run_armada(procs, spec) if stack == "armada" else _run_foreign(stack, procs, spec)
     except Exception as exc:  # one stack failing must not hide the others' numbers
-        return {"stack": stack, "failed": f"{type(exc).__name__}: {exc}"[:1500]}
-    return {"stack": stack, **result}
+        why = f"{type(exc).__name__}: {exc}"[:1500]
+        if result is None:
+            return {"stack": stack, "failed": why}
+        result["teardown"] = why  # measured, then the cell was slow to stop: the numbers stand
+    return {"stack": stack, **(result or {})}
 
 
 def _cpu_cell(cpu: dict[str, float]) -> str:
@@ -327,9 +334,12 @@ def run_anchors(rates: tuple[float, ...], loads: tuple[float, ...], seconds: flo
         for load in loads:
             for stack in stacks:
                 spec = RunSpec(rate_hz=rate, load=load, seconds=seconds)
+                # The machine's own load beside the numbers: other work on the box shows in every column.
+                load_average = os.getloadavg()[0]
                 print(f"bench anchors: {stack} at {rate:.0f} Hz, load {load:.1f} "
-                      f"(inference {spec.latency_s * 1e3:.0f} ms per chunk of 50) ...", flush=True)
-                row = {"rate_hz": rate, "load": load, **run_one(stack, spec)}
+                      f"(inference {spec.latency_s * 1e3:.0f} ms per chunk of 50; machine load average "
+                      f"{load_average:.1f}) ...", flush=True)
+                row = {"rate_hz": rate, "load": load, "load_average_1m": load_average, **run_one(stack, spec)}
                 results["rows"].append(row)
     print_table(results["rows"])
     return results

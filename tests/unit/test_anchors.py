@@ -86,3 +86,19 @@ def test_the_bench_cell_runs_the_arm_at_the_rate_and_the_policy_at_the_load(shor
     assert len(cell.cameras) == 2 and all((c.width, c.height) == (640, 480) for c in cell.cameras)
     emb = (short_tmp / "mock_arm.yaml").read_text()
     assert "control_rate_hz: 50.0" in emb
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lerobot") is None, reason="lerobot is not installed")
+def test_lerobot_finds_our_robot_class_by_its_third_party_naming_rule():
+    """LeRobot's make_robot_from_config looks a third-party robot up by module and class name
+    (config_<x>.py beside <x>.py, the class name minus Config): the LeRobot stack needs it to hold."""
+    import importlib
+
+    from armada.runtime.anchors.config_lerobot_arm import _config_class
+
+    config_cls = _config_class()
+    assert config_cls.__name__ == "LerobotArmConfig"
+    assert config_cls.__module__ == "armada.runtime.anchors.config_lerobot_arm"
+    robot_cls = importlib.import_module("armada.runtime.anchors.lerobot_arm").LerobotArm
+    assert robot_cls.config_class is config_cls and robot_cls.name == "armada_anchor_arm"
+    assert config_cls(cell="c.yaml", run_dir="/tmp").type == "armada_anchor_arm"
