@@ -74,8 +74,10 @@ def _service_delta(before: dict[str, dict], after: dict[str, dict], seconds: flo
     requests = sum(a["requests"] - before.get(r, {}).get("requests", 0) for r, a in after.items())
     groups = sum(a["groups"] - before.get(r, {}).get("groups", 0) for r, a in after.items())
     swaps = sum(a["swaps"] - before.get(r, {}).get("swaps", 0) for r, a in after.items())
+    expired = sum(a["expired"] - before.get(r, {}).get("expired", 0) for r, a in after.items())
     return {"cpu_pct": 100.0 * cpu / seconds if seconds else 0.0, "rss_mb": sum(a["rss_mb"] for a in after.values()),
             "batching_factor": requests / groups if groups else 0.0, "swaps": swaps, "requests": requests,
+            "expired": expired,
             "forward_ms_p50": float(np.median([a["forward_ms"].get("p50", np.nan) for a in after.values()]))}
 
 
@@ -356,14 +358,14 @@ def format_table(r: dict[str, Any]) -> str:
             lines.append(f"| {key.split('_')[1]} task(s) | {x['swap_ms']['p50']:.2f} | {x['swap_ms']['p99']:.2f} | "
                          f"{x['forward_ms']['p50']:.1f} | {x['extra_mb']:.1f} |")
     lines += ["", "| cells | where | chunks/s | obs-to-chunk p50 ms | p99 ms | starved ticks | late chunks | "
-                  "service CPU % | service RSS MB | batching factor | task switches |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "service CPU % | service RSS MB | batching factor | task switches | expired in queue |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["phases"]:
         for where in ("remote", "local"):
             x = p[where]
             s = x.get("service")
-            svc = (f"{s['cpu_pct']:.0f} | {s['rss_mb']:.0f} | {s['batching_factor']:.2f} | {s['swaps']}" if s
-                   else "- | - | - | -")
+            svc = (f"{s['cpu_pct']:.0f} | {s['rss_mb']:.0f} | {s['batching_factor']:.2f} | {s['swaps']} | "
+                   f"{s.get('expired', 0)}" if s else "- | - | - | - | -")
             lines.append(f"| {p['cells']} | {'service' if where == 'remote' else 'own model'} | "
                          f"{x['chunks_per_s']:.1f} | {x['latency_ms']['p50']:.1f} | {x['latency_ms']['p99']:.1f} | "
                          f"{x['starved_ticks']} | {x['late_chunks']} | {svc} |")

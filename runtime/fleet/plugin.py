@@ -21,6 +21,7 @@ in the inference log. No ray here: plain HTTP (http.client) and msgpack.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import logging
 import time
@@ -107,7 +108,7 @@ class RemotePolicy(Policy):
     def route(self, obs: Observation, instruction: str, pinned_task: str | None = None) -> RouteResult:
         req = ModelRequest("route", instruction, obs.state, obs.frames, pinned_task,
                            self.route_timeout_s * 1e3, self.client)
-        raw = self._post("/route", req.encode(), self.route_timeout_s, "route")
+        raw = self._post("/route", req, self.route_timeout_s, "route")
         try:
             reply = decode_route_reply(raw)
         except WireError as exc:
@@ -120,7 +121,7 @@ class RemotePolicy(Policy):
             raise PolicyError("infer before route: the episode must route at t=0 first")
         req = ModelRequest("infer", self._instruction, obs.state, obs.frames, self._task, self.timeout_s * 1e3,
                            self.client)
-        raw = self._post("/infer", req.encode(), self.timeout_s, "infer")
+        raw = self._post("/infer", req, self.timeout_s, "infer")
         try:
             reply = decode_chunk_reply(raw, self._dim)
         except WireError as exc:
@@ -135,7 +136,7 @@ class RemotePolicy(Policy):
 
     # ------------------------------------------------------------------ HTTP
 
-    def _post(self, path: str, body: bytes, timeout_s: float, what: str) -> bytes:
+    def _post(self, path: str, req: ModelRequest, timeout_s: float, what: str) -> bytes:
         started = time.monotonic()
         end = started + self.failover_s
         tries = timeouts = 0
@@ -148,6 +149,9 @@ class RemotePolicy(Policy):
             attempt_s = timeout_s * 2 ** timeouts
             if tries > 1:  # never past the failover window by more than a short attempt
                 attempt_s = min(attempt_s, max(0.05, end - time.monotonic()))
+            # The body carries this attempt's deadline: the service drops a request that waited
+            # in its queue past it, and a retry that waits longer must not be dropped at the first's.
+            body = dataclasses.replace(req, deadline_ms=attempt_s * 1e3).encode()
             try:
                 raw = self._once(path, body, attempt_s)
             except _Retryable as exc:

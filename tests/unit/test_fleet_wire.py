@@ -168,6 +168,8 @@ def test_a_slow_service_is_not_flooded_each_timeout_doubles_the_next_wait(stand_
     sent = len(stand_in.requests)
     policy.infer(_obs())
     assert len(stand_in.requests) - sent == 3  # not one every 50 ms
+    # Each attempt tells the service its own deadline (it drops a request that waited past it).
+    assert [r.deadline_ms for r in stand_in.requests[sent:]] == pytest.approx([200.0, 400.0, 800.0])
     notes = policy.episode_notes()
     assert notes["failures"] == 2 and notes["held_s"] >= 0.2 + 0.05 + 0.4 + 0.1, notes
 
