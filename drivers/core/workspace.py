@@ -4,21 +4,27 @@ Every tick ``CartesianGuard.step`` lets the inner filter (per-group modes and jo
 step, then looks at the way the arms would go if they braked from the new state: the BRAKING PATH,
 each chain joint braking at the inner filter's acceleration limit to its STOP POSE (its commanded
 position plus ``v|v|/(2a)`` plus one tick of travel ``v*dt``, clamped to its range). The path is
-checked at the commanded pose and at samples up to the stop pose (just the stop pose when slow; see
-``braking_path``); forward kinematics (drivers/core/kinematics.py) gives each arm's check points
-(wrist, tool) there. The step is refused - the inner filter is restored to its state before the step
-and decelerates instead - when
+sampled from the commanded pose to the stop pose (see ``braking_path``); forward kinematics
+(drivers/core/kinematics.py) gives each arm's check points (wrist, tool) at each sample.
 
-- a check point of an arm is outside that arm's box somewhere on the new path AND further outside
-  than anywhere on the path of the state before the step (counted as ``workspace``), or
-- two arms' closest check points come nearer than ``min_separation`` on the new path AND nearer than
-  on the path before the step (counted as ``separation``).
+Between two samples the check points move along curves the samples do not see. The guard bounds
+them instead of sampling finer: a check point moves at most ``sum |dq_k| * lever_k`` over the
+segment (``lever_k``: a bound on the distance from joint k to the point, from the chain's offsets),
+so anywhere on a segment its signed distance outside the box is at most the larger of the two
+samples' plus half that, and two arms' separation at least the smaller of the two samples' minus
+half their sum. One tick of travel per joint is added for the filter's discrete braking, which
+runs slightly off the continuous path. These bounds, not the samples, are what is compared:
 
-So an arm that is inside stays inside, and one that starts outside (armed there, or pushed) may move
-back in but not further out. Braking keeps every joint between its position and its stop pose; the
-Cartesian path between two checked samples is curved, so a check point may pass the box by a little
-(2 mm at most for a UR3 at full speed in docs/kinematics.md; tests/unit/test_workspace.py allows 5).
-The guard checks points, not link volumes.
+- a check point of an arm may be outside that arm's box on the new path only if it is no further
+  outside than on the path of the state before the step (else the step is refused: ``workspace``);
+- two arms' check points may come nearer than ``min_separation`` on the new path only if no nearer
+  than on the path before the step (else ``separation``).
+
+A refused step is undone (the inner filter is restored to its state before the step) and the inner
+filter decelerates instead, along the path that was accepted last. So an arm that is inside stays
+inside, and one that starts outside (armed there, or pushed) may move back in but not further out.
+The bounds are conservative: at speed the arms keep a margin from the box faces and from each other
+that shrinks as they slow (docs/kinematics.md). The guard checks points, not link volumes.
 
 A refused step decelerates every dof of the inner filter (the whole robot brakes, grippers and base
 included): the inner filter has one state, and braking is always safe. The clamps the inner filter
@@ -37,13 +43,21 @@ from armada.drivers.core.kinematics import ArmKinematics
 if TYPE_CHECKING:
     from armada.runtime.config import EmbodimentConfig
 
-# A step counts as "further out" (or "closer") only beyond this (m^2: the guard compares squared
-# distances), so rounding in the forward kinematics of an arm held at the box face never refuses a step.
-_EPS = 1e-15
-# The braking path is checked at one sample per this much joint travel (rad, or m for a prismatic
-# joint), at most MAX_SAMPLES: its Cartesian curvature between samples is the guard's tolerance.
+# A step counts as "further out" (or "closer") only beyond this (m), so rounding in the forward
+# kinematics of an arm held at the box face never refuses a step.
+_EPS = 1e-12
+# The braking path is sampled at one sample per this much joint travel (rad, or m for a prismatic
+# joint), at most MAX_SAMPLES: fewer samples cost less and widen the margin kept at speed.
 PATH_STEP = 0.15
 MAX_SAMPLES = 8
+# ... and at one sample per this much travel of a check point (m, by the levers' bound), so the margin
+# the bound keeps at moderate speed is a few cm rather than the whole braking travel.
+REACH_STEP = 0.04
+
+
+# (bound outside the box per check point, bound on the separation per pair of arms, the same two at
+# the braking path's samples only), in m.
+Measure = tuple[list[float], list[float], list[float], list[float]]
 
 
 class CartesianGuard:
@@ -71,10 +85,18 @@ class CartesianGuard:
         self.min_separation = emb.kinematics.min_separation
         n = self.kin.n_arms
         self._pairs = [(a, b) for a in range(n) for b in range(a + 1, n)] if self.min_separation else []
-        self._min_sep_sq = (self.min_separation or 0.0) ** 2
-        # (squared distance outside its box of each check point, squared separation of each pair
-        # of arms) at the current state's stop pose; None: not known yet.
-        self._current: tuple[list[float], list[float]] | None = None
+        self._min_sep = self.min_separation or 0.0
+        # Per model dof: how far a check point of its arm can move per unit of its travel, and which
+        # arm it belongs to (the model holds the arms' chains one after the other).
+        self._lever: list[float] = []
+        self._arm_of: list[int] = []
+        for a, arm in enumerate(emb.kinematics.arms):
+            self._lever += chain_levers(arm, limits.lower[[emb.joint_names.index(j.joint) for j in arm.chain]],
+                                        limits.upper[[emb.joint_names.index(j.joint) for j in arm.chain]])
+            self._arm_of += [a] * len(arm.chain)
+        # (bound on the signed distance outside its box of each check point, bound on the separation
+        # of each pair of arms) along the current state's braking path; None: not known yet.
+        self._current: Measure | None = None
 
     # ------------------------------------------------------------------ delegated state
 
@@ -119,8 +141,9 @@ class CartesianGuard:
         """As the inner filter's ``step``; ``fresh`` (is a base-velocity target still covered by
         its command) is passed on to filters that take it, i.e. only when it is False."""
         if target is None:
-            # Braking shrinks every joint's stop distance: always allowed, nothing to check.
-            self._current = None
+            # Braking follows the braking path measured last (what remains of it): always allowed,
+            # and that measure still bounds it. Measured afresh, its samples would fall elsewhere
+            # and the bound could come out looser, letting the next step go further.
             return self._inner_step(None, fresh)
         current = self._current
         if current is None:
@@ -137,7 +160,7 @@ class CartesianGuard:
             self.inner.counters.workspace += 1
         else:
             self.inner.counters.separation += 1
-        self._current = None
+        self._current = current  # the path it now brakes along (module docstring)
         return self.inner.decelerate()
 
     def _inner_step(self, target: np.ndarray | None, fresh: bool) -> np.ndarray:
@@ -158,6 +181,7 @@ class CartesianGuard:
         n = len(self._qi)
         p0, v0, t_stop = [0.0] * n, [0.0] * n, [0.0] * n
         longest = t_max = 0.0
+        reach = [0.0] * self.kin.n_arms  # how far each arm's check points can travel while braking
         for k, i in enumerate(self._qi):
             vi = v[i]
             p0[k], v0[k] = p[i], vi
@@ -165,7 +189,10 @@ class CartesianGuard:
             t_max = t_stop[k] if t_stop[k] > t_max else t_max
             travel = abs(vi) * (0.5 * t_stop[k] + dt)
             longest = travel if travel > longest else longest
-        samples = min(MAX_SAMPLES, max(1, math.ceil(longest / PATH_STEP)))
+            reach[self._arm_of[k]] += travel * self._lever[k]
+        # Enough samples that each segment's bound adds at most REACH_STEP / 2 (module docstring).
+        needed = max(math.ceil(longest / PATH_STEP), math.ceil(max(reach) / REACH_STEP))
+        samples = min(MAX_SAMPLES, max(1, needed))
         out = [np.array(p0)]  # where the arm is commanded now: always visited
         for s in range(1, samples + 1):
             t = t_max * s / samples
@@ -186,38 +213,105 @@ class CartesianGuard:
         limit, plus one tick of travel, inside its range."""
         return self.braking_path(position, velocity)[-1]
 
-    def measure(self, position: np.ndarray, velocity: np.ndarray) -> tuple[list[float], list[float]]:
-        """(squared distance outside its arm's box of each check point, squared separation of each
-        pair of arms): the worst along the braking path from the action-layout ``position`` and
-        ``velocity`` (the stop pose when slow)."""
-        outside = [0.0] * len(self._boxes)
+    def measure(self, position: np.ndarray, velocity: np.ndarray) -> Measure:
+        """(bound on the signed distance outside its arm's box of each check point, negative inside;
+        bound on the separation of each pair of arms; the same two at the samples only): the worst
+        anywhere along the braking path from the action-layout ``position`` and ``velocity``, in m
+        (module docstring)."""
+        path = self.braking_path(position, velocity)
+        n_arms = self.kin.n_arms
+        # One tick of travel per joint: the filter's discrete braking runs a little off the path.
+        slack = [0.0] * n_arms
+        v, dt = velocity.tolist(), self.dt
+        for k, i in enumerate(self._qi):
+            slack[self._arm_of[k]] += abs(v[i]) * dt * self._lever[k]
+        outside = [-math.inf] * len(self._boxes)
         seps = [math.inf] * len(self._pairs)
-        for q in self.braking_path(position, velocity):
+        sampled_out = [-math.inf] * len(self._boxes)
+        sampled_sep = [math.inf] * len(self._pairs)
+        prev_q, prev_sd, prev_sep = None, None, None
+        for q in path:
             pts = self.kin.points_q(q)
-            for c, (point, box) in enumerate(zip(pts, self._boxes)):
-                if box is not None:
-                    s = 0.0
-                    for x, lo, hi in zip(point, box[0], box[1]):
-                        d = lo - x if x < lo else x - hi if x > hi else 0.0
-                        s += d * d
-                    outside[c] = s if s > outside[c] else outside[c]
+            sd = [_signed_outside(point, box) if box is not None else -math.inf for point, box in zip(pts, self._boxes)]
+            sep = [_closest(pts[2 * a:2 * a + 2], pts[2 * b:2 * b + 2]) for a, b in self._pairs]
+            if prev_q is None:
+                reach = slack  # the commanded pose itself: only the discrete-braking slack
+                seg_sd, seg_sep = sd, sep
+            else:
+                reach = slack[:]
+                for k, (x0, x1) in enumerate(zip(prev_q, q)):
+                    reach[self._arm_of[k]] += abs(x1 - x0) * self._lever[k]
+                seg_sd = [x if x > y else y for x, y in zip(sd, prev_sd)]
+                seg_sep = [x if x < y else y for x, y in zip(sep, prev_sep)]
+            sampled_out = [x if x > y else y for x, y in zip(sd, sampled_out)]
+            sampled_sep = [x if x < y else y for x, y in zip(sep, sampled_sep)]
+            for c, d in enumerate(seg_sd):
+                d += 0.5 * reach[c // 2]
+                outside[c] = d if d > outside[c] else outside[c]
             for k, (a, b) in enumerate(self._pairs):
-                best = seps[k]
-                for pa in pts[2 * a:2 * a + 2]:
-                    for pb in pts[2 * b:2 * b + 2]:
-                        d = (pa[0] - pb[0]) ** 2 + (pa[1] - pb[1]) ** 2 + (pa[2] - pb[2]) ** 2
-                        best = d if d < best else best
-                seps[k] = best
-        return outside, seps
+                d = seg_sep[k] - 0.5 * (reach[a] + reach[b])
+                seps[k] = d if d < seps[k] else seps[k]
+            prev_q, prev_sd, prev_sep = q, sd, sep
+        return outside, seps, sampled_out, sampled_sep
 
-    def _refusal(self, new: tuple[list[float], list[float]], current: tuple[list[float], list[float]]) -> str | None:
-        for o_new, o_cur in zip(*(new[0], current[0])):
-            if o_new > 0.0 and o_new > o_cur + _EPS:
+    def _refusal(self, new: Measure, current: Measure) -> str | None:
+        # A bound that grows past the limit is refused, except while the arm is not yet provably
+        # inside (its current bound is past the limit: armed outside, or pushed) and gets no further
+        # out (or closer) at the braking path's samples: it may move back in, though any motion widens
+        # the bound. Once its bound is inside, it stays inside.
+        for o_new, o_cur, s_new, s_cur in zip(new[0], current[0], new[2], current[2]):
+            if o_new > 0.0 and o_new > o_cur + _EPS and not (o_cur > 0.0 and s_new <= s_cur + _EPS):
                 return "workspace"
-        for s_new, s_cur in zip(new[1], current[1]):
-            if s_new < self._min_sep_sq and s_new < s_cur - _EPS:
+        for d_new, d_cur, s_new, s_cur in zip(new[1], current[1], new[3], current[3]):
+            if d_new < self._min_sep and d_new < d_cur - _EPS and not (d_cur < self._min_sep and s_new >= s_cur - _EPS):
                 return "separation"
         return None
+
+
+def chain_levers(arm: Any, lower: np.ndarray, upper: np.ndarray) -> list[float]:
+    """Per joint of an arm's chain: a bound on how far its check points (wrist and tool) move per
+    unit of that joint's travel. A prismatic joint moves them as far as itself; a revolute joint
+    by its distance to them, at most the offsets of the joints after it (prismatic ones at full
+    extension) plus the tool offset."""
+    def norm(xyz: tuple[float, float, float]) -> float:
+        return math.sqrt(xyz[0] ** 2 + xyz[1] ** 2 + xyz[2] ** 2)
+
+    chain = arm.chain
+    out = []
+    for k, jc in enumerate(chain):
+        if jc.type == "prismatic":
+            out.append(1.0)
+            continue
+        reach = norm(arm.tool_xyz)
+        for j in range(k + 1, len(chain)):
+            reach += norm(chain[j].xyz)
+            if chain[j].type == "prismatic":
+                reach += max(abs(float(lower[j])), abs(float(upper[j])))
+        out.append(reach)
+    return out
+
+
+def _signed_outside(point: list[float], box: tuple[tuple[float, ...], tuple[float, ...]]) -> float:
+    """Distance of a point outside a box; inside, minus its distance to the nearest face."""
+    out_sq, depth = 0.0, math.inf
+    for x, lo, hi in zip(point, box[0], box[1]):
+        if x < lo:
+            out_sq += (lo - x) ** 2
+        elif x > hi:
+            out_sq += (x - hi) ** 2
+        else:
+            d = x - lo if x - lo < hi - x else hi - x
+            depth = d if d < depth else depth
+    return math.sqrt(out_sq) if out_sq > 0.0 else -depth
+
+
+def _closest(pa: list[list[float]], pb: list[list[float]]) -> float:
+    best = math.inf
+    for a in pa:
+        for b in pb:
+            d = (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 + (a[2] - b[2]) ** 2
+            best = d if d < best else best
+    return math.sqrt(best)
 
 
 def cartesian_guard(emb: EmbodimentConfig, inner: Any) -> CartesianGuard | None:

@@ -19,11 +19,11 @@ from armada.drivers.core.workspace import CartesianGuard, cartesian_guard  # noq
 from armada.runtime.config import EmbodimentConfig  # noqa: E402
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# How far a check point may pass the box (or two arms come inside min_separation) while braking:
-# the stop pose bounds every joint, but the Cartesian braking path between here and there is curved.
-# Found so far: 5.05 mm past a box (a UR3 wrist at full speed) and 6.8 mm inside min_separation (this
-# file's two-arm robot, bang-bang streams), between samples of the braking path. The bound the docs state.
-TOLERANCE = 0.010
+# How far a check point may pass the box (or two arms come inside min_separation): nothing beyond
+# rounding. The guard bounds the braking path between its samples (drivers/core/workspace.py); with
+# sampled checks alone the property tests found 5.05 mm past a box (a UR3 wrist at full speed) and
+# 11 mm inside min_separation (this file's two-arm robot, bang-bang streams).
+TOLERANCE = 1e-6
 FULL_SPEED_TOLERANCE = TOLERANCE
 DT = 0.01
 MIN_SEP = 0.12
@@ -187,10 +187,14 @@ def test_an_arm_started_outside_may_move_back_in_but_not_further_out() -> None:
         g.step(further)
     assert g.counters.workspace > 0
     assert outside(KIN.points(g.position)[0], LEFT_BOX) <= outside(KIN.points(start)[0], LEFT_BOX) + 1e-9
-    g.counters.workspace = 0
+    # Back home: never further out on the way, and it arrives (near the box face the guard's
+    # margin at speed may slow it: the bound on its braking path must stay inside once it is in).
+    worst = outside(KIN.points(g.position)[0], LEFT_BOX)
     for _ in range(300):
         g.step(EMB.home)
-    assert g.counters.workspace == 0
+        out = outside(KIN.points(g.position)[0], LEFT_BOX)
+        assert out <= worst + 1e-9
+        worst = out
     np.testing.assert_allclose(g.position, EMB.home, atol=1e-9)
 
 
