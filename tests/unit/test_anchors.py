@@ -102,3 +102,13 @@ def test_lerobot_finds_our_robot_class_by_its_third_party_naming_rule():
     robot_cls = importlib.import_module("armada.runtime.anchors.lerobot_arm").LerobotArm
     assert robot_cls.config_class is config_cls and robot_cls.name == "armada_anchor_arm"
     assert config_cls(cell="c.yaml", run_dir="/tmp").type == "armada_anchor_arm"
+
+
+def test_quick_is_one_rate_one_load_and_a_few_seconds_even_after_the_cli_default(monkeypatch):
+    from armada.runtime.anchors import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "run_anchors", lambda *a: seen.append(a) or {"rows": []})
+    assert run_anchors_bench(argparse.Namespace(rates=None, loads=None, quick=True, seconds=10.0, json=None)) == 0
+    assert run_anchors_bench(argparse.Namespace(rates=None, loads=None, quick=False, seconds=10.0, json=None)) == 0
+    assert seen == [((500.0,), (0.6,), 3.0), ((50.0, 500.0), (0.3, 0.6, 0.9), 10.0)]
