@@ -344,6 +344,11 @@ class EpisodeRunner:
                 self._call("resume", self.policy.resume, obs)
             elif resumed_ns is not None:
                 self._call("resume", self.policy.resume, obs)  # the operator moved the arm: any history is stale
+            elif self._late_since is not None:
+                # The last chunk came late and was skipped: the arm held where the one before it ended,
+                # so a time base or history that assumed it ran on is stale (a scripted motion would
+                # otherwise jump ahead by the time it held, and the driver refuse the chunk as too far).
+                self._call("resume", self.policy.resume, obs)
             chunk = self._call("infer", self.policy.infer, obs)
             sent_local = time.monotonic_ns()
             latency_s = (sent_local - obs.mono_ns) * 1e-9

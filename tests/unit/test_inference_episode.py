@@ -212,6 +212,32 @@ def test_a_chunk_that_is_over_before_it_is_ready_is_skipped_and_the_episode_goes
     assert driver.kinds().count("trajectory") == report.chunks
 
 
+class CountingResumes(SlowPolicy):
+    def __init__(self, seconds: float, slow_calls: set[int]):
+        super().__init__(seconds, slow_calls)
+        self.calls: list[str] = []
+
+    def resume(self, obs):
+        self.calls.append("resume")
+        super().resume(obs)
+
+    def infer(self, obs):
+        self.calls.append("infer")
+        return super().infer(obs)
+
+
+def test_after_a_late_chunk_the_policy_resumes_from_where_the_arm_held(cell):
+    # The arm held while the late chunk was computed: the next chunk must start from there (a scripted
+    # motion that ran on by its own clock would start far ahead, and the driver refuse it as too far).
+    span_s = CHUNKING.size * CHUNKING.dt
+    policy = CountingResumes(span_s + 0.15, slow_calls={3})
+    report, _, _ = _run(cell, policy, 1.5, Deadlines(policy_s=2.0))
+    assert report.outcome == "completed", report.outcome
+    assert report.late_chunks == 1, report
+    assert policy.calls[:4] == ["infer", "infer", "infer", "resume"], policy.calls
+    assert policy.calls.count("resume") == 1, policy.calls
+
+
 def test_a_driver_that_finds_the_chunk_late_skips_it_without_failing_the_episode(cell):
     driver = cell[0]
     driver.late_replies = 2
