@@ -45,7 +45,6 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from armada.drivers.core import realtime as rt
 from armada.drivers.core import registry
 from armada.drivers.core.backend import Backend, BackendError
 from armada.drivers.core.driver import Driver, Mode, SlowJob, TickResult
@@ -269,21 +268,7 @@ class DriverProcess:
         return guarded
 
     def _control_loop(self) -> None:
-        realtime = self._raise_priority()
-        # Timing internals only (drivers/core/realtime.py says why): a real-time loop locks its
-        # memory and yields through the last part of each period instead of oversleeping it; any
-        # loop collects garbage only between ticks with room to spare.
-        if realtime:
-            log.info("control loop: %s", rt.lock_memory())
-        else:
-            rt.set_timer_slack(1)
-        # Not on a single CPU: there the yielding loop would hold the command thread (the e-stop's
-        # path, one priority below) off the only core for the spin of every tick.
-        waiter = rt.Waiter(self.timing.period_ns, spin=realtime and len(os.sched_getaffinity(0)) > 1)
-        with rt.GcGate() as gc_gate:
-            self._ticks(waiter, gc_gate)
-
-    def _ticks(self, waiter: rt.Waiter, gc_gate: rt.GcGate) -> None:
+        self._raise_priority()
         period = self.timing.period_ns
         deadline = time.monotonic_ns() + period
         # READY from here: the device is connected, the driver disarmed (or still e-stopped from
@@ -291,7 +276,7 @@ class DriverProcess:
         self._notify_mode(ready=True)
         watchdog = WatchdogPacer(self.notifier)
         while not self.stop_event.is_set():
-            waiter.wait(deadline)
+            _sleep_until(deadline)
             start = time.monotonic_ns()
             self.timing.record(start, deadline)
             with self.lock:
@@ -313,7 +298,6 @@ class DriverProcess:
                 with self.lock:
                     self.driver.counters.overruns += int(missed)
                 deadline += missed * period
-            gc_gate.maybe_collect(now, deadline)
 
     def _notify_mode(self, ready: bool = False) -> None:
         """STATUS (with READY=1 the first time) when the mode or its reason changed; two attribute
@@ -329,21 +313,18 @@ class DriverProcess:
         else:
             self.notifier.status(status)
 
-    def _raise_priority(self, below: int = 0, what: str = "control loop") -> bool:
+    def _raise_priority(self, below: int = 0, what: str = "control loop") -> None:
         """Run this thread under SCHED_FIFO when configured: the loop at the configured priority, the
-        command thread (the e-stop's path) just below it, so that no other process starves either.
-        Returns whether the thread now runs real-time."""
+        command thread (the e-stop's path) just below it, so that no other process starves either."""
         if self.cfg.realtime_priority is None:
-            return False
+            return
         priority = max(self.cfg.realtime_priority - below, 1)
         try:
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(priority))
             log.info("%s runs SCHED_FIFO priority %d", what, priority)
-            return True
         except (PermissionError, OSError) as exc:
             log.warning("cannot run the %s real-time (%s): expect more jitter and overruns; "
                         "grant CAP_SYS_NICE or LimitRTPRIO (see systemd/armada-driver@.service)", what, exc)
-            return False
 
     def _publish_state(self, r: TickResult, now_ns: int) -> None:
         d = self.driver
@@ -527,6 +508,12 @@ def realtime_allowed(priority: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def _sleep_until(deadline_ns: int) -> None:
+    remaining = deadline_ns - time.monotonic_ns()
+    if remaining > 0:
+        time.sleep(remaining * 1e-9)
 
 
 def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None,
