@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from armada.runtime.anchors.common import RunSpec, percentiles_ms, velocity_jump, write_cell
+from armada.runtime.anchors.common import RunSpec, lerobot_socket, percentiles_ms, velocity_jump, write_cell
 from armada.runtime.bench import _free_port, machine
 from armada.runtime.supervisor import CellProcesses, default_run_dir
 from armada.runtime.transport import CommandClient, Subscriber
@@ -162,19 +162,22 @@ def _clamps(before: dict[str, Any], after: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- openpi and lerobot
 
 
-def _wait_port(port: int, server: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+def _wait_port(port: int, server: subprocess.Popen, log_path: Path, timeout_s: float, unix_path: Path | None = None) -> None:
+    """Until the server accepts a connection: on 127.0.0.1:``port``, or on the unix socket ``unix_path``."""
     import socket
 
+    where = str(unix_path) if unix_path is not None else f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with code {server.returncode}: {_tail(log_path)}")
-        with socket.socket() as s:
+        family = socket.AF_UNIX if unix_path is not None else socket.AF_INET
+        with socket.socket(family) as s:
             s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex(str(unix_path) if unix_path is not None else ("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.1)
-    raise TimeoutError(f"the server did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s: {_tail(log_path)}")
+    raise TimeoutError(f"the server did not listen on {where} within {timeout_s:.0f} s: {_tail(log_path)}")
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -212,7 +215,9 @@ def _run_foreign(stack: str, procs: CellProcesses, spec: RunSpec) -> dict[str, A
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     client = None
     try:
-        _wait_port(port, server, logs / f"{stack}-server.log", SERVER_READY_S)
+        # LeRobot's server unpickles what arrives: it listens on a socket file in the private run dir only.
+        unix_path = lerobot_socket(procs.run_dir) if stack == "lerobot" else None
+        _wait_port(port, server, logs / f"{stack}-server.log", SERVER_READY_S, unix_path)
         with open(logs / f"{stack}-client.log", "w") as clog:
             client = subprocess.Popen([sys.executable, "-m", module, "client", *common], cwd=procs.run_dir,
                                       stdout=clog, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -243,3 +243,9 @@ def announce_window(out: Path | None, start: float, end: float) -> None:
     """Tell the bench (which samples every process's CPU over it) when the measured window is."""
     if out is not None:
         write_result(out.with_suffix(".window"), {"start": start, "end": end})
+
+
+def lerobot_socket(run_dir: Path | str) -> Path:
+    """Where LeRobot's policy server listens (gRPC on a unix socket): inside the private run dir, since
+    its protocol unpickles what arrives and a 127.0.0.1 port is open to every local user."""
+    return Path(run_dir) / "lerobot-grpc.sock"

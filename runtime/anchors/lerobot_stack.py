@@ -11,7 +11,8 @@ resize to the policy's image size, which is the camera's: no shrink) and its act
 ``inference_latency`` pad is 0, so the scripted policy's compute time is the only latency.
 
 LeRobot's protocol pickles observations and actions (``pickle.loads`` of what arrives on an
-insecure gRPC channel): here both ends are on 127.0.0.1 and ours; never expose it.
+insecure gRPC channel): here the server listens only on a unix socket in the bench's private run
+dir (mode 0700), so no other local user can reach it, as they could a 127.0.0.1 port; never expose it.
 
     python -m armada.runtime.anchors.lerobot_stack server|client --cell ... --port ...
 """
@@ -28,7 +29,8 @@ from concurrent import futures
 from typing import Any
 
 from armada.runtime.anchors.common import (CHUNK_SIZE, RunSpec, action_space, announce_window, client_result,
-                                           observation, scripted_policy, spec_args, spec_of, write_result)
+                                           lerobot_socket, observation, scripted_policy, spec_args, spec_of,
+                                           write_result)
 
 log = logging.getLogger("armada.anchors.lerobot")
 
@@ -96,11 +98,12 @@ def serve(args: argparse.Namespace) -> int:
     policy_server = BenchPolicyServer(config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     services_pb2_grpc.add_AsyncInferenceServicer_to_server(policy_server, server)
-    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    lerobot_socket(args.run_dir).unlink(missing_ok=True)  # a stale file of an earlier run would refuse the bind
+    server.add_insecure_port(f"unix:{lerobot_socket(args.run_dir)}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server.start()
-    print(f"lerobot policy server on 127.0.0.1:{args.port}", flush=True)
+    print(f"lerobot policy server on {lerobot_socket(args.run_dir)}", flush=True)
     stop.wait()
     policy_server.stop()
     server.stop(grace=1.0).wait(2.0)
@@ -129,13 +132,13 @@ def run_client(args: argparse.Namespace) -> int:
 
     robot = _config_class()(cell=str(args.cell), run_dir=str(args.run_dir), calibration_dir=args.run_dir / "calib")
     config = RobotClientConfig(policy_type="act", pretrained_name_or_path="armada/scripted", robot=robot,
-                               actions_per_chunk=CHUNK_SIZE, server_address=f"127.0.0.1:{args.port}",
+                               actions_per_chunk=CHUNK_SIZE, server_address=f"unix:{lerobot_socket(args.run_dir)}",
                                fps=int(round(spec.rate_hz)), task="bench")
     client = TimedClient(config)  # connects the robot: lease taken, arm armed
     arm = client.robot.arm
     try:
         if not client.start():
-            raise RuntimeError(f"the LeRobot policy server at 127.0.0.1:{args.port} did not answer")
+            raise RuntimeError(f"the LeRobot policy server at {lerobot_socket(args.run_dir)} did not answer")
         window["start"] = time.monotonic() + args.warmup
         end = window["start"] + spec.seconds
         announce_window(args.out, window["start"], end)
