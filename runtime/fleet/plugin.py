@@ -29,7 +29,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from armada.runtime.config import StrictModel
 from armada.runtime.fleet.wire import (CONTENT_TYPE, ModelRequest, WireError, decode_chunk_reply,
@@ -51,7 +51,13 @@ RETRYABLE_STATUS = (500, 502, 503, 504)
 
 class RemotePolicyConfig(StrictModel):
     kind: Literal["remote"] = "remote"
-    url: str  # the service, e.g. http://gpu-host:8000 (what `armada serve` prints)
+    # The service, e.g. http://127.0.0.1:8000 (what `armada serve` prints), or https://gpu-host behind a
+    # TLS proxy (the server's certificate is verified against the system's CAs).
+    url: str
+    # Chunks are arm commands: plain HTTP to another host lets anyone on the network send them (armada
+    # refuses plain tcp between hosts elsewhere too). Off this host, use https, or an SSH tunnel to a
+    # 127.0.0.1 port, or say so here for a trusted, isolated network.
+    plain_http_off_host: bool = False
     # One infer request's deadline; None: the chunk's span (a later chunk would be all past), at least 0.2 s.
     timeout_s: float | None = Field(default=None, gt=0, le=60)
     route_timeout_s: float = Field(default=30.0, gt=0, le=600)  # the first request may wait for a replica to warm
@@ -63,9 +69,30 @@ class RemotePolicyConfig(StrictModel):
     @classmethod
     def _http(cls, url: str) -> str:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"must be http://host:port, got {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be http://host:port or https://host[:port], got {url!r}")
         return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _plain_http_stays_on_this_host(self) -> "RemotePolicyConfig":
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme == "http" and not _loopback(parts.hostname or "") and not self.plain_http_off_host:
+            raise ValueError(f"url {self.url} is plain HTTP to another host: unencrypted and unauthenticated, anyone "
+                             "on that network could send this cell's arms chunks. Use https:// (a TLS proxy in front "
+                             "of `armada serve`), an SSH tunnel to a 127.0.0.1 port, or set plain_http_off_host: "
+                             "true on a trusted, isolated network")
+        return self
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -89,7 +116,8 @@ class ServiceNotes:
 class RemotePolicy(Policy):
     def __init__(self, url: str, timeout_s: float, route_timeout_s: float, failover_s: float, client: str = ""):
         parts = urllib.parse.urlsplit(url)
-        self.url, self.host, self.port = url, parts.hostname or "", parts.port or 80
+        self.tls = parts.scheme == "https"
+        self.url, self.host, self.port = url, parts.hostname or "", parts.port or (443 if self.tls else 80)
         self.timeout_s, self.route_timeout_s, self.failover_s = timeout_s, route_timeout_s, failover_s
         self.client = client
         self._conn: http.client.HTTPConnection | None = None
@@ -184,7 +212,13 @@ class RemotePolicy(Policy):
     def _once(self, path: str, body: bytes, timeout_s: float) -> bytes:
         try:
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
+                if self.tls:
+                    import ssl
+
+                    self._conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout_s,
+                                                             context=ssl.create_default_context())
+                else:
+                    self._conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
             conn = self._conn
             conn.timeout = timeout_s
             if conn.sock is not None:

@@ -207,9 +207,20 @@ def test_a_4xx_is_not_retried_it_is_a_bad_request(stand_in):
 
 
 def test_the_config_wants_an_http_url():
-    assert RemotePolicyConfig(url="http://gpu:8000/").url == "http://gpu:8000"
+    assert RemotePolicyConfig(url="http://127.0.0.1:8000/").url == "http://127.0.0.1:8000"
+    assert RemotePolicyConfig(url="https://gpu:8443").url == "https://gpu:8443"
     with pytest.raises(ValueError, match="http://host:port"):
         RemotePolicyConfig(url="ftp://gpu")
+
+
+@pytest.mark.parametrize("url", ["http://gpu:8000", "http://10.0.0.3:8000", "http://[fe80::1]:8000"])
+def test_plain_http_to_another_host_is_refused_unless_the_cell_says_the_network_is_trusted(url):
+    # Chunks are arm commands: anyone on the network could send them over plain HTTP.
+    with pytest.raises(ValueError, match="plain HTTP to another host"):
+        RemotePolicyConfig(url=url)
+    assert RemotePolicyConfig(url=url, plain_http_off_host=True).url == url
+    for local in ("http://localhost:8000", "http://127.0.0.5:8000", "http://[::1]:8000"):
+        assert RemotePolicyConfig(url=local).url == local
 
 
 def test_the_cell_side_never_imports_ray_or_torch():
