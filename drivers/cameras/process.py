@@ -182,7 +182,7 @@ class CameraProcess:
     def _start_clock(self) -> None:
         """Answer clock pings on the camera's ``clock`` endpoint, if it names one; bound before the
         camera reports ready, so a clock endpoint that cannot bind fails the start, loudly."""
-        endpoint = getattr(self.cfg, "clock", None)
+        endpoint = self.cfg.clock
         if not endpoint:
             return
         failed: list[BaseException] = []

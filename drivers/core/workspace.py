@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from armada.drivers.core.kinematics import POINTS_PER_ARM as P  # check points per arm, arm by arm
 from armada.drivers.core.kinematics import ArmKinematics
 
 if TYPE_CHECKING:
@@ -233,7 +234,7 @@ class CartesianGuard:
         for q in path:
             pts = self.kin.points_q(q)
             sd = [_signed_outside(point, box) if box is not None else -math.inf for point, box in zip(pts, self._boxes)]
-            sep = [_closest(pts[2 * a:2 * a + 2], pts[2 * b:2 * b + 2]) for a, b in self._pairs]
+            sep = [_closest(pts[P * a:P * a + P], pts[P * b:P * b + P]) for a, b in self._pairs]
             if prev_q is None:
                 reach = slack  # the commanded pose itself: only the discrete-braking slack
                 seg_sd, seg_sep = sd, sep
@@ -246,7 +247,7 @@ class CartesianGuard:
             sampled_out = [x if x > y else y for x, y in zip(sd, sampled_out)]
             sampled_sep = [x if x < y else y for x, y in zip(sep, sampled_sep)]
             for c, d in enumerate(seg_sd):
-                d += 0.5 * reach[c // 2]
+                d += 0.5 * reach[c // P]
                 outside[c] = d if d > outside[c] else outside[c]
             for k, (a, b) in enumerate(self._pairs):
                 d = seg_sep[k] - 0.5 * (reach[a] + reach[b])

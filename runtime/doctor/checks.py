@@ -504,7 +504,7 @@ def clock_probes(cell: Any, peers: dict[str, str]) -> tuple[list[ClockProbe], di
         h = endpoint_host(c.frames)
         if h not in peers or h in probes:
             continue
-        clock = getattr(c, "clock", None)
+        clock = c.clock
         if clock:
             probes[h] = ClockProbe(h, f"camera {c.name}", (clock,))
         else:

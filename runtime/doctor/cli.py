@@ -129,7 +129,7 @@ def cell_endpoints(cell: Any) -> list[tuple[str, str]]:
     """Every endpoint of the cell with the key that names it."""
     out = [(f"{d.name}.{k}", getattr(d, k)) for d in cell.drivers for k in ("state", "cmd")]
     out += [(f"{c.name}.frames", c.frames) for c in cell.cameras]
-    out += [(f"{c.name}.clock", c.clock) for c in cell.cameras if getattr(c, "clock", None)]
+    out += [(f"{c.name}.clock", c.clock) for c in cell.cameras if c.clock]
     return out + [("inference.ctl", cell.inference.ctl), ("inference.events", cell.inference.events)]
 
 

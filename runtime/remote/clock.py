@@ -122,7 +122,7 @@ def camera_clock_endpoints(cameras: Iterable[Any]) -> dict[str, str]:
     """{camera name: its clock endpoint} for the cameras that name one on another host (tcp)."""
     out = {}
     for cam in cameras:
-        endpoint = getattr(cam, "clock", None)  # CameraBaseConfig.clock
+        endpoint = cam.clock
         if endpoint and endpoint_host(endpoint) is not None:
             out[cam.name] = endpoint
     return out

@@ -114,7 +114,7 @@ def bound_endpoints(cell: CellConfig, role: str, name: str | None) -> list[tuple
         return [("state", d.state), ("cmd", d.cmd)]
     if role == "camera":
         c = cell.camera(name)
-        clock = getattr(c, "clock", None)
+        clock = c.clock
         return [("frames", c.frames)] + ([("clock", clock)] if clock else [])
     return [("ctl", cell.inference.ctl), ("events", cell.inference.events)]
 
