@@ -69,10 +69,14 @@ class MergedVLAPolicy(Policy):
 
         spec = self.manifest.router
         subspaces = RouterSubspaces.from_head(self.engine.model.action_head_state_dict())
-        router = Router([t.name for t in sorted(tasks, key=lambda t: t.expert_index)], subspaces, hidden_for,
-                        temperature=spec.temperature, min_margin=spec.min_margin)
+        names = [t.name for t in sorted(tasks, key=lambda t: t.expert_index)]
+        router = Router(names, subspaces, hidden_for, temperature=spec.temperature, min_margin=spec.min_margin)
+        # The task whose weights the model already holds (the last episode's) is scored first: one
+        # swap fewer per route. The scores do not depend on the order.
+        held = self.engine.task_index
+        order = names if held is None else [names[held]] + [n for i, n in enumerate(names) if i != held]
         try:
-            decision = router.route(pinned=pinned_task)
+            decision = router.route(pinned=pinned_task, candidates=order)
         except RouterRefused as exc:
             raise PolicyError(str(exc)) from None
         except ValueError as exc:  # e.g. a pinned task that is not in the bundle

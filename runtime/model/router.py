@@ -220,4 +220,7 @@ class Router:
             raise ValueError(f"pinned task {pinned!r} is not a candidate; candidates: "
                              f"{self.tasks if candidates is None else list(candidates)}")
         scores, timings = self.score(candidates)
-        return route(scores, self.temperature, pinned, self.min_margin, timings)
+        # Decide in expert order whatever order they were scored in: an exact tie then goes the
+        # same way every time, not to whichever task the model happened to hold.
+        ordered = {name: scores[name] for name in self.tasks if name in scores}
+        return route(ordered, self.temperature, pinned, self.min_margin, timings)
