@@ -59,33 +59,63 @@ def _rss_hwm_mb() -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def _normalized_gap(stats: Any, a: np.ndarray, b: np.ndarray) -> float:
+    """Max |a - b| of two unnormalized chunks, in normalized action units (the model's [-1, 1]
+    scale): unnormalize is affine per dimension, so the gap just divides by its slope."""
+    from armada.runtime.model.bundle import NORM_EPS
+
+    lo, hi = stats.bounds()
+    slope = np.where(stats.mask, 0.5 * (hi - lo + NORM_EPS), 1.0)
+    return float(np.abs((np.asarray(a) - np.asarray(b)) / slope).max())
+
+
+def _time_chunks(policy: Any, task: str, repeats: int, observations: list[Observation]) -> tuple[dict, list]:
+    """Latency percentiles of policy.infer on observations[0], and one chunk per observation."""
+    policy.reset(_space())
+    policy.route(observations[0], "auto", pinned_task=task)
+    for _ in range(3):  # warm-up: first calls allocate and pick kernels
+        policy.infer(observations[0])
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        policy.infer(observations[0])
+        times.append((time.perf_counter() - started) * 1e3)
+    return _pct(times), [policy.infer(obs).actions for obs in observations]
+
+
 def bench_chunk_latency(size: str, repeats: int, folder: Path) -> dict[str, Any]:
-    """Per-chunk latency (preprocessing included) of PyTorch eager and of ONNX Runtime, same bundle."""
+    """Per-chunk latency (preprocessing included) of PyTorch eager and of ONNX Runtime, same bundle.
+
+    Rows: torch_eager; onnxruntime (the default float32 export); onnxruntime_int8 (the opt-in
+    export_onnx(quantize="int8"), not the default). parity_max_abs_normalized: each ORT row's max
+    |chunk - eager chunk| over 3 observations, in normalized action units. The bench bundles have
+    random weights; the mid one amplifies tiny input changes (float32 rounding alone moves its actions
+    by up to about 0.5 there), so its gaps say little about a trained model's."""
     from armada.runtime.model.onnx_export import export_bundle
     from armada.runtime.model.policy import MergedVLAPolicy
 
     torch_policy = _policy(size, 2, folder)
     task = torch_policy.manifest.tasks[0].name
-    started = time.perf_counter()
-    export_bundle(torch_policy.bundle.directory, folder / f"onnx-{size}", tasks=[task])
-    export_s = time.perf_counter() - started
-    ort_policy = MergedVLAPolicy(torch_policy.bundle.directory, verify=False, onnx_dir=folder / f"onnx-{size}")
-    obs = _observation()
-    out: dict[str, Any] = {"size": size, "export_s": export_s,
+    out: dict[str, Any] = {"size": size,
                            "parameters": int(sum(p.numel() for p in torch_policy.engine.model.parameters()))}
-    for name, policy in (("torch_eager", torch_policy), ("onnxruntime", ort_policy)):
-        policy.reset(_space())
-        policy.route(obs, "auto", pinned_task=task)
-        for _ in range(3):  # warm-up: first calls allocate and pick kernels
-            policy.infer(obs)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            policy.infer(obs)
-            times.append((time.perf_counter() - started) * 1e3)
-        out[name] = _pct(times)
-    out["onnxruntime_device"] = ort_policy.ort.device
+    policies = {"torch_eager": torch_policy}
+    for name, quantize in (("onnxruntime", None), ("onnxruntime_int8", "int8")):
+        onnx_dir = folder / f"onnx-{size}" if quantize is None else folder / f"onnx-{size}-{quantize}"
+        started = time.perf_counter()
+        export_bundle(torch_policy.bundle.directory, onnx_dir, tasks=[task], quantize=quantize)
+        out["export_s" if quantize is None else f"export_{quantize}_s"] = time.perf_counter() - started
+        policies[name] = MergedVLAPolicy(torch_policy.bundle.directory, verify=False, onnx_dir=onnx_dir)
+    observations = [_observation(seed) for seed in range(3)]
+    chunks = {}
+    for name, policy in policies.items():
+        out[name], chunks[name] = _time_chunks(policy, task, repeats, observations)
+    stats = torch_policy.bundle.task(task).action_stats
+    out["parity_max_abs_normalized"] = {
+        name: max(_normalized_gap(stats, a, b) for a, b in zip(chunks[name], chunks["torch_eager"]))
+        for name in ("onnxruntime", "onnxruntime_int8")}
+    out["onnxruntime_device"] = policies["onnxruntime"].ort.device
     out["speedup_p50"] = out["torch_eager"]["p50"] / out["onnxruntime"]["p50"]
+    out["speedup_p50_int8"] = out["torch_eager"]["p50"] / out["onnxruntime_int8"]["p50"]
     return out
 
 

@@ -90,7 +90,9 @@ class OrtEngine:
 
     After construction: `device` ("tensorrt", "cuda" or "cpu", the least capable among the
     sessions, from get_providers()), `session_providers` (per graph, as ONNX Runtime reports them),
-    `requested_providers`, `manifest`, `prompt_len`. After each call: `timing` in milliseconds."""
+    `requested_providers`, `manifest`, `prompt_len`, `quantization` (None for float graphs, else the
+    manifest's description, e.g. type "int8": opt-in, actions differ from the float model). After each
+    call: `timing` in milliseconds."""
 
     def __init__(self, onnx_dir: str | Path, providers: str | Sequence[ProviderSpec] = "auto",
                  session_options: ort.SessionOptions | None = None):
@@ -106,6 +108,7 @@ class OrtEngine:
         self.num_experts: int = m["num_experts"]
         self.stop_token_id: int = m["stop_token_id"]
         self.vocab_size: int = m["vocab_size"]
+        self.quantization: dict[str, Any] | None = m.get("quantization")  # absent in older exports: float
         arch = m["architecture"]
         self._num_images, self._image_size = arch["num_images"], arch["image_size"]
         self._proprio_dim: int = m["proprio_dim"]
@@ -127,7 +130,8 @@ class OrtEngine:
         # the least capable session bounds the whole pipeline's speed, so report that one
         self.device: str = min(devices.values(), key=_DEVICE_RANK.__getitem__)
         requested = [_provider_name(p) for p in self.requested_providers]
-        log.info("ONNX Runtime engine on %s: requested %s, sessions use %s", self.device, requested,
+        log.info("ONNX Runtime engine on %s (%s weights): requested %s, sessions use %s", self.device,
+                 self.quantization["type"] if self.quantization else "float", requested,
                  {name: used[0] for name, used in self.session_providers.items()})
         wanted = device_of_session_providers(requested)
         if _DEVICE_RANK[self.device] < _DEVICE_RANK[wanted]:

@@ -25,6 +25,15 @@ Why embed.onnx and not an npz of the token table: the real table is 151936 x 896
 An npz cannot be memory-mapped, so the host would hold it all in RAM just to look up a few dozen
 rows; as an ONNX initializer it is stored once, loads with the other sessions and runs where they
 run. The action queries are small (Q x D) and are added to every sequence, so they go in the npz.
+
+Precision: by default the graphs keep the model's float dtype (float32: parity with PyTorch within
+1e-4, tests/unit/test_onnx.py). `quantize="int8"` is an explicit opt-in for CPU inference: the
+MatMul weights of vision, llm and head become int8 (onnxruntime.quantization.quantize_dynamic,
+per-tensor; activations are quantized to uint8 per call), which runs about 1.6x faster on a CPU
+with VNNI/AMX but changes the actions: on the tiny test model the measured max |int8 - torch| is
+about 0.07 in normalized action units (the test allows INT8_PARITY_TOLERANCE). How far a real
+checkpoint moves must be measured on it (`armada bench model` prints the gap) before a robot uses it.
+The manifest's "quantization" says which precision an export has.
 """
 
 from __future__ import annotations
@@ -43,6 +52,12 @@ from torch import Tensor, nn
 
 from armada.runtime.model.engine_ort import HOST_TENSORS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from armada.runtime.model.mergevla import MergeVLAModel, PrismaticVLA
+
+QUANTIZATIONS = ("int8",)
+# Max |int8 ORT - float32 torch| allowed by the test, in normalized action units (actions in [-1, 1]).
+# Observed on the tiny test model: 0.03 to 0.07 over 8 input/expert draws; twice that as the bound.
+INT8_PARITY_TOLERANCE = 0.15
+QUANTIZED_GRAPHS = ("vision", "llm", "head")  # embed is one Gather: nothing to quantize
 
 EXPORT_BATCH = 2  # not 1: torch.export would specialize the batch dimension to a constant 1
 BATCH_DIM_NAME = "batch"
@@ -127,6 +142,38 @@ def _write_embed_graph(table: np.ndarray, path: Path, opset: int) -> None:
     data.chmod(path.stat().st_mode & 0o777)
 
 
+def _quantize_int8(path: Path) -> dict[str, Any]:
+    """Replace the float graph at `path` by one with int8 MatMul weights; returns what was done."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415 (opt-in only)
+
+    model = onnx.load(str(path))
+    # The dynamo exporter's value_info annotations fail onnx's strict re-inference inside
+    # quantize_dynamic (the head's expert Gathers: "inferred shape and existing shape differ");
+    # they are hints only, and ONNX Runtime infers shapes itself when it loads the graph.
+    del model.graph.value_info[:]
+    source = path.with_name(path.stem + ".float.onnx")
+    onnx.save_model(model, str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=source.name + ".data", size_threshold=0)
+    del model
+    data = path.with_name(path.name + ".data")
+    mode = path.stat().st_mode & 0o777
+    try:
+        path.unlink()
+        data.unlink(missing_ok=True)
+        # MatMulConstBOnly: only MatMuls with a weight operand; activation x activation products
+        # (attention scores) stay float. Per-tensor scales: per-channel measured no better here.
+        quantize_dynamic(str(source), str(path), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=False, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    finally:
+        source.unlink(missing_ok=True)
+        source.with_name(source.name + ".data").unlink(missing_ok=True)
+    if data.exists():
+        data.chmod(mode)  # onnx writes it owner-only; keep the graph file's mode (see _write_embed_graph)
+    quantized = onnx.load(str(path), load_external_data=False)
+    return {"matmul_integer_nodes": sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+                                        for n in quantized.graph.node)}
+
+
 def _value_infos(values: Any) -> list[dict[str, Any]]:
     infos = []
     for value in values:
@@ -150,12 +197,23 @@ def _check_prompt_len(prompt_len: int) -> None:
         raise ValueError(f"prompt_len must be an int >= 1, got {prompt_len!r}")
 
 
+def _check_quantize(quantize: str | None, dtype: torch.dtype) -> None:
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be None or one of {QUANTIZATIONS}, got {quantize!r}")
+    if dtype != torch.float32:
+        raise ValueError(f"quantize={quantize!r} starts from float32 weights, the model is {dtype}")
+
+
 def export_onnx(model: MergeVLAModel, out_dir: str | Path, prompt_len: int, opset: int = 18,
-                progress: ExportProgress | None = None) -> dict[str, Any]:
+                progress: ExportProgress | None = None, quantize: str | None = None) -> dict[str, Any]:
     """Export vision, embed, llm and head graphs plus host tensors and the manifest into out_dir.
 
     prompt_len: the number of prompt ids (without BOS) the LLM graph is built for; fixed per export.
     progress: called after each graph as progress(name, done, total, seconds).
+    quantize: None (default: the model's float weights, parity 1e-4) or "int8" (opt-in, CPU: int8
+    MatMul weights; actions move by up to INT8_PARITY_TOLERANCE, see the module docstring).
     Returns the manifest (also written to out_dir/onnx_manifest.json). Uses the model's device and
     dtype (float32 or float16; bfloat16 has too few ONNX Runtime kernels: cast the model first)."""
     _check_prompt_len(prompt_len)
@@ -166,6 +224,7 @@ def export_onnx(model: MergeVLAModel, out_dir: str | Path, prompt_len: int, opse
     dtype, device = param.dtype, param.device
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"export needs a float32 or float16 model, got {dtype}: call model.float() first")
+    _check_quantize(quantize, dtype)
 
     # Example inputs: only their shapes and dtypes matter; values are seeded for reproducibility.
     g = torch.Generator().manual_seed(0)
@@ -205,6 +264,7 @@ def export_onnx(model: MergeVLAModel, out_dir: str | Path, prompt_len: int, opse
     steps = {"vision": export_vision, "embed": export_embed, "llm": export_llm, "head": export_head}
     graphs: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    quantized: dict[str, Any] = {}
     was_training = model.training
     model.eval()  # restored below: the caller's module should come back as it was given
     try:
@@ -215,6 +275,8 @@ def export_onnx(model: MergeVLAModel, out_dir: str | Path, prompt_len: int, opse
                 for stale in (path, path.with_name(path.name + ".data")):
                     stale.unlink(missing_ok=True)  # a previous export's weights must not linger
                 step(path)
+                if quantize == "int8" and name in QUANTIZED_GRAPHS:
+                    quantized[name] = _quantize_int8(path)
                 graphs[name] = _describe_graph(path)
                 timings[name] = round(time.perf_counter() - started, 3)
                 if progress is not None:
@@ -247,6 +309,13 @@ def export_onnx(model: MergeVLAModel, out_dir: str | Path, prompt_len: int, opse
                     "embed(prompt_ids)[:, 1:], action_queries, embed([stop_token_id])) along tokens",
         "host_tensors": {"file": HOST_TENSORS_NAME, "arrays": {"action_queries": list(queries.shape)}},
         "graphs": graphs,
+        "quantization": None if quantize is None else {
+            "type": quantize,
+            "method": "onnxruntime.quantization.quantize_dynamic(op_types=['MatMul'], weight_type=QInt8, "
+                      "per_channel=False, MatMulConstBOnly=True); activations uint8, quantized per call",
+            "graphs": quantized,
+            "tested_parity_normalized_actions": INT8_PARITY_TOLERANCE,
+        },
         "export_seconds": timings,
         "exporter": {
             "method": "torch.onnx.export(dynamo=True) for vision/llm/head; onnx.helper for embed",
@@ -262,12 +331,13 @@ def export_onnx(model: MergeVLAModel, out_dir: str | Path, prompt_len: int, opse
 
 
 def export_bundle(bundle_dir: str | Path, out_dir: str | Path, tasks: list[str] | None = None,
-                  instruction: str | None = None, progress: Callable[[str], None] | None = None) -> list[Path]:
+                  instruction: str | None = None, progress: Callable[[str], None] | None = None,
+                  quantize: str | None = None) -> list[Path]:
     """Export one graph set per task of a merged bundle: ``out_dir/<task name>/``.
 
     The VLM weights differ per task (the task's mask), so each task gets its own vision and LLM
     graphs, built from that task's materialized weights. The prompt length is fixed per export:
-    each task's own instruction (or ``instruction``) sets it.
+    each task's own instruction (or ``instruction``) sets it. ``quantize``: as in export_onnx.
     """
     from armada.runtime.model.bundle import load_bundle
     from armada.runtime.model.engine import TorchEngine
@@ -284,6 +354,6 @@ def export_bundle(bundle_dir: str | Path, out_dir: str | Path, tasks: list[str] 
         prompt_len = len(tokenizer.ids(instruction or task.instruction))
         target = Path(out_dir) / task.name
         say(f"exporting task {task.name} (prompt length {prompt_len}) to {target}")
-        export_onnx(engine.model, target, prompt_len)
+        export_onnx(engine.model, target, prompt_len, quantize=quantize)
         written.append(target)
     return written
