@@ -21,9 +21,20 @@ client may then take the lease. The episode stays open and its clock runs on: in
 counts toward ``duration_s`` (the episode is a window of wall-clock time, as the operator sees
 it; the report says how much of it was intervened, so an evaluation can subtract it). On resume
 the leases are taken back (refused, naming the holder, while anyone else holds one), the policy
-is told to ``resume``, and the next chunk comes from an observation made after the resume. If
-that chunk starts further from the commanded pose than the filter should catch up with, a ramped
-``move_to`` brings the arm to the chunk first, and the chunk after it is sent from where it ends.
+is told to ``resume``, and the next chunk comes from an observation made after the resume.
+
+Realign: whenever the arm holds with no chunk to follow (after an operator's resume, before the
+first chunk, after a chunk that came late and was skipped, or when the last chunk ran out before
+this one arrived: a policy slower than its chunk), a chunk whose first still-due point is further
+from the commanded pose than the filter should catch up with is not sent: a ramped ``move_to``
+brings the arm there first (the driver plans it within its velocity and acceleration limits and
+still refuses any far first point of a chunk), the policy is told to ``resume``, and the next
+chunk comes from an observation made after the move. A slow policy so moves the arm late, in
+ramped steps, instead of ending the episode. A chunk that starts far already at its first point
+(not only because the arm held while it was computed) is the policy's own jump: at most
+``REALIGN_ATTEMPTS`` of those in a row are reached this way, then the episode fails naming it.
+A chunk that starts far while the arm was following the last one is never realigned: the driver
+refuses it (a jump at a seam is the policy's, not the schedule's).
 """
 
 from __future__ import annotations
@@ -53,11 +64,14 @@ Emit = Callable[[str, dict[str, Any]], None]
 LATENCY_WINDOW = 20  # chunks in the rolling latency estimate
 STATE_POLL_S = 0.005
 FIRST_OBSERVATION_S = 3.0
-# After a resume, a chunk whose first point is further from the commanded pose than a joint
-# covers in this long at its velocity limit is reached with a ramped move_to first: the driver
+# While the arm holds, a chunk whose first still-due point is further from the commanded pose than a
+# joint covers in this long at its velocity limit is reached with a ramped move_to first: the driver
 # refuses a far first point anyway (max_engage_distance), and a nearer one is still a lurch.
 REALIGN_AT_FULL_SPEED_S = 0.05
-REALIGN_ATTEMPTS = 3  # move_to and re-infer at most this often before the chunk goes as it is
+# Chunks in a row that start far already at their first point (the policy's jump, not the hold's)
+# reached with a move_to before the episode fails naming the policy; a chunk the drivers accept
+# in between starts the count again.
+REALIGN_ATTEMPTS = 3
 # And never more than half the driver's max_engage_distance (beyond it the driver refuses the
 # chunk). Drivers announce it in their description where they do; else the embodiment default.
 DEFAULT_ENGAGE_DISTANCE = 0.2
@@ -115,7 +129,7 @@ class EpisodeReport:
     paused_s: float = 0.0
     interventions: int = 0  # times the operator took over (intervene)
     intervened_s: float = 0.0  # seconds under the operator's control, part of duration_s
-    realign_moves: int = 0  # ramped move_to's after a resume, to reach a chunk that started too far
+    realign_moves: int = 0  # ramped move_to's (one per driver) to reach a chunk that started too far while the arm held
     chunk_latency_p50_ms: float = 0.0
     chunk_latency_p99_ms: float = 0.0
     chunk_latency_max_ms: float = 0.0
@@ -128,6 +142,28 @@ class EpisodeReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class _Realign:
+    """One driver's part of a realign: where its chunk's first still-due point is and how far."""
+
+    link: DriverLink
+    target: np.ndarray
+    gap: np.ndarray  # per joint, from the commanded pose
+    bound: np.ndarray  # per joint, beyond which the arm is moved there first
+    engage: float  # the driver's max_engage_distance: beyond it, it refuses the chunk
+    own: bool  # far already at the chunk's first point: the policy's jump, not the hold's
+
+
+@dataclass
+class _Placed:
+    """What became of a chunk: moved to (a realign, with its event), sent (points dropped), or late."""
+
+    moves: dict[str, float] = field(default_factory=dict)  # driver -> move_to seconds
+    realign: dict[str, Any] | None = None
+    dropped: int = 0
+    late: bool = False
 
 
 class EpisodeRunner:
@@ -147,6 +183,10 @@ class EpisodeRunner:
         self._tracking: list[float] = []
         self._all_latencies: list[float] = []
         self._late_since: float | None = None  # monotonic time of the first of the late chunks in a row
+        # Why the arm holds with no chunk to follow (None: it follows one), and when the last chunk
+        # sent ends (local monotonic ns; None: none sent this episode). Read under the control lock.
+        self._hold_cause: str | None = None
+        self._plan_end_ns: int | None = None
         # Intervention state, shared with the ctl thread. The lock is held only around lease
         # changes and chunk sends (each bounded by its request timeout), so a chunk never goes
         # out after the lease was given away.
@@ -318,6 +358,8 @@ class EpisodeRunner:
         paused_since: float | None = None
         chunk_id = 0
         self._late_since = None
+        with self._control:
+            self._hold_cause, self._plan_end_ns, self._realign_left = "first chunk", None, REALIGN_ATTEMPTS
         while not self.stop_event.is_set() and time.monotonic() < end:
             self._stamp()
             if self._intervened_since is not None:
@@ -343,7 +385,8 @@ class EpisodeRunner:
                 paused_since = None
                 self._call("resume", self.policy.resume, obs)
             elif resumed_ns is not None:
-                self._call("resume", self.policy.resume, obs)  # the operator moved the arm: any history is stale
+                # The operator or a realign's move_to moved the arm: any history is stale.
+                self._call("resume", self.policy.resume, obs)
             elif self._late_since is not None:
                 # The last chunk came late and was skipped: the arm held where the one before it ended,
                 # so a time base or history that assumed it ran on is stale (a scripted motion would
@@ -356,23 +399,19 @@ class EpisodeRunner:
                 actions, t0_local = chunk.actions[:execute], sent_local + int(c.lead_s * 1e9)
             else:
                 actions, t0_local = chunk.actions, obs.mono_ns + int(chunk.dt * 1e9)
-            late = False
             with self._control:
                 if self._intervened_since is not None or self._resumed_ns != resumed_ns:
                     continue  # the operator took over while this chunk was computed: it is not sent
-                if resumed_ns is not None:
-                    moves = self._realign(actions, t0_local, chunk.dt)
-                    if not moves:
-                        self._resumed_ns = None
-                if resumed_ns is None or not moves:
-                    late = _ends_before(t0_local, chunk.dt, len(actions), time.monotonic_ns() + int(chunk.dt * 1e9))
-                    if not late:
-                        dropped, late = self._send(actions, t0_local, chunk.dt, req.episode, chunk_id)
-            if resumed_ns is not None and moves:
-                self._wait_for_moves(moves, end)
-                continue
+                placed = self._place(actions, t0_local, chunk.dt, req.episode, chunk_id)
             self._latencies.append(latency_s)
             self._all_latencies.append(latency_s)
+            if placed.moves:
+                self.emit("realign", placed.realign or {})
+                self._late_since = None  # this chunk was in time: the arm is being moved to it
+                chunk_id += 1
+                self._wait_for_moves(placed.moves, end)
+                continue
+            late, dropped = placed.late, placed.dropped
             if late:
                 self._on_late_chunk(report, chunk_id, latency_s, len(actions) * chunk.dt)
                 chunk_id += 1
@@ -446,6 +485,7 @@ class EpisodeRunner:
             self._intervened_since = None
             self._resumed_ns = time.monotonic_ns()
             self._realign_left = REALIGN_ATTEMPTS
+            self._hold_cause = "resume"
             self._stamp()
         data = {"episode": self._episode, "intervened_s": intervened_s}
         self.emit("intervention_ended", data | {"resumed": True})
@@ -500,45 +540,121 @@ class EpisodeRunner:
         arrivals += [self.builder.state_arrivals.get(n) for n in self.builder.states]
         return all(a is not None and a.mono_ns > since_ns for a in arrivals)
 
-    def _realign(self, actions: np.ndarray, t0_local_ns: int, dt: float) -> dict[str, float]:
-        """Right after a resume: for each driver whose part of the chunk starts too far from where it
-        is commanded, a ramped move_to that point instead of the chunk. Returns {driver: move seconds};
-        empty when the chunk can go as it is. Called under the control lock."""
-        if self._realign_left <= 0:
-            return {}  # the policy keeps starting far away: send it; the driver refuses a far start, by name
+    def _place(self, actions: np.ndarray, t0_local_ns: int, dt: float, episode: int, chunk_id: int) -> _Placed:
+        """Under the control lock: a chunk that is over is skipped (late); while the arm holds, one
+        that starts too far is reached with a ramped move_to instead (``_realign``); else it goes to
+        the drivers."""
+        if _ends_before(t0_local_ns, dt, len(actions), time.monotonic_ns() + int(dt * 1e9)):
+            self._resumed_ns = None  # equal to what this chunk was made after (checked under this lock)
+            self._hold_cause = self._hold_cause or "late chunk"
+            return _Placed(late=True)
+        cause = self._hold_cause or self._starved(t0_local_ns, dt)
+        if cause is not None:
+            placed = self._realign(actions, t0_local_ns, dt, cause, chunk_id)
+            if placed.moves:
+                self._hold_cause = "after a realign"  # the arm holds at the move's end until a chunk is sent
+                return placed
+        self._resumed_ns = None
+        dropped, late = self._send(actions, t0_local_ns, dt, episode, chunk_id)
+        if late:
+            self._hold_cause = self._hold_cause or "late chunk"
+        else:
+            self._hold_cause = None
+            self._plan_end_ns = t0_local_ns + int((len(actions) - 1) * dt * 1e9)
+            self._realign_left = REALIGN_ATTEMPTS  # the drivers took a chunk of the policy's: count afresh
+        return _Placed(dropped=dropped, late=late)
+
+    def _starved(self, t0_local_ns: int, dt: float) -> str | None:
+        """The hold's cause when the last chunk sent ends more than a step before this one's first
+        still-due point (the drivers ran dry and hold meanwhile: a policy slower than its chunk), else None."""
+        if self._plan_end_ns is None:
+            return None
+        now = time.monotonic_ns()
+        step_ns = int(dt * 1e9)
+        first_due = t0_local_ns + max(0, -(-(now - t0_local_ns) // step_ns)) * step_ns
+        return "starved" if first_due > self._plan_end_ns + step_ns else None
+
+    def _realign_plans(self, actions: np.ndarray, t0_local_ns: int, dt: float) -> list[_Realign]:
+        """Each driver whose part of the chunk's first still-due point is further than its bound
+        from where the driver is commanded now, with that point and how far it is."""
         first = max(0, int(np.ceil((time.monotonic_ns() - t0_local_ns) / (dt * 1e9))))
         first = min(first, len(actions) - 1)
-        moves: dict[str, float] = {}
+        plans: list[_Realign] = []
         offset = 0
         for link in self.links.values():
-            part = actions[first, offset:offset + link.dof]
+            columns = slice(offset, offset + link.dof)
             offset += link.dof
             state = self.builder.latest_states.get(link.name)
-            if state is None:
+            if state is None or link.name in self._dead:
                 continue
             engage = float(link.description.get("max_engage_distance", DEFAULT_ENGAGE_DISTANCE))
             bound = np.minimum(np.asarray(link.description["max_velocity"]) * REALIGN_AT_FULL_SPEED_S, engage / 2)
-            gap = np.abs(part - state["commanded"])
+            commanded = np.asarray(state["commanded"])
+            target = actions[first, columns]
+            gap = np.abs(target - commanded)
             if np.all(gap <= bound):
                 continue
-            worst = int(np.argmax(gap / bound))
-            log.info("driver %s: the chunk after the resume starts %.3g from the commanded pose at %s; "
-                     "moving there with move_to first", link.name, gap[worst], link.description["joint_names"][worst])
-            try:
-                reply = link.command("move_to", target=np.ascontiguousarray(part, dtype=np.float64))
-            except TimeoutError as exc:
-                self._dead.add(link.name)
-                raise EpisodeError(f"driver {link.name} did not answer move_to: {exc}") from None
-            except RemoteError as exc:
-                raise EpisodeError(f"driver {link.name} refused the move_to the chunk after the resume: {exc}") from None
-            moves[link.name] = float(reply.get("duration_s", 0.0))
-        if moves:
+            # Far already at the chunk's first point, on a joint that needs the move: the policy jumped.
+            own = bool(np.any((gap > bound) & (np.abs(actions[0, columns] - commanded) > bound)))
+            plans.append(_Realign(link, np.ascontiguousarray(target, dtype=np.float64), gap, bound, engage, own))
+        return plans
+
+    def _realign(self, actions: np.ndarray, t0_local_ns: int, dt: float, cause: str, chunk_id: int) -> _Placed:
+        """While the arm holds (``cause``: why): a ramped move_to the first still-due point of the
+        chunk for each driver whose part starts too far. Returns the moves {driver: seconds} and the
+        event's data; no moves when the chunk can go as it is. Called under the control lock."""
+        plans = self._realign_plans(actions, t0_local_ns, dt)
+        if not plans:
+            return _Placed()
+        own = any(p.own for p in plans)
+        if own and self._realign_left <= 0:
+            self._refuse_far_policy(plans)
+            return _Placed()  # within the drivers' engage distance: sent as it is, their filters ramp it
+        moves: dict[str, float] = {}
+        for p in plans:
+            worst = int(np.argmax(p.gap / p.bound))
+            log.info("driver %s: the arm held (%s) and the chunk starts %.3g from the commanded pose at %s; "
+                     "moving there with move_to first", p.link.name, cause, p.gap[worst],
+                     p.link.description["joint_names"][worst])
+            moves[p.link.name] = self._move_to(p.link, p.target, cause)
+        if own:
             self._realign_left -= 1
-            self.realign_moves += len(moves)
-        return moves
+        self.realign_moves += len(moves)
+        worst_plan = max(plans, key=lambda p: float(np.max(p.gap / p.bound)))
+        joint = worst_plan.link.description["joint_names"][int(np.argmax(worst_plan.gap / worst_plan.bound))]
+        event = {"episode": self._episode, "chunk": chunk_id, "cause": cause, "moves": moves,
+                 "gap": float(np.max(worst_plan.gap)), "joint": f"{worst_plan.link.name}/{joint}",
+                 "policy_jump": own, "attempts_left": self._realign_left}
+        return _Placed(moves=moves, realign=event)
+
+    def _refuse_far_policy(self, plans: list[_Realign]) -> None:
+        """The attempts are spent and the chunk again starts far at its first point: the episode
+        ends naming the policy if a driver would refuse it; else it goes as it is (as before)."""
+        for p in plans:
+            over = p.gap > p.engage
+            if np.any(over):
+                j = int(np.argmax(np.where(over, p.gap, -1.0)))
+                raise EpisodeError(
+                    f"the policy keeps starting its chunks far from the arm: after {REALIGN_ATTEMPTS} ramped "
+                    f"move_to's to the start of its chunks, the next one again starts {p.gap[j]:.3g} from the "
+                    f"commanded pose at joint {p.link.description['joint_names'][j]} of driver {p.link.name} "
+                    f"(the driver refuses more than {p.engage:.3g}); the arm held. Check that the policy "
+                    "conditions on the state and that its action layout matches the drivers'")
+
+    def _move_to(self, link: DriverLink, target: np.ndarray, cause: str) -> float:
+        """A ramped move_to on one driver (planned by the driver within its limits); its seconds."""
+        try:
+            reply = link.command("move_to", target=target)
+        except TimeoutError as exc:
+            self._dead.add(link.name)
+            raise EpisodeError(f"driver {link.name} did not answer move_to: {exc}") from None
+        except RemoteError as exc:
+            raise EpisodeError(f"driver {link.name} refused the move_to a chunk's start ({cause}): {exc}") from None
+        return float(reply.get("duration_s", 0.0))
 
     def _wait_for_moves(self, moves: dict[str, float], end: float) -> None:
-        """Until the move_to's have ended (the drivers leave running), an intervention, or the end."""
+        """Until the move_to's have ended (the drivers leave running), an intervention, or the end;
+        then the next chunk must come from an observation after the move, the policy resumed."""
         deadline = time.monotonic() + max(moves.values()) + 1.0
         self._wait(min(max(moves.values()), end - time.monotonic()))
         while time.monotonic() < min(deadline, end) and not self.intervened and not self.stop_event.is_set():
@@ -547,7 +663,7 @@ class EpisodeRunner:
                 break
             self._wait(STATE_POLL_S)
         with self._control:
-            if self._resumed_ns is not None and not self.intervened:
+            if not self.intervened:
                 self._resumed_ns = time.monotonic_ns()  # the next chunk from an observation after the move
 
     def _on_late_chunk(self, report: EpisodeReport, chunk_id: int, latency_s: float, span_s: float) -> None:

@@ -1,4 +1,5 @@
-"""The episode loop against a scriptable driver: deadlines, one connection, bad streams, silence."""
+"""The episode loop against a scriptable driver: deadlines, one connection, bad streams, silence,
+late chunks, and the realign (a ramped move_to the chunk's start while the arm holds)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,85 @@ import time
 import numpy as np
 import pytest
 
-from armada.runtime.config import ChunkingConfig, DriverConfig
-from armada.runtime.inference.episode import Deadlines, EpisodeReport, EpisodeRequest, EpisodeRunner
+from armada.runtime.config import ChunkingConfig, DriverConfig, load_embodiment
+from armada.runtime.inference.episode import (REALIGN_ATTEMPTS, Deadlines, EpisodeReport, EpisodeRequest,
+                                              EpisodeRunner)
 from armada.runtime.inference.link import DriverLink
 from armada.runtime.inference.observation import ObservationBuilder
 from armada.runtime.inference.policy import ScriptedPolicy
+from armada.runtime.protocol import ErrorCode
 from tests.unit.test_inference_fakes import FakeDriver
 
 CHUNKING = ChunkingConfig(size=10, dt=0.02, mode="async", execute=5)
+MOVE_S = 0.3  # how long the fake's move_to takes
+
+
+class PlayingFakeDriver(FakeDriver):
+    """The fake driver with a pose, as the real driver keeps one: it follows the chunk it was sent
+    (the point due now; the last one once the chunk is over: the arm holds there), refuses a chunk
+    whose first still-due point is further than max_engage_distance from it (TOO_FAR, as the real
+    driver does), ramps a move_to linearly over MOVE_S, and holds where it is on release."""
+
+    def __init__(self, ctx, cmd: str, state: str):
+        emb = load_embodiment("mock_arm")
+        self.pose = (emb.lower + emb.upper) / 2  # set before the fake's thread starts publishing it
+        self.chunk: tuple[int, float, np.ndarray] | None = None
+        self.move: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.move_targets: list[np.ndarray] = []
+        self.refused: list[float] = []  # gaps of the chunks refused as too far
+        super().__init__(ctx, cmd, state)
+
+    def pose_now(self, now_ns: int) -> np.ndarray:
+        if self.move is not None:
+            start_ns, start, target = self.move
+            done = (now_ns - start_ns) / (MOVE_S * 1e9)
+            if done < 1.0:
+                return start + done * (target - start)
+            self.pose, self.move = target, None
+            if self.mode == "running":
+                self.mode = "armed"  # the move is over: the real driver leaves running too
+        elif self.chunk is not None and now_ns >= self.chunk[0]:
+            t0, dt, points = self.chunk
+            self.pose = points[min(int((now_ns - t0) / (dt * 1e9)), len(points) - 1)]
+        return self.pose.copy()
+
+    def _publish(self) -> None:
+        q = self.pose_now(time.monotonic_ns())
+        self.pub.publish("state", mono_ns=time.monotonic_ns(), mode=self.mode, measured=q, requested=q, commanded=q,
+                         velocity=np.zeros_like(q), counters={})
+        if self.garbage.is_set():
+            self.pub.publish("event", event="not a state", data={})
+            self.pub.publish("state", mono_ns=time.monotonic_ns(), mode=self.mode, measured=np.zeros(len(q) + 3),
+                             requested=q, commanded=np.zeros(1), velocity=np.zeros_like(q), counters={})
+
+    def _serve(self, req) -> None:
+        msg = req.msg if req.error is None else None
+        if msg is None or msg.get("lease", self.lease) != self.lease:
+            super()._serve(req)
+            return
+        now = time.monotonic_ns()
+        if msg["kind"] == "move_to":
+            self.requests.append((time.monotonic(), "move_to", req.identity))
+            target = np.asarray(msg["target"], dtype=np.float64)
+            self.move_targets.append(target)
+            self.move, self.chunk, self.mode = (now, self.pose_now(now), target), None, "running"
+            self.server.reply_ok(req, duration_s=MOVE_S)
+            return
+        if msg["kind"] == "release":
+            self.pose, self.move, self.chunk = self.pose_now(now), None, None  # hold where it is
+        if msg["kind"] == "trajectory" and self.late_replies == 0:
+            points, t0, dt = np.asarray(msg["points"], dtype=np.float64), msg["t0_ns"], float(msg["dt"])
+            first = max(0, int(np.ceil((now - t0) / (dt * 1e9))))
+            if first < len(points):
+                gap = float(np.max(np.abs(points[first] - self.pose_now(now))))
+                if gap > self.emb.max_engage_distance:
+                    self.requests.append((time.monotonic(), "trajectory", req.identity))
+                    self.refused.append(gap)
+                    self.server.reply_error(req, ErrorCode.TOO_FAR, f"first target is {gap:.4g} from "
+                                                                    "the current pose; use move_to, which ramps")
+                    return
+                self.pose, self.move, self.chunk = self.pose_now(now), None, (t0, dt, points)
+        super()._serve(req)
 
 
 class HangingPolicy(ScriptedPolicy):
@@ -44,7 +116,7 @@ class HangingPolicy(ScriptedPolicy):
 @pytest.fixture
 def cell(ctx, short_tmp):
     cmd, state = f"ipc://{short_tmp}/arm-cmd", f"ipc://{short_tmp}/arm-state"
-    driver = FakeDriver(ctx, cmd, state)
+    driver = PlayingFakeDriver(ctx, cmd, state)
     link = DriverLink(ctx, DriverConfig(name="arm", embodiment="mock_arm", backend={"kind": "mock"}, cmd=cmd, state=state), None)
     link.handshake()
     builder = ObservationBuilder({}, {"arm": link.state}, max_frame_age_s=0.5, max_state_age_s=0.2,
@@ -55,11 +127,13 @@ def cell(ctx, short_tmp):
     driver.close()
 
 
-def _run(cell, policy, duration_s: float, deadlines: Deadlines, during=None, join_s: float = 10.0):
-    """Run one episode in a thread (as the inference process does); returns (report, runner, seconds)."""
+def _run(cell, policy, duration_s: float, deadlines: Deadlines, during=None, join_s: float = 10.0,
+         events: list[tuple[str, dict]] | None = None, chunking: ChunkingConfig = CHUNKING):
+    """Run one episode in a thread (as the inference process does); returns (report, runner, seconds).
+    The runner's events go to ``events`` when given."""
     driver, link, builder = cell
-    events: list[tuple[str, dict]] = []
-    runner = EpisodeRunner({"arm": link}, builder, policy, CHUNKING, heartbeat_s=0.02,
+    events = [] if events is None else events
+    runner = EpisodeRunner({"arm": link}, builder, policy, chunking, heartbeat_s=0.02,
                            emit=lambda e, d: events.append((e, d)), deadlines=deadlines)
     out: list[EpisodeReport] = []
     started = time.monotonic()
@@ -257,3 +331,149 @@ def test_inference_that_is_always_slower_than_the_chunk_fails_saying_so_and_the_
     assert "trajectory" not in driver.kinds()  # nothing late was ever sent
     assert "release" in driver.kinds()
     assert took < 10.0, took
+
+
+# ---------------------------------------------------------------------- realign while the arm holds
+
+
+class ShiftedChunks(HangingPolicy):
+    """The scripted motion; the chunks of the infer calls numbered in ``shifted`` (all when None) are
+    moved ``shift`` rad on the first joint, every point (they start far from the arm already at their
+    first point: the policy's own jump), and the calls in ``slow`` take ``slow_s`` first."""
+
+    def __init__(self, shifted: set[int] | None, shift: float = 0.3, slow: frozenset[int] = frozenset(),
+                 slow_s: float = 0.0):
+        super().__init__("none")
+        self.shifted, self.shift, self.slow, self.slow_s = shifted, shift, slow, slow_s
+        self.infers = 0
+
+    def infer(self, obs):
+        self.infers += 1
+        if self.infers in self.slow:
+            time.sleep(self.slow_s)
+        chunk = super().infer(obs)
+        if self.shifted is None or self.infers in self.shifted:
+            chunk.actions[:, 0] += self.shift
+        return chunk
+
+
+class FastSlowFirstChunk(HangingPolicy):
+    """The first chunk takes 0.1 s and runs the first joint away from the observed pose at 3 rad/s:
+    it starts at the arm, but by the time it is ready its first still-due point is 0.3 rad or more on
+    (latency, not a jump: the bench's slow scripted policy at 50 Hz). Then the scripted motion."""
+
+    def __init__(self):
+        super().__init__("none")
+        self.infers = 0
+
+    def infer(self, obs):
+        self.infers += 1
+        chunk = super().infer(obs)
+        if self.infers == 1:
+            time.sleep(0.1)  # well inside the chunk's 0.2 s: under load it is still not late
+            chunk.actions[:, 0] = obs.state[0] + 3.0 * CHUNKING.dt * np.arange(1, CHUNKING.size + 1)
+        return chunk
+
+
+def _realigns(events: list[tuple[str, dict]]) -> list[dict]:
+    return [d for e, d in events if e == "realign"]
+
+
+def _center() -> np.ndarray:
+    emb = load_embodiment("mock_arm")
+    return (emb.lower + emb.upper) / 2
+
+
+def test_after_a_late_chunk_a_chunk_that_starts_far_is_reached_with_move_to_and_the_episode_goes_on(cell):
+    driver = cell[0]
+    span_s = CHUNKING.size * CHUNKING.dt
+    # Call 3 is late (skipped, the arm holds); call 4, made after it, starts 0.3 rad away: the driver
+    # would refuse it (0.2), so the runner moves the arm there with move_to first, then goes on.
+    policy = ShiftedChunks({4}, slow=frozenset({3}), slow_s=span_s + 0.15)
+    events: list[tuple[str, dict]] = []
+    report, _, _ = _run(cell, policy, 2.0, Deadlines(policy_s=2.0), events=events)
+    assert report.outcome == "completed", report.outcome
+    assert report.late_chunks == 1 and report.realign_moves == 1, report
+    assert driver.refused == [], driver.refused  # nothing far reached the driver
+    [realign] = _realigns(events)
+    assert realign["cause"] == "late chunk" and realign["policy_jump"] and realign["joint"] == "arm/shoulder_pan"
+    assert realign["attempts_left"] == REALIGN_ATTEMPTS - 1 and 0.25 < realign["gap"] < 0.35, realign
+    assert realign["moves"] == {"arm": MOVE_S}
+    # The move went to the shifted chunk: 0.3 rad on from where the arm held, on the first joint.
+    offset = driver.move_targets[0] - _center()
+    assert 0.28 < offset[0] < 0.45 and np.all(np.abs(offset[1:]) < 0.1), offset
+    t_move = driver.times("move_to")[0]
+    sent = driver.times("trajectory")
+    assert not [t for t in sent if t_move < t < t_move + MOVE_S - 0.02]  # nothing while it moved
+    assert len([t for t in sent if t > t_move]) >= 3  # the episode went on from there
+    assert report.chunks == len(sent)
+
+
+def test_a_first_chunk_that_is_far_by_the_time_it_is_ready_is_reached_with_move_to(cell):
+    driver = cell[0]
+    events: list[tuple[str, dict]] = []
+    report, _, _ = _run(cell, FastSlowFirstChunk(), 1.5, Deadlines(), events=events)
+    assert report.outcome == "completed", report.outcome
+    assert report.realign_moves == 1 and driver.refused == [], (report, driver.refused)
+    [realign] = _realigns(events)
+    assert realign["cause"] == "first chunk", realign
+    # It started at the arm: latency, not a jump, so it spends none of the attempts.
+    assert not realign["policy_jump"] and realign["attempts_left"] == REALIGN_ATTEMPTS, realign
+    offset = driver.move_targets[0] - _center()
+    assert 0.25 < offset[0] < 0.65 and np.all(np.abs(offset[1:]) < 0.05), offset
+    assert driver.kinds().index("move_to") < driver.kinds().index("trajectory")  # the first chunk went nowhere
+    assert report.chunks >= 3
+
+
+def test_a_policy_that_keeps_starting_far_ends_the_episode_naming_it_after_the_attempts(cell):
+    driver = cell[0]
+    events: list[tuple[str, dict]] = []
+    report, _, took = _run(cell, ShiftedChunks(None), 10.0, Deadlines(), events=events)
+    assert report.outcome.startswith("failed: the policy keeps starting its chunks far from the arm"), report.outcome
+    assert f"after {REALIGN_ATTEMPTS} ramped move_to's" in report.outcome, report.outcome
+    assert "shoulder_pan of driver arm" in report.outcome, report.outcome
+    assert report.realign_moves == REALIGN_ATTEMPTS, report
+    assert [d["attempts_left"] for d in _realigns(events)] == list(range(REALIGN_ATTEMPTS - 1, -1, -1))
+    assert "trajectory" not in driver.kinds() and report.chunks == 0  # no far chunk was ever sent
+    assert "release" in driver.kinds()
+    assert took < 6.0, took
+
+
+def test_an_intervention_during_a_realign_wins(cell):
+    driver = cell[0]
+    marks: dict[str, float] = {}
+
+    def operator(runner):
+        deadline = time.monotonic() + 5.0
+        while not driver.times("move_to") and time.monotonic() < deadline:
+            time.sleep(0.005)
+        runner.intervene()
+        marks["intervened"] = time.monotonic()
+        assert driver.lease is None and driver.move is None  # released: the driver holds where it is
+        time.sleep(0.4)
+        marks["resumed"] = time.monotonic()
+        runner.resume()
+
+    report, _, _ = _run(cell, ShiftedChunks({1}), 2.0, Deadlines(), during=operator)
+    assert report.outcome == "completed", report.outcome
+    t_move = driver.times("move_to")[0]
+    assert marks["intervened"] < t_move + MOVE_S, "the intervention came after the move ended"
+    assert report.interventions == 1 and report.realign_moves == 1, report
+    while_intervened = [t for t, k, _ in driver.requests if k in ("trajectory", "move_to")
+                        and marks["intervened"] <= t <= marks["resumed"]]
+    assert not while_intervened
+    assert [t for t in driver.times("trajectory") if t > marks["resumed"]]  # the episode went on after the resume
+    assert driver.refused == []
+
+
+def test_a_chunk_that_jumps_while_the_arm_follows_the_last_one_is_refused_not_realigned(cell):
+    # The arm did not hold: a far start is the policy's jump at a seam, and the driver refuses it.
+    driver = cell[0]
+    long_chunks = ChunkingConfig(size=50, dt=0.02, mode="async", execute=5)  # every chunk lands a second early
+    policy = ShiftedChunks({5})
+    policy.chunk_size = long_chunks.size
+    report, _, _ = _run(cell, policy, 5.0, Deadlines(), chunking=long_chunks)
+    assert report.outcome.startswith("failed: driver arm refused a chunk"), report.outcome
+    assert "too_far" in report.outcome, report.outcome
+    assert report.realign_moves == 0 and driver.move_targets == []
+    assert report.chunks == 4 and len(driver.refused) == 1 and 0.25 < driver.refused[0] < 0.35, driver.refused
