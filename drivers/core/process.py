@@ -32,6 +32,7 @@ is what trips ``WatchdogSec=``, not a process that is merely alive; STOPPING=1 o
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import queue
@@ -60,6 +61,7 @@ log = logging.getLogger("armada.driver")
 
 CONNECT_TIMEOUT_S = 5.0
 GIL_SWITCH_INTERVAL_S = 0.0002
+_PR_SET_TIMERSLACK = 29  # linux/prctl.h
 PERIOD_HISTORY = 60_000  # ticks of period history kept for `stats` (two minutes at 500 Hz)
 # The command backlog: messages drained per look at the socket, waiting per connection and in all.
 # A client waits for each reply, so a connection with more than a few requests queued is flooding.
@@ -269,14 +271,16 @@ class DriverProcess:
 
     def _control_loop(self) -> None:
         self._raise_priority()
+        _set_timer_slack_ns(1)  # a normal thread's timer slack (50 us) is pure lateness for a loop
         period = self.timing.period_ns
+        spin = self._spin_ns(period)
         deadline = time.monotonic_ns() + period
         # READY from here: the device is connected, the driver disarmed (or still e-stopped from
         # its latch), the command thread serving and this loop about to tick.
         self._notify_mode(ready=True)
         watchdog = WatchdogPacer(self.notifier)
         while not self.stop_event.is_set():
-            _sleep_until(deadline)
+            _sleep_until(deadline, spin)
             start = time.monotonic_ns()
             self.timing.record(start, deadline)
             with self.lock:
@@ -298,6 +302,17 @@ class DriverProcess:
                 with self.lock:
                     self.driver.counters.overruns += int(missed)
                 deadline += missed * period
+
+    def _spin_ns(self, period_ns: int) -> int:
+        """The configured spin, at most half a period (the rest of the core is the other threads')."""
+        spin = int(self.cfg.loop_spin_us * 1e3)
+        if spin > period_ns // 2:
+            log.warning("driver %s: loop_spin_us %.0f is over half the %.0f us period; spinning %.0f us",
+                        self.cfg.name, self.cfg.loop_spin_us, period_ns / 1e3, period_ns / 2e3)
+            spin = period_ns // 2
+        if spin:
+            log.info("driver %s: the loop yields the CPU for the last %.0f us before each tick", self.cfg.name, spin / 1e3)
+        return spin
 
     def _notify_mode(self, ready: bool = False) -> None:
         """STATUS (with READY=1 the first time) when the mode or its reason changed; two attribute
@@ -510,10 +525,25 @@ def realtime_allowed(priority: int) -> bool:
         return False
 
 
-def _sleep_until(deadline_ns: int) -> None:
-    remaining = deadline_ns - time.monotonic_ns()
+def _sleep_until(deadline_ns: int, spin_ns: int = 0) -> None:
+    """Sleep until ``spin_ns`` before the deadline, then yield the CPU in a loop until it: the
+    kernel's wake-up is late by a tail we cannot shorten, a yielding loop is not. os.sched_yield
+    releases the GIL on every turn, so the command thread (the e-stop's path) still gets it; under
+    SCHED_FIFO only threads of equal or higher priority run on this core meanwhile."""
+    remaining = deadline_ns - spin_ns - time.monotonic_ns()
     if remaining > 0:
         time.sleep(remaining * 1e-9)
+    if spin_ns:
+        while time.monotonic_ns() < deadline_ns:
+            os.sched_yield()
+
+
+def _set_timer_slack_ns(ns: int) -> None:
+    """This thread's timer slack (Linux prctl PR_SET_TIMERSLACK); elsewhere nothing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, ns, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_driver(cell_path: str | Path | None, name: str | None, run_dir: str | Path | None,

@@ -205,7 +205,8 @@ def serve(cell_path: str, run_dir: str) -> None:
 class DriverUnderTest:
     """A driver process on ipc in a short private folder, with a state recorder."""
 
-    def __init__(self, cell_path: Path = SCRIPTED_CELL, realtime: bool = False, wrapper: list[str] | None = None):
+    def __init__(self, cell_path: Path = SCRIPTED_CELL, realtime: bool = False, wrapper: list[str] | None = None,
+                 loop_spin_us: float = 0.0):
         import subprocess
         import sys
 
@@ -217,6 +218,7 @@ class DriverUnderTest:
         data["drivers"][0]["embodiment"] = str(Path(cell_path).parent.parent / "embodiments" /
                                                f"{data['drivers'][0]['embodiment']}.yaml")
         data["drivers"][0]["realtime_priority"] = 80 if realtime else None
+        data["drivers"][0]["loop_spin_us"] = loop_spin_us
         cell_path = self.run_dir / "cell.yaml"
         cell_path.write_text(yaml.safe_dump(data))
         self.cell = load_cell(cell_path, self.run_dir)

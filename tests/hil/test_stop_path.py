@@ -66,6 +66,24 @@ def test_estop_takes_effect_during_and_after_a_flood_of_the_worst_messages(dut):
     assert dut.proc.poll() is None and _state_rate(dut, 0.5) > 100
 
 
+def test_a_spinning_loop_keeps_the_stop_path_and_its_ticks_under_the_flood():
+    """loop_spin_us at its largest (half the period) yields the CPU for 1 ms of every 2 ms tick:
+    e-stops still take effect and state keeps coming (its timing is `armada bench loop`'s)."""
+    dut = DriverUnderTest(loop_spin_us=1000.0)
+    flooders = start_flooders(dut.cfg.cmd, dut.emb.dof, 3, seconds=6.0)
+    try:
+        time.sleep(1.0)
+        result = measure_estops(dut, 3.0)
+        assert dut.proc.poll() is None and _state_rate(dut, 0.5) > 100
+    finally:
+        for p in flooders:
+            p.terminate()
+            p.join(5)
+        dut.close()
+    device = np.array(result["device_ms"])
+    assert len(device) >= 5 and np.median(device) < EFFECT_BOUND_MS and device.max() < WORST_BOUND_MS, device
+
+
 def test_armada_driver_itself_keeps_its_stop_path_under_the_flood(short_tmp):
     """The production entry point (``armada driver`` under the supervisor), not the bench's."""
     from armada.runtime.supervisor import CellProcesses
