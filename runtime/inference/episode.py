@@ -25,16 +25,18 @@ is told to ``resume``, and the next chunk comes from an observation made after t
 
 Realign: whenever the arm holds with no chunk to follow (after an operator's resume, before the
 first chunk, after a chunk that came late and was skipped, or when the last chunk ran out before
-this one arrived: a policy slower than its chunk), a chunk whose first still-due point is further
-from the commanded pose than the filter should catch up with is not sent: a ramped ``move_to``
-brings the arm there first (the driver plans it within its velocity and acceleration limits and
-still refuses any far first point of a chunk), the policy is told to ``resume``, and the next
-chunk comes from an observation made after the move. A slow policy so moves the arm late, in
-ramped steps, instead of ending the episode. A chunk that starts far already at its first point
-(not only because the arm held while it was computed) is the policy's own jump: at most
-``REALIGN_ATTEMPTS`` of those in a row are reached this way, then the episode fails naming it.
-A chunk that starts far while the arm was following the last one is never realigned: the driver
-refuses it (a jump at a seam is the policy's, not the schedule's).
+this one arrived: a policy slower than its chunk), a chunk whose first still-due point is too far
+from the commanded pose is not sent: a ramped ``move_to`` brings the arm there first (the driver
+plans it within its velocity and acceleration limits and still refuses any far first point of a
+chunk), the policy is told to ``resume``, and the next chunk comes from an observation made after
+the move. Too far: after a resume, further than the filter should catch up with; otherwise near
+what the driver would refuse (nearer starts go as they always did, the filter ramps them: a slow
+policy holds before every chunk, and moving to each would replace its chunks by moves). A slow
+policy so moves the arm late, in ramped steps, instead of ending the episode. A chunk that starts
+far already at its first point (not only because the arm held while it was computed) is the
+policy's own jump: at most ``REALIGN_ATTEMPTS`` of those in a row are reached this way, then the
+episode fails naming it. A chunk that starts far while the arm was following the last one is never
+realigned: the driver refuses it (a jump at a seam is the policy's, not the schedule's).
 """
 
 from __future__ import annotations
@@ -64,10 +66,14 @@ Emit = Callable[[str, dict[str, Any]], None]
 LATENCY_WINDOW = 20  # chunks in the rolling latency estimate
 STATE_POLL_S = 0.005
 FIRST_OBSERVATION_S = 3.0
-# While the arm holds, a chunk whose first still-due point is further from the commanded pose than a
-# joint covers in this long at its velocity limit is reached with a ramped move_to first: the driver
-# refuses a far first point anyway (max_engage_distance), and a nearer one is still a lurch.
+# After an operator's resume, a chunk whose first still-due point is further from the commanded pose
+# than a joint covers in this long at its velocity limit is reached with a ramped move_to first: the
+# driver refuses a far first point anyway (max_engage_distance), and a nearer one is still a lurch.
 REALIGN_AT_FULL_SPEED_S = 0.05
+# While the arm holds because the policy was slow, only a chunk starting further than this share of
+# max_engage_distance is: what the driver would refuse, with a margin for the pose and the first
+# still-due point moving between this check and the driver's.
+REALIGN_HELD_FRACTION = 0.75
 # Chunks in a row that start far already at their first point (the policy's jump, not the hold's)
 # reached with a move_to before the episode fails naming the policy; a chunk the drivers accept
 # in between starts the count again.
@@ -187,6 +193,7 @@ class EpisodeRunner:
         # sent ends (local monotonic ns; None: none sent this episode). Read under the control lock.
         self._hold_cause: str | None = None
         self._plan_end_ns: int | None = None
+        self._hold_realigns = 0  # realigns since the arm last followed a chunk
         # Intervention state, shared with the ctl thread. The lock is held only around lease
         # changes and chunk sends (each bounded by its request timeout), so a chunk never goes
         # out after the lease was given away.
@@ -360,6 +367,7 @@ class EpisodeRunner:
         self._late_since = None
         with self._control:
             self._hold_cause, self._plan_end_ns, self._realign_left = "first chunk", None, REALIGN_ATTEMPTS
+            self._hold_realigns = 0
         while not self.stop_event.is_set() and time.monotonic() < end:
             self._stamp()
             if self._intervened_since is not None:
@@ -552,14 +560,14 @@ class EpisodeRunner:
         if cause is not None:
             placed = self._realign(actions, t0_local_ns, dt, cause, chunk_id)
             if placed.moves:
-                self._hold_cause = "after a realign"  # the arm holds at the move's end until a chunk is sent
+                self._hold_cause = cause  # the arm holds at the move's end until a chunk is sent
                 return placed
         self._resumed_ns = None
         dropped, late = self._send(actions, t0_local_ns, dt, episode, chunk_id)
         if late:
             self._hold_cause = self._hold_cause or "late chunk"
         else:
-            self._hold_cause = None
+            self._hold_cause, self._hold_realigns = None, 0
             self._plan_end_ns = t0_local_ns + int((len(actions) - 1) * dt * 1e9)
             self._realign_left = REALIGN_ATTEMPTS  # the drivers took a chunk of the policy's: count afresh
         return _Placed(dropped=dropped, late=late)
@@ -574,7 +582,7 @@ class EpisodeRunner:
         first_due = t0_local_ns + max(0, -(-(now - t0_local_ns) // step_ns)) * step_ns
         return "starved" if first_due > self._plan_end_ns + step_ns else None
 
-    def _realign_plans(self, actions: np.ndarray, t0_local_ns: int, dt: float) -> list[_Realign]:
+    def _realign_plans(self, actions: np.ndarray, t0_local_ns: int, dt: float, cause: str) -> list[_Realign]:
         """Each driver whose part of the chunk's first still-due point is further than its bound
         from where the driver is commanded now, with that point and how far it is."""
         first = max(0, int(np.ceil((time.monotonic_ns() - t0_local_ns) / (dt * 1e9))))
@@ -588,7 +596,10 @@ class EpisodeRunner:
             if state is None or link.name in self._dead:
                 continue
             engage = float(link.description.get("max_engage_distance", DEFAULT_ENGAGE_DISTANCE))
-            bound = np.minimum(np.asarray(link.description["max_velocity"]) * REALIGN_AT_FULL_SPEED_S, engage / 2)
+            if cause == "resume":
+                bound = np.minimum(np.asarray(link.description["max_velocity"]) * REALIGN_AT_FULL_SPEED_S, engage / 2)
+            else:
+                bound = np.full(link.dof, engage * REALIGN_HELD_FRACTION)
             commanded = np.asarray(state["commanded"])
             target = actions[first, columns]
             gap = np.abs(target - commanded)
@@ -603,7 +614,7 @@ class EpisodeRunner:
         """While the arm holds (``cause``: why): a ramped move_to the first still-due point of the
         chunk for each driver whose part starts too far. Returns the moves {driver: seconds} and the
         event's data; no moves when the chunk can go as it is. Called under the control lock."""
-        plans = self._realign_plans(actions, t0_local_ns, dt)
+        plans = self._realign_plans(actions, t0_local_ns, dt, cause)
         if not plans:
             return _Placed()
         own = any(p.own for p in plans)
@@ -620,11 +631,12 @@ class EpisodeRunner:
         if own:
             self._realign_left -= 1
         self.realign_moves += len(moves)
+        self._hold_realigns += 1
         worst_plan = max(plans, key=lambda p: float(np.max(p.gap / p.bound)))
         joint = worst_plan.link.description["joint_names"][int(np.argmax(worst_plan.gap / worst_plan.bound))]
         event = {"episode": self._episode, "chunk": chunk_id, "cause": cause, "moves": moves,
                  "gap": float(np.max(worst_plan.gap)), "joint": f"{worst_plan.link.name}/{joint}",
-                 "policy_jump": own, "attempts_left": self._realign_left}
+                 "policy_jump": own, "attempts_left": self._realign_left, "in_a_row": self._hold_realigns}
         return _Placed(moves=moves, realign=event)
 
     def _refuse_far_policy(self, plans: list[_Realign]) -> None:

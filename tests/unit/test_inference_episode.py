@@ -409,6 +409,20 @@ def test_after_a_late_chunk_a_chunk_that_starts_far_is_reached_with_move_to_and_
     assert report.chunks == len(sent)
 
 
+def test_after_a_late_chunk_a_start_within_the_drivers_reach_goes_as_it_always_did(cell):
+    # A slow policy holds before every chunk: only starts the driver would refuse are moved to, or
+    # its chunks would all be replaced by moves (0.12 rad: the driver takes it, its filter ramps it).
+    driver = cell[0]
+    span_s = CHUNKING.size * CHUNKING.dt
+    policy = ShiftedChunks({4}, shift=0.12, slow=frozenset({3}), slow_s=span_s + 0.15)
+    events: list[tuple[str, dict]] = []
+    report, _, _ = _run(cell, policy, 1.5, Deadlines(policy_s=2.0), events=events)
+    assert report.outcome == "completed", report.outcome
+    assert report.late_chunks == 1 and report.realign_moves == 0 and not _realigns(events), report
+    assert "move_to" not in driver.kinds() and driver.refused == []
+    assert report.chunks >= 4
+
+
 def test_a_first_chunk_that_is_far_by_the_time_it_is_ready_is_reached_with_move_to(cell):
     driver = cell[0]
     events: list[tuple[str, dict]] = []
