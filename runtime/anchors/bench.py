@@ -118,7 +118,9 @@ def _run_armada(procs: CellProcesses, spec: RunSpec) -> dict[str, Any]:
         cpu_before = _cpu_seconds(pids)
         t: list[int] = []
         x: list[np.ndarray] = []
-        running = 0  # driver ticks following a chunk (state messages in mode running)
+        running = 0  # driver ticks following a chunk or a move_to (state messages in mode running)
+        moved_s = 0.0  # the runner's realign move_to's: the arm moves, but not to policy targets
+        starved_seen: int | None = None
         latencies: list[float] = []
         end = start + spec.seconds
         while time.monotonic() < end:
@@ -126,10 +128,18 @@ def _run_armada(procs: CellProcesses, spec: RunSpec) -> dict[str, Any]:
                 if msg.get("mode") == "running":
                     running += 1
                     t.append(msg["mono_ns"])
-                    x.append(msg["requested"])
+                    # A starved tick requests nothing: the driver then brakes to a hold from where its
+                    # filter is, and keeps `requested` at the last chunk point, which the arm never
+                    # reaches. The stream at such a tick is the pose it holds toward, not that point.
+                    n = msg["counters"]["starved_ticks"]
+                    dry = starved_seen is not None and n > starved_seen
+                    starved_seen = n
+                    x.append(msg["commanded"] if dry else msg["requested"])
             for msg in client.events.drain():
                 if msg.get("event") == "chunk":
                     latencies.append(msg["data"]["latency_ms"] * 1e-3)
+                elif msg.get("event") == "realign":
+                    moved_s += max(((msg.get("data") or {}).get("moves") or {}).values(), default=0.0)
             time.sleep(0.005)
         cpu = _cpu_percent(cpu_before, _cpu_seconds(pids), spec.seconds)
         stats_after = cmd.request("stats")
@@ -142,7 +152,8 @@ def _run_armada(procs: CellProcesses, spec: RunSpec) -> dict[str, Any]:
     ticks = after["ticks"] - before["ticks"]
     starved = after["starved_ticks"] - before["starved_ticks"]
     p50, p99 = percentiles_ms(latencies)
-    fresh = max(0, running - starved)  # ticks that played a chunk's point
+    moved = min(running - starved, int(round(moved_s * spec.rate_hz))) if running > starved else 0
+    fresh = max(0, running - starved - moved)  # ticks that played a chunk's point
     ts = np.asarray(t, dtype=np.float64) * 1e-9
     np.savez(procs.run_dir / "armada-result.npz", t=ts, x=np.asarray(x))  # the target stream, for the seams
     nominal = int(math.floor(spec.seconds * spec.rate_hz))
@@ -151,7 +162,8 @@ def _run_armada(procs: CellProcesses, spec: RunSpec) -> dict[str, Any]:
             "driver_starved_ticks": starved, "effective_rate_hz": fresh / spec.seconds,
             "max_velocity_jump": velocity_jump(ts, np.asarray(x), spec.rate_hz, start, end) if t else float("nan"),
             "cpu_percent": cpu, "clamps": _clamps(stats_before, stats_after), "outcome": report["outcome"],
-            "late_chunks": report["late_chunks"]}
+            "late_chunks": report["late_chunks"], "realign_moves": report.get("realign_moves", 0),
+            "realign_move_ticks": moved}
 
 
 def _clamps(before: dict[str, Any], after: dict[str, Any]) -> int:
@@ -294,6 +306,9 @@ def _notes(row: dict[str, Any]) -> str:
     notes = []
     if row.get("outcome", "completed") != "completed":
         notes.append(str(row["outcome"])[:120])
+    if row.get("realign_moves"):
+        notes.append(f"{row['chunks']} chunks played, {row['realign_moves']} realign moves "
+                     f"({row['realign_move_ticks']} ticks, not counted fresh)")
     refused = sum(row.get("refused_targets", {}).values())
     if refused:
         notes.append(f"{refused} targets refused by the driver ({', '.join(row['refused_targets'])})")

@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from armada.runtime.anchors.bench import _floats, run_anchors_bench
+from armada.runtime.anchors.bench import _floats, _notes, run_anchors_bench
 from armada.runtime.anchors.common import RunSpec, velocity_jump, write_cell
 from armada.runtime.anchors.openpi_stack import pack, unpack
 from armada.runtime.config import load_cell
@@ -112,3 +112,9 @@ def test_quick_is_one_rate_one_load_and_a_few_seconds_even_after_the_cli_default
     assert run_anchors_bench(argparse.Namespace(rates=None, loads=None, quick=True, seconds=10.0, json=None)) == 0
     assert run_anchors_bench(argparse.Namespace(rates=None, loads=None, quick=False, seconds=10.0, json=None)) == 0
     assert seen == [((500.0,), (0.6,), 3.0), ((50.0, 500.0), (0.3, 0.6, 0.9), 10.0)]
+
+
+def test_a_row_whose_arm_was_moved_by_realigns_says_so_and_how_many_chunks_played():
+    row = {"outcome": "completed", "chunks": 0, "realign_moves": 7, "realign_move_ticks": 240}
+    assert "0 chunks played, 7 realign moves (240 ticks, not counted fresh)" in _notes(row)
+    assert _notes({"outcome": "completed", "chunks": 12, "realign_moves": 0}) == ""
