@@ -143,16 +143,20 @@ def bench_router(size: str, task_counts: list[int], folder: Path) -> dict[str, A
             started = time.perf_counter()
             policy.infer(obs)
             forward.append(time.perf_counter() - started)
-        routes = []
+        cold, warm = [], []
         for _ in range(3):
-            policy.engine.task_index = None  # force a real swap for every candidate
-            started = time.perf_counter()
-            policy.route(obs, "auto")
-            routes.append(time.perf_counter() - started)
+            # Cold: the weights in place are of no known task (the first route of a process): M
+            # swaps. Warm: they are the last episode's task, scored first without a swap.
+            for times, held in ((cold, None), (warm, policy.engine.task_index)):
+                policy.engine.task_index = held
+                started = time.perf_counter()
+                policy.route(obs, "auto")
+                times.append(time.perf_counter() - started)
         one = float(np.median(forward))
-        route = float(np.median(routes))
-        out[f"M={m}"] = {"route_ms": route * 1e3, "one_forward_ms": one * 1e3,
-                         "route_over_M_forwards": route / (m * one)}
+        route, route_warm = float(np.median(cold)), float(np.median(warm))
+        out[f"M={m}"] = {"route_ms": route * 1e3, "route_warm_ms": route_warm * 1e3, "one_forward_ms": one * 1e3,
+                         "route_over_M_forwards": route / (m * one),
+                         "warm_route_over_M_forwards": route_warm / (m * one)}
     return out
 
 
@@ -165,7 +169,7 @@ def bench_routing_memory(size: str, tasks: int, folder: Path) -> dict[str, Any]:
     engine = policy.engine
     weights = sum(t.numel() * t.element_size() for t in engine.weights.values())
     base = sum(t.numel() * t.element_size() for t in engine.base.values())
-    tau = sum(t.numel() * t.element_size() for t in engine.tau.values())
+    flips = sum(t.numel() * t.element_size() for t in engine.flips.values())
     masks_packed = sum(np.prod(e.packed_shape or [0]) for f in engine.bundle.manifest.tensors.values()
                        for k, e in f.items() if k.startswith("mask/"))
     policy.route(obs, "auto")  # warm-up: every code path has allocated once
@@ -178,7 +182,7 @@ def bench_routing_memory(size: str, tasks: int, folder: Path) -> dict[str, Any]:
     with torch.no_grad():
         policy.route(obs, "auto")
     rss_after, hwm = _rss_hwm_mb()
-    return {"size": size, "tasks": tasks, "base_mb": base / 2**20, "tau_mb": tau / 2**20,
+    return {"size": size, "tasks": tasks, "base_mb": base / 2**20, "flips_mb": flips / 2**20,
             "masks_packed_mb": float(masks_packed) / 2**20, "one_weight_set_mb": weights / 2**20,
             "rss_before_route_mb": rss_before, "rss_after_route_mb": rss_after, "rss_peak_mb": hwm,
             "peak_growth_during_route_mb": hwm - rss_before,
