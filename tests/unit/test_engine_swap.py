@@ -76,3 +76,12 @@ def test_flips_replace_tau_and_masked_out_entries_are_exactly_the_base(bundle):
     off = ~np.unpackbits(bits, count=int(np.prod(shape)), bitorder="little").view(bool).reshape(shape)
     base = np.array(bundle.tensors(BASE_FILE)[key])
     assert off.any() and np.array_equal(engine.weights[key].detach().numpy()[off], base[off])
+
+
+def test_the_router_and_memory_benches_run_at_tiny_size(tmp_path):
+    from armada.runtime.model.bench_model import bench_router, bench_routing_memory
+
+    router = bench_router("tiny", [2], tmp_path)["M=2"]
+    assert router["route_ms"] > 0 and router["route_warm_ms"] > 0 and router["route_over_M_forwards"] > 0
+    memory = bench_routing_memory("tiny", 2, tmp_path)
+    assert memory["flips_mb"] == memory["one_weight_set_mb"]  # flips replace tau_merge, key for key
