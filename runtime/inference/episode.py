@@ -595,19 +595,20 @@ class EpisodeRunner:
             state = self.builder.latest_states.get(link.name)
             if state is None or link.name in self._dead:
                 continue
-            engage = float(link.description.get("max_engage_distance", DEFAULT_ENGAGE_DISTANCE))
-            if cause == "resume":
-                bound = np.minimum(np.asarray(link.description["max_velocity"]) * REALIGN_AT_FULL_SPEED_S, engage / 2)
-            else:
-                bound = np.full(link.dof, engage * REALIGN_HELD_FRACTION)
+            bound, engage = _realign_bound(link.description, cause)
             commanded = np.asarray(state["commanded"])
-            target = actions[first, columns]
+            target = np.array(actions[first, columns], dtype=np.float64)
             gap = np.abs(target - commanded)
+            # A base velocity is not a place: the driver ramps it whatever the gap, and a move_to
+            # stops the base (its entries must be 0).
+            base = np.array([g["mode"] == "base_velocity" for g in link.description["groups"] for _ in g["joints"]],
+                            dtype=bool)
+            gap[base], target[base] = 0.0, 0.0
             if np.all(gap <= bound):
                 continue
             # Far already at the chunk's first point, on a joint that needs the move: the policy jumped.
             own = bool(np.any((gap > bound) & (np.abs(actions[0, columns] - commanded) > bound)))
-            plans.append(_Realign(link, np.ascontiguousarray(target, dtype=np.float64), gap, bound, engage, own))
+            plans.append(_Realign(link, target, gap, bound, engage, own))
         return plans
 
     def _realign(self, actions: np.ndarray, t0_local_ns: int, dt: float, cause: str, chunk_id: int) -> _Placed:
@@ -786,6 +787,16 @@ class EpisodeRunner:
         notes = getattr(self.policy, "episode_notes", None)
         if callable(notes):
             report.policy_notes = notes()
+
+
+def _realign_bound(description: dict[str, Any], cause: str) -> tuple[np.ndarray, float]:
+    """Per joint, how far a chunk may start from the commanded pose before the arm is moved there
+    first, and the driver's max_engage_distance: after an operator's resume, what the filter should
+    catch up with; while a slow policy holds the arm, near what the driver would refuse."""
+    engage = float(description.get("max_engage_distance", DEFAULT_ENGAGE_DISTANCE))
+    if cause == "resume":
+        return np.minimum(np.asarray(description["max_velocity"]) * REALIGN_AT_FULL_SPEED_S, engage / 2), engage
+    return np.full(len(description["max_velocity"]), engage * REALIGN_HELD_FRACTION), engage
 
 
 def _ends_before(t0_ns: int, dt: float, n_points: int, when_ns: int) -> bool:

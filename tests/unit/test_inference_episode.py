@@ -28,14 +28,15 @@ class PlayingFakeDriver(FakeDriver):
     whose first still-due point is further than max_engage_distance from it (TOO_FAR, as the real
     driver does), ramps a move_to linearly over MOVE_S, and holds where it is on release."""
 
-    def __init__(self, ctx, cmd: str, state: str):
-        emb = load_embodiment("mock_arm")
+    def __init__(self, ctx, cmd: str, state: str, embodiment: str = "mock_arm"):
+        emb = load_embodiment(embodiment)
         self.pose = (emb.lower + emb.upper) / 2  # set before the fake's thread starts publishing it
+        self.base = np.array([g.mode == "base_velocity" for g in emb.groups for _ in g.joints])
         self.chunk: tuple[int, float, np.ndarray] | None = None
         self.move: tuple[int, np.ndarray, np.ndarray] | None = None
         self.move_targets: list[np.ndarray] = []
         self.refused: list[float] = []  # gaps of the chunks refused as too far
-        super().__init__(ctx, cmd, state)
+        super().__init__(ctx, cmd, state, embodiment)
 
     def pose_now(self, now_ns: int) -> np.ndarray:
         if self.move is not None:
@@ -70,6 +71,9 @@ class PlayingFakeDriver(FakeDriver):
             self.requests.append((time.monotonic(), "move_to", req.identity))
             target = np.asarray(msg["target"], dtype=np.float64)
             self.move_targets.append(target)
+            if np.any(target[self.base] != 0.0):  # as the driver: move_to moves the position groups only
+                self.server.reply_error(req, ErrorCode.BAD_VALUE, "move_to: the base entries of the target must be 0")
+                return
             self.move, self.chunk, self.mode = (now, self.pose_now(now), target), None, "running"
             self.server.reply_ok(req, duration_s=MOVE_S)
             return
@@ -79,7 +83,7 @@ class PlayingFakeDriver(FakeDriver):
             points, t0, dt = np.asarray(msg["points"], dtype=np.float64), msg["t0_ns"], float(msg["dt"])
             first = max(0, int(np.ceil((now - t0) / (dt * 1e9))))
             if first < len(points):
-                gap = float(np.max(np.abs(points[first] - self.pose_now(now))))
+                gap = float(np.max(np.where(self.base, 0.0, np.abs(points[first] - self.pose_now(now)))))
                 if gap > self.emb.max_engage_distance:
                     self.requests.append((time.monotonic(), "trajectory", req.identity))
                     self.refused.append(gap)
@@ -113,15 +117,30 @@ class HangingPolicy(ScriptedPolicy):
             self.release.wait(60)
 
 
-@pytest.fixture
-def cell(ctx, short_tmp):
+def _cell(ctx, short_tmp, embodiment: str):
     cmd, state = f"ipc://{short_tmp}/arm-cmd", f"ipc://{short_tmp}/arm-state"
-    driver = PlayingFakeDriver(ctx, cmd, state)
-    link = DriverLink(ctx, DriverConfig(name="arm", embodiment="mock_arm", backend={"kind": "mock"}, cmd=cmd, state=state), None)
+    driver = PlayingFakeDriver(ctx, cmd, state, embodiment)
+    link = DriverLink(ctx, DriverConfig(name="arm", embodiment=embodiment, backend={"kind": "mock"}, cmd=cmd, state=state),
+                      None)
     link.handshake()
     builder = ObservationBuilder({}, {"arm": link.state}, max_frame_age_s=0.5, max_state_age_s=0.2,
                                  state_dof={"arm": link.dof})
     time.sleep(0.1)  # let the state subscriber join
+    return driver, link, builder
+
+
+@pytest.fixture
+def cell(ctx, short_tmp):
+    driver, link, builder = _cell(ctx, short_tmp, "mock_arm")
+    yield driver, link, builder
+    link.close()
+    driver.close()
+
+
+@pytest.fixture
+def base_cell(ctx, short_tmp):
+    """A mobile manipulator (two arms, a lift and an omni base whose actions are velocities)."""
+    driver, link, builder = _cell(ctx, short_tmp, "arx_lift2")
     yield driver, link, builder
     link.close()
     driver.close()
@@ -379,9 +398,13 @@ def _realigns(events: list[tuple[str, dict]]) -> list[dict]:
     return [d for e, d in events if e == "realign"]
 
 
-def _center() -> np.ndarray:
-    emb = load_embodiment("mock_arm")
+def _center_of(embodiment: str) -> np.ndarray:
+    emb = load_embodiment(embodiment)
     return (emb.lower + emb.upper) / 2
+
+
+def _center() -> np.ndarray:
+    return _center_of("mock_arm")
 
 
 def test_after_a_late_chunk_a_chunk_that_starts_far_is_reached_with_move_to_and_the_episode_goes_on(cell):
@@ -491,3 +514,33 @@ def test_a_chunk_that_jumps_while_the_arm_follows_the_last_one_is_refused_not_re
     assert "too_far" in report.outcome, report.outcome
     assert report.realign_moves == 0 and driver.move_targets == []
     assert report.chunks == 4 and len(driver.refused) == 1 and 0.25 < driver.refused[0] < 0.35, driver.refused
+
+
+class BaseAndArm(ShiftedChunks):
+    """ShiftedChunks on a mobile manipulator: every chunk also drives the base forward at 0.19 m/s
+    (0 when the episode starts: a gap beyond the held arm's realign bound, which must not count it,
+    nor try to move to it)."""
+
+    def __init__(self, shifted: set[int], vx: int):
+        super().__init__(shifted, slow=frozenset({3}), slow_s=CHUNKING.size * CHUNKING.dt + 0.15)
+        self.vx = vx
+
+    def infer(self, obs):
+        chunk = super().infer(obs)
+        chunk.actions[:, self.vx] = 0.19
+        return chunk
+
+
+def test_a_base_velocity_is_no_reason_to_realign_and_a_realign_stops_the_base(base_cell):
+    driver, link, _ = base_cell
+    vx = link.description["joint_names"].index("base_vx")
+    events: list[tuple[str, dict]] = []
+    report, _, _ = _run(base_cell, BaseAndArm({4}, vx), 2.0, Deadlines(policy_s=2.0), events=events)
+    assert report.outcome == "completed", report.outcome
+    # The first chunk's base velocity (0 -> 0.19) moved nothing; only the far arm joint after the late chunk did.
+    [realign] = _realigns(events)
+    assert realign["cause"] == "late chunk" and realign["joint"].endswith(link.description["joint_names"][0]), realign
+    assert report.realign_moves == 1 and driver.refused == []
+    target = driver.move_targets[0]
+    assert target[vx] == 0.0 and not np.any(target[driver.base])  # the driver refuses a move_to with base velocities
+    assert 0.28 < target[0] - _center_of("arx_lift2")[0] < 0.45, target
