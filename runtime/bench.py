@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 
 def _bench_cell(run_dir: Path, tcp: bool = False, cameras: int = 2, realtime: bool = False,
-                spin_us: float = 0.0) -> Path:
+                spin_us: float = 0.0, cpus: list[int] | None = None) -> Path:
     """The default cell, written out with fresh endpoints (tcp loopback when asked)."""
     data = yaml.safe_load(SCRIPTED_CELL.read_text())
     data["name"] = "bench"
@@ -62,6 +62,8 @@ def _bench_cell(run_dir: Path, tcp: bool = False, cameras: int = 2, realtime: bo
         data["drivers"][0]["realtime_priority"] = 80
     if spin_us:
         data["drivers"][0]["loop_spin_us"] = spin_us
+    if cpus:
+        data["drivers"][0]["cpus"] = cpus
     data["drivers"][0]["embodiment"] = str(SCRIPTED_CELL.parent.parent / "embodiments" / "mock_arm.yaml")
     if tcp:
         data["plain_tcp_loopback"] = True  # measures plain loopback TCP: open to every local user, benchmarks only
@@ -87,9 +89,18 @@ LOOP_START_TIMEOUT_S = 60.0
 BENCH_SPIN_US = 300.0
 
 
-def bench_loop(seconds: float, realtime: bool = False, spin_us: float = 0.0) -> dict[str, Any]:
-    run_dir = default_run_dir(f"bench-loop{'-rt' if realtime else ''}{'-spin' if spin_us else ''}")
-    with CellProcesses(_bench_cell(run_dir, realtime=realtime, spin_us=spin_us), run_dir) as procs:
+def _last_cpu() -> list[int] | None:
+    """The driver's own CPU for the pinned variant: the last one this process may use, if it has two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[-1:] if len(cpus) >= 2 else None
+
+
+def bench_loop(seconds: float, realtime: bool = False, spin_us: float = 0.0, pinned: bool = False) -> dict[str, Any]:
+    cpus = _last_cpu() if pinned else None
+    if pinned and cpus is None:
+        return {"skipped": "one CPU: nothing to keep the driver's core apart from"}
+    run_dir = default_run_dir(f"bench-loop{'-rt' if realtime else ''}{'-spin' if spin_us else ''}{'-pin' if pinned else ''}")
+    with CellProcesses(_bench_cell(run_dir, realtime=realtime, spin_us=spin_us, cpus=cpus), run_dir) as procs:
         procs.start_all(LOOP_START_TIMEOUT_S)
         from armada.runtime.inference.client import EpisodeClient
 
@@ -105,7 +116,7 @@ def bench_loop(seconds: float, realtime: bool = False, spin_us: float = 0.0) -> 
         client.close()
         cmd.close()
     loop = after["loop"]
-    return {"rate_hz": 1e3 / loop["period_ms"], "realtime": realtime, "loop_spin_us": spin_us,
+    return {"rate_hz": 1e3 / loop["period_ms"], "realtime": realtime, "loop_spin_us": spin_us, "driver_cpus": cpus,
             "seconds": seconds, "ticks": loop["ticks"],
             "period_ms": {"p50": loop["period_p50_ms"], "p99": loop["period_p99_ms"], "max": loop["period_max_ms"]},
             "period_error_ms": {"p50": loop["error_p50_ms"], "p99": loop["error_p99_ms"], "max": loop["error_max_ms"]},
@@ -252,6 +263,8 @@ def run_bench(what: str, seconds: float, json_path: Path | None) -> int:
              "loop_realtime": lambda: bench_loop(max(seconds, 10.0), realtime=True),
              "loop_spin": lambda: bench_loop(max(seconds, 10.0), spin_us=BENCH_SPIN_US),
              "loop_realtime_spin": lambda: bench_loop(max(seconds, 10.0), realtime=True, spin_us=BENCH_SPIN_US),
+             "loop_realtime_spin_pinned": lambda: bench_loop(max(seconds, 10.0), realtime=True, spin_us=BENCH_SPIN_US,
+                                                             pinned=True),
              "rtt": bench_rtt,
              "state": lambda: bench_state(seconds), "frames": lambda: bench_frames(seconds)}
     for name, fn in steps.items():

@@ -264,9 +264,18 @@ class DriverConfig(_Strict):
     # the deadline: a sleeping thread wakes 0.1-0.3 ms late on a VM even under SCHED_FIFO. Costs
     # that much of a core per tick (300 us at 500 Hz: 15 %); 0 sleeps all the way (the default).
     loop_spin_us: float = Field(default=0.0, ge=0, le=2000)
+    # CPUs this driver's process runs on; the cell's other processes are kept off them (runtime/cpus.py).
+    cpus: list[int] | None = Field(default=None, min_length=1, max_length=64)
     # A joint calibration from `armada calibrate joints` (relative to the cell file), checked when
     # the cell loads; a backend that applies joint calibrations takes only its own kind.
     joint_calibration: str | None = None
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus_are_cpu_numbers(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (any(c < 0 for c in value) or len(set(value)) != len(value)):
+            raise ValueError(f"cpus must be distinct CPU numbers (0, 1, ...), got {value}")
+        return value
 
     @field_validator("backend", mode="before")
     @classmethod
