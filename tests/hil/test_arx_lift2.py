@@ -312,13 +312,20 @@ def test_a_gamepad_drives_the_base_by_servo_and_a_quiet_gamepad_stops_it(robot):
     """Teleop: servo of the base group alone at 20 Hz; the arms and lift keep their targets. When
     the servos stop, the base target goes stale after command_timeout_s and ramps to zero."""
     start = robot.arm()
-    end = time.monotonic() + 1.5
-    while time.monotonic() < end:
+
+    def at_speed() -> bool:
+        measured = robot.rec.latest()["measured"]
+        return measured[15] > 0.08 and measured[17] > 0.15
+
+    # Servo for at least 1.5 s, and on until the base is at speed: on a loaded 2-core host the
+    # recorder thread (or this loop) can lag the driver by a second, so a fixed sleep is no proof.
+    began = time.monotonic()
+    while time.monotonic() - began < 1.5 or (not at_speed() and time.monotonic() - began < 8.0):
         robot.client.request("servo", lease=robot.lease, target=np.array([0.1, 0.0, 0.2]), group="base")
         robot.heartbeat()
         time.sleep(0.05)
     driving = robot.rec.latest()
-    assert driving["measured"][15] > 0.08 and driving["measured"][17] > 0.15, driving["measured"][15:18]
+    assert at_speed(), driving["measured"][15:18]
     assert np.array_equal(np.array(driving["commanded"][:15]), start[:15])  # arms and lift untouched
     quiet_at = time.monotonic()
     robot.heartbeats_for(0.1)
