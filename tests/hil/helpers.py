@@ -38,6 +38,28 @@ class StateRecorder:
     def latest(self) -> dict | None:
         return self.messages[-1] if self.messages else None
 
+    def fresh(self, after_ns: int | None = None, timeout_s: float = 5.0) -> dict:
+        """The first state stamped at or after ``after_ns`` (default: now), waiting for it.
+
+        Drivers stamp states with this host's monotonic clock. On a loaded 2-core host this
+        recorder thread can lag the driver by a second, so ``latest()`` read after a sleep may be
+        old news; a test that asserts what the driver did by a time reads ``fresh()`` instead."""
+        after_ns = time.monotonic_ns() if after_ns is None else after_ns
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            m = self.latest()
+            if m is not None and m["mono_ns"] >= after_ns:
+                return m
+            time.sleep(0.005)
+        last = self.latest()
+        raise AssertionError(f"no state stamped after {after_ns} within {timeout_s} s "
+                             f"(last stamped {last and last['mono_ns']})")
+
+    def stamped_between(self, t0_ns: int, t1_ns: int) -> list[dict]:
+        """The states the driver stamped in [t0_ns, t1_ns), once one after t1_ns has arrived."""
+        self.fresh(t1_ns)
+        return [m for m in list(self.messages) if t0_ns <= m["mono_ns"] < t1_ns]
+
     def wait_mode(self, mode: str, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

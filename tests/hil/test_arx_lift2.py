@@ -233,7 +233,7 @@ def test_losing_the_lease_ramps_the_base_to_zero_and_holds_arms_and_lift(robot):
     assert m["mode"] == "armed", m.get("reason")
     held = np.array(m["commanded"][:15])
     time.sleep(0.5)
-    later = robot.rec.latest()
+    later = robot.rec.fresh()
     assert np.array_equal(np.array(later["commanded"][:15]), held)  # arms, grippers and lift hold
     assert np.allclose(later["measured"][:15], held, atol=0.01)
     messages = [x for x in robot.rec.messages if x["mode"] in ("armed", "running")]

@@ -133,8 +133,12 @@ def rig(request, short_tmp) -> Iterator[Rig]:
 
 
 def wait_state(rig: Rig, pred, since_ns: int, timeout_s: float) -> dict:
-    """The first state message stamped at or after ``since_ns`` (driver monotonic) that satisfies ``pred``."""
-    deadline = time.monotonic() + timeout_s
+    """The first state message stamped at or after ``since_ns`` (driver monotonic) that satisfies ``pred``.
+
+    The bound is on the driver's stamps (none of its states until ``since_ns + timeout_s`` did), not
+    on this thread's clock: on a loaded host the recorder can lag the driver by a second."""
+    until_ns = since_ns + int(timeout_s * 1e9)
+    deadline = time.monotonic() + timeout_s + 5.0
     k = 0
     while True:
         msgs = rig.rec.messages
@@ -142,7 +146,7 @@ def wait_state(rig: Rig, pred, since_ns: int, timeout_s: float) -> dict:
             if m["mono_ns"] >= since_ns and pred(m):
                 return m
         k = len(msgs)
-        if time.monotonic() > deadline:
+        if (msgs and msgs[-1]["mono_ns"] > until_ns) or time.monotonic() > deadline:
             last = msgs[-1] if msgs else None
             raise AssertionError(f"no state message within {timeout_s} s satisfied the condition; last: "
                                  f"mode {last and last['mode']} ({last and last.get('reason')}), "

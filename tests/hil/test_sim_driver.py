@@ -90,7 +90,7 @@ def test_state_carries_the_sim_and_a_move_then_estop_holds(sim):
     stopped = np.asarray(rec.wait_mode("estop", 2.0)["measured"])
     t0 = rec.latest()["device"]["sim"]["time_s"]
     time.sleep(1.0)
-    last = rec.latest()
+    last = rec.fresh()
     assert last["mode"] == "estop"  # latched
     assert last["device"]["sim"]["time_s"] > t0 + 0.5  # the physics runs on, holding
     assert np.allclose(last["measured"], stopped, atol=0.05), (last["measured"], stopped)

@@ -43,7 +43,7 @@ def test_a_piper_following_its_master_in_hardware_is_watched_never_commanded(sho
                 assert s.status.startswith("watching"), s.status
                 time.sleep(0.5)
                 assert s.lease is None and s.stats.sent == 0
-            last = rec.latest()
+            last = rec.fresh()
         finally:
             rec.stop()
     assert last["device"]["leader_follows_in_hardware"] is True
@@ -73,7 +73,7 @@ def test_aloha_followers_follow_their_leaders_moved_by_hand_and_hold_when_one_is
                 time.sleep(0.5)
                 fake.call("move_by_hand", bus="master_left", id=1, position=2048 + 300)  # the left waist, +0.46 rad
                 time.sleep(2.0)  # the fake's hand moves at 3 rad/s, twice the follower's limit: it catches up
-                last = rec.latest()
+                last = rec.fresh()
                 leader, measured = np.asarray(last["device"]["leader"]), np.asarray(last["measured"])
                 assert abs(leader[0]) > 0.4, leader[0]
                 assert abs(measured[0] - leader[0]) < 0.03, (measured[0], leader[0], s.stats.summary())
@@ -84,7 +84,7 @@ def test_aloha_followers_follow_their_leaders_moved_by_hand_and_hold_when_one_is
                     time.sleep(0.01)
                 assert s.status.startswith("holding: leader lost"), s.status
                 time.sleep(0.3)
-                last = rec.latest()
+                last = rec.fresh()
                 assert last["mode"] == "armed" and "reason" not in last, last.get("reason")
         finally:
             rec.stop()

@@ -51,7 +51,8 @@ def so101(short_tmp):
 
 
 def since(rec: StateRecorder, t: float) -> list[dict]:
-    return [m for m in list(rec.messages) if m["mono_ns"] * 1e-9 >= t]
+    """States stamped from t until now, once the recorder (which can lag on a loaded host) has them."""
+    return rec.stamped_between(int(t * 1e9), time.monotonic_ns())
 
 
 def test_the_follower_follows_the_leader_moved_by_hand_then_holds_when_it_is_unplugged(so101):
