@@ -65,7 +65,7 @@ import math
 import os
 import termios
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -122,7 +122,23 @@ HW_ERRORS = {0x01: "input voltage", 0x04: "overheating", 0x08: "motor encoder", 
 COMM_SUCCESS = 0
 
 ESTOP_READ_ATTEMPTS = 3
-PING_RETRY_S = 0.3  # a servo that does not answer for this long at connect is missing
+PING_RETRY_S = 0.5  # a servo that does not answer for this long at connect is missing
+PING_BACKOFF_S, PING_BACKOFF_MAX_S = 0.005, 0.08  # the pause between unanswered setup transactions, doubling
+
+
+def retry_pauses() -> Iterator[float]:
+    """The pauses between tries of a setup transaction whose reply was lost, for PING_RETRY_S.
+
+    Doubling: requests sent back to back at something that answers late (a servo behind a slow
+    adapter, a fake on a loaded host) queue up there, each late reply is flushed before the next
+    request, and none would ever be read in time."""
+    give_up = time.monotonic() + PING_RETRY_S
+    pause = PING_BACKOFF_S
+    while True:
+        yield pause
+        if time.monotonic() > give_up:
+            return
+        pause = min(2 * pause, PING_BACKOFF_MAX_S)
 
 
 def ticks_to_rad(ticks: np.ndarray | float) -> np.ndarray:
@@ -259,11 +275,11 @@ class _Bus:
         found: dict[int, int] = {}
         missing, wrong = [], []
         for s in self.servos:
-            give_up = time.monotonic() + PING_RETRY_S
-            while True:  # a lost reply (a busy host, a glitch) is not a missing servo
+            for pause in retry_pauses():  # a lost reply (a busy host, a glitch) is not a missing servo
                 model, result, _error = self.ph.ping(self.port, s.id)
-                if result == COMM_SUCCESS or time.monotonic() > give_up:
+                if result == COMM_SUCCESS:
                     break
+                time.sleep(pause)
             if result != COMM_SUCCESS:
                 missing.append(s)
                 continue
@@ -346,20 +362,21 @@ class _Bus:
         """One register (value, result, error). Setup transactions are repeated while the reply is lost
         (a reply is lost on a busy host or a glitching bus; a servo's own error is never retried)."""
         fn = {1: self.ph.read1ByteTxRx, 2: self.ph.read2ByteTxRx, 4: self.ph.read4ByteTxRx}[size]
-        give_up = time.monotonic() + PING_RETRY_S
-        while True:
+        for pause in retry_pauses():
             value, result, error = fn(self.port, servo_id, address)
-            if result == COMM_SUCCESS or time.monotonic() > give_up:
-                return value, result, error
+            if result == COMM_SUCCESS:
+                break
+            time.sleep(pause)
+        return value, result, error
 
     def _write(self, servo: Servo, address: int, size: int, value: int, what: str) -> None:
         """Write one register and wait for its status (the write is idempotent: a lost reply is retried)."""
         fn = {1: self.ph.write1ByteTxRx, 2: self.ph.write2ByteTxRx, 4: self.ph.write4ByteTxRx}[size]
-        give_up = time.monotonic() + PING_RETRY_S
-        while True:
+        for pause in retry_pauses():
             result, error = fn(self.port, servo.id, address, int(value) & ((1 << (8 * size)) - 1))
-            if result == COMM_SUCCESS or time.monotonic() > give_up:
+            if result == COMM_SUCCESS:
                 break
+            time.sleep(pause)
         self._require(result, error & 0x7F, f"writing {what} of {self.label(servo)}")
 
     # --- taking control ------------------------------------------------------------------------
@@ -385,14 +402,16 @@ class _Bus:
                     raise BackendError(f"{self.name}: gripper_current {gripper_current} is above {self.label(s)}'s "
                                        f"Current_Limit {limit}", transient=False)
                 self._write(s, ADDR_GOAL_CURRENT, 2, gripper_current, "Goal_Current")
-        give_up = time.monotonic() + PING_RETRY_S
-        while True:  # the pose to hold: a lost reply is asked again, like every setup transaction
+        present, lost = None, None
+        for pause in retry_pauses():  # the pose to hold: a lost reply is asked again, like every setup transaction
             try:
                 present = self.read_positions()
                 break
             except BackendError as exc:
-                if time.monotonic() > give_up:
-                    raise BackendError(f"{exc} (reading the pose to enable torque at)", transient=False) from None
+                lost = exc
+                time.sleep(pause)
+        if present is None:
+            raise BackendError(f"{lost} (reading the pose to enable torque at)", transient=False) from None
         for s, ticks in zip(self.primaries, present):
             # Goal first (a shadow gets it too, through its Secondary_ID): torque then holds here.
             self._write(s, ADDR_GOAL_POSITION, 4, int(ticks), "Goal_Position (the present position)")
