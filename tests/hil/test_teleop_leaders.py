@@ -73,8 +73,17 @@ def test_aloha_followers_follow_their_leaders_moved_by_hand_and_hold_when_one_is
                 time.sleep(0.5)
                 fake.call("move_by_hand", bus="master_left", id=1, position=2048 + 300)  # the left waist, +0.46 rad
                 time.sleep(2.0)  # the fake's hand moves at 3 rad/s, twice the follower's limit: it catches up
-                last = rec.fresh()
-                leader, measured = np.asarray(last["device"]["leader"]), np.asarray(last["measured"])
+
+                def caught_up() -> tuple[np.ndarray, np.ndarray]:
+                    last = rec.fresh()
+                    return np.asarray(last["device"]["leader"]), np.asarray(last["measured"])
+
+                # On a loaded host the session's loop (and so the follower) runs late: give it up to 6 s more.
+                deadline = time.monotonic() + 6.0
+                leader, measured = caught_up()
+                while abs(measured[0] - leader[0]) >= 0.03 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    leader, measured = caught_up()
                 assert abs(leader[0]) > 0.4, leader[0]
                 assert abs(measured[0] - leader[0]) < 0.03, (measured[0], leader[0], s.stats.summary())
                 assert s.status == "following", s.status
