@@ -480,8 +480,8 @@ class ClockProbe:
     clock endpoint (runtime/remote/clock.py)."""
 
     host: str  # as the cell's endpoints name it
-    owner: str  # "driver arm", "camera ceiling"
-    endpoints: tuple[str, ...]  # driver: (cmd, state); camera: (clock,)
+    owner: str  # "driver arm", "camera ceiling", "inference"
+    endpoints: tuple[str, ...]  # driver: (cmd, state); camera: (clock,); inference: (ctl,)
 
     @property
     def kind(self) -> str:
@@ -490,8 +490,9 @@ class ClockProbe:
 
 def clock_probes(cell: Any, peers: dict[str, str]) -> tuple[list[ClockProbe], dict[str, list[str]]]:
     """One probe per other host (``peers``: its name in the endpoints -> address): a driver there if
-    there is one, else a camera with a clock endpoint; and {host: [cameras]} for the hosts that have
-    only cameras naming no clock endpoint (nothing there answers a clock ping)."""
+    there is one, else a camera with a clock endpoint, else the inference process (a GPU host that
+    runs only inference); and {host: [cameras]} for the hosts that have only cameras naming no clock
+    endpoint (nothing there answers a clock ping)."""
     from armada.runtime.remote.clock import endpoint_host
 
     probes: dict[str, ClockProbe] = {}
@@ -509,6 +510,11 @@ def clock_probes(cell: Any, peers: dict[str, str]) -> tuple[list[ClockProbe], di
             probes[h] = ClockProbe(h, f"camera {c.name}", (clock,))
         else:
             silent.setdefault(h, []).append(c.name)
+    inference = getattr(cell, "inference", None)
+    if inference is not None:
+        h = endpoint_host(inference.ctl)
+        if h in peers and h not in probes:
+            probes[h] = ClockProbe(h, "inference", (inference.ctl,))
     return list(probes.values()), {h: names for h, names in silent.items() if h not in probes}
 
 

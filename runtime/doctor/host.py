@@ -93,8 +93,9 @@ def is_local_address(address: str) -> bool:
 
 def measure_clock(probe: Any, curve: Any, timeout_s: float) -> Any:
     """Another host's wall-clock offset through one of the cell's processes there (a ClockProbe):
-    a driver's ping and state, or a camera's clock endpoint; a ClockSample. Bounded by ``timeout_s``
-    per wait; TimeoutError when nothing answers."""
+    a driver's ping and state, or the wall clock a camera's clock endpoint or the inference process
+    answers a ping with; a ClockSample. Bounded by ``timeout_s`` per wait; TimeoutError when nothing
+    answers."""
     import zmq
 
     from armada.runtime.remote.clock import measure_camera_clock, measure_driver_clock

@@ -152,7 +152,9 @@ class InferenceProcess:
         return {"version": PROTOCOL_VERSION, "drivers": list(self.links), "cameras": list(self.builder.cameras)}
 
     def _ctl_ping(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"mono_ns": time.monotonic_ns()}
+        # The wall clock too: `armada doctor` on another host measures this host's clock with it
+        # (runtime/remote/clock.py ping_clock), where no driver or camera here could be asked.
+        return {"mono_ns": time.monotonic_ns(), "t_ns": time.time_ns()}
 
     def _ctl_status(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"running": self._episode_running(), "episode": self.episode_counter,

@@ -110,7 +110,7 @@ def ping_clock(client: Any, samples: int = CLOCK_SAMPLES, timeout_s: float = CLO
         their = reply.get("t_ns")
         if type(their) is not int:
             raise ValueError(f"clock ping to {getattr(client, 'endpoint', '?')}: the reply carries no wall clock "
-                             "(t_ns): not a camera's clock endpoint")
+                             "(t_ns): not a camera's clock endpoint nor an inference process")
         sample = ClockSample(their - (sent_wall + rtt // 2), rtt)
         if best is None or sample.rtt_ns < best.rtt_ns:
             best = sample

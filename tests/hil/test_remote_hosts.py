@@ -299,3 +299,22 @@ def test_the_doctor_on_the_gpu_host_measures_the_robot_hosts_clock_through_its_d
     offset_ms = float(row.found.split(" ms")[0])
     rtt_ms = float(row.found.split("ping rtt ")[1].split(" ms")[0])
     assert rtt_ms >= 2 * LINK_DELAY_S * 1000 and abs(offset_ms) <= rtt_ms / 2 + 1, row
+
+
+def test_the_doctor_on_the_robot_host_measures_the_gpu_hosts_clock_through_inference(split, monkeypatch):
+    """No driver or camera runs on the GPU host: its inference process answers the clock ping."""
+    from armada.runtime.doctor.cli import diagnose
+    from armada.runtime.doctor.host import CommandMissing, Host
+
+    def no_commands(argv, timeout_s):
+        raise CommandMissing(argv[0])
+
+    monkeypatch.setenv("ARMADA_KEYS", str(split.keys["robot"]))  # as the robot host's processes pick theirs
+    report = diagnose(split.robot_cell, Host(is_local=lambda a: a == ROBOT, run=no_commands))
+    rows = {r.name: r for r in report.checks}
+    row = rows[f"clock of {GPU}"]
+    print(f"doctor on the robot host: clock of {GPU}: {row.found}")
+    assert row.status == "ok" and "via inference" in row.found, row
+    offset_ms = float(row.found.split(" ms")[0])
+    rtt_ms = float(row.found.split("ping rtt ")[1].split(" ms")[0])
+    assert abs(offset_ms) <= rtt_ms / 2 + 1, row  # one machine: the true offset is 0

@@ -39,6 +39,16 @@ def test_one_probe_per_other_host_a_driver_first_then_a_camera_clock():
     assert clock_probes(_cell(), {}) == ([], {})  # a cell all on this host: nothing to measure
 
 
+def test_a_host_that_runs_only_inference_is_measured_through_it():
+    cell = _cell()
+    cell.inference = SimpleNamespace(ctl="tcp://gpu:6100", events="tcp://gpu:6101")
+    probes, _ = clock_probes(cell, PEERS | {"gpu": "10.0.0.9"})
+    assert probes[-1] == ClockProbe("gpu", "inference", ("tcp://gpu:6100",))
+    cell.inference = SimpleNamespace(ctl="tcp://robot:6100", events="tcp://robot:6101")
+    probes, _ = clock_probes(cell, PEERS)  # inference beside a driver: the driver is asked, once
+    assert [p.owner for p in probes] == ["driver arm", "camera ceiling"]
+
+
 def _host(samples: dict[str, ClockSample | Exception]) -> tuple[Host, list]:
     calls = []
 
