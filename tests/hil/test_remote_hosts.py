@@ -282,39 +282,33 @@ def test_armada_run_on_the_gpu_host_starts_only_inference_and_drives_the_robots_
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["infer.log"]  # nothing else started here
 
 
-def test_the_doctor_on_the_gpu_host_measures_the_robot_hosts_clock_through_its_driver(split):
+def _doctor_clock(cell: Path, this_host: str, other_host: str) -> tuple[str, float, float]:
+    """The doctor's clock row for ``other_host``, run as on ``this_host`` (this machine binds both
+    addresses; each host is only its own): (status and text, offset ms, ping rtt ms)."""
     from armada.runtime.doctor.cli import diagnose
     from armada.runtime.doctor.host import CommandMissing, Host
 
     def no_commands(argv, timeout_s):  # chrony is not what is tested here
         raise CommandMissing(argv[0])
 
-    # This machine binds both addresses; the GPU host is only 127.0.0.3.
-    report = diagnose(split.gpu_cell, Host(is_local=lambda a: a == GPU, run=no_commands))
-    rows = {r.name: r for r in report.checks}
-    row = rows[f"clock of {ROBOT}"]
-    # One machine: the true offset is 0; the estimate is within half the ping's round trip (>= 40 ms here).
-    print(f"doctor on the GPU host: clock of {ROBOT}: {row.found}")
-    assert row.status == "ok" and "via driver arm" in row.found, row
+    report = diagnose(cell, Host(is_local=lambda a: a == this_host, run=no_commands))
+    row = {r.name: r for r in report.checks}[f"clock of {other_host}"]
+    print(f"doctor on {this_host}: clock of {other_host}: {row.found}")
     offset_ms = float(row.found.split(" ms")[0])
     rtt_ms = float(row.found.split("ping rtt ")[1].split(" ms")[0])
-    assert rtt_ms >= 2 * LINK_DELAY_S * 1000 and abs(offset_ms) <= rtt_ms / 2 + 1, row
+    return f"{row.status}: {row.found}", offset_ms, rtt_ms
+
+
+def test_the_doctor_on_the_gpu_host_measures_the_robot_hosts_clock_through_its_driver(split):
+    found, offset_ms, rtt_ms = _doctor_clock(split.gpu_cell, GPU, ROBOT)
+    assert found.startswith("ok: ") and "via driver arm" in found, found
+    # One machine: the true offset is 0; the estimate is within half the ping's round trip (>= 40 ms here).
+    assert rtt_ms >= 2 * LINK_DELAY_S * 1000 and abs(offset_ms) <= rtt_ms / 2 + 1, found
 
 
 def test_the_doctor_on_the_robot_host_measures_the_gpu_hosts_clock_through_inference(split, monkeypatch):
     """No driver or camera runs on the GPU host: its inference process answers the clock ping."""
-    from armada.runtime.doctor.cli import diagnose
-    from armada.runtime.doctor.host import CommandMissing, Host
-
-    def no_commands(argv, timeout_s):
-        raise CommandMissing(argv[0])
-
     monkeypatch.setenv("ARMADA_KEYS", str(split.keys["robot"]))  # as the robot host's processes pick theirs
-    report = diagnose(split.robot_cell, Host(is_local=lambda a: a == ROBOT, run=no_commands))
-    rows = {r.name: r for r in report.checks}
-    row = rows[f"clock of {GPU}"]
-    print(f"doctor on the robot host: clock of {GPU}: {row.found}")
-    assert row.status == "ok" and "via inference" in row.found, row
-    offset_ms = float(row.found.split(" ms")[0])
-    rtt_ms = float(row.found.split("ping rtt ")[1].split(" ms")[0])
-    assert abs(offset_ms) <= rtt_ms / 2 + 1, row  # one machine: the true offset is 0
+    found, offset_ms, rtt_ms = _doctor_clock(split.robot_cell, ROBOT, GPU)
+    assert found.startswith("ok: ") and "via inference" in found, found
+    assert abs(offset_ms) <= rtt_ms / 2 + 1, found  # one machine: the true offset is 0
