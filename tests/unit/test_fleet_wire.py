@@ -158,7 +158,8 @@ def test_a_dead_replica_or_a_timeout_is_retried_and_the_notes_say_so(stand_in):
     assert policy.infer(_obs()).actions.shape == (8, 7)
     notes = policy.episode_notes()
     assert notes["failures"] >= 3 and notes["failovers"] == 1, notes  # more only if a good answer came late
-    assert 0.6 <= notes["held_s"] <= time.monotonic() - started and not stand_in.script
+    # held_s is rounded to the millisecond: it may read up to 0.5 ms above the true time held.
+    assert 0.6 <= notes["held_s"] <= time.monotonic() - started + 0.0005 and not stand_in.script
 
 
 def test_a_slow_service_is_not_flooded_each_timeout_doubles_the_next_wait(stand_in):
