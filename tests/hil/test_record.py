@@ -49,6 +49,9 @@ def cell(cell_dir):
     data["drivers"][0]["embodiment"] = str(SCRIPTED_CELL.parent.parent / "embodiments" / "mock_arm.yaml")
     data["cameras"] = CAMERAS
     data["inference"]["episode_duration_s"] = 2
+    # Recording, two cameras, inference and the driver share 2 cores here: a 0.3 s lease lapsed under
+    # CI-like load (a heartbeat late). Not a lease test; the lease's own tests keep their TTLs.
+    data["drivers"][0]["lease_ttl_s"] = 1.0
     path = cell_dir / "cell.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -702,9 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-speed", type=float, default=3000.0, help="steps/s at Profile Velocity 0")
     args = parser.parse_args(argv)
     fake = DynamixelBusFake({i: args.model for i in args.ids}, max_speed=args.max_speed)
-    print(fake.start(), flush=True)
     done = threading.Event()
+    # Before the port is printed: whoever read it may stop us at once, and must get a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print(fake.start(), flush=True)
     try:
         while not done.is_set() and fake.alive:
             done.wait(0.5)
