@@ -126,19 +126,23 @@ PING_RETRY_S = 0.5  # a servo that does not answer for this long at connect is m
 PING_BACKOFF_S, PING_BACKOFF_MAX_S = 0.005, 0.08  # the pause between unanswered setup transactions, doubling
 
 
-def retry_pauses() -> Iterator[float]:
-    """The pauses between tries of a setup transaction whose reply was lost, for PING_RETRY_S.
+def retry_tries() -> Iterator[int]:
+    """Yields once before each try of a setup transaction whose reply was lost, for PING_RETRY_S.
 
-    Doubling: requests sent back to back at something that answers late (a servo behind a slow
-    adapter, a fake on a loaded host) queue up there, each late reply is flushed before the next
-    request, and none would ever be read in time."""
+    The pauses between tries double (PING_BACKOFF_S up to PING_BACKOFF_MAX_S): requests sent back to
+    back at something that answers late (a servo behind a slow adapter, a fake on a loaded host) queue
+    up there, each late reply is flushed before the next request, and none would ever be read in time.
+    No pause follows the last try."""
     give_up = time.monotonic() + PING_RETRY_S
     pause = PING_BACKOFF_S
+    attempt = 0
     while True:
-        yield pause
+        yield attempt
         if time.monotonic() > give_up:
             return
+        time.sleep(pause)
         pause = min(2 * pause, PING_BACKOFF_MAX_S)
+        attempt += 1
 
 
 def ticks_to_rad(ticks: np.ndarray | float) -> np.ndarray:
@@ -275,11 +279,10 @@ class _Bus:
         found: dict[int, int] = {}
         missing, wrong = [], []
         for s in self.servos:
-            for pause in retry_pauses():  # a lost reply (a busy host, a glitch) is not a missing servo
+            for _ in retry_tries():  # a lost reply (a busy host, a glitch) is not a missing servo
                 model, result, _error = self.ph.ping(self.port, s.id)
                 if result == COMM_SUCCESS:
                     break
-                time.sleep(pause)
             if result != COMM_SUCCESS:
                 missing.append(s)
                 continue
@@ -362,21 +365,19 @@ class _Bus:
         """One register (value, result, error). Setup transactions are repeated while the reply is lost
         (a reply is lost on a busy host or a glitching bus; a servo's own error is never retried)."""
         fn = {1: self.ph.read1ByteTxRx, 2: self.ph.read2ByteTxRx, 4: self.ph.read4ByteTxRx}[size]
-        for pause in retry_pauses():
+        for _ in retry_tries():
             value, result, error = fn(self.port, servo_id, address)
             if result == COMM_SUCCESS:
                 break
-            time.sleep(pause)
         return value, result, error
 
     def _write(self, servo: Servo, address: int, size: int, value: int, what: str) -> None:
         """Write one register and wait for its status (the write is idempotent: a lost reply is retried)."""
         fn = {1: self.ph.write1ByteTxRx, 2: self.ph.write2ByteTxRx, 4: self.ph.write4ByteTxRx}[size]
-        for pause in retry_pauses():
+        for _ in retry_tries():
             result, error = fn(self.port, servo.id, address, int(value) & ((1 << (8 * size)) - 1))
             if result == COMM_SUCCESS:
                 break
-            time.sleep(pause)
         self._require(result, error & 0x7F, f"writing {what} of {self.label(servo)}")
 
     # --- taking control ------------------------------------------------------------------------
@@ -403,13 +404,12 @@ class _Bus:
                                        f"Current_Limit {limit}", transient=False)
                 self._write(s, ADDR_GOAL_CURRENT, 2, gripper_current, "Goal_Current")
         present, lost = None, None
-        for pause in retry_pauses():  # the pose to hold: a lost reply is asked again, like every setup transaction
+        for _ in retry_tries():  # the pose to hold: a lost reply is asked again, like every setup transaction
             try:
                 present = self.read_positions()
                 break
             except BackendError as exc:
                 lost = exc
-                time.sleep(pause)
         if present is None:
             raise BackendError(f"{lost} (reading the pose to enable torque at)", transient=False) from None
         for s, ticks in zip(self.primaries, present):
