@@ -98,13 +98,13 @@ def measure_clock(probe: Any, curve: Any, timeout_s: float) -> Any:
     answers."""
     import zmq
 
-    from armada.runtime.remote.clock import measure_camera_clock, measure_driver_clock
+    from armada.runtime.remote.clock import measure_pinged_clock, measure_driver_clock
 
     ctx = zmq.Context()
     try:
         if probe.kind == "driver":
             return measure_driver_clock(ctx, probe.endpoints[0], probe.endpoints[1], curve, timeout_s=timeout_s)
-        return measure_camera_clock(ctx, probe.endpoints[0], curve, timeout_s=timeout_s)
+        return measure_pinged_clock(ctx, probe.endpoints[0], curve, timeout_s=timeout_s)
     finally:
         ctx.destroy(linger=0)
 

@@ -227,9 +227,10 @@ def measure_driver_clock(ctx: zmq.Context, cmd: str, state: str, curve: Any = No
         sub.close()
 
 
-def measure_camera_clock(ctx: zmq.Context, clock: str, curve: Any = None, samples: int = CLOCK_SAMPLES,
+def measure_pinged_clock(ctx: zmq.Context, clock: str, curve: Any = None, samples: int = CLOCK_SAMPLES,
                          timeout_s: float = 1.0) -> ClockSample:
-    """A camera host's wall-clock offset from the clock pings its process answers."""
+    """Another host's wall-clock offset from pings answered with that host's clocks (``t_ns`` and
+    ``mono_ns``): a camera's clock endpoint, or the inference process's ctl socket."""
     from armada.runtime.transport import CommandClient
 
     client = CommandClient(ctx, clock, curve, default_timeout_s=timeout_s)
