@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -87,12 +88,15 @@ def _start_moving(client, rec, lease: str) -> np.ndarray:
     return goal
 
 
+# What the fault names (a regular expression). Each motor reports its enable state in a frame of its
+# own, so the driver faults on the first one that says disabled: with every motor disabled, the
+# reason names the motors whose frames had arrived by then (one or all of them).
 INJECTIONS = {
-    "one motor disabled": ("disable {g} 3", "joint_3 disabled"),
-    "all motors disabled": ("disable {g}", "joint_1, joint_2, joint_3, joint_4, joint_5, joint_6 disabled"),
-    "teaching mode": ("mode {g} teach", "teaching mode, not CAN command mode"),
-    "standby mode": ("mode {g} standby", "standby mode, not CAN command mode"),
-    "power cycle": ("powercycle {g}", "standby mode, not CAN command mode"),
+    "one motor disabled": ("disable {g} 3", r"motor joint_3 disabled"),
+    "all motors disabled": ("disable {g}", r"motors? joint_[1-6](, joint_[1-6])* disabled"),
+    "teaching mode": ("mode {g} teach", r"teaching mode, not CAN command mode"),
+    "standby mode": ("mode {g} standby", r"standby mode, not CAN command mode"),
+    "power cycle": ("powercycle {g}", r"standby mode, not CAN command mode"),
 }
 
 
@@ -108,7 +112,7 @@ def test_a_lost_motor_or_mode_faults_within_the_bound_and_nothing_moves_after(ce
     took = (state["mono_ns"] - injected_ns) * 1e-9
     print(f"{what}: fault after {took * 1e3:.0f} ms: {state['reason']}")
     assert took < FAULT_BOUND_S, took
-    assert reason in state["reason"], state["reason"]
+    assert re.search(reason, state["reason"]), state["reason"]
     fault_s = state["mono_ns"] * 1e-9
     time.sleep(0.3)  # whatever was in flight has arrived; an enabled joint settles on its last target
     q_settled = np.asarray(fake.state(g)["q"])
