@@ -98,7 +98,7 @@ def measure_clock(probe: Any, curve: Any, timeout_s: float) -> Any:
     answers."""
     import zmq
 
-    from armada.runtime.remote.clock import measure_pinged_clock, measure_driver_clock
+    from armada.runtime.remote.clock import measure_driver_clock, measure_pinged_clock
 
     ctx = zmq.Context()
     try:
