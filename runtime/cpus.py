@@ -5,7 +5,8 @@ other process of the cell (cameras, inference, the other drivers) is kept off th
 the robot's control loop shares its cores with is only what the driver itself runs. On a 2-core
 VM this took the SCHED_FIFO loop's start lateness p99 from 0.15-0.35 ms to 0.04 ms under an
 episode (docs/benchmarks.md). It does not keep the rest of the system off those cores: for that,
-boot with isolcpus= or give the other services a systemd CPUAffinity=.
+boot with isolcpus= (`armada doctor` says whether the driver's CPUs are; `armada systemd` gives
+the driver's unit their CPUAffinity=).
 """
 
 from __future__ import annotations

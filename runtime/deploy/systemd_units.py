@@ -20,7 +20,8 @@ when the venv or cell lives under /home), kernel tunables/modules/cgroups protec
 ``PrivateDevices=``: drivers need /dev/ttyUSB*, cameras /dev/video* and USB, inference the GPU.
 Real-time: a driver with ``realtime_priority`` gets ``LimitRTPRIO=`` and ``LimitMEMLOCK=`` in a
 drop-in and sets each thread's priority itself (loop above command thread above the rest), so the
-unit does not set ``CPUSchedulingPolicy=`` for the whole process.
+unit does not set ``CPUSchedulingPolicy=`` for the whole process. A driver with ``cpus:`` gets
+``CPUAffinity=`` in a drop-in, so systemd starts it there.
 """
 
 from __future__ import annotations
@@ -186,6 +187,16 @@ def render(cell: CellConfig, opts: Options) -> UnitSet:
                 "[Service]",
                 f"LimitRTPRIO={d.realtime_priority}",
                 "LimitMEMLOCK=infinity",
+                "",
+            ])
+        if d.cpus and "driver" in opts.roles:
+            cpu_list = " ".join(map(str, d.cpus))
+            units.files[f"{unit}.d/20-cpus.conf"] = "\n".join([
+                f"# Driver {name} keeps CPU {cpu_list} for its control loop (cpus: in the cell); the process pins",
+                "# itself there too, and the cell's other processes stay off. Other services and kernel threads",
+                f"# still run there unless the kernel command line says isolcpus={','.join(map(str, d.cpus))}.",
+                "[Service]",
+                f"CPUAffinity={cpu_list}",
                 "",
             ])
     for c in cell.cameras:

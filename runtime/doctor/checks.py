@@ -306,8 +306,20 @@ def check_device_groups(host: Host, needed: set[str]) -> Check:
     return Check("groups", "ok", f"in {', '.join(sorted(needed))}" if not host.is_root else "root")
 
 
-def check_cpu(host: Host, realtime: bool) -> list[Check]:
-    """The CPU frequency governor (powersave adds latency to every wake-up) and isolated cores."""
+def parse_cpu_list(text: str) -> set[int]:
+    """The kernel's CPU list format (/sys/devices/system/cpu/online, isolated): ``0-3,6``; '' is none."""
+    cpus: set[int] = set()
+    for part in (p.strip() for p in text.strip().split(",")):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def check_cpu(host: Host, realtime: bool, driver_cpus: dict[str, list[int]] | None = None) -> list[Check]:
+    """The CPU frequency governor (powersave adds latency to every wake-up), isolated cores, and the
+    CPUs that this host's drivers keep (``cpus:`` in the cell): present here, isolated or not."""
     cpu_dir = host.path("/sys/devices/system/cpu")
     governors: dict[str, list[str]] = {}
     for f in sorted(cpu_dir.glob("cpu[0-9]*/cpufreq/scaling_governor")):
@@ -324,20 +336,43 @@ def check_cpu(host: Host, realtime: bool) -> list[Check]:
         seen = ", ".join(f"{g} ({len(c)} CPUs)" for g, c in sorted(governors.items()))
         rows.append(Check("cpu governor", "warn", f"{seen}: frequency scaling adds wake-up latency",
                           "sudo cpupower frequency-set -g performance"))
-    iso = cpu_dir / "isolated"
     try:
-        isolated = iso.read_text().strip()
-    except OSError:
-        rows.append(Check("isolated cores", "skip", "no /sys/devices/system/cpu/isolated"))
+        isolated_text = (cpu_dir / "isolated").read_text().strip()
+        isolated = parse_cpu_list(isolated_text)
+    except (OSError, ValueError):
+        rows.append(Check("isolated cores", "skip", "no readable /sys/devices/system/cpu/isolated"))
         return rows
+    kept = {c for cpus in (driver_cpus or {}).values() for c in cpus}
     if isolated:
-        rows.append(Check("isolated cores", "ok", f"isolated: {isolated}"))
-    elif realtime:
-        rows.append(Check("isolated cores", "warn", "none isolated: the control loop shares its CPU",
-                          "optional: isolcpus=N (kernel command line) and pin the driver there"))
+        unused = sorted(isolated - kept)
+        note = f" ({', '.join(map(str, unused))} kept by no driver of this cell)" if kept and unused else ""
+        rows.append(Check("isolated cores", "ok", f"isolated: {isolated_text}{note}"))
+    elif realtime or kept:
+        rows.append(Check("isolated cores", "warn", "none isolated: the control loop shares its CPU with other services",
+                          "optional: isolcpus=N on the kernel command line and `cpus: [N]` for the driver in the cell"))
     else:
         rows.append(Check("isolated cores", "ok", "none isolated (no driver runs real-time)"))
+    rows += [_check_driver_cpus(cpu_dir, name, cpus, isolated) for name, cpus in (driver_cpus or {}).items()]
     return rows
+
+
+def _check_driver_cpus(cpu_dir: Path, name: str, cpus: list[int], isolated: set[int]) -> Check:
+    """A driver's ``cpus:``: every one online here (else the driver refuses to start), isolated or not."""
+    title = f"cpus of driver {name}"
+    try:
+        online_text = (cpu_dir / "online").read_text().strip()
+        online = parse_cpu_list(online_text)
+    except (OSError, ValueError):
+        return Check(title, "skip", f"cpus {cpus}; no readable /sys/devices/system/cpu/online")
+    missing = sorted(set(cpus) - online)
+    if missing:
+        return Check(title, "fail", f"cpus {cpus}: {missing} not online here (online: {online_text}); "
+                     "the driver refuses to start", f"name CPUs of this host ({online_text}) in the driver's `cpus:`")
+    shared = sorted(set(cpus) - isolated)
+    if shared:
+        return Check(title, "warn", f"cpus {cpus}: {shared} not isolated: other services and kernel threads run there",
+                     f"optional: isolcpus={','.join(map(str, cpus))} on the kernel command line")
+    return Check(title, "ok", f"cpus {cpus}, isolated")
 
 
 # --- clocks ---------------------------------------------------------------------------------

@@ -70,6 +70,17 @@ class Report:
                 "counts": counts, "checks": [c.as_dict() for c in self.checks]}
 
 
+def _runs_here(host: Host, endpoint: str) -> bool:
+    """Whether the process that binds ``endpoint`` runs on this host (ipc: always)."""
+    from armada.runtime.remote.clock import endpoint_host
+
+    name = endpoint_host(endpoint)
+    if name is None:
+        return True
+    address = host.resolve(name)
+    return address is not None and host.is_local(address)
+
+
 def diagnose(cell_path: Path | None, host: Host | None = None, run_dir: Path | None = None) -> Report:
     """Every check for one cell; ``host`` is the machine as the checks see it (tests pass a fake)."""
     from armada.runtime.config import DEFAULT_CELL, ConfigError, load_cell, resolve_cell_file
@@ -103,7 +114,8 @@ def diagnose(cell_path: Path | None, host: Host | None = None, run_dir: Path | N
                                                      if n.kind in _GROUP_OF_KIND and "{run_dir}" not in n.target}))
     priorities = {d.name: d.realtime_priority for d in cell.drivers if d.realtime_priority is not None}
     report.checks += check_realtime(host, priorities)
-    report.checks += check_cpu(host, realtime=bool(priorities))
+    report.checks += check_cpu(host, realtime=bool(priorities),
+                               driver_cpus={d.name: d.cpus for d in cell.drivers if d.cpus and _runs_here(host, d.cmd)})
     report.checks += check_curve(cell.curve)
     peers: dict[str, str] = {}
     report.checks += check_remote_hosts(host, cell_endpoints(cell), peers=peers)

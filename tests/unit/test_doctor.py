@@ -39,6 +39,7 @@ from armada.runtime.doctor.checks import (
     check_remote_hosts,
     check_torch,
     check_ur_dashboard,
+    parse_cpu_list,
 )
 from armada.runtime.doctor.cli import diagnose, format_table
 from armada.runtime.doctor.host import CommandMissing, Host
@@ -284,6 +285,64 @@ def test_cpu_governor_and_isolated_cores(tmp_path):
     (cpu / "cpu1/cpufreq/scaling_governor").write_text("performance\n")
     (cpu / "isolated").write_text("2-3\n")
     assert [r.status for r in check_cpu(fake_host(tmp_path), realtime=True)] == ["ok", "ok"]
+
+
+def test_cpu_lists_in_the_kernels_format():
+    assert parse_cpu_list("") == set() and parse_cpu_list("\n") == set()
+    assert parse_cpu_list("0-3,6,8-9\n") == {0, 1, 2, 3, 6, 8, 9}
+    with pytest.raises(ValueError):
+        parse_cpu_list("0-x")
+
+
+def test_a_drivers_cpus_present_isolated_or_shared(tmp_path):
+    cpu = tmp_path / "sys/devices/system/cpu"
+    cpu.mkdir(parents=True)
+    (cpu / "online").write_text("0-3\n")
+    (cpu / "isolated").write_text("\n")
+
+    def rows(**driver_cpus):
+        return {r.name: r for r in check_cpu(fake_host(tmp_path), realtime=False, driver_cpus=driver_cpus)}
+
+    shared = rows(arm=[3])
+    assert shared["isolated cores"].status == "warn" and "`cpus: [N]`" in shared["isolated cores"].fix
+    assert shared["cpus of driver arm"].status == "warn" and "isolcpus=3" in shared["cpus of driver arm"].fix
+    missing = rows(arm=[2, 5])["cpus of driver arm"]
+    assert missing.status == "fail" and "[5] not online here (online: 0-3)" in missing.found
+    (cpu / "isolated").write_text("2-3\n")
+    ok = rows(arm=[3])
+    assert ok["cpus of driver arm"].status == "ok" and ok["isolated cores"].status == "ok"
+    assert "2 kept by no driver" in ok["isolated cores"].found
+    assert rows(left=[2], right=[3])["isolated cores"].found == "isolated: 2-3"
+    assert "cpus of driver arm" not in rows()  # no driver keeps CPUs: no row
+    (cpu / "online").unlink()
+    assert rows(arm=[3])["cpus of driver arm"].status == "skip"
+
+
+def test_diagnose_fails_a_driver_whose_cpus_this_host_lacks(tmp_path):
+    root = tmp_path / "root"
+    (root / "sys/devices/system/cpu").mkdir(parents=True)
+    (root / "sys/devices/system/cpu/online").write_text("0-1\n")
+    (root / "sys/devices/system/cpu/isolated").write_text("\n")
+    cell = _cell(tmp_path, {"kind": "mock"}, cpus=[4])
+    report = diagnose(cell, fake_host(root))
+    row = {r.name: r for r in report.checks}["cpus of driver arm"]
+    assert row.status == "fail" and report.exit_code == 1, format_table(report)
+
+    def refused(*_):
+        raise ConnectionRefusedError
+
+    def silent(*_):
+        raise TimeoutError("no answer")
+
+    # The same driver bound on another host (a loopback address this fake host does not own): its CPUs
+    # are that host's to check.
+    elsewhere = _cell(tmp_path, {"kind": "mock"}, cpus=[4], state="tcp://127.0.0.5:5555", cmd="tcp://127.0.0.5:5556")
+    data = yaml.safe_load(elsewhere.read_text())
+    elsewhere.write_text(yaml.safe_dump({**data, "plain_tcp_loopback": True}))
+    report = diagnose(elsewhere, fake_host(root, resolve=lambda name: name, is_local=lambda a: False,
+                                           connect=refused, measure_clock=silent))
+    assert report.checks[0].status == "ok", format_table(report)
+    assert "cpus of driver arm" not in {r.name for r in report.checks}, format_table(report)
 
 
 CHRONY = """Reference ID    : C0A80001 (192.168.0.1)

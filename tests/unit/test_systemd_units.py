@@ -102,6 +102,37 @@ def test_a_realtime_driver_gets_its_limits_in_a_drop_in() -> None:
     assert not [n for n in plain.files if n.endswith(".conf") and ".service.d/" in n]
 
 
+def _with_cpus(tmp_path: Path, cpus: list[int]) -> Path:
+    """ur3_fake.yaml with its driver keeping ``cpus`` (the cell's relative paths still resolve)."""
+    import yaml
+
+    data = yaml.safe_load((CELLS / "ur3_fake.yaml").read_text())
+    data["drivers"][0]["cpus"] = cpus
+    path = tmp_path / "ur3_cpus.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_driver_that_keeps_cpus_gets_cpu_affinity_in_a_drop_in(tmp_path: Path) -> None:
+    path = _with_cpus(tmp_path, [1, 3])
+    cell = load_cell(path, "/run/armada/x")
+    units = render(cell, Options(cell_path=path, venv=Path(sys.prefix)))
+    dropin = _section(units.files["armada-ur3_fake-driver-arm.service.d/20-cpus.conf"])
+    assert dropin["CPUAffinity"] == ["1 3"]
+    assert "isolcpus=1,3" in units.files["armada-ur3_fake-driver-arm.service.d/20-cpus.conf"]
+    # Only the driver's unit: the others pin themselves off those CPUs at start (runtime/cpus.py).
+    assert [n for n in units.files if n.endswith("20-cpus.conf")] == ["armada-ur3_fake-driver-arm.service.d/20-cpus.conf"]
+    assert not any("CPUAffinity" in text for name, text in units.files.items() if not name.endswith("20-cpus.conf"))
+    _, plain = _units("ur3_fake.yaml")
+    assert not [n for n in plain.files if n.endswith("20-cpus.conf")]
+    on_gpu_host = render(cell, Options(cell_path=path, venv=Path(sys.prefix), roles=("infer",)))
+    assert not [n for n in on_gpu_host.files if n.endswith("20-cpus.conf")]
+    if SYSTEMD_ANALYZE is not None:
+        write(units, tmp_path / "units")
+        result = _verify(tmp_path / "units")
+        assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
 def test_venv_under_home_keeps_home_readable() -> None:
     cell = load_cell(CELLS / "scripted.yaml", "/run/armada/x")
     units = render(cell, Options(cell_path=Path("/home/lab/cells/scripted.yaml"), venv=Path("/home/lab/.venv")))
