@@ -336,14 +336,11 @@ def check_cpu(host: Host, realtime: bool, driver_cpus: dict[str, list[int]] | No
         seen = ", ".join(f"{g} ({len(c)} CPUs)" for g, c in sorted(governors.items()))
         rows.append(Check("cpu governor", "warn", f"{seen}: frequency scaling adds wake-up latency",
                           "sudo cpupower frequency-set -g performance"))
-    try:
-        isolated_text = (cpu_dir / "isolated").read_text().strip()
-        isolated = parse_cpu_list(isolated_text)
-    except (OSError, ValueError):
-        rows.append(Check("isolated cores", "skip", "no readable /sys/devices/system/cpu/isolated"))
-        return rows
+    isolated_text, isolated = _read_cpu_list(cpu_dir / "isolated")
     kept = {c for cpus in (driver_cpus or {}).values() for c in cpus}
-    if isolated:
+    if isolated is None:
+        rows.append(Check("isolated cores", "skip", "no readable /sys/devices/system/cpu/isolated"))
+    elif isolated:
         unused = sorted(isolated - kept)
         note = f" ({', '.join(map(str, unused))} kept by no driver of this cell)" if kept and unused else ""
         rows.append(Check("isolated cores", "ok", f"isolated: {isolated_text}{note}"))
@@ -352,22 +349,34 @@ def check_cpu(host: Host, realtime: bool, driver_cpus: dict[str, list[int]] | No
                           "optional: isolcpus=N on the kernel command line and `cpus: [N]` for the driver in the cell"))
     else:
         rows.append(Check("isolated cores", "ok", "none isolated (no driver runs real-time)"))
-    rows += [_check_driver_cpus(cpu_dir, name, cpus, isolated) for name, cpus in (driver_cpus or {}).items()]
+    if driver_cpus:
+        online = _read_cpu_list(cpu_dir / "online")
+        rows += [_check_driver_cpus(name, cpus, online, isolated) for name, cpus in driver_cpus.items()]
     return rows
 
 
-def _check_driver_cpus(cpu_dir: Path, name: str, cpus: list[int], isolated: set[int]) -> Check:
+def _read_cpu_list(path: Path) -> tuple[str, set[int] | None]:
+    """(the text, its CPUs) of a /sys CPU list; None when it cannot be read or parsed."""
+    try:
+        text = path.read_text().strip()
+        return text, parse_cpu_list(text)
+    except (OSError, ValueError):
+        return "", None
+
+
+def _check_driver_cpus(name: str, cpus: list[int], online: tuple[str, set[int] | None],
+                       isolated: set[int] | None) -> Check:
     """A driver's ``cpus:``: every one online here (else the driver refuses to start), isolated or not."""
     title = f"cpus of driver {name}"
-    try:
-        online_text = (cpu_dir / "online").read_text().strip()
-        online = parse_cpu_list(online_text)
-    except (OSError, ValueError):
+    online_text, online_cpus = online
+    if online_cpus is None:
         return Check(title, "skip", f"cpus {cpus}; no readable /sys/devices/system/cpu/online")
-    missing = sorted(set(cpus) - online)
+    missing = sorted(set(cpus) - online_cpus)
     if missing:
         return Check(title, "fail", f"cpus {cpus}: {missing} not online here (online: {online_text}); "
                      "the driver refuses to start", f"name CPUs of this host ({online_text}) in the driver's `cpus:`")
+    if isolated is None:
+        return Check(title, "ok", f"cpus {cpus}, online (whether isolated is unknown)")
     shared = sorted(set(cpus) - isolated)
     if shared:
         return Check(title, "warn", f"cpus {cpus}: {shared} not isolated: other services and kernel threads run there",

@@ -314,6 +314,9 @@ def test_a_drivers_cpus_present_isolated_or_shared(tmp_path):
     assert "2 kept by no driver" in ok["isolated cores"].found
     assert rows(left=[2], right=[3])["isolated cores"].found == "isolated: 2-3"
     assert "cpus of driver arm" not in rows()  # no driver keeps CPUs: no row
+    (cpu / "isolated").unlink()  # no isolated file (old kernels): a CPU that is not here still fails
+    assert rows(arm=[5])["cpus of driver arm"].status == "fail"
+    assert rows(arm=[3])["cpus of driver arm"].status == "ok" and rows(arm=[3])["isolated cores"].status == "skip"
     (cpu / "online").unlink()
     assert rows(arm=[3])["cpus of driver arm"].status == "skip"
 
